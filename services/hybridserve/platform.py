@@ -97,7 +97,9 @@ def start(config: HybridServeConfig, *, progress=print, health_timeout_s: float 
         grpc_options=grpc_options(config),
     )
     progress("deploying the generation service (the engine takes ~30-60 s to start) ...")
-    serve.run(build_generation_app(config), name=GENERATION_APP, route_prefix=None, blocking=False)
+    serve.run(
+        build_generation_app(config), name=GENERATION_APP, route_prefix=f"/{GENERATION_APP}"
+    )
     platform = LocalPlatform(config)
     wait_healthy(platform.grpc_address, "hybridserve.v1.GenerationService", health_timeout_s)
     return platform

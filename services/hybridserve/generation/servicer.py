@@ -52,7 +52,7 @@ def model_dir_for(config: HybridServeConfig) -> Path:
         return Path(config.model.path).expanduser().resolve()
     from hybridserve.models import default_model_dir
 
-    return default_model_dir(config.cache_dir)
+    return default_model_dir(config.cache_dir, config.model.dtype)
 
 
 class ResidentAdapter:
