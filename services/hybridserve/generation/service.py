@@ -6,6 +6,7 @@ about gRPC or Ray Serve.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -126,9 +127,7 @@ class GenerationService:
 
         temperature = defaults.temperature if inp.temperature is None else inp.temperature
         if not math.isfinite(temperature) or temperature < 0:
-            raise InvalidArgument(
-                f"temperature must be >= 0 (0 is greedy), got {temperature}"
-            )
+            raise InvalidArgument(f"temperature must be >= 0 (0 is greedy), got {temperature}")
         top_p = defaults.top_p if inp.top_p is None else inp.top_p
         if not math.isfinite(top_p) or not 0 < top_p <= 1:
             raise InvalidArgument(f"top_p must be in (0, 1], got {top_p}")
@@ -138,7 +137,9 @@ class GenerationService:
             raise InvalidArgument(f"at most {MAX_STOP_STRINGS} stop strings, got {len(stop)}")
         for s in stop:
             if not s or len(s) > MAX_STOP_CHARS:
-                raise InvalidArgument(f"each stop string must have 1 to {MAX_STOP_CHARS} characters")
+                raise InvalidArgument(
+                    f"each stop string must have 1 to {MAX_STOP_CHARS} characters"
+                )
 
         return SamplingOptions(
             max_tokens=max_tokens,
@@ -172,24 +173,26 @@ class GenerationService:
         texts: list[str] = []
         ids: list[int] = []
         last_sent = -math.inf
-        async for delta in self.engine.generate(
+        deltas = self.engine.generate(
             request.request_id, request.prompt_token_ids, request.options, adapter
-        ):
-            texts.append(delta.text)
-            ids.extend(delta.token_ids)
-            now = time.monotonic()
-            if delta.finished or now - last_sent >= window:
-                yield Delta(
-                    text="".join(texts),
-                    token_ids=tuple(ids),
-                    finished=delta.finished,
-                    finish_reason=delta.finish_reason,
-                    prompt_tokens=delta.prompt_tokens,
-                    completion_tokens=delta.completion_tokens,
-                )
-                texts.clear()
-                ids.clear()
-                last_sent = now
+        )
+        async with contextlib.aclosing(deltas):
+            async for delta in deltas:
+                texts.append(delta.text)
+                ids.extend(delta.token_ids)
+                now = time.monotonic()
+                if delta.finished or now - last_sent >= window:
+                    yield Delta(
+                        text="".join(texts),
+                        token_ids=tuple(ids),
+                        finished=delta.finished,
+                        finish_reason=delta.finish_reason,
+                        prompt_tokens=delta.prompt_tokens,
+                        completion_tokens=delta.completion_tokens,
+                    )
+                    texts.clear()
+                    ids.clear()
+                    last_sent = now
 
 
 def parse_json_schema(text: str) -> dict:
@@ -203,7 +206,7 @@ def parse_json_schema(text: str) -> dict:
             f"json_schema is not valid JSON ({e.msg} at line {e.lineno} column {e.colno})"
         ) from None
     if not isinstance(schema, dict):
-        raise InvalidArgument("json_schema must be a JSON object, e.g. {\"type\": \"object\"}")
+        raise InvalidArgument('json_schema must be a JSON object, e.g. {"type": "object"}')
     import jsonschema
 
     try:

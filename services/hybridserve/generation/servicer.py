@@ -7,6 +7,7 @@ wraps `load_adapter` in `serve.multiplexed`); tests can use it directly.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 from collections.abc import AsyncIterator
@@ -96,7 +97,9 @@ def _input_from_proto(req: generation_pb2.GenerateRequest) -> GenerateInput:
     s = req.sampling
     return GenerateInput(
         prompt=req.prompt if which == "prompt" else (None if which else ""),
-        messages=[(m.role, m.content) for m in req.messages.messages] if which == "messages" else None,
+        messages=[(m.role, m.content) for m in req.messages.messages]
+        if which == "messages"
+        else None,
         adapter=req.adapter,
         temperature=s.temperature if s.HasField("temperature") else None,
         top_p=s.top_p if s.HasField("top_p") else None,
@@ -133,7 +136,11 @@ class GenerationServicer:
     """
 
     def __init__(self, config: HybridServeConfig | dict, engine: Engine | None = None):
-        cfg = config if isinstance(config, HybridServeConfig) else HybridServeConfig.model_validate(config)
+        cfg = (
+            config
+            if isinstance(config, HybridServeConfig)
+            else HybridServeConfig.model_validate(config)
+        )
         model_dir = model_dir_for(cfg)
         if engine is None:
             from hybridserve.generation.vllm_engine import VLLMEngine
@@ -173,23 +180,30 @@ class GenerationServicer:
             if prepared.adapter is not None:
                 resident = await self.load_adapter(prepared.adapter.id)
                 resident.acquire()
-            async for d in self.service.stream(prepared):
-                if d.text or d.token_ids:
-                    yield generation_pb2.GenerateResponse(
-                        delta=generation_pb2.TokenDelta(text=d.text, token_ids=list(d.token_ids))
-                    )
-                if d.finished:
-                    yield generation_pb2.GenerateResponse(
-                        final=generation_pb2.GenerationFinal(
-                            finish_reason=_FINISH.get(d.finish_reason or "", 0),
-                            usage=common_pb2.Usage(
-                                prompt_tokens=d.prompt_tokens, completion_tokens=d.completion_tokens
-                            ),
-                            replica_id=replica_id(),
-                            adapter=request.adapter,
-                            request_id=prepared.request_id,
+            # NOTE: aclosing, so that a client going away closes the whole chain
+            # down to the engine (which then aborts the request) right now, not
+            # whenever the garbage collector finalizes the inner generators.
+            async with contextlib.aclosing(self.service.stream(prepared)) as stream:
+                async for d in stream:
+                    if d.text or d.token_ids:
+                        yield generation_pb2.GenerateResponse(
+                            delta=generation_pb2.TokenDelta(
+                                text=d.text, token_ids=list(d.token_ids)
+                            )
                         )
-                    )
+                    if d.finished:
+                        yield generation_pb2.GenerateResponse(
+                            final=generation_pb2.GenerationFinal(
+                                finish_reason=_FINISH.get(d.finish_reason or "", 0),
+                                usage=common_pb2.Usage(
+                                    prompt_tokens=d.prompt_tokens,
+                                    completion_tokens=d.completion_tokens,
+                                ),
+                                replica_id=replica_id(),
+                                adapter=request.adapter,
+                                request_id=prepared.request_id,
+                            )
+                        )
         except HybridServeError as e:
             set_status(grpc_context, e)
             raise
@@ -212,7 +226,9 @@ class GenerationServicer:
         self, request: generation_pb2.RegisterAdapterRequest, grpc_context: Any = None
     ) -> generation_pb2.RegisterAdapterResponse:
         if not request.name or not request.path:
-            err = InvalidArgument("name and path are required (path is relative to the adapter store)")
+            err = InvalidArgument(
+                "name and path are required (path is relative to the adapter store)"
+            )
             set_status(grpc_context, err)
             raise err
         record, created = await self._call(
@@ -223,7 +239,9 @@ class GenerationServicer:
             version=request.version or None,
             metadata=dict(request.metadata),
         )
-        return generation_pb2.RegisterAdapterResponse(adapter=adapter_to_proto(record), created=created)
+        return generation_pb2.RegisterAdapterResponse(
+            adapter=adapter_to_proto(record), created=created
+        )
 
     async def UnregisterAdapter(
         self, request: generation_pb2.UnregisterAdapterRequest, grpc_context: Any = None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 from collections import deque
@@ -166,23 +167,25 @@ class VLLMEngine(Engine):
         n_out = 0
         finished = False
         try:
-            async for out in llm.generate(
+            outputs = llm.generate(
                 TokensPrompt(prompt_token_ids=prompt_token_ids),
                 params,
                 request_id,
                 lora_request=lora,
-            ):
-                completion = out.outputs[0]
-                n_out += len(completion.token_ids)
-                finished = out.finished
-                yield Delta(
-                    text=completion.text,
-                    token_ids=tuple(completion.token_ids),
-                    finished=finished,
-                    finish_reason=completion.finish_reason if finished else None,
-                    prompt_tokens=n_prompt,
-                    completion_tokens=n_out,
-                )
+            )
+            async with contextlib.aclosing(outputs):
+                async for out in outputs:
+                    completion = out.outputs[0]
+                    n_out += len(completion.token_ids)
+                    finished = out.finished
+                    yield Delta(
+                        text=completion.text,
+                        token_ids=tuple(completion.token_ids),
+                        finished=finished,
+                        finish_reason=completion.finish_reason if finished else None,
+                        prompt_tokens=n_prompt,
+                        completion_tokens=n_out,
+                    )
         except (asyncio.CancelledError, GeneratorExit):
             # AsyncLLM.generate aborts the engine request on its way out; we
             # only record it so callers can see the abort happened.

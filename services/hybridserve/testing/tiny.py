@@ -341,10 +341,13 @@ def _save_random_lora(base_dir: Path, out_dir: Path, params: dict) -> None:
             elif "lora_B" in name:
                 param.copy_((torch.rand(param.shape, generator=generator) * 2 - 1) * scale)
     model.save_pretrained(str(out_dir), safe_serialization=True)
+    (out_dir / "README.md").unlink(missing_ok=True)  # PEFT's model-card stub
 
     config_path = out_dir / "adapter_config.json"
     adapter_config = json.loads(config_path.read_text())
     adapter_config["base_model_name_or_path"] = params["base_model_name"]
+    if isinstance(adapter_config.get("target_modules"), list):  # PEFT stores a set: unordered
+        adapter_config["target_modules"] = sorted(adapter_config["target_modules"])
     config_path.write_text(json.dumps(adapter_config, indent=2, sort_keys=True) + "\n")
 
 
@@ -387,7 +390,9 @@ def _building(out_dir: Path, marker_name: str, params: dict) -> Iterator[Path | 
             try:
                 yield tmp
                 (tmp / marker_name).write_text(json.dumps(params, indent=2, sort_keys=True) + "\n")
-                os.chmod(tmp, 0o755)
+                os.chmod(tmp, 0o755)  # mkdtemp: 0700; safetensors writes 0600
+                for item in tmp.iterdir():
+                    os.chmod(item, 0o644)
                 if out_dir.exists():
                     shutil.rmtree(out_dir)
                 os.replace(tmp, out_dir)

@@ -1,0 +1,161 @@
+"""GenerationService and its servicer, with a fake engine (no vLLM, no Serve)."""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+
+from hybridserve.config import HybridServeConfig
+from hybridserve.errors import InvalidArgument, NotFound
+from hybridserve.generation.adapters import AdapterRegistry
+from hybridserve.generation.service import GenerateInput, GenerationService
+from hybridserve.generation.servicer import GenerationServicer
+from hybridserve.v1 import common_pb2, generation_pb2
+
+from .fakes import FakeEngine
+
+
+@pytest.fixture
+def config(tmp_path):
+    return HybridServeConfig(
+        data_dir=tmp_path / "data", cache_dir=tmp_path / "cache",
+        model={"path": str(tmp_path / "model"), "max_model_len": 64},
+    )
+
+
+@pytest.fixture
+def engine():
+    return FakeEngine(max_model_len=64)
+
+
+@pytest.fixture
+def service(config, engine):
+    registry = AdapterRegistry.from_config(config, config.model.path)
+    return GenerationService(config, engine, registry)
+
+
+@pytest.mark.parametrize(
+    "inp, message",
+    [
+        (GenerateInput(prompt=""), "prompt is empty"),
+        (GenerateInput(prompt="   "), "prompt is empty"),
+        (GenerateInput(messages=[]), "messages is empty"),
+        (GenerateInput(messages=[("robot", "hi")]), "use one of system, user, assistant"),
+        (GenerateInput(messages=[("user", " ")]), "messages[0].content is empty"),
+        (GenerateInput(prompt="hi", max_tokens=0), "max_tokens must be >= 1"),
+        (GenerateInput(prompt="hi", max_tokens=-3), "max_tokens must be >= 1"),
+        (GenerateInput(prompt="hi", max_tokens=64), "at most 63 can be generated"),
+        (GenerateInput(prompt="w " * 64), "the prompt has 64 tokens but the context window is 64"),
+        (GenerateInput(prompt="hi", temperature=-0.1), "temperature must be >= 0"),
+        (GenerateInput(prompt="hi", temperature=float("nan")), "temperature must be >= 0"),
+        (GenerateInput(prompt="hi", top_p=0.0), "top_p must be in (0, 1]"),
+        (GenerateInput(prompt="hi", stop=[""]), "each stop string"),
+        (GenerateInput(prompt="hi", json_schema="{bad"), "json_schema is not valid JSON"),
+        (GenerateInput(prompt="hi", json_schema="[1]"), "must be a JSON object"),
+        (GenerateInput(prompt="hi", json_schema='{"type": 5}'), "not a valid JSON Schema"),
+        (GenerateInput(prompt="hi", adapter="../etc"), "adapter id"),
+    ],
+)
+def test_bad_input_is_invalid_argument_with_a_useful_message(service, inp, message):
+    with pytest.raises(InvalidArgument) as e:
+        service.prepare(inp)
+    assert message in e.value.message
+
+
+def test_unknown_adapter_is_not_found(service):
+    with pytest.raises(NotFound, match="hybridserve adapters register"):
+        service.prepare(GenerateInput(prompt="hi", adapter="ghost@v1"))
+
+
+def test_defaults_fill_unset_fields_and_clip_to_the_context(service, config):
+    prepared = service.prepare(GenerateInput(prompt="a b c"))
+    assert prepared.prompt_token_ids == [1, 1, 1]
+    assert prepared.options.max_tokens == 61  # default 256 clipped to 64 - 3
+    assert prepared.options.temperature == config.generation.temperature
+    assert prepared.request_id  # generated
+    schema = service.prepare(GenerateInput(prompt="x", json_schema='{"type": "object"}')).options.json_schema
+    assert schema == {"type": "object"}
+
+
+def test_chat_messages_go_through_the_chat_template(service, engine):
+    prepared = service.prepare(GenerateInput(messages=[("system", "be brief"), ("user", "hello there")]))
+    assert prepared.prompt_token_ids == engine.tokenize(engine.render_chat([("system", "be brief"), ("user", "hello there")]))
+
+
+async def test_stream_coalesces_within_the_interval_and_keeps_every_token(config, engine, service):
+    config.serve.stream_interval_ms = 10_000  # everything after the first delta merges
+    prepared = service.prepare(GenerateInput(prompt="hi", max_tokens=20))
+    deltas = [d async for d in service.stream(prepared)]
+    assert len(deltas) == 2  # first token at once, the rest with the final
+    assert [t for d in deltas for t in d.token_ids] == list(range(20))
+    assert deltas[-1].finished and deltas[-1].completion_tokens == 20
+
+    config.serve.stream_interval_ms = 0  # one message per engine step
+    deltas = [d async for d in service.stream(service.prepare(GenerateInput(prompt="hi", max_tokens=5)))]
+    assert len(deltas) == 5
+
+
+class _Context:
+    """The part of grpc.ServicerContext / RayServegRPCContext the servicer uses."""
+
+    def __init__(self):
+        self.code = None
+        self.details = None
+
+    def set_code(self, code):
+        self.code = code
+
+    def set_details(self, details):
+        self.details = details
+
+
+@pytest.fixture
+def servicer(config, engine):
+    return GenerationServicer(config, engine=engine)
+
+
+async def test_servicer_streams_deltas_then_one_final(servicer, engine):
+    await servicer.start()
+    req = generation_pb2.GenerateRequest(prompt="hi there", request_id="r1")
+    req.sampling.max_tokens = 3
+    out = [m async for m in servicer.Generate(req, _Context())]
+    assert [m.WhichOneof("payload") for m in out][-1] == "final"
+    final = out[-1].final
+    assert final.finish_reason == common_pb2.FINISH_REASON_LENGTH
+    assert (final.usage.prompt_tokens, final.usage.completion_tokens) == (2, 3)
+    assert final.request_id == "r1" and final.replica_id
+    assert "".join(m.delta.text for m in out[:-1]) == "tok0 tok1 tok2 "
+
+
+async def test_servicer_maps_domain_errors_to_grpc_status(servicer):
+    ctx = _Context()
+    with pytest.raises(NotFound):
+        async for _ in servicer.Generate(generation_pb2.GenerateRequest(prompt="x", adapter="no@v1"), ctx):
+            pass
+    assert ctx.code == grpc.StatusCode.NOT_FOUND and "unknown adapter" in ctx.details
+    ctx = _Context()
+    with pytest.raises(InvalidArgument):
+        async for _ in servicer.Generate(generation_pb2.GenerateRequest(), ctx):
+            pass
+    assert ctx.code == grpc.StatusCode.INVALID_ARGUMENT and "prompt is empty" in ctx.details
+
+
+async def test_closing_the_stream_aborts_the_engine_request(servicer, engine):
+    engine.step_s = 0.01
+    req = generation_pb2.GenerateRequest(prompt="x", request_id="gone")
+    req.sampling.max_tokens = 50
+    stream = servicer.Generate(req, _Context())
+    await stream.__anext__()
+    await stream.aclose()
+    assert engine.aborted == ["gone"]
+
+
+async def test_health_reflects_the_engine(servicer):
+    from grpc_health.v1 import health_pb2
+
+    req = health_pb2.HealthCheckRequest(service="hybridserve.v1.GenerationService")
+    assert (await servicer.Check(req)).status == health_pb2.HealthCheckResponse.NOT_SERVING
+    await servicer.start()
+    assert (await servicer.Check(req)).status == health_pb2.HealthCheckResponse.SERVING
+    other = health_pb2.HealthCheckRequest(service="nope")
+    assert (await servicer.Check(other)).status == health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
