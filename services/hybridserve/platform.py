@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,8 +52,8 @@ def ensure_model(config: HybridServeConfig, progress=print) -> Path:
     return prepare_default_model(config.cache_dir, dtype=config.model.dtype, progress=progress)
 
 
-def wait_healthy(address: str, service: str, timeout_s: float) -> None:
-    """Polls grpc.health.v1 until SERVING; raises Unavailable after timeout_s."""
+def wait_healthy(address: str, service: str, timeout_s: float, application: str = "") -> None:
+    """Polls grpc.health.v1 (of one Serve app) until SERVING; raises Unavailable after timeout_s."""
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
     deadline = time.monotonic() + timeout_s
@@ -61,7 +62,11 @@ def wait_healthy(address: str, service: str, timeout_s: float) -> None:
         stub = health_pb2_grpc.HealthStub(channel)
         while time.monotonic() < deadline:
             try:
-                reply = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
+                reply = stub.Check(
+                    health_pb2.HealthCheckRequest(service=service),
+                    timeout=5,
+                    metadata=[("application", application)] if application else None,
+                )
                 if reply.status == health_pb2.HealthCheckResponse.SERVING:
                     return
                 last = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
@@ -74,15 +79,30 @@ def wait_healthy(address: str, service: str, timeout_s: float) -> None:
     )
 
 
-def start(config: HybridServeConfig, *, progress=print, health_timeout_s: float = 600) -> LocalPlatform:
-    """Starts local Ray, Serve's gRPC proxy and the Serve apps; waits for health."""
+def start(
+    config: HybridServeConfig,
+    *,
+    progress=print,
+    health_timeout_s: float = 600,
+    generation_apps: Mapping[str, HybridServeConfig] | None = None,
+) -> LocalPlatform:
+    """Starts local Ray, Serve's gRPC proxy and the Serve apps; waits for health.
+
+    Args:
+        config: platform config; its serve section sets the ports.
+        generation_apps: app name -> config, to run several generation apps side
+            by side (e.g. differently sized pools). Default: one app, `generation`.
+    """
     import ray
     from ray import serve
+    from ray.serve.api import RunTarget
     from ray.serve.config import HTTPOptions
 
     from hybridserve.app import GENERATION_APP, build_generation_app, grpc_options
 
-    ensure_model(config, progress=progress)
+    apps = dict(generation_apps or {GENERATION_APP: config})
+    for app_config in apps.values():
+        ensure_model(app_config, progress=progress)
     if not ray.is_initialized():
         progress("starting Ray ...")
         ray.init(
@@ -96,10 +116,15 @@ def start(config: HybridServeConfig, *, progress=print, health_timeout_s: float 
         http_options=HTTPOptions(host=config.serve.grpc_host, port=config.serve.http_port),
         grpc_options=grpc_options(config),
     )
-    progress("deploying the generation service (the engine takes ~30-60 s to start) ...")
-    serve.run(
-        build_generation_app(config), name=GENERATION_APP, route_prefix=f"/{GENERATION_APP}"
+    progress(f"deploying {', '.join(apps)} (an engine takes ~30-60 s to start) ...")
+    # NOTE: a route prefix is required: Serve's gRPC proxy only routes to apps
+    # that have one, even though gRPC never uses the HTTP path.
+    serve.run_many(
+        [RunTarget(build_generation_app(c), name=n, route_prefix=f"/{n}") for n, c in apps.items()]
     )
     platform = LocalPlatform(config)
-    wait_healthy(platform.grpc_address, "hybridserve.v1.GenerationService", health_timeout_s)
+    for name in apps:
+        wait_healthy(
+            platform.grpc_address, "hybridserve.v1.GenerationService", health_timeout_s, name
+        )
     return platform

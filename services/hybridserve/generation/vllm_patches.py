@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 
 logger = logging.getLogger(__name__)
 
@@ -63,7 +64,13 @@ def negative_index_is_buggy() -> bool:
 
 
 def register() -> None:
-    """vLLM general-plugin entry point; also safe to call directly, repeatedly."""
+    """vLLM general-plugin entry point; also safe to call directly, repeatedly.
+
+    HYBRIDSERVE_DISABLE_LORA_FIX=1 skips it (to reproduce the engine bug).
+    """
+    if os.environ.get("HYBRIDSERVE_DISABLE_LORA_FIX") == "1":
+        logger.warning("hybridserve: LoRA negative-index fix DISABLED by HYBRIDSERVE_DISABLE_LORA_FIX")
+        return
     try:
         import vllm.lora.ops.torch_ops as pkg
         from vllm.lora.ops.torch_ops import lora_ops

