@@ -145,7 +145,7 @@ def test_bad_adapters_are_refused_and_nothing_is_registered(client, platform, tm
     outside = build_lora_adapter(base, tmp_path / "outside", seed=9, base_model_name="tiny-llama")
     cases = [
         ("wrong-base", "wrong-base", "some-other-model"),
-        ("too-big-rank", "too-big-rank", "rank 16"),
+        ("too-big-rank", "too-big-rank", "r=16, above the engine's max_lora_rank 8"),
         ("outside", str(outside), "outside the adapter store"),
         ("escape", "../../outside", "adapter store"),
     ]
