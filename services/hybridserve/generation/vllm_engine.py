@@ -55,26 +55,12 @@ class VLLMEngine(Engine):
         self._loads = 0
         self._unloads = 0
 
-    async def start(self) -> None:
-        for key, value in engine_environment(self._config).items():
-            os.environ.setdefault(key, value)
-        from transformers import AutoTokenizer
+    def engine_args(self):
+        """The `AsyncEngineArgs` this engine starts vLLM with (benchmarks reuse them)."""
         from vllm.engine.arg_utils import AsyncEngineArgs
-        from vllm.v1.engine.async_llm import AsyncLLM
 
-        from hybridserve.generation import vllm_patches
-
-        # The patch also loads in vLLM's own processes through the entry point;
-        # applying it here covers the in-process (uniproc) executor.
-        vllm_patches.register()
-
-        if not (self._model_dir / "config.json").is_file():
-            raise FailedPrecondition(
-                f"no model at {self._model_dir} (config.json missing); run "
-                "`hybridserve models prepare` or set model.path in the config"
-            )
         eng = self._config.engine
-        args = AsyncEngineArgs(
+        return AsyncEngineArgs(
             model=str(self._model_dir),
             served_model_name=self._config.model.name,
             dtype=self._config.model.dtype,
@@ -88,9 +74,29 @@ class VLLMEngine(Engine):
             max_cpu_loras=eng.max_cpu_loras,
             disable_log_stats=False,
         )
+
+    async def start(self) -> None:
+        for key, value in engine_environment(self._config).items():
+            os.environ.setdefault(key, value)
+        from transformers import AutoTokenizer
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        from hybridserve.generation import vllm_patches
+
+        # The patch also loads in vLLM's own processes through the entry point;
+        # applying it here covers the in-process (uniproc) executor.
+        vllm_patches.register()
+
+        if not (self._model_dir / "config.json").is_file():
+            raise FailedPrecondition(
+                f"no model at {self._model_dir} (config.json missing); run "
+                "`hybridserve models prepare` or set model.path in the config"
+            )
         self._tokenizer = AutoTokenizer.from_pretrained(str(self._model_dir))
-        self._llm = AsyncLLM.from_engine_args(args)
-        logger.info("vLLM engine ready: model=%s lora=%s", self._model_dir, eng.enable_lora)
+        self._llm = AsyncLLM.from_engine_args(self.engine_args())
+        logger.info(
+            "vLLM engine ready: model=%s lora=%s", self._model_dir, self._config.engine.enable_lora
+        )
 
     def _require(self):
         if self._llm is None:

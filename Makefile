@@ -1,0 +1,28 @@
+# The two commands a newcomer needs (see README.md):
+#   make demo   set everything up, start the platform, stream a generation through an adapter
+#   make test   set everything up and run all tests (unit + integration on real Ray Serve / vLLM)
+
+PY := .venv/bin/python
+
+.PHONY: install demo test unit integration protos bench
+
+install:
+	bash scripts/install.sh
+
+demo: install
+	bash scripts/demo.sh
+
+test: install
+	$(PY) -m pytest -q tests
+
+unit: install
+	$(PY) -m pytest -q tests/unit
+
+integration: install
+	$(PY) -m pytest -q tests/integration
+
+protos: install
+	$(PY) scripts/gen_protos.py
+
+bench: install
+	$(PY) benchmarks/generation.py
