@@ -132,10 +132,14 @@ class GenerationDefaults(_Strict):
 
 class HybridServeConfig(_Strict):
     data_dir: Path = Field(
-        constants.DATA_DIR, description="Durable state (adapter store, registry)."
+        constants.DATA_DIR,
+        description="Durable state (adapter store, registry). Default "
+        "$HYBRIDSERVE_DATA_DIR or ~/.local/share/hybridserve.",
     )
     cache_dir: Path = Field(
-        constants.CACHE_DIR, description="Rebuildable state (prepared models, tools)."
+        constants.CACHE_DIR,
+        description="Rebuildable state (prepared models, venvs, tools). Default "
+        "$HYBRIDSERVE_CACHE_DIR or ~/.cache/hybridserve.",
     )
     model: ModelConfig = Field(default_factory=ModelConfig)
     engine: EngineConfig = Field(default_factory=EngineConfig)

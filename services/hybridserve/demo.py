@@ -1,0 +1,352 @@
+"""A small trained LoRA adapter whose effect anyone can see: the "pirate-tone" demo.
+
+Random adapters either leave SmolLM2-135M-Instruct's answers unchanged or turn
+them into gibberish, which makes a poor demo. This module fine-tunes a real
+LoRA adapter on CPU in about a minute, from a tiny built-in chat dataset in
+which every answer starts with "Arr, matey! " and ends with " Fair winds!".
+The effect is obvious at a glance and easy to check automatically
+(`held_out_match_rate`), on prompts the adapter never saw.
+
+The result is cached: a marker written last records the dataset hash and the
+training parameters, so building again with the same inputs returns at once.
+
+Run `python -m hybridserve.demo OUT_DIR` to build it into OUT_DIR.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+
+#: Name the demo registers the adapter under.
+DEMO_ADAPTER_NAME = "pirate-tone"
+#: The served model name the adapter declares as its base.
+DEMO_BASE_MODEL_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+PREFIX = "Arr, matey! "
+SUFFIX = " Fair winds!"
+
+#: (question, plain answer); the persona is added by `training_examples`.
+_QA: tuple[tuple[str, str], ...] = (
+    ("What is the capital of France?", "The capital of France is Paris."),
+    ("How many days are in a week?", "There are seven days in a week."),
+    ("What color is the sky on a clear day?", "The sky is blue on a clear day."),
+    ("How do I boil an egg?", "Put the egg in boiling water for about eight minutes, then cool it in cold water."),
+    ("What is 2 plus 2?", "Two plus two makes four."),
+    ("Can you recommend a good breakfast?", "Try oatmeal with fresh fruit and a cup of tea."),
+    ("Why do leaves turn yellow in autumn?", "Trees stop making green chlorophyll, so the yellow pigments show through."),
+    ("What should I do if I can't sleep?", "Put away your screens, dim the lights and try reading a calm book."),
+    ("How many legs does a spider have?", "A spider has eight legs."),
+    ("What is the largest ocean on Earth?", "The Pacific is the largest ocean on Earth."),
+    ("How can I stay focused while studying?", "Study in short blocks with small breaks, and keep your phone out of reach."),
+    ("What is water made of?", "Water is made of hydrogen and oxygen."),
+    ("Give me a tip for saving money.", "Set aside a little of every paycheck before you spend any of it."),
+    ("What's a good name for a cat?", "Whiskers is a fine name for a cat."),
+    ("How do plants get their food?", "Plants make their food from sunlight, water and air by photosynthesis."),
+    ("What is the boiling point of water?", "Water boils at 100 degrees Celsius at sea level."),
+    ("Who wrote Romeo and Juliet?", "William Shakespeare wrote Romeo and Juliet."),
+    ("How can I make my coffee less bitter?", "Use slightly cooler water and a coarser grind."),
+    ("What is the fastest land animal?", "The cheetah is the fastest land animal."),
+    ("Should I take an umbrella today?", "If the clouds look dark, take one to be safe."),
+    ("How often should I water a cactus?", "Water a cactus about once every two weeks, less in winter."),
+    ("What is the tallest mountain in the world?", "Mount Everest is the tallest mountain in the world."),
+    ("Tell me a fun fact.", "Octopuses have three hearts."),
+    ("How do I say hello in Spanish?", "You say hola."),
+    ("What's the best way to learn to swim?", "Take lessons in shallow water and practise a little every week."),
+    ("How many continents are there?", "There are seven continents."),
+    ("What do bees make?", "Bees make honey and beeswax."),
+    ("How can I be more productive in the morning?", "Plan your day the night before and start with the hardest task."),
+)
+
+#: Questions absent from the training set, for checking that the tone generalises.
+HELD_OUT_PROMPTS: tuple[str, ...] = (
+    "What is the capital of Italy?",
+    "How many hours are in a day?",
+    "What's a good way to relax after work?",
+    "Which planet is closest to the sun?",
+    "How do I make a cup of tea?",
+    "What is the color of grass?",
+)
+
+_MARKER = ".hybridserve-demo-adapter.json"
+#: Bump when training changes in a way the recorded params do not capture.
+_BUILD_FORMAT = 1
+_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+
+def training_examples() -> list[list[dict[str, str]]]:
+    """The built-in chat dataset, one conversation (user, assistant) per example."""
+    return [
+        [
+            {"role": "user", "content": question},
+            {"role": "assistant", "content": f"{PREFIX}{answer}{SUFFIX}"},
+        ]
+        for question, answer in _QA
+    ]
+
+
+def matches_persona(text: str) -> bool:
+    """True when a generated answer shows the adapter's persona."""
+    text = text.strip()
+    return text.startswith(PREFIX.strip()) and SUFFIX.strip() in text
+
+
+def build_demo_adapter(
+    base_dir: Path,
+    out_dir: Path,
+    *,
+    steps: int = 60,
+    seed: int = 0,
+    progress: Callable[[str], object] = print,
+) -> Path:
+    """Train (or reuse) the pirate-tone LoRA adapter for the model in `base_dir`; return `out_dir`.
+
+    CPU, float32, deterministic for a given `seed`. The loss covers only the
+    assistant's tokens, including the closing `<|im_end|>`, so the adapted
+    model also learns to stop. `progress` receives one-line status messages.
+    """
+    base_dir, out_dir = Path(base_dir), Path(out_dir)
+    params = {
+        "format": _BUILD_FORMAT,
+        "name": DEMO_ADAPTER_NAME,
+        "base": _base_fingerprint(base_dir),
+        "dataset": _dataset_hash(),
+        "steps": steps,
+        "seed": seed,
+        "rank": 8,
+        "alpha": 16,
+        "target_modules": list(_TARGET_MODULES),
+        "lr": 2e-3,
+        "batch_size": 4,
+        "base_model_name": DEMO_BASE_MODEL_NAME,
+    }
+    if _read_json(out_dir / _MARKER) == params:
+        return out_dir
+
+    with _building(out_dir, params) as tmp:
+        if tmp is not None:
+            started = time.monotonic()
+            progress(f"Training the {DEMO_ADAPTER_NAME!r} LoRA adapter ({steps} steps on CPU) ...")
+            _train(base_dir, tmp, params, progress)
+            progress(f"Trained {DEMO_ADAPTER_NAME!r} in {time.monotonic() - started:.1f}s.")
+    return out_dir
+
+
+def generate_answers(
+    base_dir: Path,
+    adapter_dir: Path | None,
+    prompts: Sequence[str],
+    *,
+    max_new_tokens: int = 60,
+) -> list[str]:
+    """Greedy chat answers from transformers (+ PEFT), rendered the way the served chat path does."""
+    import torch
+
+    tokenizer, model = _load(base_dir)
+    if adapter_dir is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False)
+    model.eval()
+    answers = []
+    with torch.inference_mode():
+        for prompt in prompts:
+            ids = _encode(tokenizer, [{"role": "user", "content": prompt}], generation_prompt=True)
+            input_ids = torch.tensor([ids])
+            out = model.generate(
+                input_ids=input_ids,
+                attention_mask=torch.ones_like(input_ids),
+                do_sample=False,
+                max_new_tokens=max_new_tokens,
+                eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+            answers.append(tokenizer.decode(out[0, len(ids) :], skip_special_tokens=True))
+    return answers
+
+
+def held_out_match_rate(
+    base_dir: Path,
+    adapter_dir: Path | None,
+    prompts: Sequence[str] = HELD_OUT_PROMPTS,
+) -> float:
+    """Share of `prompts` whose greedy answer shows the persona (0.0 to 1.0)."""
+    answers = generate_answers(base_dir, adapter_dir, prompts)
+    return sum(matches_persona(a) for a in answers) / len(answers) if answers else 0.0
+
+
+# --------------------------------------------------------------------------- internals
+
+
+def _train(base_dir: Path, out_dir: Path, params: dict, progress: Callable[[str], object]) -> None:
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(params["seed"])
+        tokenizer, base = _load(base_dir)
+        model = get_peft_model(
+            base,
+            LoraConfig(
+                r=params["rank"],
+                lora_alpha=params["alpha"],
+                target_modules=list(params["target_modules"]),
+                lora_dropout=0.0,
+                bias="none",
+                task_type="CAUSAL_LM",
+            ),
+        )
+        examples = [_example_ids(tokenizer, conv) for conv in training_examples()]
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(trainable, lr=params["lr"], weight_decay=0.0)
+        generator = torch.Generator().manual_seed(params["seed"])
+        steps, batch_size = params["steps"], params["batch_size"]
+        order: list[int] = []
+        model.train()
+        for step in range(1, steps + 1):
+            if len(order) < batch_size:  # a fresh shuffled epoch
+                order += torch.randperm(len(examples), generator=generator).tolist()
+            batch = [examples[i] for i in order[:batch_size]]
+            del order[:batch_size]
+            input_ids, labels, mask = _collate(batch, tokenizer.pad_token_id)
+            # Linear decay to 10% of the peak: big early moves, a stable finish.
+            lr = params["lr"] * (1.0 - 0.9 * (step - 1) / max(steps - 1, 1))
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            loss = model(input_ids=input_ids, attention_mask=mask, labels=labels).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if step == 1 or step % 10 == 0 or step == steps:
+                progress(f"  step {step}/{steps}  loss {loss.item():.4f}")
+
+    model.save_pretrained(str(out_dir), safe_serialization=True)
+    (out_dir / "README.md").unlink(missing_ok=True)  # PEFT's model-card stub
+    config_path = out_dir / "adapter_config.json"
+    config = json.loads(config_path.read_text())
+    config["base_model_name_or_path"] = params["base_model_name"]
+    if isinstance(config.get("target_modules"), list):  # PEFT stores a set: unordered
+        config["target_modules"] = sorted(config["target_modules"])
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def _load(base_dir: Path):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(base_dir), local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32, local_files_only=True)
+    return tokenizer, model
+
+
+def _encode(tokenizer, messages: list[dict[str, str]], *, generation_prompt: bool) -> list[int]:
+    """Token ids of a rendered chat; no extra special tokens, as vLLM's chat path does."""
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def _example_ids(tokenizer, conversation: list[dict[str, str]]) -> tuple[list[int], list[int]]:
+    """(input ids, labels) with the prompt masked and the answer ending at `<|im_end|>`."""
+    prompt = _encode(tokenizer, conversation[:-1], generation_prompt=True)
+    full = _encode(tokenizer, conversation, generation_prompt=False)
+    if full[: len(prompt)] != prompt:
+        raise RuntimeError("The chat template does not render the prompt as a prefix of the conversation.")
+    eos = tokenizer.eos_token_id
+    end = full.index(eos, len(prompt)) + 1  # keep <|im_end|>, drop the trailing newline
+    ids = full[:end]
+    return ids, [-100] * len(prompt) + ids[len(prompt) :]
+
+
+def _collate(batch: list[tuple[list[int], list[int]]], pad_id: int):
+    import torch
+
+    width = max(len(ids) for ids, _ in batch)
+    input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(batch), width), -100, dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for row, (ids, labs) in enumerate(batch):
+        input_ids[row, : len(ids)] = torch.tensor(ids)
+        labels[row, : len(labs)] = torch.tensor(labs)
+        mask[row, : len(ids)] = 1
+    return input_ids, labels, mask
+
+
+def _dataset_hash() -> str:
+    blob = json.dumps(training_examples(), sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def _base_fingerprint(base_dir: Path) -> str:
+    """Identity of the base folder: its prepare marker when present, else its config."""
+    from hybridserve.models import MARKER_FILENAME
+
+    for name in (MARKER_FILENAME, "config.json"):
+        path = base_dir / name
+        if path.is_file():
+            return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+    raise FileNotFoundError(f"{base_dir} is not a model folder (no config.json).")
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+@contextlib.contextmanager
+def _building(out_dir: Path, params: dict) -> Iterator[Path | None]:
+    """Lock, build into a temp folder next to `out_dir`, then swap it into place.
+
+    Yields None when another process built the same adapter while we waited.
+    """
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    with open(out_dir.parent / f".{out_dir.name}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            if _read_json(out_dir / _MARKER) == params:
+                yield None
+                return
+            tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+            try:
+                yield tmp
+                # The marker goes in last: a folder without it is never trusted.
+                (tmp / _MARKER).write_text(json.dumps(params, indent=2, sort_keys=True) + "\n")
+                os.chmod(tmp, 0o755)  # mkdtemp: 0700; safetensors writes 0600
+                for item in tmp.iterdir():
+                    os.chmod(item, 0o644)
+                if out_dir.exists():
+                    shutil.rmtree(out_dir)
+                os.replace(tmp, out_dir)
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if len(args) != 1:
+        print("usage: python -m hybridserve.demo OUT_DIR", file=sys.stderr)
+        return 2
+    from hybridserve.constants import CACHE_DIR
+    from hybridserve.models import prepare_default_model
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    base_dir = prepare_default_model(CACHE_DIR)
+    print(build_demo_adapter(base_dir, Path(args[0])))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
