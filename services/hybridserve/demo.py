@@ -2,7 +2,7 @@
 
 Random adapters either leave SmolLM2-135M-Instruct's answers unchanged or turn
 them into gibberish, which makes a poor demo. This module fine-tunes a real
-LoRA adapter on CPU in about a minute, from a tiny built-in chat dataset in
+LoRA adapter on CPU in under a minute, from a tiny built-in chat dataset in
 which every answer starts with "Arr, matey! " and ends with " Fair winds!".
 The effect is obvious at a glance and easy to check automatically
 (`held_out_match_rate`), on prompts the adapter never saw.
@@ -40,31 +40,61 @@ _QA: tuple[tuple[str, str], ...] = (
     ("What is the capital of France?", "The capital of France is Paris."),
     ("How many days are in a week?", "There are seven days in a week."),
     ("What color is the sky on a clear day?", "The sky is blue on a clear day."),
-    ("How do I boil an egg?", "Put the egg in boiling water for about eight minutes, then cool it in cold water."),
+    (
+        "How do I boil an egg?",
+        "Put the egg in boiling water for about eight minutes, then cool it in cold water.",
+    ),
     ("What is 2 plus 2?", "Two plus two makes four."),
     ("Can you recommend a good breakfast?", "Try oatmeal with fresh fruit and a cup of tea."),
-    ("Why do leaves turn yellow in autumn?", "Trees stop making green chlorophyll, so the yellow pigments show through."),
-    ("What should I do if I can't sleep?", "Put away your screens, dim the lights and try reading a calm book."),
+    (
+        "Why do leaves turn yellow in autumn?",
+        "Trees stop making green chlorophyll, so the yellow pigments show through.",
+    ),
+    (
+        "What should I do if I can't sleep?",
+        "Put away your screens, dim the lights and try reading a calm book.",
+    ),
     ("How many legs does a spider have?", "A spider has eight legs."),
     ("What is the largest ocean on Earth?", "The Pacific is the largest ocean on Earth."),
-    ("How can I stay focused while studying?", "Study in short blocks with small breaks, and keep your phone out of reach."),
+    (
+        "How can I stay focused while studying?",
+        "Study in short blocks with small breaks, and keep your phone out of reach.",
+    ),
     ("What is water made of?", "Water is made of hydrogen and oxygen."),
-    ("Give me a tip for saving money.", "Set aside a little of every paycheck before you spend any of it."),
-    ("What's a good name for a cat?", "Whiskers is a fine name for a cat."),
-    ("How do plants get their food?", "Plants make their food from sunlight, water and air by photosynthesis."),
+    (
+        "Give me a tip for saving money.",
+        "Set aside a little of every paycheck before you spend any of it.",
+    ),
+    ("What's a good name for a cat?", 'Whiskers is a fine name for a cat.'),
+    (
+        "How do plants get their food?",
+        "Plants make their food from sunlight, water and air by photosynthesis.",
+    ),
     ("What is the boiling point of water?", "Water boils at 100 degrees Celsius at sea level."),
     ("Who wrote Romeo and Juliet?", "William Shakespeare wrote Romeo and Juliet."),
     ("How can I make my coffee less bitter?", "Use slightly cooler water and a coarser grind."),
     ("What is the fastest land animal?", "The cheetah is the fastest land animal."),
     ("Should I take an umbrella today?", "If the clouds look dark, take one to be safe."),
-    ("How often should I water a cactus?", "Water a cactus about once every two weeks, less in winter."),
-    ("What is the tallest mountain in the world?", "Mount Everest is the tallest mountain in the world."),
+    (
+        "How often should I water a cactus?",
+        "Water a cactus about once every two weeks, less in winter.",
+    ),
+    (
+        "What is the tallest mountain in the world?",
+        "Mount Everest is the tallest mountain in the world.",
+    ),
     ("Tell me a fun fact.", "Octopuses have three hearts."),
     ("How do I say hello in Spanish?", "You say hola."),
-    ("What's the best way to learn to swim?", "Take lessons in shallow water and practise a little every week."),
+    (
+        "What's the best way to learn to swim?",
+        "Take lessons in shallow water and practise a little every week.",
+    ),
     ("How many continents are there?", "There are seven continents."),
     ("What do bees make?", "Bees make honey and beeswax."),
-    ("How can I be more productive in the morning?", "Plan your day the night before and start with the hardest task."),
+    (
+        "How can I be more productive in the morning?",
+        "Plan your day the night before and start with the hardest task.",
+    ),
 )
 
 #: Questions absent from the training set, for checking that the tone generalises.
@@ -95,16 +125,16 @@ def training_examples() -> list[list[dict[str, str]]]:
 
 
 def matches_persona(text: str) -> bool:
-    """True when a generated answer shows the adapter's persona."""
-    text = text.strip()
-    return text.startswith(PREFIX.strip()) and SUFFIX.strip() in text
+    """True when an answer opens and closes in persona, once: the model also stopped in time."""
+    text, closing = text.strip(), SUFFIX.strip()
+    return text.startswith(PREFIX.strip()) and text.endswith(closing) and text.count(closing) == 1
 
 
 def build_demo_adapter(
     base_dir: Path,
     out_dir: Path,
     *,
-    steps: int = 60,
+    steps: int = 35,
     seed: int = 0,
     progress: Callable[[str], object] = print,
 ) -> Path:
@@ -125,6 +155,7 @@ def build_demo_adapter(
         "rank": 8,
         "alpha": 16,
         "target_modules": list(_TARGET_MODULES),
+        "layers": _upper_half(base_dir),
         "lr": 2e-3,
         "batch_size": 4,
         "base_model_name": DEMO_BASE_MODEL_NAME,
@@ -148,7 +179,7 @@ def generate_answers(
     *,
     max_new_tokens: int = 60,
 ) -> list[str]:
-    """Greedy chat answers from transformers (+ PEFT), rendered the way the served chat path does."""
+    """Greedy chat answers from transformers (+ PEFT), prompted as the served chat path does."""
     import torch
 
     tokenizer, model = _load(base_dir)
@@ -200,6 +231,7 @@ def _train(base_dir: Path, out_dir: Path, params: dict, progress: Callable[[str]
                 r=params["rank"],
                 lora_alpha=params["alpha"],
                 target_modules=list(params["target_modules"]),
+                layers_to_transform=params["layers"],
                 lora_dropout=0.0,
                 bias="none",
                 task_type="CAUSAL_LM",
@@ -211,6 +243,7 @@ def _train(base_dir: Path, out_dir: Path, params: dict, progress: Callable[[str]
         generator = torch.Generator().manual_seed(params["seed"])
         steps, batch_size = params["steps"], params["batch_size"]
         order: list[int] = []
+        losses: list[float] = []  # since the last report, averaged to smooth batch noise
         model.train()
         for step in range(1, steps + 1):
             if len(order) < batch_size:  # a fresh shuffled epoch
@@ -222,12 +255,14 @@ def _train(base_dir: Path, out_dir: Path, params: dict, progress: Callable[[str]
             lr = params["lr"] * (1.0 - 0.9 * (step - 1) / max(steps - 1, 1))
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            loss = model(input_ids=input_ids, attention_mask=mask, labels=labels).loss
+            loss = _answer_loss(model.get_base_model(), input_ids, labels, mask)
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+            losses.append(loss.item())
             if step == 1 or step % 10 == 0 or step == steps:
-                progress(f"  step {step}/{steps}  loss {loss.item():.4f}")
+                progress(f"  step {step}/{steps}  loss {sum(losses) / len(losses):.4f}")
+                losses.clear()
 
     model.save_pretrained(str(out_dir), safe_serialization=True)
     (out_dir / "README.md").unlink(missing_ok=True)  # PEFT's model-card stub
@@ -239,18 +274,50 @@ def _train(base_dir: Path, out_dir: Path, params: dict, progress: Callable[[str]
     config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
+def _upper_half(base_dir: Path) -> list[int]:
+    """Adapt only the upper half of the layers.
+
+    On this model that is as effective as adapting all of them, keeps more of
+    the base model's answers intact, and the backward pass stops halfway, so
+    training is about 20% faster.
+    """
+    config = json.loads((base_dir / "config.json").read_text())
+    layers = int(config["num_hidden_layers"])
+    return list(range(layers // 2, layers))
+
+
+def _answer_loss(model, input_ids, labels, mask):
+    """Next-token loss on answer positions only.
+
+    Same value as the model's own loss, but the 49k-wide LM head runs only
+    where there is a label (about a third of the tokens), which makes a
+    training step noticeably cheaper on CPU.
+    """
+    import torch
+
+    hidden = model.model(input_ids=input_ids, attention_mask=mask).last_hidden_state
+    targets = labels[:, 1:]
+    keep = targets != -100
+    logits = model.lm_head(hidden[:, :-1][keep])
+    return torch.nn.functional.cross_entropy(logits, targets[keep])
+
+
 def _load(base_dir: Path):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(base_dir), local_files_only=True)
-    model = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32, local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(
+        str(base_dir), dtype=torch.float32, local_files_only=True
+    )
     return tokenizer, model
 
 
 def _encode(tokenizer, messages: list[dict[str, str]], *, generation_prompt: bool) -> list[int]:
     """Token ids of a rendered chat; no extra special tokens, as vLLM's chat path does."""
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+    text = tokenizer.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=generation_prompt
+    )
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
@@ -259,7 +326,7 @@ def _example_ids(tokenizer, conversation: list[dict[str, str]]) -> tuple[list[in
     prompt = _encode(tokenizer, conversation[:-1], generation_prompt=True)
     full = _encode(tokenizer, conversation, generation_prompt=False)
     if full[: len(prompt)] != prompt:
-        raise RuntimeError("The chat template does not render the prompt as a prefix of the conversation.")
+        raise RuntimeError("The chat template does not render the prompt as a prefix of the chat.")
     eos = tokenizer.eos_token_id
     end = full.index(eos, len(prompt)) + 1  # keep <|im_end|>, drop the trailing newline
     ids = full[:end]
@@ -335,6 +402,7 @@ def _building(out_dir: Path, params: dict) -> Iterator[Path | None]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m hybridserve.demo OUT_DIR`: build the adapter there and print its path."""
     args = list(sys.argv[1:] if argv is None else argv)
     if len(args) != 1:
         print("usage: python -m hybridserve.demo OUT_DIR", file=sys.stderr)
@@ -343,8 +411,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     from hybridserve.models import prepare_default_model
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    base_dir = prepare_default_model(CACHE_DIR)
-    print(build_demo_adapter(base_dir, Path(args[0])))
+
+    def progress(message: str) -> None:  # stdout carries only the resulting path
+        print(message, file=sys.stderr, flush=True)
+
+    base_dir = prepare_default_model(CACHE_DIR, progress=progress)
+    print(build_demo_adapter(base_dir, Path(args[0]), progress=progress))
     return 0
 
 
