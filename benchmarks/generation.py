@@ -223,8 +223,9 @@ async def main_async(args) -> dict:
         await run_load(direct.one, args.streams, 8, [None] + loras)
         await run_load(plat.one, args.streams, 8, [""] + ids)
 
-        res = {"platform_base": [], "direct_base": [], "platform_mixed": [], "platform_base2": []}
-        ratios, mix_ratios = [], []
+        res = {k: [] for k in ("direct_base", "platform_base", "platform_mixed", "platform_base2",
+                               "direct_mixed", "direct_base2")}
+        ratios, mix_ratios, direct_mix_ratios = [], [], []
         for r in range(args.rounds):
             d = await run_load(direct.one, args.streams, args.max_tokens, [None])
             p = await run_load(plat.one, args.streams, args.max_tokens, [""])
@@ -236,9 +237,16 @@ async def main_async(args) -> dict:
             res["platform_mixed"].append(m)
             res["platform_base2"].append(b)
             mix_ratios.append(m["tok_s"] / b["tok_s"])
+            # The engine's own cost of mixing adapters, to tell it apart from the platform's.
+            dm = await run_load(direct.one, args.streams, args.max_tokens, loras)
+            db = await run_load(direct.one, args.streams, args.max_tokens, [None])
+            res["direct_mixed"].append(dm)
+            res["direct_base2"].append(db)
+            direct_mix_ratios.append(dm["tok_s"] / db["tok_s"])
             print(f"[bench] round {r}: platform/direct {ratios[-1]:.3f} "
                   f"(p {p['tok_s']:.0f} vs d {d['tok_s']:.0f} tok/s); "
-                  f"mixed/base {mix_ratios[-1]:.3f} ({m['tok_s']:.0f} vs {b['tok_s']:.0f})",
+                  f"mixed/base {mix_ratios[-1]:.3f} ({m['tok_s']:.0f} vs {b['tok_s']:.0f}); "
+                  f"direct mixed/base {direct_mix_ratios[-1]:.3f}",
                   flush=True)
 
         # Cold load: register a brand-new adapter version, then time to its first token.
@@ -257,10 +265,13 @@ async def main_async(args) -> dict:
             "adapters": args.adapters,
             "max_loras": args.max_loras,
             "stream_interval_ms": args.stream_interval_ms,
+            "serve_env": {k: v for k, v in os.environ.items() if k.startswith("RAY_SERVE_")},
             "platform_vs_direct_ratio_median": statistics.median(ratios),
             "platform_vs_direct_ratios": [round(x, 3) for x in ratios],
             "mixed_vs_base_ratio_median": statistics.median(mix_ratios),
             "mixed_vs_base_ratios": [round(x, 3) for x in mix_ratios],
+            "direct_mixed_vs_base_ratio_median": statistics.median(direct_mix_ratios),
+            "direct_mixed_vs_base_ratios": [round(x, 3) for x in direct_mix_ratios],
             "cold_load_p50_ms": 1000 * statistics.median(cold),
             "cold_load_all_ms": [round(1000 * c) for c in cold],
             **{k: _summary(v) for k, v in res.items()},
@@ -282,15 +293,17 @@ def main() -> int:
     p.add_argument("--max-loras", type=int, default=8)
     p.add_argument("--cold", type=int, default=8, help="cold-load samples")
     p.add_argument("--stream-interval-ms", type=float, default=20.0)
+    p.add_argument("--tag", default="", help="suffix for the results file")
     p.add_argument("--work", default=str(Path.home() / ".cache" / "hybridserve" / "bench"))
     args = p.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     out = asyncio.run(main_async(args))
     (ROOT / "results").mkdir(exist_ok=True)
-    path = ROOT / "results" / f"generation-{args.model}.json"
+    path = ROOT / "results" / f"generation-{args.model}{'-' + args.tag if args.tag else ''}.json"
     path.write_text(json.dumps(out, indent=2))
     print(json.dumps({k: v for k, v in out.items() if not isinstance(v, dict)}, indent=2))
-    for k in ("direct_base", "platform_base", "platform_mixed", "platform_base2"):
+    for k in ("direct_base", "platform_base", "platform_mixed", "platform_base2", "direct_mixed",
+              "direct_base2"):
         s = out[k]
         print(f"{k:16s} tok/s median {s['tok_s_median']:8.1f}  TTFT p50 {s['ttft_p50_ms']:7.1f} ms  p99 {s['ttft_p99_ms']:7.1f} ms")
     print(f"wrote {path}")

@@ -9,9 +9,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from pydantic import BaseModel
-
 from hybridserve.config import HybridServeConfig
+from pydantic import BaseModel
 
 OUT = Path(__file__).resolve().parent.parent / "docs" / "config.md"
 

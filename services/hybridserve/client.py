@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import grpc
 
@@ -30,7 +30,7 @@ class HybridServeClient:
     def close(self) -> None:
         self._channel.close()
 
-    def __enter__(self) -> "HybridServeClient":
+    def __enter__(self) -> HybridServeClient:
         return self
 
     def __exit__(self, *exc) -> None:

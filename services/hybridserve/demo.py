@@ -15,17 +15,15 @@ Run `python -m hybridserve.demo OUT_DIR` to build it into OUT_DIR.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import json
 import os
-import shutil
 import sys
-import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+
+from hybridserve.buildcache import building, read_json
 
 #: Name the demo registers the adapter under.
 DEMO_ADAPTER_NAME = "pirate-tone"
@@ -160,10 +158,10 @@ def build_demo_adapter(
         "batch_size": 4,
         "base_model_name": DEMO_BASE_MODEL_NAME,
     }
-    if _read_json(out_dir / _MARKER) == params:
+    if read_json(out_dir / _MARKER) == params:
         return out_dir
 
-    with _building(out_dir, params) as tmp:
+    with building(out_dir, _MARKER, params) as tmp:
         if tmp is not None:
             started = time.monotonic()
             progress(f"Training the {DEMO_ADAPTER_NAME!r} LoRA adapter ({steps} steps on CPU) ...")
@@ -363,42 +361,6 @@ def _base_fingerprint(base_dir: Path) -> str:
     raise FileNotFoundError(f"{base_dir} is not a model folder (no config.json).")
 
 
-def _read_json(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-
-
-@contextlib.contextmanager
-def _building(out_dir: Path, params: dict) -> Iterator[Path | None]:
-    """Lock, build into a temp folder next to `out_dir`, then swap it into place.
-
-    Yields None when another process built the same adapter while we waited.
-    """
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    with open(out_dir.parent / f".{out_dir.name}.lock", "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            if _read_json(out_dir / _MARKER) == params:
-                yield None
-                return
-            tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-            try:
-                yield tmp
-                # The marker goes in last: a folder without it is never trusted.
-                (tmp / _MARKER).write_text(json.dumps(params, indent=2, sort_keys=True) + "\n")
-                os.chmod(tmp, 0o755)  # mkdtemp: 0700; safetensors writes 0600
-                for item in tmp.iterdir():
-                    os.chmod(item, 0o644)
-                if out_dir.exists():
-                    shutil.rmtree(out_dir)
-                os.replace(tmp, out_dir)
-            except BaseException:
-                shutil.rmtree(tmp, ignore_errors=True)
-                raise
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -104,6 +105,10 @@ def start(
     for app_config in apps.values():
         ensure_model(app_config, progress=progress)
     if not ray.is_initialized():
+        # NOTE: before ray.init: Serve's proxy and replicas read these when
+        # they start, from the environment they inherit from this process.
+        for key, value in config.serve.ray_env().items():
+            os.environ.setdefault(key, value)
         progress("starting Ray ...")
         ray.init(
             namespace="hybridserve",

@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-
 from hybridserve.config import HybridServeConfig
 
 MAIN_APP = "generation"

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-
 from hybridserve.client import HybridServeClient
 
 from .conftest import AFFINITY_APP, replica_stats

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import grpc
 import pytest
-
 from hybridserve.testing.tiny import build_lora_adapter, hf_greedy
 from hybridserve.v1 import common_pb2
 

@@ -11,11 +11,10 @@ import threading
 from pathlib import Path
 
 import pytest
-from pydantic import ValidationError
-
 from hybridserve.config import LLAMA_LORA_MODULES, HybridServeConfig
 from hybridserve.errors import AlreadyExists, InvalidArgument, NotFound
 from hybridserve.generation.adapters import AdapterRecord, AdapterRegistry
+from pydantic import ValidationError
 
 BASE = "test-org/tiny-llama"
 MAX_RANK = 8

@@ -20,9 +20,8 @@ def test_config_doc_is_fresh():
 
 
 def test_every_config_field_is_described():
-    from pydantic import BaseModel
-
     from hybridserve.config import HybridServeConfig
+    from pydantic import BaseModel
 
     def walk(model):
         for name, field in model.model_fields.items():

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import grpc
 import pytest
-
 from hybridserve.config import HybridServeConfig
 from hybridserve.errors import InvalidArgument, NotFound
 from hybridserve.generation.adapters import AdapterRegistry

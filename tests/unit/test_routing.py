@@ -2,10 +2,9 @@
 
 import pickle
 
-from ray.serve._private.common import gRPCRequest
-
 from hybridserve.generation.routing import adapter_from_args
 from hybridserve.v1 import generation_pb2
+from ray.serve._private.common import gRPCRequest
 
 
 def test_adapter_from_pickled_grpc_request():

@@ -2,10 +2,10 @@
 
 import pytest
 
-torch = pytest.importorskip("torch")
-lora_ops = pytest.importorskip("vllm.lora.ops.torch_ops.lora_ops")
+import torch
+from vllm.lora.ops.torch_ops import lora_ops
 
-from hybridserve.generation import vllm_patches  # noqa: E402
+from hybridserve.generation import vllm_patches
 
 
 def _original(name):
@@ -29,12 +29,12 @@ def test_fix_zeroes_no_adapter_rows_and_keeps_the_rest(name):
     if name == "bgmv_shrink":
         w = torch.randn(slots, 1, 4, 8)  # (slots, 1, rank, hidden)
         x = torch.randn(n, 8)
-        make_out = lambda: torch.zeros(n, 4)  # noqa: E731
+        make_out = lambda: torch.zeros(n, 4)
         extra = (1.0,)
     else:
         w = torch.randn(slots, 1, 8, 4)  # (slots, 1, out, rank)
         x = torch.randn(n, 4)
-        make_out = lambda: torch.ones(n, 8)  # noqa: E731
+        make_out = lambda: torch.ones(n, 8)
         extra = (0, 8, True) if name == "bgmv_expand_slice" else (True,)
     original = _original(name)
     fixed = vllm_patches._wrap(original)
@@ -54,7 +54,7 @@ def test_fix_zeroes_no_adapter_rows_and_keeps_the_rest(name):
 
 def test_register_patches_every_binding_and_is_idempotent():
     import vllm.lora.ops.torch_ops as pkg
-    import vllm.lora.punica_wrapper.punica_cpu as punica_cpu
+    from vllm.lora.punica_wrapper import punica_cpu
 
     vllm_patches.register()
     first = lora_ops.bgmv_shrink

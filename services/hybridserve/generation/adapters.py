@@ -31,7 +31,7 @@ import shutil
 import stat
 import tempfile
 from collections.abc import Collection, Iterator, Mapping
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path, PurePath
 from typing import TYPE_CHECKING, Any
 
@@ -278,7 +278,7 @@ class AdapterRegistry:
                 base_model=config["base_model"],
                 size_bytes=size,
                 source_path=source.relative_to(self.store_dir).as_posix(),
-                registered_at=datetime.now(timezone.utc).isoformat(timespec="seconds").replace(
+                registered_at=datetime.now(UTC).isoformat(timespec="seconds").replace(
                     "+00:00", "Z"
                 ),
                 metadata=metadata,

@@ -86,7 +86,7 @@ class ResidentAdapter:
     async def _unload(self) -> None:
         try:
             await asyncio.wait_for(self._idle.wait(), _EVICT_DRAIN_S)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             logger.warning("evicting %s with requests still running", self.ref.adapter_id)
         await self._engine.unload_adapter(self.ref)
         self._on_unload(self.ref.adapter_id)

@@ -79,7 +79,7 @@ def register() -> None:
     if not negative_index_is_buggy():
         return
     try:
-        import vllm.lora.punica_wrapper.punica_cpu as punica_cpu
+        from vllm.lora.punica_wrapper import punica_cpu
     except ImportError:
         punica_cpu = None
     # NOTE: punica_cpu binds the ops at import time (`from ... import`), so the

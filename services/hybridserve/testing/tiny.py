@@ -18,16 +18,13 @@ existing folder at once.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import json
-import os
 import random
-import shutil
-import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
+
+from hybridserve.buildcache import building, read_json
 
 _TINY_MARKER = ".hybridserve-tiny.json"
 _ADAPTER_MARKER = ".hybridserve-tiny-adapter.json"
@@ -158,10 +155,10 @@ def build_tiny_llama(
         "head_dim": head_dim,
         "initializer_range": initializer_range,
     }
-    if _read_marker(out_dir / _TINY_MARKER) == params:
+    if read_json(out_dir / _TINY_MARKER) == params:
         return out_dir
 
-    with _building(out_dir, _TINY_MARKER, params) as tmp:
+    with building(out_dir, _TINY_MARKER, params) as tmp:
         if tmp is not None:
             tokenizer = _build_tokenizer(vocab_size, max_position)
             tokenizer.save_pretrained(tmp)
@@ -189,7 +186,7 @@ def build_lora_adapter(
     its base. Returns `out_dir`.
     """
     base_dir, out_dir = Path(base_dir), Path(out_dir)
-    base_marker = _read_marker(base_dir / _TINY_MARKER)
+    base_marker = read_json(base_dir / _TINY_MARKER)
     params = {
         "format": _BUILD_FORMAT,
         "base": _fingerprint(base_dir, base_marker),
@@ -200,10 +197,10 @@ def build_lora_adapter(
         "base_model_name": base_model_name or str(base_dir),
         "scale": scale,
     }
-    if _read_marker(out_dir / _ADAPTER_MARKER) == params:
+    if read_json(out_dir / _ADAPTER_MARKER) == params:
         return out_dir
 
-    with _building(out_dir, _ADAPTER_MARKER, params) as tmp:
+    with building(out_dir, _ADAPTER_MARKER, params) as tmp:
         if tmp is not None:
             _save_random_lora(base_dir, tmp, params)
     return out_dir
@@ -394,40 +391,3 @@ def _fingerprint(base_dir: Path, marker: dict | None) -> str:
     return digest.hexdigest()[:16]
 
 
-def _read_marker(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-
-
-@contextlib.contextmanager
-def _building(out_dir: Path, marker_name: str, params: dict) -> Iterator[Path | None]:
-    """Lock, build into a temp folder next to `out_dir`, then swap it into place.
-
-    Yields the temp folder to fill, or None when another process built the
-    same thing while this one waited for the lock.
-    """
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    lock_path = out_dir.parent / f".{out_dir.name}.lock"
-    with open(lock_path, "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            if _read_marker(out_dir / marker_name) == params:
-                yield None
-                return
-            tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-            try:
-                yield tmp
-                (tmp / marker_name).write_text(json.dumps(params, indent=2, sort_keys=True) + "\n")
-                os.chmod(tmp, 0o755)  # mkdtemp: 0700; safetensors writes 0600
-                for item in tmp.iterdir():
-                    os.chmod(item, 0o644)
-                if out_dir.exists():
-                    shutil.rmtree(out_dir)
-                os.replace(tmp, out_dir)
-            except BaseException:
-                shutil.rmtree(tmp, ignore_errors=True)
-                raise
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
