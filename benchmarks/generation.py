@@ -96,7 +96,8 @@ def make_config(base: Path, name: str, work: Path, args):
             "grpc_port": _free_port(),
             "http_port": _free_port(),
             "cpus_per_replica": 0.5,
-            "stream_interval_ms": args.stream_interval_ms,
+            **({"stream_interval_ms": args.stream_interval_ms}
+               if args.stream_interval_ms is not None else {}),
         },
     )
 
@@ -207,7 +208,7 @@ async def main_async(args) -> dict:
     from hybridserve import platform as local
     from vllm.lora.request import LoRARequest
 
-    work = Path(args.work).resolve()
+    work = Path(args.work).resolve() / args.model
     base, name, adapter_dirs = build_assets(args.model, work, args.adapters)
     config = make_config(base, name, work, args)
     print(f"[bench] model={args.model} base={base}", flush=True)
@@ -264,7 +265,7 @@ async def main_async(args) -> dict:
             "rounds": args.rounds,
             "adapters": args.adapters,
             "max_loras": args.max_loras,
-            "stream_interval_ms": args.stream_interval_ms,
+            "stream_interval_ms": config.serve.stream_interval_ms,
             "serve_env": {k: v for k, v in os.environ.items() if k.startswith("RAY_SERVE_")},
             "platform_vs_direct_ratio_median": statistics.median(ratios),
             "platform_vs_direct_ratios": [round(x, 3) for x in ratios],
@@ -292,7 +293,8 @@ def main() -> int:
     p.add_argument("--adapters", type=int, default=8)
     p.add_argument("--max-loras", type=int, default=8)
     p.add_argument("--cold", type=int, default=8, help="cold-load samples")
-    p.add_argument("--stream-interval-ms", type=float, default=20.0)
+    p.add_argument("--stream-interval-ms", type=float, default=None,
+                   help="default: the platform's (serve.stream_interval_ms)")
     p.add_argument("--tag", default="", help="suffix for the results file")
     p.add_argument("--work", default=str(Path.home() / ".cache" / "hybridserve" / "bench"))
     args = p.parse_args()

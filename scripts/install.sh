@@ -3,8 +3,9 @@
 # the first run: a Python venv built from requirements/lock-cpu.txt, the
 # project itself (editable), and the Go tools the tests use (grpcurl).
 #
-# The venv lives in the user cache, keyed by the lock's hash, so a fresh clone
-# reuses it: a re-run takes seconds. `.venv` in the repo links to it.
+# The heavy venv lives in the user cache, keyed by the lock's hash, so a fresh
+# clone reuses it; `.venv` in the repo is a thin venv on top of it. A re-run
+# takes a second.
 #
 # Env: PYTHON (default python3, must be 3.11), HYBRIDSERVE_CACHE_DIR
 # (default ~/.cache/hybridserve).
@@ -38,20 +39,24 @@ if [ ! -f "$VENV/.complete" ]; then
   touch "$VENV/.complete"
 fi
 
-# The project itself, editable, pointing at this checkout. It must be
-# installed (not just on sys.path) because vLLM finds our engine patch through
-# the `vllm.general_plugins` entry point in the processes it spawns.
-here=$("$VENV/bin/python" - <<PY 2>/dev/null || true
-import importlib.util, pathlib
-spec = importlib.util.find_spec("hybridserve")
-print(pathlib.Path(spec.origin).resolve().parent.parent if spec else "")
-PY
-)
-if [ "$here" != "$ROOT/services" ]; then
-  log "installing hybridserve (editable) from $ROOT"
-  "$VENV/bin/pip" install --quiet --no-deps --no-build-isolation -e "$ROOT"
+# This checkout's own small venv, .venv: it sees the shared packages through a
+# .pth file and holds only the editable install of this checkout. So several
+# checkouts (a CI clone next to a working tree) never repoint each other.
+# The project must be installed (not just put on sys.path) because vLLM finds
+# our engine patch through the `vllm.general_plugins` entry point in the
+# processes it spawns.
+LOCAL="$ROOT/.venv"
+if [ -L "$LOCAL" ]; then rm -f "$LOCAL"; fi  # older layout: a link to the shared venv
+if [ "$(cat "$LOCAL/.shared-venv" 2>/dev/null)" != "$VENV" ]; then
+  log "creating $LOCAL (on top of $VENV)"
+  rm -rf "$LOCAL"
+  "$VENV/bin/python" -m venv --without-pip "$LOCAL"
+  site=$("$LOCAL/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+  shared=$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+  echo "$shared" > "$site/_hybridserve_shared.pth"
+  "$VENV/bin/pip" --python "$LOCAL/bin/python" install --quiet --no-deps --no-build-isolation -e "$ROOT"
+  echo "$VENV" > "$LOCAL/.shared-venv"
 fi
-ln -sfn "$VENV" "$ROOT/.venv"
 
 # Go tools, pinned, built once into the cache.
 mkdir -p "$CACHE/bin"
@@ -67,4 +72,4 @@ go_tool() {  # name module@version
 }
 go_tool grpcurl github.com/fullstorydev/grpcurl/cmd/grpcurl@v1.9.4
 
-log "ready: $ROOT/.venv -> $VENV"
+log "ready: $LOCAL (shared packages: $VENV)"

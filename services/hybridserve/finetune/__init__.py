@@ -1,0 +1,16 @@
+"""Fine-tune, evaluate and register a tenant's LoRA adapter: `hybridserve finetune`.
+
+    from hybridserve.finetune import TrainConfig, finetune
+    result = finetune(cfg, "examples.jsonl", "support-formal", TrainConfig(steps=60))
+    result.record.id   # "support-formal@<first 12 hex digits of the content hash>"
+
+Modules: `data` (JSONL validation, split, chat-template tokenising), `config`
+(TrainConfig), `trainer` (PEFT LoRA on CPU), `evaluate` (held-out loss and task
+metric, base vs adapter), `pipeline` (the whole flow), `cli` (the subcommand).
+Importing this package does not import torch.
+"""
+
+from hybridserve.finetune.config import TrainConfig
+from hybridserve.finetune.pipeline import AdapterNotBetter, FinetuneResult, finetune
+
+__all__ = ["AdapterNotBetter", "FinetuneResult", "TrainConfig", "finetune"]

@@ -1,0 +1,89 @@
+"""The `hybridserve finetune` subcommand.
+
+Runs against the adapter store and registry on disk (no running platform
+needed): a running platform sees the new adapter at once, through the shared
+registry files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def add_finetune_parser(subparsers) -> argparse.ArgumentParser:
+    """Adds `finetune` to the `hybridserve` subcommands; returns its parser."""
+    p = subparsers.add_parser(
+        "finetune",
+        help="train, evaluate and register a LoRA adapter from a JSONL file (on CPU)",
+        description="Train a LoRA adapter for the served base model on a JSONL file of chats "
+        '({"messages": [...]} or {"prompt": ..., "completion": ...} per line), evaluate it '
+        "against the base model on a held-out split, and register it as name@<content hash> "
+        "if it beats the base model (lower held-out loss or a higher task metric).",
+    )
+    p.add_argument("--data", required=True, metavar="PATH", help="JSONL training examples")
+    p.add_argument("--name", required=True, help="adapter name; the version is the content hash")
+    p.add_argument("--steps", type=int, help="optimizer steps (default: 3 epochs)")
+    p.add_argument("--epochs", type=float, help="passes over the training split (instead of --steps)")
+    p.add_argument("--rank", type=int, help="LoRA rank (default 8)")
+    p.add_argument("--alpha", type=int, help="LoRA alpha (default 16)")
+    p.add_argument("--lr", type=float, help="peak learning rate (default 2e-3)")
+    p.add_argument("--batch-size", type=int, help="examples per step (default 4)")
+    p.add_argument("--max-seq-len", type=int, help="longest example in tokens (default 512)")
+    p.add_argument("--seed", type=int, help="seed; same seed and data give the same adapter (default 0)")
+    p.add_argument(
+        "--format-regex",
+        metavar="RE",
+        help="task metric: share of held-out answers that fully match RE (default: exact match)",
+    )
+    p.add_argument(
+        "--force", action="store_true", help="register even if the adapter does not beat the base"
+    )
+    p.set_defaults(func=cmd_finetune)
+    return p
+
+
+def cmd_finetune(ns) -> int:
+    from hybridserve.config import HybridServeConfig
+    from hybridserve.finetune import AdapterNotBetter, TrainConfig, finetune
+
+    cfg = HybridServeConfig.load(getattr(ns, "config", None))
+    train_cfg = TrainConfig.from_options(
+        steps=ns.steps,
+        epochs=ns.epochs,
+        rank=ns.rank,
+        alpha=ns.alpha,
+        lr=ns.lr,
+        batch_size=ns.batch_size,
+        max_seq_len=ns.max_seq_len,
+        seed=ns.seed,
+        format_regex=ns.format_regex,
+    )
+
+    def progress(message: str) -> None:  # stdout carries only the result
+        print(message, file=sys.stderr, flush=True)
+
+    try:
+        result = finetune(
+            cfg, ns.data, ns.name, train_cfg, force=ns.force, progress=progress, progress_bar=True
+        )
+    except AdapterNotBetter as exc:
+        print(exc.eval.table())
+        raise
+    print(result.record.id)
+    print(result.eval.table())
+    for sample in result.eval.samples:
+        print(f"\nheld-out line {sample.line}:")
+        print(f"  reference: {_short(sample.reference)}")
+        print(f"  base:      {_short(sample.base)}")
+        print(f"  adapter:   {_short(sample.adapter)}")
+    note = "registered" if result.created else "already registered (same content)"
+    if result.forced:
+        note += " with --force: it does NOT beat the base model"
+    print(f"\n{note}: {result.record.id} from {result.adapter_dir}", file=sys.stderr)
+    return 0
+
+
+def _short(text: str, limit: int = 100) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."

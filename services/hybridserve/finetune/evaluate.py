@@ -1,0 +1,180 @@
+"""Evaluate an adapter against its base model on held-out examples.
+
+Two numbers per side, on the same examples:
+
+- held-out loss: the training loss (assistant tokens only, same masking),
+  averaged over all held-out assistant tokens;
+- a task metric from greedy generations of the last assistant turn: with a
+  `format_regex`, the share of answers whose stripped text fully matches it
+  (`format_match`); otherwise the share equal to the reference answer after
+  stripping whitespace (`exact_match`).
+
+The base side is the same loaded model with the adapter disabled, so both sides
+share weights, prompts and generation settings.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from hybridserve.finetune.config import TrainConfig
+from hybridserve.finetune.data import IGNORE, TokenizedExample
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One held-out prompt's answers, for showing what changed."""
+
+    line: int
+    reference: str
+    base: str
+    adapter: str
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    """Held-out loss and task metric of the base model and of the adapter."""
+
+    #: "format_match" (with format_regex) or "exact_match".
+    metric: str
+    format_regex: str | None
+    #: Held-out examples evaluated, and the assistant tokens their loss covers.
+    examples: int
+    label_tokens: int
+    base_loss: float
+    adapter_loss: float
+    base_metric: float
+    adapter_metric: float
+    samples: tuple[Sample, ...] = field(default=(), repr=False)
+
+    @property
+    def beats_base(self) -> bool:
+        """Lower held-out loss, or a higher task metric."""
+        return self.adapter_loss < self.base_loss or self.adapter_metric > self.base_metric
+
+    def to_dict(self) -> dict:
+        """JSON-ready summary (without the samples)."""
+        data = asdict(self)
+        del data["samples"]
+        return data
+
+    def table(self) -> str:
+        """A small plain-text table: base vs adapter."""
+        rows = [
+            ("", "base", "adapter"),
+            ("held-out loss", f"{self.base_loss:.4f}", f"{self.adapter_loss:.4f}"),
+            (
+                self.metric.replace("_", " ") + " rate",
+                f"{self.base_metric:.3f}",
+                f"{self.adapter_metric:.3f}",
+            ),
+        ]
+        widths = [max(len(row[i]) for row in rows) for i in range(3)]
+        lines = [
+            f"{a:<{widths[0]}}  {b:>{widths[1]}}  {c:>{widths[2]}}" for a, b, c in rows
+        ]
+        lines.append(f"({self.examples} held-out examples, {self.label_tokens} assistant tokens)")
+        return "\n".join(lines)
+
+
+def evaluate(
+    base_dir: Path,
+    adapter_dir: Path,
+    examples: list[TokenizedExample],
+    train_cfg: TrainConfig,
+    *,
+    max_samples: int = 3,
+) -> EvalResult:
+    """Evaluates the adapter in `adapter_dir` against the model in `base_dir`.
+
+    Uses at most `train_cfg.eval_max_examples` of `examples` (the held-out
+    split, in order). Deterministic: no sampling, no dropout.
+    """
+    import torch
+    from peft import PeftModel
+
+    from hybridserve.finetune.trainer import load_base
+
+    if not examples:
+        raise ValueError("no held-out examples")
+    examples = examples[: train_cfg.eval_max_examples]
+    tokenizer, base = load_base(base_dir)
+    model = PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=False)
+    model.eval()
+    prompts = [ex.prompt_ids for ex in examples]
+    with torch.inference_mode():
+        with model.disable_adapter():
+            base_loss, n_tokens = heldout_loss(model, tokenizer, examples, train_cfg.batch_size)
+            base_answers = greedy_answers(model, tokenizer, prompts, train_cfg.eval_max_new_tokens)
+        adapter_loss, _ = heldout_loss(model, tokenizer, examples, train_cfg.batch_size)
+        adapter_answers = greedy_answers(model, tokenizer, prompts, train_cfg.eval_max_new_tokens)
+
+    references = [ex.reference for ex in examples]
+    return EvalResult(
+        metric="format_match" if train_cfg.format_regex is not None else "exact_match",
+        format_regex=train_cfg.format_regex,
+        examples=len(examples),
+        label_tokens=n_tokens,
+        base_loss=base_loss,
+        adapter_loss=adapter_loss,
+        base_metric=match_rate(base_answers, references, train_cfg.format_regex),
+        adapter_metric=match_rate(adapter_answers, references, train_cfg.format_regex),
+        samples=tuple(
+            Sample(ex.line, ex.reference, b, a)
+            for ex, b, a in list(zip(examples, base_answers, adapter_answers))[:max_samples]
+        ),
+    )
+
+
+def match_rate(answers: Sequence[str], references: Sequence[str], format_regex: str | None) -> float:
+    """Share of answers that fully match `format_regex`, or equal their reference (stripped)."""
+    if not answers:
+        return 0.0
+    if format_regex is not None:
+        pattern = re.compile(format_regex)
+        hits = sum(pattern.fullmatch(a.strip()) is not None for a in answers)
+    else:
+        hits = sum(a.strip() == r.strip() for a, r in zip(answers, references, strict=True))
+    return hits / len(answers)
+
+
+def heldout_loss(model, tokenizer, examples: list[TokenizedExample], batch_size: int) -> tuple[float, int]:
+    """(mean loss per assistant token, number of assistant tokens), training's masking."""
+    from hybridserve.finetune.trainer import answer_loss, collate, pad_token_id
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    total, count = 0.0, 0
+    for start in range(0, len(examples), batch_size):
+        input_ids, labels, mask = collate(examples[start : start + batch_size], pad_token_id(tokenizer))
+        total += float(answer_loss(base, input_ids, labels, mask, reduction="sum"))
+        count += int((labels[:, 1:] != IGNORE).sum())
+    return (total / count if count else float("nan")), count
+
+
+def greedy_answers(model, tokenizer, prompts: Sequence[list[int]], max_new_tokens: int) -> list[str]:
+    """Greedy completions of tokenised prompts, one at a time (no padding), as text.
+
+    Stops at the tokenizer's EOS, like the served chat path; special tokens are
+    dropped from the text.
+    """
+    import torch
+
+    from hybridserve.finetune.trainer import pad_token_id
+
+    answers = []
+    with torch.inference_mode():
+        for ids in prompts:
+            input_ids = torch.tensor([list(ids)])
+            out = model.generate(
+                input_ids=input_ids,
+                attention_mask=torch.ones_like(input_ids),
+                do_sample=False,
+                max_new_tokens=max_new_tokens,
+                eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=pad_token_id(tokenizer),
+            )
+            answers.append(tokenizer.decode(out[0, len(ids) :], skip_special_tokens=True))
+    return answers

@@ -1,0 +1,245 @@
+"""`finetune`: data -> LoRA adapter -> held-out evaluation -> immutable registry version.
+
+Works on the files of the adapter store and registry directly (no running
+platform needed); a running platform sees the new adapter at once, since the
+registry is shared through those files.
+
+Layout in the adapter store:
+
+    <store>/.finetune-tmp-<random>/   while training and evaluating; always removed
+    <store>/<name>-<hash12>/          the trained adapter, kept as the registered source
+
+NOTE: nothing is visible in the store or registry until the adapter has been
+evaluated and accepted. An interrupt (Ctrl-C) or error before then leaves
+nothing behind; after that, the registry's own publish is atomic, and the
+`<name>-<hash12>` folder is removed again if registering fails.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from hybridserve.config import HybridServeConfig
+from hybridserve.errors import FailedPrecondition, InvalidArgument
+from hybridserve.finetune.config import TrainConfig
+from hybridserve.finetune.evaluate import EvalResult
+from hybridserve.finetune.trainer import TrainStats
+from hybridserve.generation.adapters import AdapterRecord
+
+#: Prefix of the temporary training folders inside the adapter store.
+TMP_PREFIX = ".finetune-tmp-"
+_NAME_RULE = "[a-z0-9][a-z0-9._-]{0,50}"  # the registry's rule, leaving room for "-<hash12>"
+_HASH_LEN = 12
+
+
+class AdapterNotBetter(FailedPrecondition):
+    """The adapter beat the base model on neither held-out loss nor the task metric."""
+
+    def __init__(self, message: str, eval_result: EvalResult, train_stats: TrainStats):
+        super().__init__(message)
+        self.eval = eval_result
+        self.train = train_stats
+
+
+@dataclass(frozen=True)
+class FinetuneResult:
+    """A registered fine-tuned adapter and how it was made."""
+
+    record: AdapterRecord
+    #: False when the identical adapter was already registered under this name.
+    created: bool
+    #: The adapter's folder in the store (`<store>/<name>-<hash12>`).
+    adapter_dir: Path
+    eval: EvalResult
+    train: TrainStats
+    train_examples: int
+    held_out_examples: int
+    #: Registered with force although it did not beat the base model.
+    forced: bool
+
+
+def finetune(
+    cfg: HybridServeConfig,
+    data_path: str | Path,
+    name: str,
+    train_cfg: TrainConfig | None = None,
+    *,
+    force: bool = False,
+    progress: Callable[[str], object] = print,
+    progress_bar: bool = False,
+) -> FinetuneResult:
+    """Trains a LoRA adapter on `data_path`, evaluates it, and registers it as `name@<hash12>`.
+
+    The base model is `cfg.model.path`, or the default model (prepared offline
+    if needed). The version is the first 12 hex digits of the adapter's content
+    hash, so the same data, config and seed give the same id. The record's
+    metadata holds JSON strings: `training_config`, `eval`, `training`, and the
+    `dataset_sha256` of the data file.
+
+    Args:
+        cfg: platform config (adapter store, registry, base model, engine limits).
+        data_path: JSONL file, see `hybridserve.finetune.data`.
+        name: adapter name, `[a-z0-9][a-z0-9._-]{0,50}`.
+        train_cfg: hyper-parameters; default `TrainConfig()`.
+        force: register even if the adapter does not beat the base model.
+        progress: receives one-line status messages.
+        progress_bar: show a tqdm bar with the loss while training.
+
+    Raises:
+        InvalidArgument: bad name, data (each problem names its line) or config.
+        AdapterNotBetter (a FailedPrecondition): neither held-out loss nor task
+            metric improved and `force` is False; nothing is registered.
+    """
+    from hybridserve.finetune import data as data_mod
+    from hybridserve.finetune.evaluate import evaluate
+    from hybridserve.finetune.trainer import load_tokenizer, train
+    from hybridserve.generation.adapters import AdapterRegistry, content_sha256
+
+    train_cfg = train_cfg or TrainConfig()
+    _check_request(cfg, name, train_cfg)
+    dataset = data_mod.load_examples(data_path)
+    base_dir = _base_model_dir(cfg, progress)
+
+    tokenizer = load_tokenizer(base_dir)
+    tokenized = data_mod.tokenize_examples(
+        tokenizer, dataset.examples, max_seq_len=train_cfg.max_seq_len, source=dataset.path
+    )
+    by_line = {ex.line: ex for ex in tokenized}
+    train_split, held_split = data_mod.split_examples(dataset.examples, train_cfg.held_out_fraction)
+    train_set = [by_line[ex.line] for ex in train_split]
+    held_set = [by_line[ex.line] for ex in held_split]
+    steps = train_cfg.total_steps(len(train_set))
+    progress(
+        f"{len(dataset.examples)} examples in {dataset.path}: {len(train_set)} to train on, "
+        f"{len(held_set)} held out; base model {base_dir}"
+    )
+
+    registry = AdapterRegistry.from_config(cfg, base_dir)
+    tmp = Path(tempfile.mkdtemp(prefix=TMP_PREFIX, dir=registry.store_dir))
+    try:
+        staged = tmp / "adapter"
+        staged.mkdir()
+        progress(f"Training a rank-{train_cfg.rank} LoRA adapter for {steps} steps ...")
+        stats = train(
+            base_dir,
+            train_set,
+            train_cfg,
+            staged,
+            base_model_name=cfg.model.name,
+            progress_bar=progress_bar,
+        )
+        progress(
+            f"Trained in {stats.seconds:.1f}s ({stats.tokens_per_second:.0f} tokens/s). "
+            f"Evaluating on {min(len(held_set), train_cfg.eval_max_examples)} held-out examples ..."
+        )
+        result = evaluate(base_dir, staged, held_set, train_cfg)
+        if not result.beats_base and not force:
+            raise AdapterNotBetter(
+                f"the adapter does not beat the base model on the held-out split: held-out loss "
+                f"{result.adapter_loss:.4f} (base {result.base_loss:.4f}), "
+                f"{result.metric.replace('_', ' ')} rate {result.adapter_metric:.3f} "
+                f"(base {result.base_metric:.3f}); nothing was registered. Train longer, with "
+                "a higher learning rate or more data, or pass --force to register it anyway",
+                result,
+                stats,
+            )
+
+        files = sorted(p.relative_to(staged).as_posix() for p in staged.rglob("*") if p.is_file())
+        digest = content_sha256(staged, files)
+        final = registry.store_dir / f"{name}-{digest[:_HASH_LEN]}"
+        moved = _place(staged, final, files, digest)
+        metadata = {
+            "training_config": json.dumps(
+                {**train_cfg.model_dump(mode="json"), "total_steps": steps}, sort_keys=True
+            ),
+            "eval": json.dumps(
+                {
+                    **result.to_dict(),
+                    "beats_base": result.beats_base,
+                    "train_examples": len(train_set),
+                    "held_out_examples": len(held_set),
+                },
+                sort_keys=True,
+            ),
+            "training": json.dumps(stats.to_dict(), sort_keys=True),
+            "dataset_sha256": dataset.sha256,
+            "forced": json.dumps(not result.beats_base),
+        }
+        try:
+            record, created = registry.register(
+                name, final, version=digest[:_HASH_LEN], metadata=metadata
+            )
+        except BaseException:
+            if moved:
+                shutil.rmtree(final, ignore_errors=True)
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    progress(f"Registered {record.id}" + ("" if created else " (already registered, same content)"))
+    return FinetuneResult(
+        record=record,
+        created=created,
+        adapter_dir=final,
+        eval=result,
+        train=stats,
+        train_examples=len(train_set),
+        held_out_examples=len(held_set),
+        forced=not result.beats_base,
+    )
+
+
+def _check_request(cfg: HybridServeConfig, name: str, train_cfg: TrainConfig) -> None:
+    """Refuses, before any work, what the registry would refuse after training."""
+    if not isinstance(name, str) or not re.fullmatch(_NAME_RULE, name):
+        raise InvalidArgument(f"invalid adapter name {name!r}: it must match {_NAME_RULE}")
+    if train_cfg.rank > cfg.engine.max_lora_rank:
+        raise InvalidArgument(
+            f"LoRA rank {train_cfg.rank} is above the engine's max_lora_rank "
+            f"{cfg.engine.max_lora_rank}; lower --rank or raise engine.max_lora_rank"
+        )
+    unsupported = sorted(set(train_cfg.target_modules) - set(cfg.adapters.supported_target_modules))
+    if unsupported:
+        raise InvalidArgument(
+            f"target modules {unsupported} cannot be served; the engine supports: "
+            f"{', '.join(cfg.adapters.supported_target_modules)}"
+        )
+
+
+def _base_model_dir(cfg: HybridServeConfig, progress: Callable[[str], object]) -> Path:
+    """`model.path`, or the default model, prepared offline on first use."""
+    from hybridserve.generation.servicer import model_dir_for
+
+    if cfg.model.path is None:
+        from hybridserve.models import prepare_default_model
+
+        return prepare_default_model(cfg.cache_dir, dtype=cfg.model.dtype, progress=progress)
+    base_dir = model_dir_for(cfg)
+    if not (base_dir / "config.json").is_file():
+        raise FailedPrecondition(
+            f"model.path {str(base_dir)!r} is not a Hugging Face model folder (no config.json)"
+        )
+    return base_dir
+
+
+def _place(staged: Path, final: Path, files: list[str], digest: str) -> bool:
+    """Moves `staged` to `final`; returns False if `final` already holds the same adapter."""
+    from hybridserve.generation.adapters import content_sha256
+
+    if final.is_dir():
+        existing = sorted(p.relative_to(final).as_posix() for p in final.rglob("*") if p.is_file())
+        if existing == files and content_sha256(final, existing) == digest:
+            return False
+        shutil.rmtree(final)  # named after a hash it no longer has: not a usable source
+    os.chmod(staged, 0o755)  # mkdtemp-style 0700 would hide it from other users
+    for rel in files:
+        os.chmod(staged / rel, 0o644)
+    os.replace(staged, final)
+    return True
