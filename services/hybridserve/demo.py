@@ -178,29 +178,21 @@ def generate_answers(
     max_new_tokens: int = 60,
 ) -> list[str]:
     """Greedy chat answers from transformers (+ PEFT), prompted as the served chat path does."""
-    import torch
+    from hybridserve.finetune.data import encode_chat
+    from hybridserve.finetune.evaluate import greedy_answers
+    from hybridserve.finetune.trainer import load_base
 
-    tokenizer, model = _load(base_dir)
+    tokenizer, model = load_base(base_dir)
     if adapter_dir is not None:
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False)
     model.eval()
-    answers = []
-    with torch.inference_mode():
-        for prompt in prompts:
-            ids = _encode(tokenizer, [{"role": "user", "content": prompt}], generation_prompt=True)
-            input_ids = torch.tensor([ids])
-            out = model.generate(
-                input_ids=input_ids,
-                attention_mask=torch.ones_like(input_ids),
-                do_sample=False,
-                max_new_tokens=max_new_tokens,
-                eos_token_id=tokenizer.eos_token_id,
-                pad_token_id=tokenizer.pad_token_id,
-            )
-            answers.append(tokenizer.decode(out[0, len(ids) :], skip_special_tokens=True))
-    return answers
+    ids = [
+        encode_chat(tokenizer, [{"role": "user", "content": p}], generation_prompt=True)
+        for p in prompts
+    ]
+    return greedy_answers(model, tokenizer, ids, max_new_tokens)
 
 
 def held_out_match_rate(
@@ -217,59 +209,38 @@ def held_out_match_rate(
 
 
 def _train(base_dir: Path, out_dir: Path, params: dict, progress: Callable[[str], object]) -> None:
-    import torch
-    from peft import LoraConfig, get_peft_model
+    """Trains with `hybridserve.finetune`'s trainer on the whole built-in dataset."""
+    from hybridserve.finetune import TrainConfig
+    from hybridserve.finetune.data import Example, tokenize_example
+    from hybridserve.finetune.trainer import load_tokenizer, train
 
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(params["seed"])
-        tokenizer, base = _load(base_dir)
-        model = get_peft_model(
-            base,
-            LoraConfig(
-                r=params["rank"],
-                lora_alpha=params["alpha"],
-                target_modules=list(params["target_modules"]),
-                layers_to_transform=params["layers"],
-                lora_dropout=0.0,
-                bias="none",
-                task_type="CAUSAL_LM",
-            ),
-        )
-        examples = [_example_ids(tokenizer, conv) for conv in training_examples()]
-        trainable = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(trainable, lr=params["lr"], weight_decay=0.0)
-        generator = torch.Generator().manual_seed(params["seed"])
-        steps, batch_size = params["steps"], params["batch_size"]
-        order: list[int] = []
-        losses: list[float] = []  # since the last report, averaged to smooth batch noise
-        model.train()
-        for step in range(1, steps + 1):
-            if len(order) < batch_size:  # a fresh shuffled epoch
-                order += torch.randperm(len(examples), generator=generator).tolist()
-            batch = [examples[i] for i in order[:batch_size]]
-            del order[:batch_size]
-            input_ids, labels, mask = _collate(batch, tokenizer.pad_token_id)
-            # Linear decay to 10% of the peak: big early moves, a stable finish.
-            lr = params["lr"] * (1.0 - 0.9 * (step - 1) / max(steps - 1, 1))
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            loss = _answer_loss(model.get_base_model(), input_ids, labels, mask)
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            losses.append(loss.item())
-            if step == 1 or step % 10 == 0 or step == steps:
-                progress(f"  step {step}/{steps}  loss {sum(losses) / len(losses):.4f}")
-                losses.clear()
+    train_cfg = TrainConfig(
+        steps=params["steps"],
+        seed=params["seed"],
+        rank=params["rank"],
+        alpha=params["alpha"],
+        target_modules=tuple(params["target_modules"]),
+        layers_to_transform=tuple(params["layers"]),
+        lr=params["lr"],
+        batch_size=params["batch_size"],
+    )
+    tokenizer = load_tokenizer(base_dir)
+    examples = [
+        tokenize_example(tokenizer, Example(line, conversation))
+        for line, conversation in enumerate(training_examples(), start=1)
+    ]
+    losses: list[float] = []  # since the last report, averaged to smooth batch noise
 
-    model.save_pretrained(str(out_dir), safe_serialization=True)
-    (out_dir / "README.md").unlink(missing_ok=True)  # PEFT's model-card stub
-    config_path = out_dir / "adapter_config.json"
-    config = json.loads(config_path.read_text())
-    config["base_model_name_or_path"] = params["base_model_name"]
-    if isinstance(config.get("target_modules"), list):  # PEFT stores a set: unordered
-        config["target_modules"] = sorted(config["target_modules"])
-    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    def on_step(step: int, steps: int, loss: float) -> None:
+        losses.append(loss)
+        if step == 1 or step % 10 == 0 or step == steps:
+            progress(f"  step {step}/{steps}  loss {sum(losses) / len(losses):.4f}")
+            losses.clear()
+
+    train(
+        base_dir, examples, train_cfg, out_dir,
+        base_model_name=params["base_model_name"], on_step=on_step,
+    )
 
 
 def _upper_half(base_dir: Path) -> list[int]:
@@ -282,67 +253,6 @@ def _upper_half(base_dir: Path) -> list[int]:
     config = json.loads((base_dir / "config.json").read_text())
     layers = int(config["num_hidden_layers"])
     return list(range(layers // 2, layers))
-
-
-def _answer_loss(model, input_ids, labels, mask):
-    """Next-token loss on answer positions only.
-
-    Same value as the model's own loss, but the 49k-wide LM head runs only
-    where there is a label (about a third of the tokens), which makes a
-    training step noticeably cheaper on CPU.
-    """
-    import torch
-
-    hidden = model.model(input_ids=input_ids, attention_mask=mask).last_hidden_state
-    targets = labels[:, 1:]
-    keep = targets != -100
-    logits = model.lm_head(hidden[:, :-1][keep])
-    return torch.nn.functional.cross_entropy(logits, targets[keep])
-
-
-def _load(base_dir: Path):
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(str(base_dir), local_files_only=True)
-    model = AutoModelForCausalLM.from_pretrained(
-        str(base_dir), dtype=torch.float32, local_files_only=True
-    )
-    return tokenizer, model
-
-
-def _encode(tokenizer, messages: list[dict[str, str]], *, generation_prompt: bool) -> list[int]:
-    """Token ids of a rendered chat; no extra special tokens, as vLLM's chat path does."""
-    text = tokenizer.apply_chat_template(
-        messages, tokenize=False, add_generation_prompt=generation_prompt
-    )
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
-
-
-def _example_ids(tokenizer, conversation: list[dict[str, str]]) -> tuple[list[int], list[int]]:
-    """(input ids, labels) with the prompt masked and the answer ending at `<|im_end|>`."""
-    prompt = _encode(tokenizer, conversation[:-1], generation_prompt=True)
-    full = _encode(tokenizer, conversation, generation_prompt=False)
-    if full[: len(prompt)] != prompt:
-        raise RuntimeError("The chat template does not render the prompt as a prefix of the chat.")
-    eos = tokenizer.eos_token_id
-    end = full.index(eos, len(prompt)) + 1  # keep <|im_end|>, drop the trailing newline
-    ids = full[:end]
-    return ids, [-100] * len(prompt) + ids[len(prompt) :]
-
-
-def _collate(batch: list[tuple[list[int], list[int]]], pad_id: int):
-    import torch
-
-    width = max(len(ids) for ids, _ in batch)
-    input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(batch), width), -100, dtype=torch.long)
-    mask = torch.zeros((len(batch), width), dtype=torch.long)
-    for row, (ids, labs) in enumerate(batch):
-        input_ids[row, : len(ids)] = torch.tensor(ids)
-        labels[row, : len(labs)] = torch.tensor(labs)
-        mask[row, : len(ids)] = 1
-    return input_ids, labels, mask
 
 
 def _dataset_hash() -> str:
