@@ -4,6 +4,7 @@
   hybridserve generate [--adapter ID] P  stream a generation
   hybridserve adapters list|register|unregister
   hybridserve models prepare             prepare the default model offline
+  hybridserve finetune --data F --name N train, evaluate and register a LoRA adapter
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import threading
 
 from hybridserve import constants
 from hybridserve.errors import HybridServeError
+from hybridserve.finetune.cli import add_finetune_parser
 
 
 def _config(ns):
@@ -175,6 +177,8 @@ def build_parser() -> argparse.ArgumentParser:
     msub = m.add_subparsers(dest="models_cmd", required=True)
     msub.add_parser("prepare", help="prepare the default model (offline, once)")
     m.set_defaults(func=cmd_models)
+
+    add_finetune_parser(sub)
     return p
 
 

@@ -2,7 +2,8 @@
 
 Random adapters either leave SmolLM2-135M-Instruct's answers unchanged or turn
 them into gibberish, which makes a poor demo. This module fine-tunes a real
-LoRA adapter on CPU in under a minute, from a tiny built-in chat dataset in
+LoRA adapter on CPU in under a minute with `hybridserve.finetune`'s trainer
+(the one `hybridserve finetune` uses), from a tiny built-in chat dataset in
 which every answer starts with "Arr, matey! " and ends with " Fair winds!".
 The effect is obvious at a glance and easy to check automatically
 (`held_out_match_rate`), on prompts the adapter never saw.
@@ -212,7 +213,7 @@ def _train(base_dir: Path, out_dir: Path, params: dict, progress: Callable[[str]
     """Trains with `hybridserve.finetune`'s trainer on the whole built-in dataset."""
     from hybridserve.finetune import TrainConfig
     from hybridserve.finetune.data import Example, tokenize_example
-    from hybridserve.finetune.trainer import load_tokenizer, train
+    from hybridserve.finetune.trainer import StepInfo, load_tokenizer, train
 
     train_cfg = TrainConfig(
         steps=params["steps"],
@@ -231,10 +232,10 @@ def _train(base_dir: Path, out_dir: Path, params: dict, progress: Callable[[str]
     ]
     losses: list[float] = []  # since the last report, averaged to smooth batch noise
 
-    def on_step(step: int, steps: int, loss: float) -> None:
-        losses.append(loss)
-        if step == 1 or step % 10 == 0 or step == steps:
-            progress(f"  step {step}/{steps}  loss {sum(losses) / len(losses):.4f}")
+    def on_step(info: StepInfo) -> None:
+        losses.append(info.loss)
+        if info.step == 1 or info.step % 10 == 0 or info.step == info.steps:
+            progress(f"  step {info.step}/{info.steps}  loss {sum(losses) / len(losses):.4f}")
             losses.clear()
 
     train(

@@ -24,13 +24,17 @@ def add_finetune_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, metavar="PATH", help="JSONL training examples")
     p.add_argument("--name", required=True, help="adapter name; the version is the content hash")
     p.add_argument("--steps", type=int, help="optimizer steps (default: 3 epochs)")
-    p.add_argument("--epochs", type=float, help="passes over the training split (instead of --steps)")
+    p.add_argument(
+        "--epochs", type=float, help="passes over the training split (instead of --steps)"
+    )
     p.add_argument("--rank", type=int, help="LoRA rank (default 8)")
     p.add_argument("--alpha", type=int, help="LoRA alpha (default 16)")
     p.add_argument("--lr", type=float, help="peak learning rate (default 2e-3)")
     p.add_argument("--batch-size", type=int, help="examples per step (default 4)")
     p.add_argument("--max-seq-len", type=int, help="longest example in tokens (default 512)")
-    p.add_argument("--seed", type=int, help="seed; same seed and data give the same adapter (default 0)")
+    p.add_argument(
+        "--seed", type=int, help="seed; same seed and data give the same adapter (default 0)"
+    )
     p.add_argument(
         "--format-regex",
         metavar="RE",

@@ -19,7 +19,7 @@ DEFAULT_EPOCHS = 3
 class TrainConfig(BaseModel):
     """How to train and evaluate one LoRA adapter. Defaults suit SmolLM2-135M on CPU."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=True)
+    model_config = ConfigDict(extra="forbid", validate_default=True, frozen=True)
 
     rank: int = Field(8, ge=1, description="LoRA rank `r`; must be <= engine.max_lora_rank.")
     alpha: int = Field(16, ge=1, description="LoRA alpha; the update is scaled by alpha / rank.")
@@ -112,7 +112,9 @@ class TrainConfig(BaseModel):
             try:
                 re.compile(value)
             except re.error as exc:
-                raise ValueError(f"format_regex {value!r} is not a valid Python regex: {exc}") from None
+                raise ValueError(
+                    f"format_regex {value!r} is not a valid Python regex: {exc}"
+                ) from None
         return value
 
     @model_validator(mode="after")

@@ -80,6 +80,10 @@ class TokenizedExample:
         return sum(label != IGNORE for label in self.labels)
 
 
+class _Bad(Exception):
+    """What is wrong with one line (internal; collected into an InvalidArgument)."""
+
+
 class _Problems:
     """Collects `FILE:LINE: problem` messages and raises them as one InvalidArgument."""
 
@@ -98,7 +102,11 @@ class _Problems:
             return
         if self.count == 1:
             raise InvalidArgument(f"{self.items[0]} ({hint})")
-        more = f"\n  ... and {self.count - len(self.items)} more" if self.count > len(self.items) else ""
+        more = (
+            f"\n  ... and {self.count - len(self.items)} more"
+            if self.count > len(self.items)
+            else ""
+        )
         raise InvalidArgument(
             f"{self.path}: {self.count} invalid examples ({hint}):\n  "
             + "\n  ".join(self.items)
@@ -125,7 +133,9 @@ def load_examples(path: str | Path) -> Dataset:
     except FileNotFoundError:
         raise InvalidArgument(f"data file {str(path)!r} does not exist") from None
     except IsADirectoryError:
-        raise InvalidArgument(f"data file {str(path)!r} is a directory; give a .jsonl file") from None
+        raise InvalidArgument(
+            f"data file {str(path)!r} is a directory; give a .jsonl file"
+        ) from None
     except OSError as exc:
         raise InvalidArgument(f"data file {str(path)!r} cannot be read: {exc}") from None
 
@@ -141,12 +151,15 @@ def load_examples(path: str | Path) -> Dataset:
             continue
         try:
             obj = json.loads(text)
-        except ValueError as exc:
+        except json.JSONDecodeError as exc:  # its own "line 1" would mislead: report the column
+            problems.add(number, f"malformed JSON: {exc.msg} at column {exc.colno}")
+            continue
+        except ValueError as exc:  # e.g. numbers too long to convert
             problems.add(number, f"malformed JSON: {exc}")
             continue
         try:
             examples.append(Example(number, _messages_of(obj)))
-        except ValueError as exc:
+        except _Bad as exc:
             problems.add(number, str(exc))
     problems.raise_if_any(_FORMAT_HINT)
     if not examples:
@@ -157,68 +170,72 @@ def load_examples(path: str | Path) -> Dataset:
 
 
 def _messages_of(obj: Any) -> list[dict[str, str]]:
-    """The conversation in one parsed line; ValueError says what is wrong."""
+    """The conversation in one parsed line; _Bad says what is wrong."""
     if not isinstance(obj, dict):
-        raise ValueError(f"expected a JSON object, got {type(obj).__name__}")
+        raise _Bad(f"expected a JSON object, got {type(obj).__name__}")
     has_messages = "messages" in obj
     has_pair = "prompt" in obj or "completion" in obj
     if has_messages and has_pair:
-        raise ValueError("has both 'messages' and 'prompt'/'completion'; use one form")
+        raise _Bad("has both 'messages' and 'prompt'/'completion'; use one form")
     if has_pair:
         for key in ("prompt", "completion"):
             if key not in obj:
-                raise ValueError(f"has no {key!r}; a prompt/completion example needs both")
+                raise _Bad(f"has no {key!r}; a prompt/completion example needs both")
             if not isinstance(obj[key], str):
-                raise ValueError(f"{key!r} must be a string, got {type(obj[key]).__name__}")
+                raise _Bad(f"{key!r} must be a string, got {type(obj[key]).__name__}")
             if not obj[key].strip():
-                raise ValueError(f"empty content in {key!r}")
+                raise _Bad(f"empty content in {key!r}")
         return [
             {"role": "user", "content": obj["prompt"]},
             {"role": "assistant", "content": obj["completion"]},
         ]
     if not has_messages:
-        raise ValueError(f"has neither 'messages' nor 'prompt'/'completion' (keys: {sorted(obj)})")
+        raise _Bad(f"has neither 'messages' nor 'prompt'/'completion' (keys: {sorted(obj)})")
 
     messages = obj["messages"]
     if not isinstance(messages, list) or not messages:
-        raise ValueError("'messages' must be a non-empty list of {role, content} objects")
+        raise _Bad("'messages' must be a non-empty list of {role, content} objects")
     out: list[dict[str, str]] = []
     for i, message in enumerate(messages):
         where = f"messages[{i}]"
         if not isinstance(message, dict):
-            raise ValueError(f"{where} must be an object with 'role' and 'content'")
+            raise _Bad(f"{where} must be an object with 'role' and 'content'")
         if "role" not in message:
-            raise ValueError(f"{where} has no 'role'; use one of {', '.join(ROLES)}")
+            raise _Bad(f"{where} has no 'role'; use one of {', '.join(ROLES)}")
         role = message["role"]
         if role not in ROLES:
-            raise ValueError(f"{where} has unknown role {role!r}; use one of {', '.join(ROLES)}")
+            raise _Bad(f"{where} has unknown role {role!r}; use one of {', '.join(ROLES)}")
         extra = sorted(set(message) - {"role", "content"})
         if extra:
-            raise ValueError(f"{where} ({role}) has unsupported keys {extra}; only role and content")
+            raise _Bad(f"{where} ({role}) has unsupported keys {extra}; only role and content")
         if "content" not in message:
-            raise ValueError(f"{where} ({role}) has no 'content'")
+            raise _Bad(f"{where} ({role}) has no 'content'")
         content = message["content"]
         if not isinstance(content, str):
-            raise ValueError(f"{where} ({role}) content must be a string, got {type(content).__name__}")
+            raise _Bad(f"{where} ({role}) content must be a string, got {type(content).__name__}")
         if not content.strip():
-            raise ValueError(f"empty content in {where} ({role})")
+            raise _Bad(f"empty content in {where} ({role})")
         if role == "system" and any(m["role"] != "system" for m in out):
-            raise ValueError(f"{where} is a system turn after the conversation started; "
-                             "system turns may only come first")
+            raise _Bad(
+                f"{where} is a system turn after the conversation started; "
+                "system turns may only come first"
+            )
         out.append({"role": role, "content": content})
 
     roles = [m["role"] for m in out]
     if "user" not in roles:
-        raise ValueError("no user turn; a conversation needs at least one")
+        raise _Bad("no user turn; a conversation needs at least one")
     first = next(r for r in roles if r != "system")
     if first != "user":
-        raise ValueError(f"the first non-system turn is {first!r}; it must be 'user'")
+        raise _Bad(f"the first non-system turn is {first!r}; it must be 'user'")
     if roles[-1] != "assistant":
-        raise ValueError(f"the last turn is {roles[-1]!r}; it must be 'assistant' (the answer to learn)")
+        raise _Bad(f"the last turn is {roles[-1]!r}; it must be 'assistant' (the answer to learn)")
     return out
 
 
-def split_examples(examples: list[Example], held_out_fraction: float) -> tuple[list[Example], list[Example]]:
+def split_examples(
+    examples: list[Example], held_out_fraction: float
+) -> tuple[list[Example], list[Example]]:
     """(train, held_out), each in file order; needs at least two examples.
 
     An example is held out when the hash of its content, read as a number in
@@ -277,8 +294,10 @@ def tokenize_example(tokenizer, example: Example) -> TokenizedExample:
         if message["role"] != "assistant":
             continue
         prompt = encode_chat(tokenizer, messages[:i], generation_prompt=True)
-        upto = full if i == len(messages) - 1 else encode_chat(
-            tokenizer, messages[: i + 1], generation_prompt=False
+        upto = (
+            full
+            if i == len(messages) - 1
+            else encode_chat(tokenizer, messages[: i + 1], generation_prompt=False)
         )
         if full[: len(upto)] != upto or upto[: len(prompt)] != prompt:
             raise FailedPrecondition(
@@ -286,7 +305,9 @@ def tokenize_example(tokenizer, example: Example) -> TokenizedExample:
                 "conversation up to an assistant turn as a prefix of the whole conversation, "
                 "so the assistant tokens cannot be located; use single-turn examples"
             )
-        end = full.index(eos, len(prompt)) + 1 if eos in full[len(prompt) : len(upto)] else len(upto)
+        end = (
+            full.index(eos, len(prompt)) + 1 if eos in full[len(prompt) : len(upto)] else len(upto)
+        )
         labels[len(prompt) : end] = full[len(prompt) : end]
     assert end is not None and prompt is not None  # validated: the last turn is the assistant's
     return TokenizedExample(example.line, full[:end], labels[:end], prompt, example.reference)

@@ -73,9 +73,7 @@ class EvalResult:
             ),
         ]
         widths = [max(len(row[i]) for row in rows) for i in range(3)]
-        lines = [
-            f"{a:<{widths[0]}}  {b:>{widths[1]}}  {c:>{widths[2]}}" for a, b, c in rows
-        ]
+        lines = [f"{a:<{widths[0]}}  {b:>{widths[1]}}  {c:>{widths[2]}}" for a, b, c in rows]
         lines.append(f"({self.examples} held-out examples, {self.label_tokens} assistant tokens)")
         return "\n".join(lines)
 
@@ -129,7 +127,9 @@ def evaluate(
     )
 
 
-def match_rate(answers: Sequence[str], references: Sequence[str], format_regex: str | None) -> float:
+def match_rate(
+    answers: Sequence[str], references: Sequence[str], format_regex: str | None
+) -> float:
     """Share of answers that fully match `format_regex`, or equal their reference (stripped)."""
     if not answers:
         return 0.0
@@ -141,20 +141,26 @@ def match_rate(answers: Sequence[str], references: Sequence[str], format_regex: 
     return hits / len(answers)
 
 
-def heldout_loss(model, tokenizer, examples: list[TokenizedExample], batch_size: int) -> tuple[float, int]:
+def heldout_loss(
+    model, tokenizer, examples: list[TokenizedExample], batch_size: int
+) -> tuple[float, int]:
     """(mean loss per assistant token, number of assistant tokens), training's masking."""
     from hybridserve.finetune.trainer import answer_loss, collate, pad_token_id
 
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     total, count = 0.0, 0
     for start in range(0, len(examples), batch_size):
-        input_ids, labels, mask = collate(examples[start : start + batch_size], pad_token_id(tokenizer))
+        input_ids, labels, mask = collate(
+            examples[start : start + batch_size], pad_token_id(tokenizer)
+        )
         total += float(answer_loss(base, input_ids, labels, mask, reduction="sum"))
         count += int((labels[:, 1:] != IGNORE).sum())
     return (total / count if count else float("nan")), count
 
 
-def greedy_answers(model, tokenizer, prompts: Sequence[list[int]], max_new_tokens: int) -> list[str]:
+def greedy_answers(
+    model, tokenizer, prompts: Sequence[list[int]], max_new_tokens: int
+) -> list[str]:
     """Greedy completions of tokenised prompts, one at a time (no padding), as text.
 
     Stops at the tokenizer's EOS, like the served chat path; special tokens are

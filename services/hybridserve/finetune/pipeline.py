@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hybridserve.config import HybridServeConfig
-from hybridserve.errors import FailedPrecondition, InvalidArgument
+from hybridserve.errors import FailedPrecondition, HybridServeError, InvalidArgument
 from hybridserve.finetune.config import TrainConfig
 from hybridserve.finetune.evaluate import EvalResult
 from hybridserve.finetune.trainer import TrainStats
@@ -154,7 +154,6 @@ def finetune(
         files = sorted(p.relative_to(staged).as_posix() for p in staged.rglob("*") if p.is_file())
         digest = content_sha256(staged, files)
         final = registry.store_dir / f"{name}-{digest[:_HASH_LEN]}"
-        moved = _place(staged, final, files, digest)
         metadata = {
             "training_config": json.dumps(
                 {**train_cfg.model_dump(mode="json"), "total_steps": steps}, sort_keys=True
@@ -172,12 +171,17 @@ def finetune(
             "dataset_sha256": dataset.sha256,
             "forced": json.dumps(not result.beats_base),
         }
+        reused = _same_adapter(final, files, digest)  # from an earlier identical run
         try:
+            if not reused:
+                _place(staged, final, files)
             record, created = registry.register(
                 name, final, version=digest[:_HASH_LEN], metadata=metadata
             )
         except BaseException:
-            if moved:
+            # Interrupted or refused: keep the folder only if the registry published it anyway
+            # (an interrupt after the record was written), so the store matches the registry.
+            if not reused and not _registered(registry, f"{name}@{digest[:_HASH_LEN]}", digest):
                 shutil.rmtree(final, ignore_errors=True)
             raise
     finally:
@@ -229,17 +233,28 @@ def _base_model_dir(cfg: HybridServeConfig, progress: Callable[[str], object]) -
     return base_dir
 
 
-def _place(staged: Path, final: Path, files: list[str], digest: str) -> bool:
-    """Moves `staged` to `final`; returns False if `final` already holds the same adapter."""
+def _registered(registry, adapter_id: str, digest: str) -> bool:
+    try:
+        return registry.get(adapter_id).content_sha256 == digest
+    except HybridServeError:
+        return False
+
+
+def _same_adapter(folder: Path, files: list[str], digest: str) -> bool:
+    """True when `folder` holds exactly the adapter files hashing to `digest`."""
     from hybridserve.generation.adapters import content_sha256
 
-    if final.is_dir():
-        existing = sorted(p.relative_to(final).as_posix() for p in final.rglob("*") if p.is_file())
-        if existing == files and content_sha256(final, existing) == digest:
-            return False
+    if not folder.is_dir():
+        return False
+    existing = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
+    return existing == files and content_sha256(folder, existing) == digest
+
+
+def _place(staged: Path, final: Path, files: list[str]) -> None:
+    """Moves `staged` to `final`, replacing a stale folder of that name."""
+    if final.exists():
         shutil.rmtree(final)  # named after a hash it no longer has: not a usable source
-    os.chmod(staged, 0o755)  # mkdtemp-style 0700 would hide it from other users
+    os.chmod(staged, 0o755)  # readable by replicas running as other users
     for rel in files:
         os.chmod(staged / rel, 0o644)
     os.replace(staged, final)
-    return True

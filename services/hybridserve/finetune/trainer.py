@@ -17,8 +17,21 @@ from pathlib import Path
 from hybridserve.finetune.config import TrainConfig
 from hybridserve.finetune.data import IGNORE, TokenizedExample
 
-#: Called after every optimizer step with (step, total_steps, loss of that step).
-StepCallback = Callable[[int, int, float], object]
+
+@dataclass(frozen=True)
+class StepInfo:
+    """One finished optimizer step, as reported to `train(on_step=...)`."""
+
+    step: int
+    steps: int
+    loss: float
+    #: Non-padding tokens in this step's batch (prompt and answer).
+    tokens: int
+    #: Seconds since training started (after loading), at the end of this step.
+    elapsed: float
+
+
+StepCallback = Callable[[StepInfo], object]
 
 
 @dataclass(frozen=True)
@@ -69,7 +82,7 @@ def train(
             adapter_model.safetensors (nothing else).
         base_model_name: written as `base_model_name_or_path`: the served name
             the registry checks the adapter against.
-        on_step: called after each step with (step, total_steps, loss).
+        on_step: called after each step with its StepInfo (step, loss, tokens, time).
         progress_bar: show a tqdm bar with the running loss on stderr.
 
     Returns:
@@ -111,7 +124,11 @@ def train(
         model.train()
         started = time.monotonic()
         with tqdm(
-            total=steps, desc="training", unit="step", disable=not progress_bar, file=sys.stderr,
+            total=steps,
+            desc="training",
+            unit="step",
+            disable=not progress_bar,
+            file=sys.stderr,
             dynamic_ncols=True,
         ) as bar:
             for step in range(1, steps + 1):
@@ -131,13 +148,14 @@ def train(
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 value = loss.item()
-                tokens += int(mask.sum())
+                batch_tokens = int(mask.sum())
+                tokens += batch_tokens
                 label_tokens += int((labels[:, 1:] != IGNORE).sum())
                 recent = (recent + [value])[-10:]
                 bar.set_postfix(loss=f"{sum(recent) / len(recent):.4f}", refresh=False)
                 bar.update(1)
                 if on_step is not None:
-                    on_step(step, steps, value)
+                    on_step(StepInfo(step, steps, value, batch_tokens, time.monotonic() - started))
         seconds = time.monotonic() - started
 
     save_adapter(model, out_dir, base_model_name)
