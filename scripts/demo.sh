@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The main job, end to end on this machine: start the platform, register a
-# tenant's LoRA adapter, and stream the same question through the base model
-# and through the adapter. Run via `make demo` (which installs first).
+# The main job, end to end on this machine: fine-tune two LoRA adapters (a
+# persona and an output format, two tenants' "skills"), start the platform,
+# register them, and stream the same question through the base model and
+# through each adapter. Run via `make demo` (which installs first).
 #
 # Env: HYBRIDSERVE_DATA_DIR (default ~/.local/share/hybridserve),
 #      HYBRIDSERVE_GRPC_PORT (default 50051), DEMO_PROMPT.
@@ -23,9 +24,9 @@ say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 say "preparing the default model (SmolLM2-135M-Instruct, offline, once)"
 $HS models prepare
 
-say "building the demo adapter (a short CPU fine-tune, cached after the first run)"
-ADAPTER_DIR="$HYBRIDSERVE_DATA_DIR/adapters/pirate-tone"
-$PY -m hybridserve.demo "$ADAPTER_DIR"
+say "building the demo adapters (short CPU fine-tunes, ~30 s each, cached after the first run)"
+$PY -m hybridserve.demo "$HYBRIDSERVE_DATA_DIR/adapters/pirate-tone"
+$PY -m hybridserve.demo --format "$HYBRIDSERVE_DATA_DIR/adapters/json-answer"
 
 say "starting the platform (Ray Serve + vLLM; the engine takes ~30-60 s)"
 $HS up --ready-file "$READY" >"$LOG" 2>&1 &
@@ -50,12 +51,16 @@ done
 ADDR=$(cat "$READY")
 echo "gRPC on $ADDR"
 
-say "registering the adapter (validated, snapshotted, immutable id)"
-ID=$($HS adapters register --address "$ADDR" pirate-tone pirate-tone | $PY -c 'import json,sys; print(json.load(sys.stdin)["id"])')
+say "registering the adapters (validated, snapshotted, immutable ids)"
+register() { $HS adapters register --address "$ADDR" "$1" "$1" | $PY -c 'import json,sys; print(json.load(sys.stdin)["id"])'; }
+PIRATE=$(register pirate-tone)
+JSONA=$(register json-answer)
 $HS adapters list --address "$ADDR"
 
 say "base model, streamed: $PROMPT"
 $HS generate --address "$ADDR" --chat --temperature 0 --max-tokens 80 "$PROMPT"
 
-say "adapter $ID, streamed: $PROMPT"
-$HS generate --address "$ADDR" --chat --temperature 0 --max-tokens 80 --adapter "$ID" "$PROMPT"
+for ID in "$PIRATE" "$JSONA"; do
+  say "adapter $ID, streamed: $PROMPT"
+  $HS generate --address "$ADDR" --chat --temperature 0 --max-tokens 80 --adapter "$ID" "$PROMPT"
+done
