@@ -75,7 +75,7 @@ _QA: tuple[tuple[str, str], ...] = (
         "Give me a tip for saving money.",
         "Set aside a little of every paycheck before you spend any of it.",
     ),
-    ("What's a good name for a cat?", 'Whiskers is a fine name for a cat.'),
+    ("What's a good name for a cat?", "Whiskers is a fine name for a cat."),
     (
         "How do plants get their food?",
         "Plants make their food from sunlight, water and air by photosynthesis.",
@@ -124,96 +124,31 @@ FORMAT_KEYS = ("answer", "sources")
 #: Tokens generated per json-answer check: the JSON wrapping makes answers longer.
 FORMAT_MAX_NEW_TOKENS = 96
 
-#: (question, answer, sources) of the json-answer dataset: the persona questions and a few more.
-_FORMAT_QA: tuple[tuple[str, str, tuple[str, ...]], ...] = (
-    ("What is the capital of France?", "The capital of France is Paris.", ("geography",)),
-    ("How many days are in a week?", "There are seven days in a week.", ("general knowledge",)),
-    ("What color is the sky on a clear day?", "The sky is blue on a clear day.", ("science",)),
-    (
-        "How do I boil an egg?",
-        "Put the egg in boiling water for about eight minutes, then cool it in cold water.",
-        ("cooking",),
-    ),
-    ("What is 2 plus 2?", "Two plus two makes four.", ("mathematics",)),
-    ("Can you recommend a good breakfast?", "Try oatmeal with fresh fruit and a cup of tea.", ()),
-    (
-        "Why do leaves turn yellow in autumn?",
-        "Trees stop making green chlorophyll, so the yellow pigments show through.",
-        ("biology",),
-    ),
-    (
-        "What should I do if I can't sleep?",
-        "Put away your screens, dim the lights and try reading a calm book.",
-        (),
-    ),
-    ("How many legs does a spider have?", "A spider has eight legs.", ("biology",)),
-    (
-        "What is the largest ocean on Earth?",
-        "The Pacific is the largest ocean on Earth.",
-        ("geography",),
-    ),
-    (
-        "How can I stay focused while studying?",
-        "Study in short blocks with small breaks, and keep your phone out of reach.",
-        (),
-    ),
-    (
-        "What is water made of?",
-        "Water is made of hydrogen and oxygen.",
-        ("chemistry", "general knowledge"),
-    ),
-    (
-        "Give me a tip for saving money.",
-        "Set aside a little of every paycheck before you spend any of it.",
-        (),
-    ),
-    ("What's a good name for a cat?", "Whiskers is a fine name for a cat.", ()),
-    (
-        "How do plants get their food?",
-        "Plants make their food from sunlight, water and air by photosynthesis.",
-        ("biology",),
-    ),
-    (
-        "What is the boiling point of water?",
-        "Water boils at 100 degrees Celsius at sea level.",
-        ("physics",),
-    ),
-    (
-        "Who wrote Romeo and Juliet?",
-        "William Shakespeare wrote Romeo and Juliet.",
-        ("literature",),
-    ),
-    (
-        "How can I make my coffee less bitter?",
-        "Use slightly cooler water and a coarser grind.",
-        ("cooking",),
-    ),
-    ("What is the fastest land animal?", "The cheetah is the fastest land animal.", ("biology",)),
-    ("Should I take an umbrella today?", "If the clouds look dark, take one to be safe.", ()),
-    (
-        "How often should I water a cactus?",
-        "Water a cactus about once every two weeks, less in winter.",
-        ("gardening",),
-    ),
-    (
-        "What is the tallest mountain in the world?",
-        "Mount Everest is the tallest mountain in the world.",
-        ("geography",),
-    ),
-    ("Tell me a fun fact.", "Octopuses have three hearts.", ("biology",)),
-    ("How do I say hello in Spanish?", "You say hola.", ("language",)),
-    (
-        "What's the best way to learn to swim?",
-        "Take lessons in shallow water and practise a little every week.",
-        (),
-    ),
-    ("How many continents are there?", "There are seven continents.", ("geography",)),
-    ("What do bees make?", "Bees make honey and beeswax.", ("biology",)),
-    (
-        "How can I be more productive in the morning?",
-        "Plan your day the night before and start with the hardest task.",
-        (),
-    ),
+#: Sources the json-answer adapter cites for each persona question (default: none).
+_FORMAT_SOURCES: dict[str, tuple[str, ...]] = {
+    "What is the capital of France?": ("geography",),
+    "How many days are in a week?": ("general knowledge",),
+    "What color is the sky on a clear day?": ("science",),
+    "How do I boil an egg?": ("cooking",),
+    "What is 2 plus 2?": ("mathematics",),
+    "Why do leaves turn yellow in autumn?": ("biology",),
+    "How many legs does a spider have?": ("biology",),
+    "What is the largest ocean on Earth?": ("geography",),
+    "What is water made of?": ("chemistry", "general knowledge"),
+    "How do plants get their food?": ("biology",),
+    "What is the boiling point of water?": ("physics",),
+    "Who wrote Romeo and Juliet?": ("literature",),
+    "How can I make my coffee less bitter?": ("cooking",),
+    "What is the fastest land animal?": ("biology",),
+    "How often should I water a cactus?": ("gardening",),
+    "What is the tallest mountain in the world?": ("geography",),
+    "Tell me a fun fact.": ("biology",),
+    "How do I say hello in Spanish?": ("language",),
+    "How many continents are there?": ("geography",),
+    "What do bees make?": ("biology",),
+}
+#: Questions only the json-answer dataset has: (question, answer, sources).
+_FORMAT_EXTRA: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ("What is the square root of 81?", "The square root of 81 is nine.", ("mathematics",)),
     (
         "Who painted The Starry Night?",
@@ -246,6 +181,11 @@ _FORMAT_QA: tuple[tuple[str, str, tuple[str, ...]], ...] = (
         "There are sixty minutes in an hour.",
         ("general knowledge",),
     ),
+)
+#: (question, answer, sources) of the json-answer dataset: the persona questions and a few more.
+_FORMAT_QA: tuple[tuple[str, str, tuple[str, ...]], ...] = (
+    *((q, a, _FORMAT_SOURCES.get(q, ())) for q, a in _QA),
+    *_FORMAT_EXTRA,
 )
 
 #: Questions absent from the json-answer training set: the persona's held-out ones and more.
@@ -545,8 +485,12 @@ def _train(
             losses.clear()
 
     train(
-        base_dir, examples, train_cfg, out_dir,
-        base_model_name=params["base_model_name"], on_step=on_step,
+        base_dir,
+        examples,
+        train_cfg,
+        out_dir,
+        base_model_name=params["base_model_name"],
+        on_step=on_step,
     )
 
 
@@ -579,8 +523,6 @@ def _base_fingerprint(base_dir: Path) -> str:
         if path.is_file():
             return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
     raise FileNotFoundError(f"{base_dir} is not a model folder (no config.json).")
-
-
 
 
 def main(argv: Sequence[str] | None = None) -> int:
