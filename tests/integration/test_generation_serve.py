@@ -9,6 +9,7 @@ import json
 import shutil
 import subprocess
 import time
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -77,31 +78,33 @@ def test_mixed_batches_match_hf_peft(client, platform, reference):
 
 
 def test_cancel_aborts_the_engine_request(client, platform):
+    request_id = f"cancel-{uuid.uuid4().hex[:8]}"
     stream = client.generate_stream(
-        LONG_PROMPT, max_tokens=1000, temperature=0, request_id="cancel-me"
+        LONG_PROMPT, max_tokens=1000, temperature=0, request_id=request_id
     )
     first = next(stream)
-    assert first.HasField("delta")
+    assert first.HasField("delta"), first
     stream.cancel()
     with pytest.raises(grpc.RpcError) as e:
         for _ in stream:
             pass
     assert e.value.code() == grpc.StatusCode.CANCELLED
-    stats = _wait_for_abort("cancel-me")
-    assert "cancel-me" in stats["aborted_request_ids"], stats
+    stats = _wait_for_abort(request_id)
+    assert request_id in stats["aborted_request_ids"], stats
     assert stats["unfinished_requests"] == 0, stats
 
 
 def test_deadline_aborts_the_engine_request(client):
+    request_id = f"deadline-{uuid.uuid4().hex[:8]}"
     stream = client.generate_stream(
-        LONG_PROMPT, max_tokens=1000, temperature=0, request_id="too-slow", timeout=1.0
+        LONG_PROMPT, max_tokens=1000, temperature=0, request_id=request_id, timeout=1.0
     )
     with pytest.raises(grpc.RpcError) as e:
         for msg in stream:
             assert not msg.HasField("final"), "finished before the deadline; raise max_tokens"
     assert e.value.code() in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED)
-    stats = _wait_for_abort("too-slow")
-    assert "too-slow" in stats["aborted_request_ids"], stats
+    stats = _wait_for_abort(request_id)
+    assert request_id in stats["aborted_request_ids"], stats
 
 
 def _wait_for_abort(request_id: str) -> dict:
