@@ -275,23 +275,9 @@ def build_demo_adapter(
     assistant's tokens, including the closing `<|im_end|>`, so the adapted
     model also learns to stop. `progress` receives one-line status messages.
     """
-    base_dir, out_dir = Path(base_dir), Path(out_dir)
-    params = {
-        "format": _BUILD_FORMAT,
-        "name": DEMO_ADAPTER_NAME,
-        "base": _base_fingerprint(base_dir),
-        "dataset": _dataset_hash(),
-        "steps": steps,
-        "seed": seed,
-        "rank": 8,
-        "alpha": 16,
-        "target_modules": list(_TARGET_MODULES),
-        "layers": _upper_half(base_dir),
-        "lr": 2e-3,
-        "batch_size": 4,
-        "base_model_name": DEMO_BASE_MODEL_NAME,
-    }
-    return _build(base_dir, out_dir, params, training_examples(), progress)
+    return _build_recipe(
+        Path(base_dir), Path(out_dir), DEMO_ADAPTER_NAME, training_examples(), steps, seed, progress
+    )
 
 
 def build_format_adapter(
@@ -306,12 +292,24 @@ def build_format_adapter(
 
     Same recipe and caching as `build_demo_adapter`, on `format_training_examples()`.
     """
-    base_dir, out_dir = Path(base_dir), Path(out_dir)
+    return _build_recipe(
+        Path(base_dir),
+        Path(out_dir),
+        FORMAT_ADAPTER_NAME,
+        format_training_examples(),
+        steps,
+        seed,
+        progress,
+    )
+
+
+def _build_recipe(base_dir, out_dir, name, conversations, steps, seed, progress) -> Path:
+    """Both demo adapters' recipe; `params` is also the cache marker, so keep it stable."""
     params = {
         "format": _BUILD_FORMAT,
-        "name": FORMAT_ADAPTER_NAME,
+        "name": name,
         "base": _base_fingerprint(base_dir),
-        "dataset": _dataset_hash(format_training_examples()),
+        "dataset": _dataset_hash(conversations),
         "steps": steps,
         "seed": seed,
         "rank": 8,
@@ -322,7 +320,7 @@ def build_format_adapter(
         "batch_size": 4,
         "base_model_name": DEMO_BASE_MODEL_NAME,
     }
-    return _build(base_dir, out_dir, params, format_training_examples(), progress)
+    return _build(base_dir, out_dir, params, conversations, progress)
 
 
 def generate_answers(
