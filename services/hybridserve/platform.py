@@ -53,6 +53,23 @@ def ensure_model(config: HybridServeConfig, progress=print) -> Path:
     return prepare_default_model(config.cache_dir, dtype=config.model.dtype, progress=progress)
 
 
+def check_ports_free(config: HybridServeConfig) -> None:
+    """Fails fast, before Ray starts, when a port the platform needs is taken."""
+    import socket
+
+    for what, port in (("gRPC", config.serve.grpc_port), ("HTTP", config.serve.http_port)):
+        with socket.socket() as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                sock.bind((config.serve.grpc_host, port))
+            except OSError as e:
+                raise FailedPrecondition(
+                    f"the {what} port {port} on {config.serve.grpc_host} is in use ({e.strerror}); "
+                    "stop whatever holds it (another `hybridserve up`?) or choose another port "
+                    "(`hybridserve up --port N`, or serve.grpc_port / serve.http_port in the config)"
+                ) from None
+
+
 def wait_healthy(address: str, service: str, timeout_s: float, application: str = "") -> None:
     """Polls grpc.health.v1 (of one Serve app) until SERVING; raises Unavailable after timeout_s."""
     from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -102,6 +119,8 @@ def start(
     from hybridserve.app import GENERATION_APP, build_generation_app, grpc_options
 
     apps = dict(generation_apps or {GENERATION_APP: config})
+    if not ray.is_initialized():
+        check_ports_free(config)
     for app_config in apps.values():
         ensure_model(app_config, progress=progress)
     if not ray.is_initialized():

@@ -1,0 +1,30 @@
+"""`hybridserve up` refuses a taken port before starting anything."""
+
+import socket
+
+import pytest
+
+from hybridserve.config import HybridServeConfig
+from hybridserve.errors import FailedPrecondition
+from hybridserve.platform import check_ports_free
+
+
+def test_a_taken_port_is_a_clear_error(tmp_path):
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        cfg = HybridServeConfig(data_dir=tmp_path, serve={"grpc_port": port})
+        with pytest.raises(FailedPrecondition) as e:
+            check_ports_free(cfg)
+    assert f"gRPC port {port}" in e.value.message and "--port" in e.value.message
+
+
+def test_free_ports_pass(tmp_path):
+    ports = []
+    for _ in range(2):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            ports.append(s.getsockname()[1])
+    cfg = HybridServeConfig(data_dir=tmp_path, serve={"grpc_port": ports[0], "http_port": ports[1]})
+    check_ports_free(cfg)
