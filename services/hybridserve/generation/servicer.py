@@ -18,7 +18,7 @@ from typing import Any
 from grpc_health.v1 import health_pb2
 
 from hybridserve.config import HybridServeConfig
-from hybridserve.errors import HybridServeError, Internal, InvalidArgument
+from hybridserve.errors import HybridServeError, Internal
 from hybridserve.generation.adapters import AdapterRecord, AdapterRegistry
 from hybridserve.generation.engine import AdapterRef, Engine
 from hybridserve.generation.service import GenerateInput, GenerationService
@@ -225,12 +225,7 @@ class GenerationServicer:
     async def RegisterAdapter(
         self, request: generation_pb2.RegisterAdapterRequest, grpc_context: Any = None
     ) -> generation_pb2.RegisterAdapterResponse:
-        if not request.name or not request.path:
-            err = InvalidArgument(
-                "name and path are required (path is relative to the adapter store)"
-            )
-            set_status(grpc_context, err)
-            raise err
+        # The registry validates name and path (empty ones included) with its own messages.
         record, created = await self._call(
             grpc_context,
             self.service.registry.register,
