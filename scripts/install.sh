@@ -58,7 +58,9 @@ if [ "$(cat "$LOCAL/.shared-venv" 2>/dev/null)" != "$VENV" ]; then
   echo "$VENV" > "$LOCAL/.shared-venv"
 fi
 
-# Go tools, pinned, built once into the cache.
+# Go tools, pinned, built once into the cache. weaviate-server is the real
+# vector database the retrieval service and its tests use (about 3.5 min to
+# build the first time, 190 MB); its version is pinned in constants.py too.
 mkdir -p "$CACHE/bin"
 go_tool() {  # name module@version
   local name=$1 mod=$2 stamp="$CACHE/bin/.$1.version"
@@ -71,5 +73,18 @@ go_tool() {  # name module@version
   echo "$mod" > "$stamp"
 }
 go_tool grpcurl github.com/fullstorydev/grpcurl/cmd/grpcurl@v1.9.4
+go_tool weaviate-server github.com/weaviate/weaviate/cmd/weaviate-server@v1.38.11
+
+# Prometheus and promtool from Debian (observability tests and
+# `hybridserve up --with-prometheus`). Never started as a service here.
+if ! command -v prometheus >/dev/null || ! command -v promtool >/dev/null; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    log "installing prometheus from Debian"
+    apt-get update -qq >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null
+  else
+    log "prometheus/promtool missing: install Debian's 'prometheus' package (observability tests will fail without it)"
+  fi
+fi
 
 log "ready: $LOCAL (shared packages: $VENV)"

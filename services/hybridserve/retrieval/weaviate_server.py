@@ -1,0 +1,184 @@
+"""Runs a local `weaviate-server` on loopback (what `hybridserve up` does).
+
+The binary is built from Weaviate's Go module at a pinned version by
+scripts/install.sh. Its data persists under <data_dir>/weaviate, so a restart
+finds every tenant and chunk again.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from hybridserve import constants
+from hybridserve.config import HybridServeConfig
+from hybridserve.errors import FailedPrecondition, Unavailable
+
+
+def install_hint(binary: Path) -> str:
+    return (
+        f"weaviate-server is not at {binary}. Build it with `bash scripts/install.sh` (it runs "
+        f"`go install github.com/weaviate/weaviate/cmd/weaviate-server@{constants.WEAVIATE_VERSION}`; "
+        "Go >= 1.26 needed, about 4 minutes), set weaviate.binary to an existing binary, or "
+        "point weaviate.url (and weaviate.grpc_port) at an external Weaviate"
+    )
+
+
+@dataclass
+class WeaviateServer:
+    """A weaviate-server child process.
+
+    Args:
+        binary: the weaviate-server executable.
+        data_dir: persistence folder (created if missing).
+        http_port / grpc_port: loopback ports.
+        log_path: where its output goes (default: <data_dir>/weaviate.log).
+    """
+
+    binary: Path
+    data_dir: Path
+    http_port: int
+    grpc_port: int
+    log_path: Path | None = None
+    extra_env: dict[str, str] = field(default_factory=dict)
+    _proc: subprocess.Popen | None = None
+
+    @classmethod
+    def from_config(cls, config: HybridServeConfig) -> WeaviateServer:
+        return cls(
+            binary=config.weaviate_binary,
+            data_dir=config.weaviate_data_dir,
+            http_port=config.weaviate.http_port,
+            grpc_port=config.weaviate.grpc_port,
+        )
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc else None
+
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def start(self, timeout_s: float = 120) -> None:
+        """Starts the server and waits until /v1/.well-known/ready answers 200."""
+        if self.running():
+            return
+        if not (self.binary.is_file() and os.access(self.binary, os.X_OK)):
+            raise FailedPrecondition(install_hint(self.binary))
+        for what, port in (("HTTP", self.http_port), ("gRPC", self.grpc_port)):
+            _require_free(port, what)
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        log_path = self.log_path or self.data_dir.parent / "weaviate.log"
+        env = {
+            "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+            "HOME": os.environ.get("HOME", "/tmp"),
+            "PERSISTENCE_DATA_PATH": str(self.data_dir),
+            "DEFAULT_VECTORIZER_MODULE": "none",
+            "ENABLE_MODULES": "",
+            "GRPC_PORT": str(self.grpc_port),
+            "CLUSTER_HOSTNAME": "hybridserve",
+            # Single node on loopback. NOTE: the gossip, data, raft and profiling ports
+            # derive from the HTTP port, so two servers on one machine never collide.
+            "CLUSTER_GOSSIP_BIND_PORT": str(self.http_port + 10000),
+            "CLUSTER_DATA_BIND_PORT": str(self.http_port + 10001),
+            "RAFT_PORT": str(self.http_port + 10002),
+            "RAFT_INTERNAL_RPC_PORT": str(self.http_port + 10003),
+            "RAFT_BOOTSTRAP_EXPECT": "1",
+            "GO_PROFILING_PORT": str(self.http_port + 10004),
+            "CLUSTER_BIND_ADDR": "127.0.0.1",
+            "CLUSTER_ADVERTISE_ADDR": "127.0.0.1",
+            "AUTHENTICATION_ANONYMOUS_ACCESS_ENABLED": "true",
+            "DISABLE_TELEMETRY": "true",
+            "LOG_LEVEL": "warning",
+            "QUERY_DEFAULTS_LIMIT": "25",
+            **self.extra_env,
+        }
+        with open(log_path, "ab") as log:
+            self._proc = subprocess.Popen(
+                [str(self.binary), "--host", "127.0.0.1", "--port", str(self.http_port),
+                 "--scheme", "http"],
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # a Ctrl-C in the terminal reaches us, not it
+            )
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self._proc.poll() is not None:
+                tail = _tail(log_path)
+                self._proc = None
+                raise Unavailable(f"weaviate-server exited at start; the end of {log_path}:\n{tail}")
+            if _ready(self.url):
+                return
+            time.sleep(0.25)
+        self.stop()
+        raise Unavailable(
+            f"weaviate-server did not become ready within {timeout_s:.0f}s; see {log_path}"
+        )
+
+    def stop(self, timeout_s: float = 30) -> None:
+        """Stops the server gracefully (SIGTERM: it flushes to disk), killing it after timeout_s."""
+        proc, self._proc = self._proc, None
+        if proc is None or proc.poll() is not None:
+            return
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+    def kill(self) -> None:
+        """SIGKILL, for crash tests."""
+        proc, self._proc = self._proc, None
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+    def pause(self) -> None:
+        """SIGSTOP: the server keeps its sockets but answers nothing (a hung server)."""
+        if self._proc is not None:
+            self._proc.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        if self._proc is not None:
+            self._proc.send_signal(signal.SIGCONT)
+
+
+def _ready(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{url}/v1/.well-known/ready", timeout=2) as r:
+            return r.status == 200
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+def _require_free(port: int, what: str) -> None:
+    import socket
+
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError as e:
+            raise FailedPrecondition(
+                f"the weaviate-server {what} port {port} is in use ({e.strerror}); stop what holds "
+                "it or set weaviate.http_port / weaviate.grpc_port"
+            ) from None
+
+
+def _tail(path: Path, lines: int = 20) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
