@@ -7,6 +7,8 @@ multiplexing all come from `HybridServeConfig`.
 
 from __future__ import annotations
 
+import asyncio
+import os
 from typing import Any
 
 from ray import serve
@@ -18,12 +20,16 @@ from hybridserve.generation.vllm_engine import engine_environment
 
 #: Serve app names. With more than one app, gRPC clients send `application`.
 GENERATION_APP = "generation"
+RETRIEVAL_APP = "retrieval"
+RERANK_APP = "rerank"
 
 #: The servicers Serve's gRPC proxy exposes. Server reflection is built into
 #: the proxy (gRPCOptions.enable_reflection); health is answered by our
 #: deployments (`Check` / `Watch`).
 GRPC_SERVICER_FUNCTIONS = [
     "hybridserve.v1.generation_pb2_grpc.add_GenerationServiceServicer_to_server",
+    "hybridserve.v1.retrieval_pb2_grpc.add_RetrievalServiceServicer_to_server",
+    "hybridserve.v1.rerank_pb2_grpc.add_RerankServiceServicer_to_server",
     "grpc_health.v1.health_pb2_grpc.add_HealthServicer_to_server",
 ]
 
@@ -71,6 +77,111 @@ def generation_deployment(config: HybridServeConfig):
 def build_generation_app(config: HybridServeConfig) -> Any:
     """The bound generation application, ready for `serve.run`."""
     return generation_deployment(config).bind(config.model_dump(mode="json"))
+
+
+def _torch_threads(requested: int) -> int:
+    # NOTE: Ray sets OMP_NUM_THREADS to an actor's (fractional) CPU count, i.e.
+    # 1, which would cap a CPU embedder at one core; 0 means "every core".
+    return requested or os.cpu_count() or 1
+
+
+def embedder_deployment(config: HybridServeConfig):
+    """Embeds texts for the retrieval service. Concurrent calls are batched
+    (`@serve.batch`); each call is one list of texts."""
+    rcfg = config.retrieval
+
+    class EmbedderDeployment:
+        def __init__(self, config: dict):
+            from hybridserve.retrieval.embedding import SentenceTransformerEmbedder
+
+            cfg = HybridServeConfig.model_validate(config)
+            self.embedder = SentenceTransformerEmbedder(
+                cfg.retrieval.embedding_model,
+                batch_size=cfg.retrieval.embed_batch_size,
+                threads=_torch_threads(cfg.retrieval.torch_threads),
+            )
+
+        @serve.batch(max_batch_size=rcfg.embed_max_batch_size, batch_wait_timeout_s=rcfg.embed_batch_wait_s)
+        async def embed(self, requests: list[list[str]]) -> list:
+            def run():
+                flat = [t for texts in requests for t in texts]
+                vectors = self.embedder.embed(flat)
+                out, at = [], 0
+                for texts in requests:
+                    out.append(vectors[at : at + len(texts)])
+                    at += len(texts)
+                return out
+
+            return await asyncio.to_thread(run)
+
+    return serve.deployment(
+        EmbedderDeployment,
+        name="Embedder",
+        num_replicas=rcfg.embedder_replicas,
+        max_ongoing_requests=64,
+        ray_actor_options={"num_cpus": rcfg.cpus_per_embedder},
+    )
+
+
+def retrieval_deployment(config: HybridServeConfig):
+    """The RetrievalService ingress; embeds through the Embedder deployment."""
+    from hybridserve.retrieval.servicer import RetrievalServicer
+
+    class RetrievalDeployment(RetrievalServicer):
+        def __init__(self, config: dict, embedder):  # type: ignore[override]
+            async def embed(texts: list[str]):
+                return await embedder.embed.remote(texts)
+
+            RetrievalServicer.__init__(self, config, embed)
+
+        async def __del__(self):
+            await self.shutdown()
+
+    return serve.deployment(
+        RetrievalDeployment,
+        name="RetrievalService",
+        num_replicas=config.retrieval.replicas,
+        max_ongoing_requests=config.serve.max_ongoing_requests,
+        ray_actor_options={"num_cpus": 0},
+    )
+
+
+def build_retrieval_app(config: HybridServeConfig) -> Any:
+    cfg = config.model_dump(mode="json")
+    return retrieval_deployment(config).bind(cfg, embedder_deployment(config).bind(cfg))
+
+
+def rerank_deployment(config: HybridServeConfig):
+    """The RerankService; concurrent calls are scored together (`@serve.batch`)."""
+    from hybridserve.rerank.servicer import RerankServicer
+
+    rc = config.rerank
+
+    class RerankDeployment(RerankServicer):
+        def __init__(self, config: dict):  # type: ignore[override]
+            import torch
+
+            torch.set_num_threads(_torch_threads(rc.torch_threads))
+            RerankServicer.__init__(self, config)
+
+        @serve.batch(max_batch_size=rc.max_batch_size, batch_wait_timeout_s=rc.batch_wait_s)
+        async def batched(self, reqs: list) -> list:
+            return await RerankServicer.rerank_batch(self, reqs)
+
+        async def rerank_batch_one(self, req):
+            return await self.batched(req)
+
+    return serve.deployment(
+        RerankDeployment,
+        name="RerankService",
+        num_replicas=rc.replicas,
+        max_ongoing_requests=config.serve.max_ongoing_requests,
+        ray_actor_options={"num_cpus": rc.cpus_per_replica},
+    )
+
+
+def build_rerank_app(config: HybridServeConfig) -> Any:
+    return rerank_deployment(config).bind(config.model_dump(mode="json"))
 
 
 def grpc_options(config: HybridServeConfig):

@@ -5,6 +5,11 @@
   hybridserve adapters list|register|unregister
   hybridserve models prepare             prepare the default model offline
   hybridserve finetune --data F --name N train, evaluate and register a LoRA adapter
+  hybridserve tenants create|list|delete   manage tenants' knowledge spaces
+  hybridserve ingest PATH --tenant T     ingest .txt/.md/.html/.jsonl files (safe to re-run)
+  hybridserve search QUERY --tenant T    hybrid search in a tenant's documents
+  hybridserve delete --tenant T ID...    delete documents
+  hybridserve rerank QUERY PASSAGE...    score and order passages
 """
 
 from __future__ import annotations
@@ -132,6 +137,155 @@ def cmd_models(ns) -> int:
     return 0
 
 
+def cmd_tenants(ns) -> int:
+    from hybridserve.client import HybridServeClient
+
+    with HybridServeClient(_address(ns)) as client:
+        if ns.tenants_cmd == "create":
+            created = client.create_tenant(ns.tenant)
+            print(f"created tenant {ns.tenant}" if created else f"tenant {ns.tenant} already exists")
+        elif ns.tenants_cmd == "list":
+            tenants = client.list_tenants()
+            if not tenants:
+                print("no tenants; create one with `hybridserve tenants create NAME`")
+            for t in tenants:
+                print(f"{t.tenant}\tchunks={t.chunks}")
+        elif ns.tenants_cmd == "delete":
+            client.delete_tenant(ns.tenant)
+            print(f"deleted tenant {ns.tenant} and all its documents")
+    return 0
+
+
+def _batches(docs, max_docs: int, max_bytes: int):
+    batch, size = [], 0
+    for d in docs:
+        n = len(d.text.encode()) + 1024
+        if batch and (len(batch) >= max_docs or size + n > max_bytes):
+            yield batch
+            batch, size = [], 0
+        batch.append(d)
+        size += n
+    if batch:
+        yield batch
+
+
+def cmd_ingest(ns) -> int:
+    from pathlib import Path
+
+    from tqdm import tqdm
+
+    from hybridserve.client import HybridServeClient
+    from hybridserve.retrieval.sources import find_files, read_documents
+    from hybridserve.v1 import retrieval_pb2
+
+    files = find_files(Path(ns.path))
+    if not files:
+        return _err(f"no .txt, .md, .html or .jsonl files under {ns.path}")
+    # Read and check everything first: a malformed file stops the run before
+    # anything is written.
+    docs, empty, errors = [], [], []
+    for f in files:
+        try:
+            for d in read_documents(f):
+                (docs if d.text.strip() else empty).append(d)
+        except HybridServeError as e:
+            errors.append(e.message)
+    for msg in errors:
+        print(f"error: {msg}", file=sys.stderr)
+    if errors:
+        return _err(f"{len(errors)} file(s) could not be read; nothing was ingested")
+    for d in empty:
+        print(f"skipped {d.source}: no text", file=sys.stderr)
+    written = removed = unchanged = 0
+    failures = []
+    with HybridServeClient(_address(ns)) as client, tqdm(
+        total=len(docs), unit="doc", desc=f"ingest -> {ns.tenant}", file=sys.stderr,
+        disable=ns.quiet,
+    ) as bar:
+        for batch in _batches(docs, ns.batch_docs, 8 * 1024 * 1024):
+            reply = client.upsert(
+                ns.tenant,
+                [
+                    retrieval_pb2.Document(id=d.id, text=d.text, title=d.title, source=d.source,
+                                           metadata=dict(d.metadata))
+                    for d in batch
+                ],
+                timeout=ns.timeout,
+            )
+            written += reply.chunks_written
+            removed += reply.chunks_removed
+            unchanged += reply.documents_unchanged
+            failures.extend(reply.failures)
+            bar.update(len(batch))
+            bar.set_postfix(chunks=written, unchanged=unchanged, failed=len(failures))
+    for f in failures:
+        print(f"failed: {f.doc_id} chunk {f.chunk_index}: {f.message}", file=sys.stderr)
+    print(
+        f"{len(docs)} documents: {written} chunks written, {removed} stale chunks removed, "
+        f"{unchanged} documents unchanged, {len(failures)} chunks failed"
+    )
+    return 1 if failures else 0
+
+
+def _parse_filter(text: str):
+    # field=value, field!=value, field=a|b|c (any of)
+    if "!=" in text:
+        field, value = text.split("!=", 1)
+        return field, "not_equal", [value]
+    if "=" not in text:
+        raise HybridServeError(f"bad --filter {text!r}: use field=value, field!=value or field=a|b")
+    field, value = text.split("=", 1)
+    values = value.split("|")
+    return field, ("any_of" if len(values) > 1 else "equal"), values
+
+
+def cmd_search(ns) -> int:
+    from hybridserve.client import HybridServeClient
+
+    filters = [_parse_filter(f) for f in ns.filter or []]
+    with HybridServeClient(_address(ns)) as client:
+        hits = client.search(ns.tenant, ns.query, top_k=ns.top_k, alpha=ns.alpha, filters=filters)
+        rerank_scores: list[float | None] = [None] * len(hits)
+        if ns.rerank and hits:
+            reply = client.rerank(ns.query, [h.text for h in hits])
+            hits = [hits[r.index] for r in reply.results]
+            rerank_scores = [r.score for r in reply.results]
+        if ns.json:
+            from google.protobuf.json_format import MessageToDict
+
+            out = [MessageToDict(h) | ({"rerankScore": r} if r is not None else {})
+                   for h, r in zip(hits, rerank_scores, strict=True)]
+            print(json.dumps(out, indent=2))
+            return 0
+        if not hits:
+            print("no hits")
+        for rank, (h, rr) in enumerate(zip(hits, rerank_scores, strict=True), 1):
+            score = f"score={h.score:.3f}" + (f" rerank={rr:.3f}" if rr is not None else "")
+            snippet = " ".join(h.text.split())[:160]
+            print(f"{rank}. [{h.doc_id}#{h.chunk_index}] {h.title} ({score})\n   {snippet}\n   source: {h.source}")
+    return 0
+
+
+def cmd_delete(ns) -> int:
+    from hybridserve.client import HybridServeClient
+
+    with HybridServeClient(_address(ns)) as client:
+        n = client.delete_documents(ns.tenant, ns.doc_ids)
+    print(f"deleted {n} chunks")
+    return 0
+
+
+def cmd_rerank(ns) -> int:
+    from hybridserve.client import HybridServeClient
+
+    with HybridServeClient(_address(ns)) as client:
+        reply = client.rerank(ns.query, ns.passages, top_n=ns.top_n)
+    for r in reply.results:
+        print(f"{r.score:+.4f}\t{ns.passages[r.index]}")
+    print(f"[{reply.model}]", file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="hybridserve", description=__doc__.splitlines()[0])
     p.add_argument("--config", help="YAML/JSON config file (default: $HYBRIDSERVE_CONFIG or built-in defaults)")
@@ -177,6 +331,50 @@ def build_parser() -> argparse.ArgumentParser:
     msub = m.add_subparsers(dest="models_cmd", required=True)
     msub.add_parser("prepare", help="prepare the default model (offline, once)")
     m.set_defaults(func=cmd_models)
+
+    t = sub.add_parser("tenants", help="manage tenants' knowledge spaces")
+    tsub = t.add_subparsers(dest="tenants_cmd", required=True)
+    for name, helptext in (("create", "create a tenant (idempotent)"),
+                           ("delete", "delete a tenant and all its documents")):
+        tp = tsub.add_parser(name, help=helptext)
+        client_args(tp)
+        tp.add_argument("tenant")
+    client_args(tsub.add_parser("list", help="list tenants and their chunk counts"))
+    t.set_defaults(func=cmd_tenants)
+
+    i = sub.add_parser("ingest", help="ingest .txt/.md/.html/.jsonl files into a tenant (safe to re-run)")
+    client_args(i)
+    i.add_argument("path", help="a file or a folder (searched recursively)")
+    i.add_argument("--tenant", required=True)
+    i.add_argument("--batch-docs", type=int, default=32, help="documents per Upsert call (default 32)")
+    i.add_argument("--timeout", type=float, default=600, help="deadline per Upsert call, seconds")
+    i.add_argument("--quiet", action="store_true", help="no progress bar")
+    i.set_defaults(func=cmd_ingest)
+
+    s = sub.add_parser("search", help="hybrid search in a tenant's documents")
+    client_args(s)
+    s.add_argument("query")
+    s.add_argument("--tenant", required=True)
+    s.add_argument("--top-k", type=int, default=5)
+    s.add_argument("--alpha", type=float, help="0 keyword only ... 1 vector only (default: server's)")
+    s.add_argument("--filter", action="append", metavar="FIELD=VALUE",
+                   help="doc_id, source, title or metadata.KEY; = or !=; a|b for any of")
+    s.add_argument("--rerank", action="store_true", help="reorder the hits with the reranker")
+    s.add_argument("--json", action="store_true", help="print the hits as JSON")
+    s.set_defaults(func=cmd_search)
+
+    d = sub.add_parser("delete", help="delete documents (every chunk) by id")
+    client_args(d)
+    d.add_argument("doc_ids", nargs="+")
+    d.add_argument("--tenant", required=True)
+    d.set_defaults(func=cmd_delete)
+
+    r = sub.add_parser("rerank", help="score passages against a query, best first")
+    client_args(r)
+    r.add_argument("query")
+    r.add_argument("passages", nargs="+")
+    r.add_argument("--top-n", type=int, default=0)
+    r.set_defaults(func=cmd_rerank)
 
     add_finetune_parser(sub)
     return p

@@ -134,6 +134,12 @@ class ServeConfig(_Strict):
         "(sets RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD=0).",
     )
     cpus_per_replica: float = Field(1.0, gt=0, description="Ray CPUs reserved per generation replica.")
+    apps: tuple[Literal["generation", "retrieval", "rerank"], ...] = Field(
+        ("generation", "retrieval", "rerank"),
+        min_length=1,
+        description="Serve apps `hybridserve up` runs. `retrieval` also starts the local "
+        "weaviate-server unless weaviate.url names an external one.",
+    )
 
 
     def ray_env(self) -> dict[str, str]:
@@ -245,7 +251,10 @@ class RetrievalConfig(_Strict):
         0.25, ge=0, description="Ray CPUs reserved per embedding replica."
     )
     torch_threads: int = Field(
-        0, ge=0, description="Torch threads per embedding replica. 0: torch's default."
+        0,
+        ge=0,
+        description="Torch threads per embedding replica. 0: one per CPU core of the machine "
+        "(Ray would otherwise cap a fractional-CPU actor at one thread).",
     )
 
     @model_validator(mode="after")
@@ -286,7 +295,9 @@ class RerankConfig(_Strict):
     )
     replicas: int = Field(1, ge=1, description="Replicas of the rerank deployment.")
     cpus_per_replica: float = Field(0.25, ge=0, description="Ray CPUs reserved per rerank replica.")
-    torch_threads: int = Field(0, ge=0, description="Torch threads per replica. 0: torch's default.")
+    torch_threads: int = Field(
+        0, ge=0, description="Torch threads per replica. 0: one per CPU core of the machine."
+    )
 
     @model_validator(mode="after")
     def _cross_encoder_needs_model(self) -> RerankConfig:

@@ -31,3 +31,28 @@ def set_status(grpc_context: Any, err: BaseException) -> None:
     if grpc_context is not None:
         grpc_context.set_code(code)
         grpc_context.set_details(message)
+
+
+def grpc_unary(method):
+    """Wraps a unary servicer method: domain errors become the call's status.
+
+    Under Serve the status travels only with an exception, so the error is
+    recorded on the context and then re-raised (unknown errors as `Internal`,
+    whose message points at the server log instead of leaking internals).
+    """
+    import functools
+
+    from hybridserve.errors import Internal
+
+    @functools.wraps(method)
+    async def wrapper(self, request, grpc_context=None):
+        try:
+            return await method(self, request, grpc_context)
+        except HybridServeError as e:
+            set_status(grpc_context, e)
+            raise
+        except Exception as e:
+            set_status(grpc_context, e)
+            raise Internal(status_of(e)[1]) from e
+
+    return wrapper

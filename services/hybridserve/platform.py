@@ -13,6 +13,7 @@ import grpc
 
 from hybridserve.config import HybridServeConfig
 from hybridserve.errors import FailedPrecondition, Unavailable
+from hybridserve.retrieval.weaviate_server import WeaviateServer
 
 logger = logging.getLogger(__name__)
 
@@ -22,6 +23,8 @@ class LocalPlatform:
     """A running local platform."""
 
     config: HybridServeConfig
+    #: The local weaviate-server, when this platform started one.
+    weaviate: WeaviateServer | None = None
 
     @property
     def grpc_address(self) -> str:
@@ -31,10 +34,15 @@ class LocalPlatform:
         import ray
         from ray import serve
 
+        # NOTE: Serve first, so replicas close their Weaviate clients before it goes.
         try:
             serve.shutdown()
         finally:
-            ray.shutdown()
+            try:
+                ray.shutdown()
+            finally:
+                if self.weaviate is not None:
+                    self.weaviate.stop()
 
 
 def ensure_model(config: HybridServeConfig, progress=print) -> Path:
@@ -68,6 +76,17 @@ def check_ports_free(config: HybridServeConfig) -> None:
                     "stop whatever holds it (another `hybridserve up`?) or choose another port "
                     "(`hybridserve up --port N`, or serve.grpc_port / serve.http_port in the config)"
                 ) from None
+
+
+def start_weaviate(config: HybridServeConfig, progress=print) -> WeaviateServer | None:
+    """Starts the local weaviate-server unless `weaviate.url` names an external one."""
+    if config.weaviate.url:
+        progress(f"using the external Weaviate at {config.weaviate.url}")
+        return None
+    server = WeaviateServer.from_config(config)
+    progress(f"starting weaviate-server on 127.0.0.1:{server.http_port} (data: {server.data_dir}) ...")
+    server.start(config.weaviate.startup_timeout_s)
+    return server
 
 
 def wait_healthy(address: str, service: str, timeout_s: float, application: str = "") -> None:
@@ -118,37 +137,59 @@ def start(
 
     from hybridserve.app import GENERATION_APP, build_generation_app, grpc_options
 
-    apps = dict(generation_apps or {GENERATION_APP: config})
+    from hybridserve.app import (
+        RERANK_APP,
+        RETRIEVAL_APP,
+        build_rerank_app,
+        build_retrieval_app,
+    )
+
+    wanted = config.serve.apps
+    apps = dict(generation_apps or ({GENERATION_APP: config} if GENERATION_APP in wanted else {}))
     if not ray.is_initialized():
         check_ports_free(config)
     for app_config in apps.values():
         ensure_model(app_config, progress=progress)
-    if not ray.is_initialized():
-        # NOTE: before ray.init: Serve's proxy and replicas read these when
-        # they start, from the environment they inherit from this process.
-        for key, value in config.serve.ray_env().items():
-            os.environ.setdefault(key, value)
-        progress("starting Ray ...")
-        ray.init(
-            namespace="hybridserve",
-            include_dashboard=False,
-            configure_logging=True,
-            logging_level=logging.WARNING,
-            log_to_driver=False,
+    weaviate = start_weaviate(config, progress) if RETRIEVAL_APP in wanted else None
+    try:
+        if not ray.is_initialized():
+            # NOTE: before ray.init: Serve's proxy and replicas read these when
+            # they start, from the environment they inherit from this process.
+            for key, value in config.serve.ray_env().items():
+                os.environ.setdefault(key, value)
+            progress("starting Ray ...")
+            ray.init(
+                namespace="hybridserve",
+                include_dashboard=False,
+                configure_logging=True,
+                logging_level=logging.WARNING,
+                log_to_driver=False,
+            )
+        serve.start(
+            http_options=HTTPOptions(host=config.serve.grpc_host, port=config.serve.http_port),
+            grpc_options=grpc_options(config),
         )
-    serve.start(
-        http_options=HTTPOptions(host=config.serve.grpc_host, port=config.serve.http_port),
-        grpc_options=grpc_options(config),
-    )
-    progress(f"deploying {', '.join(apps)} (an engine takes ~30-60 s to start) ...")
-    # NOTE: a route prefix is required: Serve's gRPC proxy only routes to apps
-    # that have one, even though gRPC never uses the HTTP path.
-    serve.run_many(
-        [RunTarget(build_generation_app(c), name=n, route_prefix=f"/{n}") for n, c in apps.items()]
-    )
-    platform = LocalPlatform(config)
-    for name in apps:
-        wait_healthy(
-            platform.grpc_address, "hybridserve.v1.GenerationService", health_timeout_s, name
-        )
+        # NOTE: a route prefix is required: Serve's gRPC proxy only routes to apps
+        # that have one, even though gRPC never uses the HTTP path.
+        targets = [
+            RunTarget(build_generation_app(c), name=n, route_prefix=f"/{n}") for n, c in apps.items()
+        ]
+        services = {n: "hybridserve.v1.GenerationService" for n in apps}
+        if RETRIEVAL_APP in wanted:
+            targets.append(RunTarget(build_retrieval_app(config), name=RETRIEVAL_APP,
+                                     route_prefix=f"/{RETRIEVAL_APP}"))
+            services[RETRIEVAL_APP] = "hybridserve.v1.RetrievalService"
+        if RERANK_APP in wanted:
+            targets.append(RunTarget(build_rerank_app(config), name=RERANK_APP,
+                                     route_prefix=f"/{RERANK_APP}"))
+            services[RERANK_APP] = "hybridserve.v1.RerankService"
+        progress(f"deploying {', '.join(services)} (an engine takes ~30-60 s to start) ...")
+        serve.run_many(targets)
+        platform = LocalPlatform(config, weaviate)
+        for name, service in services.items():
+            wait_healthy(platform.grpc_address, service, health_timeout_s, name)
+    except BaseException:
+        if weaviate is not None:
+            weaviate.stop()
+        raise
     return platform

@@ -1,0 +1,55 @@
+"""The RerankService gRPC servicer.
+
+A plain class. `rerank_batch` is the method Serve wraps in `@serve.batch`, so
+concurrent callers' pairs are scored in one backend call; without Serve it
+scores one request at a time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from grpc_health.v1 import health_pb2
+
+from hybridserve.config import HybridServeConfig
+from hybridserve.grpc_errors import grpc_unary
+from hybridserve.rerank.backends import RerankBackend, build_backend
+from hybridserve.rerank.service import Ranked, RerankInput, RerankService
+from hybridserve.v1 import rerank_pb2
+
+SERVICE_NAME = "hybridserve.v1.RerankService"
+
+
+class RerankServicer:
+    def __init__(self, config: HybridServeConfig | dict, backend: RerankBackend | None = None):
+        cfg = config if isinstance(config, HybridServeConfig) else HybridServeConfig.model_validate(config)
+        backend = backend or build_backend(cfg.rerank, cfg.retrieval.embedding_model)
+        self.service = RerankService(cfg.rerank, backend)
+
+    async def rerank_batch(self, reqs: list[RerankInput]) -> list[list[Ranked]]:
+        """Scores several validated requests together (off the event loop)."""
+        return await asyncio.to_thread(self.service.rerank_many, reqs)
+
+    async def rerank(self, req: RerankInput) -> list[Ranked]:
+        """Validates and scores one request (through the batcher under Serve)."""
+        return await self.rerank_batch_one(self.service.validate(req))
+
+    async def rerank_batch_one(self, req: RerankInput) -> list[Ranked]:
+        # Overridden under Serve, where `rerank_batch` takes one item per call.
+        return (await self.rerank_batch([req]))[0]
+
+    @grpc_unary
+    async def Rerank(self, request, grpc_context: Any = None):
+        ranked = await self.rerank(
+            RerankInput(request.query, tuple(request.passages), request.top_n)
+        )
+        return rerank_pb2.RerankResponse(
+            results=[rerank_pb2.RankedPassage(index=r.index, score=r.score) for r in ranked],
+            model=self.service.backend.name,
+        )
+
+    async def Check(self, request, grpc_context: Any = None):
+        if request.service not in ("", SERVICE_NAME):
+            return health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.SERVICE_UNKNOWN)
+        return health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.SERVING)

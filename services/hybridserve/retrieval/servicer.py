@@ -1,0 +1,177 @@
+"""The RetrievalService gRPC servicer: protobuf in, domain calls, protobuf out.
+
+A plain class; `hybridserve.app` deploys it with Serve and gives it a handle
+to the embedding deployment. Tests can build it with any `ChunkStore` and
+embedding function.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from grpc_health.v1 import health_pb2
+
+from hybridserve.config import HybridServeConfig
+from hybridserve.grpc_errors import grpc_unary
+from hybridserve.retrieval.documents import Document, FieldFilter, Hit, UpsertResult
+from hybridserve.retrieval.service import EmbedFn, RetrievalService
+from hybridserve.retrieval.store import ChunkStore
+from hybridserve.v1 import retrieval_pb2
+
+logger = logging.getLogger(__name__)
+
+SERVICE_NAME = "hybridserve.v1.RetrievalService"
+_OPS = {
+    retrieval_pb2.FILTER_OP_EQUAL: "equal",
+    retrieval_pb2.FILTER_OP_NOT_EQUAL: "not_equal",
+    retrieval_pb2.FILTER_OP_ANY_OF: "any_of",
+}
+
+
+def filters_from_proto(filters) -> list[FieldFilter]:
+    # An unset op becomes "" and fails validation with a message naming the filter.
+    return [FieldFilter(f.field, _OPS.get(f.op, ""), tuple(f.values)) for f in filters]
+
+
+def hit_to_proto(h: Hit) -> retrieval_pb2.Hit:
+    msg = retrieval_pb2.Hit(
+        chunk_id=h.chunk_id,
+        doc_id=h.doc_id,
+        chunk_index=h.chunk_index,
+        text=h.text,
+        title=h.title,
+        source=h.source,
+        metadata=dict(h.metadata),
+        score=h.score,
+        ingested_at=h.ingested_at,
+    )
+    if h.keyword_score is not None:
+        msg.keyword_score = h.keyword_score
+    if h.vector_score is not None:
+        msg.vector_score = h.vector_score
+    return msg
+
+
+def upsert_to_proto(r: UpsertResult) -> retrieval_pb2.UpsertResponse:
+    return retrieval_pb2.UpsertResponse(
+        chunks_written=r.chunks_written,
+        chunks_removed=r.chunks_removed,
+        documents_unchanged=r.documents_unchanged,
+        documents_ok=r.documents_ok,
+        failures=[
+            retrieval_pb2.ChunkFailure(
+                doc_id=f.doc_id, chunk_index=f.chunk_index, chunk_id=f.chunk_id, message=f.message
+            )
+            for f in r.failures
+        ],
+    )
+
+
+class RetrievalServicer:
+    """Implements hybridserve.v1.RetrievalService and grpc.health.v1.Health.
+
+    Args:
+        config: platform config (a dict is accepted, as Serve passes it).
+        embed: async embedding function.
+        store: chunk store; default: Weaviate as configured.
+        tokenizer / model_name: the embedding model's tokenizer and name;
+            default: loaded from `retrieval.embedding_model`.
+    """
+
+    def __init__(
+        self,
+        config: HybridServeConfig | dict,
+        embed: EmbedFn,
+        *,
+        store: ChunkStore | None = None,
+        tokenizer=None,
+        model_name: str | None = None,
+    ):
+        cfg = config if isinstance(config, HybridServeConfig) else HybridServeConfig.model_validate(config)
+        if store is None:
+            from hybridserve.retrieval.store import WeaviateStore
+
+            store = WeaviateStore(cfg)
+        if tokenizer is None or model_name is None:
+            from hybridserve.retrieval.embedding import load_tokenizer, model_name as name_of
+            from hybridserve.retrieval.embedding import resolve_model_dir
+
+            folder = resolve_model_dir(cfg.retrieval.embedding_model)
+            tokenizer = tokenizer or load_tokenizer(folder)
+            model_name = model_name or name_of(folder)
+        self.service = RetrievalService(cfg, store, embed, tokenizer, model_name)
+
+    async def shutdown(self) -> None:
+        await self.service.store.close()
+
+    @grpc_unary
+    async def CreateTenant(self, request, grpc_context: Any = None):
+        created = await self.service.create_tenant(request.tenant)
+        return retrieval_pb2.CreateTenantResponse(created=created)
+
+    @grpc_unary
+    async def DeleteTenant(self, request, grpc_context: Any = None):
+        await self.service.delete_tenant(request.tenant)
+        return retrieval_pb2.DeleteTenantResponse()
+
+    @grpc_unary
+    async def ListTenants(self, request, grpc_context: Any = None):
+        tenants = await self.service.list_tenants()
+        return retrieval_pb2.ListTenantsResponse(
+            tenants=[retrieval_pb2.TenantInfo(tenant=t, chunks=n) for t, n in tenants]
+        )
+
+    @grpc_unary
+    async def Upsert(self, request, grpc_context: Any = None):
+        docs = [
+            Document(d.id, d.text, d.title, d.source, dict(d.metadata)) for d in request.documents
+        ]
+        result = await self.service.upsert(request.tenant, docs)
+        if result.failures:
+            logger.warning(
+                "upsert into %s: %d chunks failed (first: %s)",
+                request.tenant, len(result.failures), result.failures[0].message,
+            )
+        return upsert_to_proto(result)
+
+    @grpc_unary
+    async def Delete(self, request, grpc_context: Any = None):
+        deleted = await self.service.delete(request.tenant, list(request.doc_ids))
+        return retrieval_pb2.DeleteResponse(deleted_chunks=deleted)
+
+    @grpc_unary
+    async def Search(self, request, grpc_context: Any = None):
+        query = self.service.prepare_search(
+            request.tenant,
+            request.query,
+            request.top_k,
+            request.alpha if request.HasField("alpha") else None,
+            filters_from_proto(request.filters),
+        )
+        hits = await self.service.search(query)
+        return retrieval_pb2.SearchResponse(hits=[hit_to_proto(h) for h in hits])
+
+    # -- grpc.health.v1.Health ----------------------------------------------
+
+    async def _health(self, service: str) -> int:
+        if service not in ("", SERVICE_NAME):
+            return health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
+        try:
+            await self.service.check_health()
+        except Exception:
+            return health_pb2.HealthCheckResponse.NOT_SERVING
+        return health_pb2.HealthCheckResponse.SERVING
+
+    async def Check(self, request, grpc_context: Any = None):
+        return health_pb2.HealthCheckResponse(status=await self._health(request.service))
+
+    async def Watch(self, request, grpc_context: Any = None):
+        last = None
+        while True:  # ends when the client cancels
+            status = await self._health(request.service)
+            if status != last:
+                yield health_pb2.HealthCheckResponse(status=status)
+                last = status
+            await asyncio.sleep(2.0)
