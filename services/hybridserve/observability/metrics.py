@@ -25,8 +25,8 @@ and `opentelemetry/exporter/prometheus/`, and checked by scraping a local Ray):
 - Histograms keep their exact bucket counts, but ``_sum`` is rebuilt from bucket
   midpoints, so it is an approximation: use the buckets (``histogram_quantile``)
   rather than ``_sum / _count`` for anything precise.
-- A gauge series disappears about 20 s (two report intervals) after it was last
-  set. So this module remembers the last value of every gauge series and sets it
+- A gauge series disappears 20-30 s after it was last set (the agent keeps a gauge
+  for two report intervals; `metrics_report_interval_ms` is 10 s by default). So this module remembers the last value of every gauge series and sets it
   again every `GAUGE_REFRESH_S` seconds from a daemon thread; a series that should
   go away (an evicted adapter) is simply no longer refreshed.
 
@@ -42,10 +42,20 @@ those keys. Values stay bounded because:
   them only after the request was authenticated and the adapter resolved. A request
   without a resolved tenant is ``"unknown"``; the base model is adapter ``"base"``.
 - ``method`` (gRPC method names) and ``op`` (Weaviate store operations) are bounded
-  by the code that calls them; ``replica`` by the live Serve replicas.
+  by the code that calls them; ``replica`` by the live Serve replicas. Its value is
+  Serve's replica unique id (`replica_id()`), the same value as the ``replica`` label
+  of Serve's own metrics and the ``ReplicaId`` label of vLLM's, so dashboards can
+  filter all three with one variable.
 - As a safety valve, each label key accepts at most `MAX_LABEL_VALUES` distinct
   values per process; further new values are recorded as ``"other"`` and logged once.
 - No request ids, API keys, prompts, document ids or any other free text are labels.
+
+Built-in metrics
+----------------
+Ray Serve's metrics (``ray_serve_*``) come for free. vLLM's engine metrics reach Ray
+only if the engine logs through ``vllm.v1.metrics.ray_wrappers.RayPrometheusStatLogger``
+(``AsyncLLM.from_engine_args(..., stat_loggers=[RayPrometheusStatLogger])``, as Ray
+Serve LLM does); ``vllm:x`` is then scraped as ``ray_vllm_x`` (``:`` is not allowed).
 
 Switching off
 -------------
