@@ -413,7 +413,7 @@ _REGISTRY = Registry()
 
 
 def set_enabled(enabled: bool) -> None:
-    """Turns all metric recording on or off for this process (config `metrics.enabled`)."""
+    """Turns all metric recording on or off for this process (the platform config sets it)."""
     _REGISTRY.enabled = bool(enabled)
 
 
