@@ -85,12 +85,23 @@ def _torch_threads(requested: int) -> int:
     return requested or os.cpu_count() or 1
 
 
+class _BatchStats:
+    """Counts the batch sizes `@serve.batch` formed (read through `stats()`)."""
+
+    def _saw_batch(self, size: int) -> None:
+        sizes = self.__dict__.setdefault("_batch_sizes", {})
+        sizes[size] = sizes.get(size, 0) + 1
+
+    async def stats(self) -> dict:
+        return {"batch_sizes": dict(self.__dict__.get("_batch_sizes", {}))}
+
+
 def embedder_deployment(config: HybridServeConfig):
     """Embeds texts for the retrieval service. Concurrent calls are batched
     (`@serve.batch`); each call is one list of texts."""
     rcfg = config.retrieval
 
-    class EmbedderDeployment:
+    class EmbedderDeployment(_BatchStats):
         def __init__(self, config: dict):
             from hybridserve.retrieval.embedding import SentenceTransformerEmbedder
 
@@ -103,6 +114,8 @@ def embedder_deployment(config: HybridServeConfig):
 
         @serve.batch(max_batch_size=rcfg.embed_max_batch_size, batch_wait_timeout_s=rcfg.embed_batch_wait_s)
         async def embed(self, requests: list[list[str]]) -> list:
+            self._saw_batch(len(requests))
+
             def run():
                 flat = [t for texts in requests for t in texts]
                 vectors = self.embedder.embed(flat)
@@ -157,7 +170,7 @@ def rerank_deployment(config: HybridServeConfig):
 
     rc = config.rerank
 
-    class RerankDeployment(RerankServicer):
+    class RerankDeployment(RerankServicer, _BatchStats):
         def __init__(self, config: dict):  # type: ignore[override]
             import torch
 
@@ -166,6 +179,7 @@ def rerank_deployment(config: HybridServeConfig):
 
         @serve.batch(max_batch_size=rc.max_batch_size, batch_wait_timeout_s=rc.batch_wait_s)
         async def batched(self, reqs: list) -> list:
+            self._saw_batch(len(reqs))
             return await RerankServicer.rerank_batch(self, reqs)
 
         async def rerank_batch_one(self, req):

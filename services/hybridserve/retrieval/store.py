@@ -260,6 +260,12 @@ class WeaviateStore(ChunkStore):
         except HybridServeError:
             raise
         except TimeoutError:
+            # NOTE: the client's gRPC channel waits for a refused server to come
+            # back, so "down" also ends here; a quick probe tells the two apart.
+            refused = await self._refused()
+            if refused:
+                await self._reset()
+                raise self._unavailable(refused) from None
             raise DeadlineExceeded(
                 f"{self.where} did not finish {what} within {timeout_s:g}s "
                 "(weaviate.query_timeout_s / weaviate.write_timeout_s)"
@@ -284,6 +290,18 @@ class WeaviateStore(ChunkStore):
             raise self._unavailable(e) from None
         finally:
             logger.debug("weaviate %s took %.1f ms", what, (time.perf_counter() - start) * 1e3)
+
+    async def _refused(self) -> str:
+        """Why Weaviate's ports refuse connections ("" when they accept them)."""
+        for host, port in ((self.http_host, self.http_port), (self.grpc_host, self._cfg.grpc_port)):
+            try:
+                _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), 1.0)
+            except TimeoutError:
+                continue  # no answer at all: a hung or unreachable host, not a refusal
+            except OSError as e:
+                return f"{host}:{port}: {e.strerror or e}"
+            writer.close()
+        return ""
 
     async def _reset(self) -> None:
         # Drop the client after a transport failure; the next call reconnects.
