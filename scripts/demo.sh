@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # The main job, end to end on this machine: fine-tune two LoRA adapters (a
-# persona and an output format, two tenants' "skills"), start the platform,
-# register them, and stream the same question through the base model and
-# through each adapter. Run via `make demo` (which installs first).
+# persona and an output format, two tenants' "skills"), start the platform
+# (Ray Serve + vLLM + a local weaviate-server), register them, and stream the
+# same question through the base model and through each adapter; then give a
+# tenant its knowledge: ingest a folder of articles and answer a question from
+# it with hybrid search and reranking. Run via `make demo` (which installs first).
 #
 # Env: HYBRIDSERVE_DATA_DIR (default ~/.local/share/hybridserve),
 #      HYBRIDSERVE_GRPC_PORT (default 50051), DEMO_PROMPT.
@@ -28,7 +30,7 @@ say "building the demo adapters (short CPU fine-tunes, ~30 s each, cached after 
 $PY -m hybridserve.demo "$HYBRIDSERVE_DATA_DIR/adapters/pirate-tone"
 $PY -m hybridserve.demo --format "$HYBRIDSERVE_DATA_DIR/adapters/json-answer"
 
-say "starting the platform (Ray Serve + vLLM; the engine takes ~30-60 s)"
+say "starting the platform (Ray Serve + vLLM + weaviate-server; the engine takes ~30-60 s)"
 $HS up --ready-file "$READY" >"$LOG" 2>&1 &
 UP_PID=$!
 cleanup() {
@@ -64,3 +66,11 @@ for ID in "$PIRATE" "$JSONA"; do
   say "adapter $ID, streamed: $PROMPT"
   $HS generate --address "$ADDR" --chat --temperature 0 --max-tokens 80 --adapter "$ID" "$PROMPT"
 done
+
+say "a tenant's knowledge: create tenant 'demo' and ingest its articles (re-running is safe)"
+$HS tenants create --address "$ADDR" demo
+$HS ingest --address "$ADDR" tests/data/knowledge/corpus.jsonl --tenant demo
+
+QUESTION=${DEMO_QUESTION:-"How long can I wait before returning something I already opened?"}
+say "hybrid search + rerank in tenant 'demo': $QUESTION"
+$HS search --address "$ADDR" --tenant demo --top-k 3 --rerank "$QUESTION"
