@@ -325,3 +325,38 @@ def _wait(cond, timeout_s: float = 60) -> bool:
             pass
         time.sleep(0.5)
     return cond()
+
+
+def test_grpcurl_reaches_retrieval_and_rerank_by_reflection(kc, platform):
+    """A foreign gRPC client (grpcurl, schema from server reflection) uses both services."""
+    import json
+    import subprocess
+
+    from .test_generation_serve import _grpcurl
+
+    grpcurl = _grpcurl()
+
+    def call(app: str, method: str, body: dict) -> dict:
+        out = subprocess.run(
+            [grpcurl, "-plaintext", "-H", f"application: {app}", "-d", json.dumps(body),
+             platform.address, method],
+            capture_output=True, text=True, timeout=120,
+        )
+        assert out.returncode == 0, out.stderr
+        return json.loads(out.stdout)
+
+    listed = subprocess.run([grpcurl, "-plaintext", platform.address, "list"],
+                            capture_output=True, text=True, timeout=60)
+    assert {"hybridserve.v1.RetrievalService", "hybridserve.v1.RerankService"} <= set(listed.stdout.split())
+    t = _tenant("grpcurl")
+    assert call("retrieval", "hybridserve.v1.RetrievalService/CreateTenant", {"tenant": t}) == {"created": True}
+    reply = call("retrieval", "hybridserve.v1.RetrievalService/Upsert", {
+        "tenant": t, "documents": [{"id": "d1", "text": "The ferry leaves the harbour at noon.",
+                                     "source": "timetable.md"}]})
+    assert reply["chunksWritten"] == 1
+    hits = call("retrieval", "hybridserve.v1.RetrievalService/Search",
+                {"tenant": t, "query": "when does the ferry leave", "topK": 3})["hits"]
+    assert hits[0]["docId"] == "d1" and hits[0]["source"] == "timetable.md"
+    ranked = call("rerank", "hybridserve.v1.RerankService/Rerank",
+                  {"query": "ferry departure", "passages": ["Bananas are yellow.", hits[0]["text"]]})
+    assert ranked["results"][0]["index"] == 1
