@@ -360,3 +360,26 @@ def test_grpcurl_reaches_retrieval_and_rerank_by_reflection(kc, platform):
     ranked = call("rerank", "hybridserve.v1.RerankService/Rerank",
                   {"query": "ferry departure", "passages": ["Bananas are yellow.", hits[0]["text"]]})
     assert ranked["results"][0]["index"] == 1
+
+
+def test_concurrent_searches_share_embedding_batches(kc):
+    """The Embedder deployment batches callers (`@serve.batch`): concurrent vector
+    searches form batches of more than one call, and answers stay the same."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from ray import serve
+
+    t = _tenant("emb")
+    kc.create_tenant(t)
+    kc.upsert(t, [{"id": f"d{i}", "text": f"Topic {i}: notes about item number {i}."} for i in range(8)])
+    queries = [f"notes about item number {i}" for i in range(32)]
+    alone = [h.doc_id for h in kc.search(t, queries[3], alpha=1.0)]
+    embedder = serve.get_deployment_handle("Embedder", app_name="retrieval")
+    before = embedder.stats.remote().result(timeout_s=30)["batch_sizes"]
+    with ThreadPoolExecutor(16) as pool:
+        results = list(pool.map(lambda q: [h.doc_id for h in kc.search(t, q, alpha=1.0)], queries))
+    after = embedder.stats.remote().result(timeout_s=30)["batch_sizes"]
+    assert results[3] == alone
+    new = {int(k): after.get(k, 0) - before.get(k, 0) for k in after}
+    assert sum(k * n for k, n in new.items()) == len(queries)
+    assert max(k for k, n in new.items() if n) > 1, f"no embedding batch of more than one call: {new}"
