@@ -32,7 +32,7 @@ def render() -> str:
         "",
         "Pass a YAML or JSON file with `hybridserve --config FILE ...` (or set `HYBRIDSERVE_CONFIG`).",
         "Unknown keys are rejected. Environment defaults: `HYBRIDSERVE_DATA_DIR`, `HYBRIDSERVE_CACHE_DIR`,",
-        "`HYBRIDSERVE_GRPC_PORT`, `HYBRIDSERVE_HTTP_PORT`.",
+        "`HYBRIDSERVE_GRPC_PORT`, `HYBRIDSERVE_HTTP_PORT`, `HYBRIDSERVE_METRICS_PORT`.",
         "",
         "| key | default | description |",
         "|---|---|---|",

@@ -103,9 +103,11 @@ def embedder_deployment(config: HybridServeConfig):
 
     class EmbedderDeployment(_BatchStats):
         def __init__(self, config: dict):
+            from hybridserve import observability as obs
             from hybridserve.retrieval.embedding import SentenceTransformerEmbedder
 
             cfg = HybridServeConfig.model_validate(config)
+            obs.set_enabled(cfg.observability.metrics_enabled)
             self.embedder = SentenceTransformerEmbedder(
                 cfg.retrieval.embedding_model,
                 batch_size=cfg.retrieval.embed_batch_size,
@@ -146,6 +148,11 @@ def retrieval_deployment(config: HybridServeConfig):
                 return await embedder.embed.remote(texts)
 
             RetrievalServicer.__init__(self, config, embed)
+
+        async def check_health(self) -> None:
+            # Serve calls this every health_check_period_s; it keeps weaviate_up
+            # current and never fails the replica over a down Weaviate.
+            await self.probe_weaviate()
 
         async def __del__(self):
             await self.shutdown()

@@ -1,6 +1,6 @@
 """The `hybridserve` command.
 
-  hybridserve up                         start the platform locally (Ctrl-C stops it)
+  hybridserve up [--with-prometheus]     start the platform locally (Ctrl-C stops it)
   hybridserve generate [--adapter ID] P  stream a generation
   hybridserve adapters list|register|unregister
   hybridserve models prepare             prepare the default model offline
@@ -50,8 +50,16 @@ def cmd_up(ns) -> int:
     from hybridserve import platform
 
     cfg = _config(ns)
-    plat = platform.start(cfg, progress=lambda m: print(m, file=sys.stderr, flush=True))
+    plat = platform.start(
+        cfg,
+        progress=lambda m: print(m, file=sys.stderr, flush=True),
+        with_prometheus=ns.with_prometheus,
+        prometheus_port=ns.prometheus_port,
+    )
     print(f"hybridserve is up: gRPC on {plat.grpc_address} (reflection and grpc.health.v1 served)")
+    print(f"  metrics: {plat.metrics_url}")
+    if plat.prometheus is not None:
+        print(f"  prometheus: {plat.prometheus.url} (alert rules from deploy/prometheus/rules)")
     print(f"  try: hybridserve generate --address {plat.grpc_address} \"Hello\"", flush=True)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -294,6 +302,11 @@ def build_parser() -> argparse.ArgumentParser:
     up = sub.add_parser("up", help="start the platform locally; Ctrl-C stops it")
     up.add_argument("--port", type=int, help=f"gRPC port (default {constants.DEFAULT_GRPC_PORT})")
     up.add_argument("--ready-file", help="write the gRPC address here once healthy (for scripts)")
+    up.add_argument("--with-prometheus", action="store_true",
+                    help="also run a local Prometheus that scrapes the platform and evaluates "
+                    "the alert rules in deploy/prometheus (stopped with the platform)")
+    up.add_argument("--prometheus-port", type=int,
+                    help="its port (default: observability.prometheus_port, 9090)")
     up.set_defaults(func=cmd_up)
 
     def client_args(sp):

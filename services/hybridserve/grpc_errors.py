@@ -1,13 +1,25 @@
-"""The one place where domain errors become gRPC status codes."""
+"""The one place where domain errors become gRPC status codes, and where every gRPC
+call of a servicer is counted (hybridserve_requests_total) and, for the data-path
+methods, timed (stage "total").
+
+A servicer names its service once, as the class attribute `metrics_service`
+("generation", "retrieval", ...), and decorates each RPC with `grpc_unary` or
+`grpc_stream`. A new servicer (the RAG gateway) gets request metrics the same way.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import functools
 import logging
+import time
 from typing import Any
 
 import grpc
 
-from hybridserve.errors import HybridServeError
+from hybridserve import observability as obs
+from hybridserve.errors import HybridServeError, Internal
 
 logger = logging.getLogger(__name__)
 
@@ -33,26 +45,85 @@ def set_status(grpc_context: Any, err: BaseException) -> None:
         grpc_context.set_details(message)
 
 
-def grpc_unary(method):
-    """Wraps a unary servicer method: domain errors become the call's status.
+def _finish(service: str, method: str, code: str, start: float, timed: bool) -> None:
+    obs.record_request(service, method, code)
+    if timed:
+        obs.observe_stage("total", time.perf_counter() - start, service=service)
+
+
+def _decorator(wrap):
+    """Lets a decorator be used bare (`@d`) or with options (`@d(timed=True)`)."""
+
+    def decorator(method=None, *, timed: bool = False):
+        if method is None:
+            return lambda m: wrap(m, timed)
+        return wrap(method, timed)
+
+    return decorator
+
+
+@_decorator
+def grpc_unary(method, timed: bool):
+    """Wraps a unary servicer method: domain errors become the call's status, and
+    the call is counted by status code (and, with timed=True, timed as "total").
 
     Under Serve the status travels only with an exception, so the error is
     recorded on the context and then re-raised (unknown errors as `Internal`,
     whose message points at the server log instead of leaking internals).
     """
-    import functools
-
-    from hybridserve.errors import Internal
 
     @functools.wraps(method)
     async def wrapper(self, request, grpc_context=None):
+        service, start, code = getattr(self, "metrics_service", "other"), time.perf_counter(), "OK"
         try:
             return await method(self, request, grpc_context)
+        except asyncio.CancelledError:
+            code = "CANCELLED"
+            raise
         except HybridServeError as e:
+            code = e.code
             set_status(grpc_context, e)
             raise
         except Exception as e:
+            code = "INTERNAL"
             set_status(grpc_context, e)
             raise Internal(status_of(e)[1]) from e
+        finally:
+            _finish(service, method.__name__, code, start, timed)
+
+    return wrapper
+
+
+@_decorator
+def grpc_stream(method, timed: bool):
+    """`grpc_unary` for server-streaming methods (async generators).
+
+    A client that goes away (the generator is closed, or Serve cancels it) counts
+    as CANCELLED; the wrapped generator is closed at once, so the close reaches
+    whatever it streams from (the engine aborts the request).
+    """
+
+    @functools.wraps(method)
+    async def wrapper(self, request, grpc_context=None):
+        service, start, code = getattr(self, "metrics_service", "other"), time.perf_counter(), "OK"
+        try:
+            # NOTE: aclosing, so that closing this wrapper closes the inner chain
+            # right now, not whenever the garbage collector finalizes it.
+            async with contextlib.aclosing(method(self, request, grpc_context)) as stream:
+                async for message in stream:
+                    yield message
+        except (asyncio.CancelledError, GeneratorExit):
+            code = "CANCELLED"
+            raise
+        except HybridServeError as e:
+            code = e.code
+            set_status(grpc_context, e)
+            raise
+        except Exception as e:
+            code = "INTERNAL"
+            set_status(grpc_context, e)
+            raise Internal(status_of(e)[1]) from e
+        finally:
+            _finish(service, method.__name__, code, start, timed)
 
     return wrapper

@@ -13,6 +13,7 @@ import grpc
 
 from hybridserve.config import HybridServeConfig
 from hybridserve.errors import FailedPrecondition, Unavailable
+from hybridserve.observability.prometheus import PrometheusServer
 from hybridserve.retrieval.weaviate_server import WeaviateServer
 
 logger = logging.getLogger(__name__)
@@ -25,10 +26,17 @@ class LocalPlatform:
     config: HybridServeConfig
     #: The local weaviate-server, when this platform started one.
     weaviate: WeaviateServer | None = None
+    #: The local Prometheus, when this platform started one (`--with-prometheus`).
+    prometheus: PrometheusServer | None = None
 
     @property
     def grpc_address(self) -> str:
         return f"{self.config.serve.grpc_host}:{self.config.serve.grpc_port}"
+
+    @property
+    def metrics_url(self) -> str:
+        """Ray's metrics endpoint: every metric of the platform, in Prometheus format."""
+        return f"http://127.0.0.1:{self.config.observability.metrics_export_port}/metrics"
 
     def stop(self) -> None:
         import ray
@@ -41,8 +49,12 @@ class LocalPlatform:
             try:
                 ray.shutdown()
             finally:
-                if self.weaviate is not None:
-                    self.weaviate.stop()
+                try:
+                    if self.weaviate is not None:
+                        self.weaviate.stop()
+                finally:
+                    if self.prometheus is not None:
+                        self.prometheus.stop()
 
 
 def ensure_model(config: HybridServeConfig, progress=print) -> Path:
@@ -65,7 +77,13 @@ def check_ports_free(config: HybridServeConfig) -> None:
     """Fails fast, before Ray starts, when a port the platform needs is taken."""
     import socket
 
-    for what, port in (("gRPC", config.serve.grpc_port), ("HTTP", config.serve.http_port)):
+    ports = (
+        ("gRPC", config.serve.grpc_port, "`hybridserve up --port N`, or serve.grpc_port"),
+        ("HTTP", config.serve.http_port, "serve.http_port"),
+        ("metrics", config.observability.metrics_export_port,
+         "observability.metrics_export_port"),
+    )
+    for what, port, setting in ports:
         with socket.socket() as sock:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
@@ -74,7 +92,7 @@ def check_ports_free(config: HybridServeConfig) -> None:
                 raise FailedPrecondition(
                     f"the {what} port {port} on {config.serve.grpc_host} is in use ({e.strerror}); "
                     "stop whatever holds it (another `hybridserve up`?) or choose another port "
-                    "(`hybridserve up --port N`, or serve.grpc_port / serve.http_port in the config)"
+                    f"({setting} in the config)"
                 ) from None
 
 
@@ -122,13 +140,19 @@ def start(
     progress=print,
     health_timeout_s: float = 600,
     generation_apps: Mapping[str, HybridServeConfig] | None = None,
+    with_prometheus: bool = False,
+    prometheus_port: int | None = None,
 ) -> LocalPlatform:
     """Starts local Ray, Serve's gRPC proxy and the Serve apps; waits for health.
 
     Args:
-        config: platform config; its serve section sets the ports.
+        config: platform config; its serve section sets the ports, its
+            observability section the metrics export port.
         generation_apps: app name -> config, to run several generation apps side
             by side (e.g. differently sized pools). Default: one app, `generation`.
+        with_prometheus: also start a local Prometheus that scrapes the platform
+            and evaluates the shipped alert rules (on `prometheus_port`, default
+            observability.prometheus_port).
     """
     import ray
     from ray import serve
@@ -161,6 +185,9 @@ def start(
             ray.init(
                 namespace="hybridserve",
                 include_dashboard=False,
+                # Every metric of the platform (ours, Serve's, vLLM's, Ray's) is
+                # served here; Prometheus scrapes it.
+                _metrics_export_port=config.observability.metrics_export_port,
                 configure_logging=True,
                 logging_level=logging.WARNING,
                 log_to_driver=False,
@@ -188,8 +215,20 @@ def start(
         platform = LocalPlatform(config, weaviate)
         for name, service in services.items():
             wait_healthy(platform.grpc_address, service, health_timeout_s, name)
+        if with_prometheus:
+            platform.prometheus = start_prometheus(config, progress, prometheus_port)
     except BaseException:
         if weaviate is not None:
             weaviate.stop()
         raise
     return platform
+
+
+def start_prometheus(
+    config: HybridServeConfig, progress=print, port: int | None = None
+) -> PrometheusServer:
+    """Starts a local Prometheus that scrapes this platform's metrics export port."""
+    server = PrometheusServer.from_config(config, port)
+    progress(f"starting prometheus on 127.0.0.1:{server.port} (data: {server.data_dir}) ...")
+    server.start()
+    return server

@@ -56,6 +56,10 @@ class EngineStats:
     """Counters a test or an operator can read to see what the engine did."""
 
     unfinished_requests: int = 0
+    #: Requests queued in the engine, not yet scheduled (0 when the backend cannot tell).
+    waiting_requests: int = 0
+    #: Requests in the engine's running batch.
+    running_requests: int = 0
     aborted_request_ids: list[str] = field(default_factory=list)
     resident_adapters: list[str] = field(default_factory=list)
     adapter_loads: int = 0

@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import time
 from collections.abc import AsyncIterator
 from dataclasses import asdict
 from pathlib import Path
@@ -17,12 +18,12 @@ from typing import Any
 
 from grpc_health.v1 import health_pb2
 
+from hybridserve import observability as obs
 from hybridserve.config import HybridServeConfig
-from hybridserve.errors import HybridServeError, Internal
 from hybridserve.generation.adapters import AdapterRecord, AdapterRegistry
 from hybridserve.generation.engine import AdapterRef, Engine
 from hybridserve.generation.service import GenerateInput, GenerationService
-from hybridserve.grpc_errors import set_status
+from hybridserve.grpc_errors import grpc_stream, grpc_unary
 from hybridserve.v1 import common_pb2, generation_pb2
 
 logger = logging.getLogger(__name__)
@@ -135,25 +136,57 @@ class GenerationServicer:
         engine: an engine to use instead of the configured backend (tests).
     """
 
+    #: The `service` label of this servicer's request metrics.
+    metrics_service = "generation"
+
     def __init__(self, config: HybridServeConfig | dict, engine: Engine | None = None):
         cfg = (
             config
             if isinstance(config, HybridServeConfig)
             else HybridServeConfig.model_validate(config)
         )
+        obs.set_enabled(cfg.observability.metrics_enabled)
         model_dir = model_dir_for(cfg)
         if engine is None:
             from hybridserve.generation.vllm_engine import VLLMEngine
 
             engine = VLLMEngine(cfg, model_dir)
+        self.config = cfg
         self.service = GenerationService(cfg, engine, AdapterRegistry.from_config(cfg, model_dir))
         self._evictions = 0
+        self._sampler: asyncio.Task | None = None
 
     async def start(self) -> None:
         await self.service.engine.start()
+        if obs.is_enabled():
+            self._sampler = asyncio.create_task(self._sample_engine_load_forever())
 
     async def shutdown(self) -> None:
+        if self._sampler is not None:
+            self._sampler.cancel()
+            self._sampler = None
         await self.service.engine.shutdown()
+
+    # -- engine load gauges --------------------------------------------------
+
+    def sample_engine_load(self) -> None:
+        """Reports the engine's queue (waiting, running, batch size) to the gauges."""
+        stats = self.service.engine.stats()
+        obs.set_engine_load(
+            replica_id(),
+            waiting=stats.waiting_requests,
+            running=stats.running_requests,
+            capacity=self.config.engine.max_num_seqs,
+        )
+
+    async def _sample_engine_load_forever(self) -> None:
+        interval = self.config.observability.engine_stats_interval_s
+        while True:  # cancelled by shutdown
+            try:
+                self.sample_engine_load()
+            except Exception:  # noqa: BLE001 - a metrics sample must never end the loop
+                logger.warning("sampling the engine load failed", exc_info=True)
+            await asyncio.sleep(interval)
 
     # -- adapters (multiplexed) --------------------------------------------
 
@@ -162,36 +195,65 @@ class GenerationServicer:
         `serve.multiplexed`, which keeps at most `engine.max_cpu_loras` per
         replica and evicts the least recently used."""
         ref = self.service.adapter_ref(self.service.registry.get(adapter_id))
-        await self.service.engine.load_adapter(ref)
-        return ResidentAdapter(self.service.engine, ref, self._evicted)
+        engine = self.service.engine
+        # Outside Serve this runs for every request; only a real load is measured.
+        if ref.adapter_id not in engine.stats().resident_adapters:
+            start = time.perf_counter()
+            try:
+                await engine.load_adapter(ref)
+            except BaseException:
+                obs.adapter_loaded(ref.adapter_id, time.perf_counter() - start, ok=False)
+                raise
+            obs.adapter_loaded(ref.adapter_id, time.perf_counter() - start, ok=True)
+            obs.set_resident(replica_id(), ref.adapter_id, True)
+        return ResidentAdapter(engine, ref, self._evicted)
 
     def _evicted(self, adapter_id: str) -> None:
         self._evictions += 1
+        obs.adapter_evicted(adapter_id)
+        obs.set_resident(replica_id(), adapter_id, False)
         logger.info("evicted adapter %s from replica %s", adapter_id, replica_id())
 
     # -- GenerationService -------------------------------------------------
 
+    @grpc_stream(timed=True)
     async def Generate(
         self, request: generation_pb2.GenerateRequest, grpc_context: Any = None
     ) -> AsyncIterator[generation_pb2.GenerateResponse]:
+        start = time.perf_counter()
         resident = None
         try:
             prepared = self.service.prepare(_input_from_proto(request))
             if prepared.adapter is not None:
                 resident = await self.load_adapter(prepared.adapter.id)
                 resident.acquire()
+            first = True
             # NOTE: aclosing, so that a client going away closes the whole chain
             # down to the engine (which then aborts the request) right now, not
             # whenever the garbage collector finalizes the inner generators.
             async with contextlib.aclosing(self.service.stream(prepared)) as stream:
                 async for d in stream:
                     if d.text or d.token_ids:
+                        if first:
+                            first = False
+                            obs.observe_stage(
+                                "first_token", time.perf_counter() - start,
+                                service=self.metrics_service,
+                            )
                         yield generation_pb2.GenerateResponse(
                             delta=generation_pb2.TokenDelta(
                                 text=d.text, token_ids=list(d.token_ids)
                             )
                         )
                     if d.finished:
+                        # GenerateRequest carries no tenant yet: the RAG gateway
+                        # will pass it; until then tokens count as tenant "unknown".
+                        obs.record_tokens(
+                            None,
+                            prepared.adapter.id if prepared.adapter else None,
+                            d.prompt_tokens,
+                            d.completion_tokens,
+                        )
                         yield generation_pb2.GenerateResponse(
                             final=generation_pb2.GenerationFinal(
                                 finish_reason=_FINISH.get(d.finish_reason or "", 0),
@@ -204,30 +266,23 @@ class GenerationServicer:
                                 request_id=prepared.request_id,
                             )
                         )
-        except HybridServeError as e:
-            set_status(grpc_context, e)
-            raise
-        except asyncio.CancelledError:
-            raise
-        except Exception as e:
-            set_status(grpc_context, e)
-            raise Internal(str(e)) from e
         finally:
             if resident is not None:
                 resident.release()
 
+    @grpc_unary
     async def ListAdapters(
         self, request: generation_pb2.ListAdaptersRequest, grpc_context: Any = None
     ) -> generation_pb2.ListAdaptersResponse:
-        records = await self._call(grpc_context, self.service.registry.list)
+        records = await self._call(self.service.registry.list)
         return generation_pb2.ListAdaptersResponse(adapters=[adapter_to_proto(r) for r in records])
 
+    @grpc_unary
     async def RegisterAdapter(
         self, request: generation_pb2.RegisterAdapterRequest, grpc_context: Any = None
     ) -> generation_pb2.RegisterAdapterResponse:
         # The registry validates name and path (empty ones included) with its own messages.
         record, created = await self._call(
-            grpc_context,
             self.service.registry.register,
             request.name,
             request.path,
@@ -238,20 +293,18 @@ class GenerationServicer:
             adapter=adapter_to_proto(record), created=created
         )
 
+    @grpc_unary
     async def UnregisterAdapter(
         self, request: generation_pb2.UnregisterAdapterRequest, grpc_context: Any = None
     ) -> generation_pb2.UnregisterAdapterResponse:
-        await self._call(grpc_context, self.service.registry.unregister, request.id)
+        await self._call(self.service.registry.unregister, request.id)
         return generation_pb2.UnregisterAdapterResponse()
 
-    async def _call(self, grpc_context: Any, fn, *args, **kwargs):
+    @staticmethod
+    async def _call(fn, *args, **kwargs):
         # Registry calls hash and copy files: keep them off the event loop that
         # streams tokens.
-        try:
-            return await asyncio.to_thread(fn, *args, **kwargs)
-        except Exception as e:
-            set_status(grpc_context, e)
-            raise
+        return await asyncio.to_thread(fn, *args, **kwargs)
 
     # -- grpc.health.v1.Health ----------------------------------------------
 

@@ -37,6 +37,15 @@ def engine_environment(config: HybridServeConfig) -> dict[str, str]:
     }
 
 
+def _ray_initialized() -> bool:
+    try:
+        import ray
+
+        return ray.is_initialized()
+    except ImportError:
+        return False
+
+
 class VLLMEngine(Engine):
     """`AsyncLLM` wrapped in the engine protocol.
 
@@ -54,6 +63,8 @@ class VLLMEngine(Engine):
         self._aborted: deque[str] = deque(maxlen=_ABORT_HISTORY)
         self._loads = 0
         self._unloads = 0
+        # (running, waiting) from the scheduler's latest step, fed by `_SchedulerSnapshot`.
+        self._scheduler = (0, 0)
 
     def engine_args(self):
         """The `AsyncEngineArgs` this engine starts vLLM with (benchmarks reuse them)."""
@@ -72,8 +83,47 @@ class VLLMEngine(Engine):
             max_loras=eng.max_loras,
             max_lora_rank=eng.max_lora_rank,
             max_cpu_loras=eng.max_cpu_loras,
+            # NOTE: keep stats on: vLLM's engine metrics and the scheduler
+            # snapshot behind `stats()` come from them.
             disable_log_stats=False,
         )
+
+    def stat_loggers(self) -> list:
+        """vLLM stat logger factories: the scheduler snapshot `stats()` reads, and,
+        with metrics on and Ray running, vLLM's Ray logger, which exports vLLM's
+        engine metrics (`vllm:x`, scraped as `ray_vllm_x`) through Ray's metrics
+        agent, as Ray Serve LLM does.
+
+        Without the Ray logger vLLM falls back to its prometheus_client logger,
+        whose registry nothing serves in a replica.
+        """
+        from vllm.v1.metrics.loggers import StatLoggerBase
+
+        engine = self
+
+        class _SchedulerSnapshot(StatLoggerBase):
+            """Keeps the running/waiting counts of the scheduler's latest step."""
+
+            def __init__(self, vllm_config, engine_index: int = 0):
+                pass
+
+            def record(self, scheduler_stats, iteration_stats, mm_cache_stats=None,
+                       engine_idx: int = 0):
+                if scheduler_stats is not None:
+                    engine._scheduler = (
+                        scheduler_stats.num_running_reqs,
+                        scheduler_stats.num_waiting_reqs + scheduler_stats.num_skipped_waiting_reqs,
+                    )
+
+            def log_engine_initialized(self):
+                pass
+
+        loggers: list = [_SchedulerSnapshot]
+        if self._config.observability.metrics_enabled and _ray_initialized():
+            from vllm.v1.metrics.ray_wrappers import RayPrometheusStatLogger
+
+            loggers.append(RayPrometheusStatLogger)
+        return loggers
 
     async def start(self) -> None:
         for key, value in engine_environment(self._config).items():
@@ -93,7 +143,7 @@ class VLLMEngine(Engine):
                 "`hybridserve models prepare` or set model.path in the config"
             )
         self._tokenizer = AutoTokenizer.from_pretrained(str(self._model_dir))
-        self._llm = AsyncLLM.from_engine_args(self.engine_args())
+        self._llm = AsyncLLM.from_engine_args(self.engine_args(), stat_loggers=self.stat_loggers())
         logger.info(
             "vLLM engine ready: model=%s lora=%s", self._model_dir, self._config.engine.enable_lora
         )
@@ -200,8 +250,17 @@ class VLLMEngine(Engine):
             raise
 
     def stats(self) -> EngineStats:
+        unfinished = self._llm.get_num_unfinished_requests() if self._llm else 0
+        # The scheduler's counts are as of its latest step, and nothing updates them
+        # once the engine goes idle; the front end's count of unfinished requests is
+        # current. So: running as the scheduler saw it (never more than are
+        # unfinished), and every other unfinished request is waiting (queued in the
+        # scheduler, or on its way there).
+        running = min(self._scheduler[0], unfinished)
         return EngineStats(
-            unfinished_requests=self._llm.get_num_unfinished_requests() if self._llm else 0,
+            unfinished_requests=unfinished,
+            waiting_requests=unfinished - running,
+            running_requests=running,
             aborted_request_ids=list(self._aborted),
             resident_adapters=sorted(self._resident),
             adapter_loads=self._loads,

@@ -12,6 +12,7 @@ from typing import Any
 
 from grpc_health.v1 import health_pb2
 
+from hybridserve import observability as obs
 from hybridserve.config import HybridServeConfig
 from hybridserve.grpc_errors import grpc_unary
 from hybridserve.rerank.backends import RerankBackend, build_backend
@@ -22,8 +23,12 @@ SERVICE_NAME = "hybridserve.v1.RerankService"
 
 
 class RerankServicer:
+    #: The `service` label of this servicer's request metrics.
+    metrics_service = "rerank"
+
     def __init__(self, config: HybridServeConfig | dict, backend: RerankBackend | None = None):
         cfg = config if isinstance(config, HybridServeConfig) else HybridServeConfig.model_validate(config)
+        obs.set_enabled(cfg.observability.metrics_enabled)
         backend = backend or build_backend(cfg.rerank, cfg.retrieval.embedding_model)
         self.service = RerankService(cfg.rerank, backend)
 
@@ -33,13 +38,16 @@ class RerankServicer:
 
     async def rerank(self, req: RerankInput) -> list[Ranked]:
         """Validates and scores one request (through the batcher under Serve)."""
-        return await self.rerank_batch_one(self.service.validate(req))
+        req = self.service.validate(req)
+        # Includes the wait for a batch: that is what the caller sees.
+        with obs.stage_timer("rerank", service=self.metrics_service):
+            return await self.rerank_batch_one(req)
 
     async def rerank_batch_one(self, req: RerankInput) -> list[Ranked]:
         # Overridden under Serve, where `rerank_batch` takes one item per call.
         return (await self.rerank_batch([req]))[0]
 
-    @grpc_unary
+    @grpc_unary(timed=True)
     async def Rerank(self, request, grpc_context: Any = None):
         ranked = await self.rerank(
             RerankInput(request.query, tuple(request.passages), request.top_n)

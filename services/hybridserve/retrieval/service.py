@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from hybridserve import observability as obs
 from hybridserve.config import HybridServeConfig
 from hybridserve.errors import InvalidArgument
 from hybridserve.retrieval.chunking import chunk_text
@@ -123,6 +124,13 @@ class RetrievalService:
         if not plans:
             result.documents_ok = result.documents_unchanged
             return result
+        try:
+            return await self._ingest(tenant, plans, result)
+        finally:
+            # Also when a write step raised midway: what was written stays written.
+            obs.ingest_chunks(tenant, result.chunks_written, len(result.failures))
+
+    async def _ingest(self, tenant: str, plans: list[_Plan], result: UpsertResult) -> UpsertResult:
         # Tokenizing is CPU work: keep it off the event loop.
         plans = await asyncio.to_thread(self._chunk_all, plans)
         chunks = [
@@ -245,8 +253,10 @@ class RetrievalService:
     async def search(self, q: SearchQuery) -> list[Hit]:
         vector = None
         if q.alpha > 0:
-            vector = (await self._embed([q.query]))[0]
-        return await self.store.search(q, vector)
+            with obs.stage_timer("embed", service="retrieval"):
+                vector = (await self._embed([q.query]))[0]
+        with obs.stage_timer("retrieve", service="retrieval"):
+            return await self.store.search(q, vector)
 
     async def check_health(self) -> None:
         await self.store.check_health()

@@ -13,6 +13,7 @@ from typing import Any
 
 from grpc_health.v1 import health_pb2
 
+from hybridserve import observability as obs
 from hybridserve.config import HybridServeConfig
 from hybridserve.grpc_errors import grpc_unary
 from hybridserve.retrieval.documents import Document, FieldFilter, Hit, UpsertResult
@@ -72,6 +73,9 @@ def upsert_to_proto(r: UpsertResult) -> retrieval_pb2.UpsertResponse:
 class RetrievalServicer:
     """Implements hybridserve.v1.RetrievalService and grpc.health.v1.Health.
 
+    Under Serve, the deployment's `check_health` calls `probe_weaviate`, which
+    keeps the weaviate_up gauge current.
+
     Args:
         config: platform config (a dict is accepted, as Serve passes it).
         embed: async embedding function.
@@ -90,6 +94,7 @@ class RetrievalServicer:
         model_name: str | None = None,
     ):
         cfg = config if isinstance(config, HybridServeConfig) else HybridServeConfig.model_validate(config)
+        obs.set_enabled(cfg.observability.metrics_enabled)
         if store is None:
             from hybridserve.retrieval.store import WeaviateStore
 
@@ -103,8 +108,27 @@ class RetrievalServicer:
             model_name = model_name or name_of(folder)
         self.service = RetrievalService(cfg, store, embed, tokenizer, model_name)
 
+    #: The `service` label of this servicer's request metrics.
+    metrics_service = "retrieval"
+
     async def shutdown(self) -> None:
         await self.service.store.close()
+
+    async def probe_weaviate(self) -> bool:
+        """Checks that Weaviate answers and reports it (weaviate_up); never raises.
+
+        NOTE: never raises on purpose: Serve calls this as the replica's health
+        check, and a down Weaviate must not get retrieval replicas restarted.
+        """
+        if not obs.is_enabled():
+            return True
+        try:
+            await self.service.check_health()
+            up = True
+        except Exception:  # noqa: BLE001 - down is an answer here, not an error
+            up = False
+        obs.set_weaviate_up(obs.replica_id(), up)
+        return up
 
     @grpc_unary
     async def CreateTenant(self, request, grpc_context: Any = None):
@@ -141,7 +165,7 @@ class RetrievalServicer:
         deleted = await self.service.delete(request.tenant, list(request.doc_ids))
         return retrieval_pb2.DeleteResponse(deleted_chunks=deleted)
 
-    @grpc_unary
+    @grpc_unary(timed=True)
     async def Search(self, request, grpc_context: Any = None):
         query = self.service.prepare_search(
             request.tenant,

@@ -24,6 +24,7 @@ from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlparse
 
+from hybridserve import observability as obs
 from hybridserve.config import HybridServeConfig
 from hybridserve.errors import DeadlineExceeded, HybridServeError, NotFound, Unavailable
 from hybridserve.retrieval.documents import (
@@ -242,18 +243,44 @@ class WeaviateStore(ChunkStore):
             logger.info("collection %s was created concurrently (%s)", name, e)
         return client.collections.use(name)
 
-    async def _run(self, what: str, make: Any, timeout_s: float, tenant: str = "") -> Any:
+    async def _run(
+        self, op: str, what: str, make: Any, timeout_s: float, tenant: str = ""
+    ) -> Any:
         """Runs `make(collection)` with a hard deadline and maps every failure.
+
+        Every call to Weaviate goes through here, so this is where they are
+        measured: hybridserve_weaviate_requests_total{op, outcome} and the
+        latency histogram, by `op` (a fixed name per store operation). An
+        unknown tenant counts as ok (Weaviate answered); any other failure
+        (unreachable, too slow, an error answer) as error.
 
         NOTE: `make` builds the coroutine only once the connection exists, so a
         down Weaviate fails in `_connected` with a clear message.
         """
+        start = time.perf_counter()
+        ok: bool | None = False
+        try:
+            result = await self._call(what, make, timeout_s, tenant)
+            ok = True
+            return result
+        except NotFound:
+            ok = True
+            raise
+        except asyncio.CancelledError:
+            ok = None  # the caller went away: says nothing about Weaviate
+            raise
+        finally:
+            seconds = time.perf_counter() - start
+            if ok is not None:
+                obs.weaviate_call(op, seconds, ok)
+            logger.debug("weaviate %s took %.1f ms", what, seconds * 1e3)
+
+    async def _call(self, what: str, make: Any, timeout_s: float, tenant: str) -> Any:
         from weaviate.exceptions import (
             UnexpectedStatusCodeError,
             WeaviateBaseError,
         )
 
-        start = time.perf_counter()
         try:
             collection = await self._connected()
             return await asyncio.wait_for(make(collection), timeout_s)
@@ -288,8 +315,6 @@ class WeaviateStore(ChunkStore):
         except (OSError, ConnectionError) as e:
             await self._reset()
             raise self._unavailable(e) from None
-        finally:
-            logger.debug("weaviate %s took %.1f ms", what, (time.perf_counter() - start) * 1e3)
 
     async def _refused(self) -> str:
         """Why Weaviate's ports refuse connections ("" when they accept them)."""
@@ -316,7 +341,7 @@ class WeaviateStore(ChunkStore):
             if not await self._client.is_ready():
                 raise Unavailable(f"{self.where} is not ready")
 
-        await self._run("the readiness check", ready, self._cfg.query_timeout_s)
+        await self._run("health", "the readiness check", ready, self._cfg.query_timeout_s)
 
     async def close(self) -> None:
         await self._reset()
@@ -330,7 +355,9 @@ class WeaviateStore(ChunkStore):
             await c.tenants.create([Tenant(name=tenant)])
             return True
 
-        return await self._run("creating a tenant", create, self._cfg.write_timeout_s)
+        return await self._run(
+            "create_tenant", "creating a tenant", create, self._cfg.write_timeout_s
+        )
 
     async def delete_tenant(self, tenant: str) -> None:
         async def delete(c):
@@ -338,13 +365,13 @@ class WeaviateStore(ChunkStore):
                 raise NotFound(f"unknown tenant {tenant!r}")
             await c.tenants.remove([tenant])
 
-        await self._run("deleting a tenant", delete, self._cfg.write_timeout_s)
+        await self._run("delete_tenant", "deleting a tenant", delete, self._cfg.write_timeout_s)
 
     async def list_tenants(self) -> list[str]:
         async def names(c):
             return sorted((await c.tenants.get()).keys())
 
-        return await self._run("listing tenants", names, self._cfg.query_timeout_s)
+        return await self._run("list_tenants", "listing tenants", names, self._cfg.query_timeout_s)
 
     async def require_tenant(self, tenant: str) -> None:
         async def exists(c):
@@ -354,14 +381,16 @@ class WeaviateStore(ChunkStore):
                     f"`hybridserve tenants create {tenant}`)"
                 )
 
-        await self._run("looking up the tenant", exists, self._cfg.query_timeout_s, tenant)
+        await self._run(
+            "require_tenant", "looking up the tenant", exists, self._cfg.query_timeout_s, tenant
+        )
 
     async def count(self, tenant: str) -> int:
         async def total(c):
             result = await c.with_tenant(tenant).aggregate.over_all(total_count=True)
             return int(result.total_count or 0)
 
-        return await self._run("counting chunks", total, self._cfg.query_timeout_s, tenant)
+        return await self._run("count", "counting chunks", total, self._cfg.query_timeout_s, tenant)
 
     async def document_versions(self, tenant, doc_ids):
         from weaviate.classes.query import Filter
@@ -385,7 +414,9 @@ class WeaviateStore(ChunkStore):
                     found[p["doc_id"]] = (p.get("doc_sha256") or "", int(p.get("doc_chunks") or 0))
             return found
 
-        return await self._run("reading document versions", fetch, self._cfg.query_timeout_s, tenant)
+        return await self._run(
+            "document_versions", "reading document versions", fetch, self._cfg.query_timeout_s, tenant
+        )
 
     async def write(self, tenant, chunks, vectors):
         from weaviate.classes.data import DataObject
@@ -414,7 +445,9 @@ class WeaviateStore(ChunkStore):
         async def insert(c):
             return await c.with_tenant(tenant).data.insert_many(objects)
 
-        result = await self._run("writing chunks", insert, self._cfg.write_timeout_s, tenant)
+        result = await self._run(
+            "write", "writing chunks", insert, self._cfg.write_timeout_s, tenant
+        )
         failures = []
         for index, err in sorted(result.errors.items()):
             ch = chunks[index]
@@ -434,7 +467,9 @@ class WeaviateStore(ChunkStore):
             )
             return int(result.successful)
 
-        return await self._run("removing stale chunks", delete, self._cfg.write_timeout_s, tenant)
+        return await self._run(
+            "remove_tail", "removing stale chunks", delete, self._cfg.write_timeout_s, tenant
+        )
 
     async def delete_documents(self, tenant, doc_ids):
         from weaviate.classes.query import Filter
@@ -449,7 +484,9 @@ class WeaviateStore(ChunkStore):
                 removed += int(result.successful)
             return removed
 
-        return await self._run("deleting documents", delete, self._cfg.write_timeout_s, tenant)
+        return await self._run(
+            "delete_documents", "deleting documents", delete, self._cfg.write_timeout_s, tenant
+        )
 
     async def search(self, query, vector):
         from weaviate.classes.query import HybridFusion, MetadataQuery
@@ -467,7 +504,9 @@ class WeaviateStore(ChunkStore):
                 return_metadata=MetadataQuery(score=True, explain_score=True),
             )
 
-        result = await self._run("a search", hybrid, self._cfg.query_timeout_s, query.tenant)
+        result = await self._run(
+            "search", "a search", hybrid, self._cfg.query_timeout_s, query.tenant
+        )
         return [_hit(o) for o in result.objects]
 
 

@@ -1,0 +1,409 @@
+"""The services record the declared metrics where the issue says they should: every
+RPC by status code, stage latencies, tokens, adapter loads and evictions, engine load,
+ingestion, Weaviate calls; and nothing at all when the config switch is off.
+
+Real servicers and services with fakes of their backends (the real protocols); the
+metric objects are `FakeMetric`s that also check every label set against the
+declaration. The integration test tests/integration/test_observability.py checks the
+same metrics end to end through Ray and a real Prometheus.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import subprocess
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+import yaml
+from hybridserve import observability as obs
+from hybridserve.config import HybridServeConfig
+from hybridserve.errors import DeadlineExceeded, InvalidArgument, NotFound, Unavailable
+from hybridserve.generation.servicer import GenerationServicer, ResidentAdapter
+from hybridserve.grpc_errors import grpc_stream, grpc_unary
+from hybridserve.observability import metrics as m
+from hybridserve.observability.prometheus import PrometheusServer
+from hybridserve.v1 import generation_pb2, rerank_pb2, retrieval_pb2
+
+from tests.unit.fakes import FakeChunkStore, FakeEngine
+from tests.unit.test_metrics import FakeMetric
+
+
+@pytest.fixture
+def fake(monkeypatch) -> dict[str, FakeMetric]:
+    made: dict[str, FakeMetric] = {}
+
+    def factory(spec):
+        made[spec.name] = FakeMetric(spec)
+        return made[spec.name]
+
+    monkeypatch.setattr(m, "_REGISTRY", m.Registry(factory, refresh_gauges=False))
+    return made
+
+
+def calls(made, spec, **tags) -> list[tuple[str, float, dict]]:
+    found = made[spec.name].calls if spec.name in made else []
+    return [c for c in found if all(c[2].get(k) == v for k, v in tags.items())]
+
+
+def requests(made) -> list[tuple[str, str, str]]:
+    return [(t["service"], t["method"], t["code"]) for _, _, t in calls(made, m.REQUESTS)]
+
+
+class Ctx:
+    code = details = None
+
+    def set_code(self, code):
+        self.code = code
+
+    def set_details(self, details):
+        self.details = details
+
+
+# --- the decorators
+
+
+class Demo:
+    metrics_service = "rerank"
+
+    @grpc_unary
+    async def Plain(self, request, grpc_context=None):
+        if request == "missing":
+            raise NotFound("no such thing")
+        if request == "bug":
+            raise KeyError("internal detail")
+        return "ok"
+
+    @grpc_unary(timed=True)
+    async def Timed(self, request, grpc_context=None):
+        return "ok"
+
+    @grpc_stream(timed=True)
+    async def Stream(self, request, grpc_context=None):
+        for i in range(3):
+            if request == "bad" and i == 1:
+                raise InvalidArgument("bad at 1")
+            yield i
+
+
+async def test_unary_calls_are_counted_by_status_code(fake):
+    demo = Demo()
+    assert await demo.Plain("x") == "ok"
+    with pytest.raises(NotFound):
+        await demo.Plain("missing", Ctx())
+    ctx = Ctx()
+    with pytest.raises(Exception) as e:
+        await demo.Plain("bug", ctx)
+    assert ctx.code == grpc.StatusCode.INTERNAL and "internal detail" not in e.value.message
+    assert requests(fake) == [
+        ("rerank", "Plain", "OK"), ("rerank", "Plain", "NOT_FOUND"), ("rerank", "Plain", "INTERNAL"),
+    ]
+    # Only timed methods record the "total" stage.
+    assert not calls(fake, m.STAGE_DURATION)
+    await demo.Timed("x")
+    assert [t["stage"] for _, _, t in calls(fake, m.STAGE_DURATION)] == ["total"]
+
+
+async def test_streams_are_counted_once_each_with_their_outcome(fake):
+    demo = Demo()
+    assert [i async for i in demo.Stream("x")] == [0, 1, 2]
+    ctx = Ctx()
+    with pytest.raises(InvalidArgument):
+        async for _ in demo.Stream("bad", ctx):
+            pass
+    assert ctx.code == grpc.StatusCode.INVALID_ARGUMENT
+    stream = demo.Stream("x")
+    await stream.__anext__()
+    await stream.aclose()  # the client went away
+    assert requests(fake) == [
+        ("rerank", "Stream", "OK"), ("rerank", "Stream", "INVALID_ARGUMENT"),
+        ("rerank", "Stream", "CANCELLED"),
+    ]
+    assert len(calls(fake, m.STAGE_DURATION, stage="total")) == 3
+
+
+# --- generation
+
+
+@pytest.fixture
+def config(tmp_path):
+    return HybridServeConfig(
+        data_dir=tmp_path / "data", cache_dir=tmp_path / "cache",
+        model={"path": str(tmp_path / "model"), "max_model_len": 64},
+        engine={"max_num_seqs": 7},
+    )
+
+
+async def _generate(servicer, adapter="", ctx=None, max_tokens=3):
+    req = generation_pb2.GenerateRequest(prompt="hi there", adapter=adapter)
+    req.sampling.max_tokens = max_tokens
+    return [msg async for msg in servicer.Generate(req, ctx or Ctx())]
+
+
+async def test_generate_records_status_stages_and_tokens(fake, config):
+    servicer = GenerationServicer(config, engine=FakeEngine(max_model_len=64))
+    await servicer.start()
+    try:
+        out = await _generate(servicer)
+        with pytest.raises(NotFound):
+            await _generate(servicer, adapter="nope@v1")
+        with pytest.raises(InvalidArgument):
+            await _generate(servicer, max_tokens=0)
+    finally:
+        await servicer.shutdown()
+    assert requests(fake) == [
+        ("generation", "Generate", "OK"), ("generation", "Generate", "NOT_FOUND"),
+        ("generation", "Generate", "INVALID_ARGUMENT"),
+    ]
+    stages = [t["stage"] for _, _, t in calls(fake, m.STAGE_DURATION, service="generation")]
+    # One first token (the failed calls never produced one), a total for every call.
+    assert sorted(stages) == ["first_token", "total", "total", "total"]
+    usage = out[-1].final.usage
+    tags = {"tenant": "unknown", "adapter": "base"}
+    assert [v for _, v, _ in calls(fake, m.PROMPT_TOKENS, **tags)] == [usage.prompt_tokens]
+    assert [v for _, v, _ in calls(fake, m.COMPLETION_TOKENS, **tags)] == [3]
+    assert [v for _, v, _ in calls(fake, m.GENERATIONS, **tags)] == [1]
+
+
+async def test_adapter_loads_residency_and_eviction(fake, config, monkeypatch):
+    engine = FakeEngine(max_model_len=64)
+    servicer = GenerationServicer(config, engine=engine)
+    ref_id = "tone@v1"
+
+    class Record:
+        id = ref_id
+        snapshot_dir = "/nowhere"
+
+    monkeypatch.setattr(servicer.service.registry, "get", lambda adapter_id: Record)
+    first = await servicer.load_adapter(ref_id)
+    again = await servicer.load_adapter(ref_id)  # already resident: not a load
+    assert isinstance(first, ResidentAdapter) and isinstance(again, ResidentAdapter)
+    loads = calls(fake, m.ADAPTER_LOADS)
+    assert [t for _, _, t in loads] == [{"adapter": ref_id, "outcome": "ok"}]
+    assert len(calls(fake, m.ADAPTER_LOAD_DURATION, outcome="ok")) == 1
+    resident = calls(fake, m.ADAPTER_RESIDENT, adapter=ref_id)
+    assert [v for _, v, _ in resident] == [1.0]
+    replica_id = resident[0][2]["replica"]
+    assert replica_id == (await servicer.stats())["replica_id"]
+
+    await first._unload()  # what Serve does on LRU eviction
+    assert [t for _, _, t in calls(fake, m.ADAPTER_EVICTIONS)] == [{"adapter": ref_id}]
+    assert [v for _, v, _ in calls(fake, m.ADAPTER_RESIDENT, adapter=ref_id)] == [1.0, 0.0]
+    # The evicted series is no longer refreshed, so Ray lets it age out.
+    assert not [k for k in m._REGISTRY._gauges if ("adapter", ref_id) in k[1]]
+
+    async def broken(ref):
+        raise RuntimeError("bad weights")
+
+    monkeypatch.setattr(engine, "load_adapter", broken)
+    with pytest.raises(RuntimeError):
+        await servicer.load_adapter(ref_id)
+    assert calls(fake, m.ADAPTER_LOADS, outcome="error")
+    assert calls(fake, m.ADAPTER_LOAD_DURATION, outcome="error")
+
+
+async def test_engine_load_is_sampled_into_the_gauges(fake, config, monkeypatch):
+    from hybridserve.generation.engine import EngineStats
+
+    engine = FakeEngine(max_model_len=64)
+    monkeypatch.setattr(
+        engine, "stats", lambda: EngineStats(unfinished_requests=5, waiting_requests=2,
+                                             running_requests=3)
+    )
+    servicer = GenerationServicer(config, engine=engine)
+    servicer.sample_engine_load()
+    assert [v for _, v, _ in calls(fake, m.ENGINE_WAITING)] == [2.0]
+    assert [v for _, v, _ in calls(fake, m.ENGINE_RUNNING)] == [3.0]
+    assert [v for _, v, _ in calls(fake, m.ENGINE_CAPACITY)] == [7.0]
+
+
+async def test_the_sampler_runs_while_the_replica_runs(fake, config):
+    config.observability.engine_stats_interval_s = 0.01
+    servicer = GenerationServicer(config, engine=FakeEngine(max_model_len=64))
+    await servicer.start()
+    for _ in range(500):  # bounded: the loop samples every 10 ms
+        if len(calls(fake, m.ENGINE_RUNNING)) >= 2:
+            break
+        await asyncio.sleep(0.01)
+    await servicer.shutdown()
+    assert len(calls(fake, m.ENGINE_RUNNING)) >= 2
+    assert servicer._sampler is None
+
+
+async def test_the_config_switch_turns_every_metric_off(fake, config):
+    config.observability.metrics_enabled = False
+    try:
+        servicer = GenerationServicer(config, engine=FakeEngine(max_model_len=64))
+        assert not obs.is_enabled()
+        await servicer.start()
+        assert servicer._sampler is None
+        await _generate(servicer)
+        with pytest.raises(NotFound):
+            await _generate(servicer, adapter="nope@v1")
+        await servicer.shutdown()
+        assert fake == {}
+    finally:
+        obs.set_enabled(True)
+
+
+# --- retrieval and rerank
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from hybridserve.retrieval.embedding import load_tokenizer
+
+    return load_tokenizer(None)
+
+
+async def _embed(texts):
+    return np.ones((len(texts), 4), dtype=np.float32)
+
+
+async def test_retrieval_records_requests_stages_and_ingestion(fake, tokenizer):
+    from hybridserve.retrieval.servicer import RetrievalServicer
+
+    store = FakeChunkStore()
+    servicer = RetrievalServicer(
+        HybridServeConfig(retrieval={"chunk_tokens": 16, "chunk_overlap": 4}),
+        _embed, store=store, tokenizer=tokenizer, model_name="m",
+    )
+    await servicer.CreateTenant(retrieval_pb2.CreateTenantRequest(tenant="acme"))
+    store.fail_chunks = {("d1", 1)}
+    words = " ".join(f"word{i}" for i in range(40))
+    reply = await servicer.Upsert(retrieval_pb2.UpsertRequest(
+        tenant="acme", documents=[retrieval_pb2.Document(id="d1", text=words),
+                                  retrieval_pb2.Document(id="d2", text=words)],
+    ))
+    await servicer.Search(retrieval_pb2.SearchRequest(tenant="acme", query="word3"))
+    with pytest.raises(NotFound):
+        await servicer.Search(retrieval_pb2.SearchRequest(tenant="nobody", query="x"), Ctx())
+    assert requests(fake) == [
+        ("retrieval", "CreateTenant", "OK"), ("retrieval", "Upsert", "OK"),
+        ("retrieval", "Search", "OK"), ("retrieval", "Search", "NOT_FOUND"),
+    ]
+    written = calls(fake, m.INGEST_CHUNKS, tenant="acme", outcome="written")
+    failed = calls(fake, m.INGEST_CHUNKS, tenant="acme", outcome="failed")
+    assert [v for _, v, _ in written] == [reply.chunks_written]
+    assert reply.failures and [v for _, v, _ in failed] == [len(reply.failures)]
+    stages = sorted(t["stage"] for _, _, t in calls(fake, m.STAGE_DURATION))
+    # Two searches embed and retrieve (the second fails in the store); both are timed.
+    assert stages == ["embed", "embed", "retrieve", "retrieve", "total", "total"]
+
+    assert await servicer.probe_weaviate() is True
+    assert [t for _, v, t in calls(fake, m.WEAVIATE_UP) if v == 1.0]
+
+
+async def test_a_down_store_sets_weaviate_up_to_zero_and_the_probe_never_raises(fake, tokenizer):
+    from hybridserve.retrieval.servicer import RetrievalServicer
+
+    class DownStore(FakeChunkStore):
+        async def check_health(self):
+            raise Unavailable("down")
+
+    servicer = RetrievalServicer(HybridServeConfig(), _embed, store=DownStore(),
+                                 tokenizer=tokenizer, model_name="m")
+    assert await servicer.probe_weaviate() is False
+    assert [v for _, v, _ in calls(fake, m.WEAVIATE_UP)] == [0.0]
+
+
+async def test_rerank_records_the_request_and_the_rerank_stage(fake):
+    from hybridserve.rerank.backends import RerankBackend
+    from hybridserve.rerank.servicer import RerankServicer
+
+    class Length(RerankBackend):
+        name = "length"
+
+        def score(self, pairs):
+            return np.array([len(p) for _, p in pairs], dtype=np.float32)
+
+    servicer = RerankServicer(HybridServeConfig(), backend=Length())
+    await servicer.Rerank(rerank_pb2.RerankRequest(query="q", passages=["a", "bbb"]))
+    with pytest.raises(InvalidArgument):
+        await servicer.Rerank(rerank_pb2.RerankRequest(query="q"), Ctx())
+    assert requests(fake) == [("rerank", "Rerank", "OK"), ("rerank", "Rerank", "INVALID_ARGUMENT")]
+    stages = sorted(t["stage"] for _, _, t in calls(fake, m.STAGE_DURATION))
+    assert stages == ["rerank", "total", "total"]
+
+
+# --- the Weaviate choke point
+
+
+class _Collection:
+    pass
+
+
+@pytest.mark.parametrize(
+    "raised, outcome",
+    [(None, "ok"), (NotFound("unknown tenant"), "ok"), (Unavailable("down"), "error"),
+     (DeadlineExceeded("slow"), "error")],
+)
+async def test_every_weaviate_call_is_timed_and_counted(fake, raised, outcome, monkeypatch):
+    from hybridserve.retrieval.store import WeaviateStore
+
+    store = WeaviateStore(HybridServeConfig())
+
+    async def connected():
+        return _Collection()
+
+    monkeypatch.setattr(store, "_connected", connected)
+
+    async def make(collection):
+        if raised is not None:
+            raise raised
+        return 42
+
+    if raised is None:
+        assert await store._run("search", "a search", make, 5) == 42
+    else:
+        with pytest.raises(type(raised)):
+            await store._run("search", "a search", make, 5)
+    assert [t for _, _, t in calls(fake, m.WEAVIATE_REQUESTS)] == [
+        {"op": "search", "outcome": outcome}
+    ]
+    assert [t for _, _, t in calls(fake, m.WEAVIATE_DURATION)] == [{"op": "search"}]
+
+
+# --- the local Prometheus
+
+
+def test_prometheus_config_is_the_shipped_one_pointed_at_the_platform(tmp_path):
+    server = PrometheusServer(["127.0.0.1:18080"], tmp_path / "tsdb", port=19090,
+                              scrape_interval_s=1.5)
+    cfg = server.render_config()
+    shipped = yaml.safe_load(Path(server.template).read_text())
+    assert cfg["global"]["scrape_interval"] == "1500ms"
+    assert cfg["scrape_configs"][0]["static_configs"] == [{"targets": ["127.0.0.1:18080"]}]
+    assert [j["job_name"] for j in cfg["scrape_configs"]] == [
+        j["job_name"] for j in shipped["scrape_configs"]
+    ]
+    (rules,) = cfg["rule_files"]
+    assert Path(rules).is_absolute() and list(Path(rules).parent.glob(Path(rules).name))
+    path = server.write_config()
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.skip("promtool not installed (Debian's prometheus package)")
+    out = subprocess.run([promtool, "check", "config", str(path)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "1 rule files found" in out.stdout + out.stderr
+
+
+def test_prometheus_from_config_uses_the_metrics_port(tmp_path):
+    cfg = HybridServeConfig(data_dir=tmp_path, observability={"metrics_export_port": 18123,
+                                                              "prometheus_port": 19123})
+    server = PrometheusServer.from_config(cfg)
+    assert server.targets == ["127.0.0.1:18123"] and server.port == 19123
+    assert server.data_dir == tmp_path.resolve() / "prometheus"
+    assert PrometheusServer.from_config(cfg, port=19999).port == 19999
+
+
+def test_a_missing_prometheus_binary_is_a_clear_error(tmp_path):
+    from hybridserve.errors import FailedPrecondition
+
+    server = PrometheusServer(["127.0.0.1:1"], tmp_path / "tsdb", binary="no-such-prometheus")
+    with pytest.raises(FailedPrecondition) as e:
+        server.start()
+    assert "prometheus" in e.value.message and "install" in e.value.message
