@@ -9,6 +9,9 @@ Apps sharing one Serve gRPC proxy:
 
 The weaviate-server is the session fixture `weaviate`, passed to the platform as
 an external URL, so tests can stop, kill, pause and restart it.
+
+Ray's metrics export port is a free port (`platform.main.observability.metrics_export_port`);
+test_observability.py points a real Prometheus at it.
 """
 
 from __future__ import annotations
@@ -110,7 +113,7 @@ def weaviate(tmp_path_factory) -> WeaviateServer:
 
 
 def _config(assets: Assets, grpc_port: int, http_port: int, weaviate: WeaviateServer,
-            **engine) -> HybridServeConfig:
+            metrics_port: int, **engine) -> HybridServeConfig:
     return HybridServeConfig(
         data_dir=assets.data_dir,
         cache_dir=assets.root / "cache",
@@ -119,6 +122,7 @@ def _config(assets: Assets, grpc_port: int, http_port: int, weaviate: WeaviateSe
         serve={"grpc_port": grpc_port, "http_port": http_port, "cpus_per_replica": 0.5},
         weaviate={"url": weaviate.url, "grpc_port": weaviate.grpc_port,
                   "query_timeout_s": 3, "write_timeout_s": 10},
+        observability={"metrics_export_port": metrics_port},
         **KNOWLEDGE,
     )
 
@@ -128,9 +132,11 @@ def platform(assets, weaviate) -> Platform:
     from hybridserve import platform as local
     from hybridserve.client import HybridServeClient
 
-    grpc_port, http_port = _free_port(), _free_port()
-    main = _config(assets, grpc_port, http_port, weaviate, max_loras=2, max_cpu_loras=4)
-    affinity = _config(assets, grpc_port, http_port, weaviate, max_loras=1, max_cpu_loras=1)
+    grpc_port, http_port, metrics_port = _free_port(), _free_port(), _free_port()
+    main = _config(assets, grpc_port, http_port, weaviate, metrics_port,
+                   max_loras=2, max_cpu_loras=4)
+    affinity = _config(assets, grpc_port, http_port, weaviate, metrics_port,
+                       max_loras=1, max_cpu_loras=1)
     affinity.serve.generation_replicas = 2
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     running = local.start(

@@ -327,6 +327,17 @@ def _wait(cond, timeout_s: float = 60) -> bool:
     return cond()
 
 
+def _snake(value):
+    """grpcurl's JSON with field names in proto spelling: builds of grpcurl differ on
+    whether they print `chunksWritten` (JSON name) or `chunks_written`."""
+    if isinstance(value, dict):
+        return {re.sub(r"(?<=[a-z0-9])([A-Z])", lambda m: "_" + m.group(1).lower(), k): _snake(v)
+                for k, v in value.items()}
+    if isinstance(value, list):
+        return [_snake(v) for v in value]
+    return value
+
+
 def test_grpcurl_reaches_retrieval_and_rerank_by_reflection(kc, platform):
     """A foreign gRPC client (grpcurl, schema from server reflection) uses both services."""
     import json
@@ -343,7 +354,7 @@ def test_grpcurl_reaches_retrieval_and_rerank_by_reflection(kc, platform):
             capture_output=True, text=True, timeout=120,
         )
         assert out.returncode == 0, out.stderr
-        return json.loads(out.stdout)
+        return _snake(json.loads(out.stdout))
 
     listed = subprocess.run([grpcurl, "-plaintext", platform.address, "list"],
                             capture_output=True, text=True, timeout=60)
@@ -353,10 +364,10 @@ def test_grpcurl_reaches_retrieval_and_rerank_by_reflection(kc, platform):
     reply = call("retrieval", "hybridserve.v1.RetrievalService/Upsert", {
         "tenant": t, "documents": [{"id": "d1", "text": "The ferry leaves the harbour at noon.",
                                      "source": "timetable.md"}]})
-    assert reply["chunksWritten"] == 1
+    assert reply.get("chunks_written") == 1, reply
     hits = call("retrieval", "hybridserve.v1.RetrievalService/Search",
                 {"tenant": t, "query": "when does the ferry leave", "topK": 3})["hits"]
-    assert hits[0]["docId"] == "d1" and hits[0]["source"] == "timetable.md"
+    assert hits[0]["doc_id"] == "d1" and hits[0]["source"] == "timetable.md"
     ranked = call("rerank", "hybridserve.v1.RerankService/Rerank",
                   {"query": "ferry departure", "passages": ["Bananas are yellow.", hits[0]["text"]]})
     assert ranked["results"][0]["index"] == 1

@@ -22,9 +22,12 @@ def test_a_taken_port_is_a_clear_error(tmp_path):
 
 def test_free_ports_pass(tmp_path):
     ports = []
-    for _ in range(2):
+    for _ in range(3):
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             ports.append(s.getsockname()[1])
-    cfg = HybridServeConfig(data_dir=tmp_path, serve={"grpc_port": ports[0], "http_port": ports[1]})
+    # Every port explicit: a platform elsewhere on this machine (the integration
+    # tests' own) may hold a default one.
+    cfg = HybridServeConfig(data_dir=tmp_path, serve={"grpc_port": ports[0], "http_port": ports[1]},
+                            observability={"metrics_export_port": ports[2]})
     check_ports_free(cfg)

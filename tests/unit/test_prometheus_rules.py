@@ -123,12 +123,14 @@ def _dashboards() -> dict[str, dict]:
     return {path.name: json.loads(path.read_text()) for path in DASHBOARDS}
 
 
-def _substitute(expr: str) -> str:
-    """Replaces Grafana variables ($x, ${x}, [[x]]) with concrete values."""
+def _substitute(expr: str, variables: dict[str, str] | None = None) -> str:
+    """Replaces Grafana variables ($x, ${x}, [[x]]) with concrete values: `variables`
+    (default GRAFANA_VARIABLES), and "x" for any other."""
+    variables = GRAFANA_VARIABLES if variables is None else variables
 
     def value(match: re.Match) -> str:
         name = match.group(1) or match.group(2) or match.group(3)
-        return GRAFANA_VARIABLES.get(name, "x")
+        return variables.get(name, "x")
 
     return re.sub(r"\$\{(\w+)(?::\w+)?\}|\$(\w+)|\[\[(\w+)\]\]", value, expr)
 
@@ -140,17 +142,22 @@ def _label_values_selector(query: str) -> str:
     return match.group(1)
 
 
-def _expressions() -> list[tuple[str, str]]:
-    """(where, PromQL) for every rule, dashboard target and dashboard variable query."""
+def _expressions(variables: dict[str, str] | None = None) -> list[tuple[str, str]]:
+    """(where, PromQL) for every rule, dashboard target and dashboard variable query.
+
+    `where` is "rule NAME", "FILE: PANEL TITLE" or "FILE: variable NAME"; a panel
+    with several targets appears once per target. Grafana variables are replaced
+    as `_substitute` does with `variables`.
+    """
     out = [(f"rule {r.get('alert') or r.get('record')}", r["expr"]) for r in _load_rules()]
     for name, dash in _dashboards().items():
         for panel in dash["panels"]:
             for target in panel.get("targets", []):
-                out.append((f"{name}: {panel['title']}", _substitute(target["expr"])))
+                out.append((f"{name}: {panel['title']}", _substitute(target["expr"], variables)))
         for var in dash["templating"]["list"]:
             if var["type"] == "query":
                 selector = _label_values_selector(var["query"]["query"])
-                out.append((f"{name}: variable {var['name']}", _substitute(selector)))
+                out.append((f"{name}: variable {var['name']}", _substitute(selector, variables)))
     return out
 
 
