@@ -10,12 +10,19 @@ for `observability.metrics_enabled`:
                 before the observability issue)
 
 Rounds drive the two apps alternately (ABBA order, so neither always goes first),
-with the same concurrent streams, prompts and adapters; the ratio on/off is taken
-per round pair and the median is reported (this machine's speed drifts by up to 2x
-over minutes). Ray's metrics agent runs throughout, as it always does.
+with the same concurrent streams, prompts and adapters, and a pause between the two
+halves of a round (vLLM-CPU's idle OpenMP threads spin for a while and would slow
+whichever engine runs next). The ratio on/off is taken per round and the median,
+the quartiles and the pooled ratio (all tokens / all time, per arm) are reported:
+this machine's speed drifts by up to 2x over minutes. Ray's metrics agent runs
+throughout, as it always does.
+
+The same run also times single recording calls in a Ray worker (a Ray Histogram
+observe, Counter inc, Gauge set; prometheus_client's observe; hybridserve's
+observe_stage), which is what the overhead is made of.
 
 Usage:
-  python benchmarks/observability.py [--rounds 8] [--streams 16] [--max-tokens 64]
+  python benchmarks/observability.py [--rounds 24] [--streams 16] [--max-tokens 128]
 
 Writes benchmarks/results/observability-tiny.json and prints a summary.
 Every load is bounded: rounds x 2 x streams x max_tokens.
@@ -111,6 +118,44 @@ async def run_load(app: App, streams: int, max_tokens: int, adapters: list[str])
             "ttft": [t for t, _ in results if t is not None]}
 
 
+def recording_costs(n: int = 20000) -> dict[str, float]:
+    """Microseconds per recording call, timed in a Ray worker of the running cluster."""
+    import ray
+
+    @ray.remote(num_cpus=0)
+    def timed() -> dict[str, float]:
+        import prometheus_client
+        from ray.util import metrics as ray_metrics
+
+        from hybridserve.observability import metrics as m
+
+        tags = {"ReplicaId": "r", "model_name": "m", "engine": "0"}
+        bounds = [0.01 * i for i in range(1, 30)]
+        hist = ray_metrics.Histogram("bench_obs_hist", boundaries=bounds, tag_keys=tuple(tags))
+        counter = ray_metrics.Counter("bench_obs_count", tag_keys=tuple(tags))
+        gauge = ray_metrics.Gauge("bench_obs_gauge", tag_keys=tuple(tags))
+        local = prometheus_client.Histogram(
+            "bench_obs_local", "x", ["a"], buckets=bounds, registry=None).labels("m")
+        m.set_enabled(True)
+        calls = {
+            "ray_histogram_observe": lambda: hist.observe(0.05, tags),
+            "ray_counter_inc": lambda: counter.inc(1, tags),
+            "ray_gauge_set": lambda: gauge.set(3, tags),
+            "prometheus_client_histogram_observe": lambda: local.observe(0.05),
+            "hybridserve_observe_stage": lambda: m.observe_stage(
+                "first_token", 0.05, service="generation"),
+        }
+        out = {}
+        for name, call in calls.items():
+            start = time.perf_counter()
+            for _ in range(n):
+                call()
+            out[name] = round((time.perf_counter() - start) / n * 1e6, 2)
+        return out
+
+    return ray.get(timed.remote())
+
+
 async def main_async(args) -> dict:
     from hybridserve import platform as local
 
@@ -136,6 +181,7 @@ async def main_async(args) -> dict:
             order = list(APPS) if r % 2 == 0 else list(reversed(APPS))
             result = {}
             for name in order:
+                await asyncio.sleep(args.pause_s)
                 result[name] = await run_load(apps[name], args.streams, args.max_tokens, mix)
                 rounds[name].append(result[name])
             ratios.append(result["metrics-on"]["tok_s"] / result["metrics-off"]["tok_s"])
@@ -152,15 +198,23 @@ async def main_async(args) -> dict:
                 "ttft_p99_ms": 1000 * _pct(ttft, 99),
             }
 
+        def pooled(rs):
+            return sum(x["tokens"] for x in rs) / sum(x["wall_s"] for x in rs)
+
+        quartiles = statistics.quantiles(ratios, n=4)
         return {
             "model": "tiny",
             "rounds": args.rounds,
+            "pause_s": args.pause_s,
             "streams": args.streams,
             "max_tokens": args.max_tokens,
             "adapters": args.adapters,
             "cpu_count": os.cpu_count(),
             "on_vs_off_ratio_median": statistics.median(ratios),
+            "on_vs_off_ratio_quartiles": [round(quartiles[0], 3), round(quartiles[2], 3)],
+            "on_vs_off_ratio_pooled": pooled(rounds["metrics-on"]) / pooled(rounds["metrics-off"]),
             "on_vs_off_ratios": [round(x, 3) for x in ratios],
+            "recording_cost_us": recording_costs(),
             **{name: summary(rs) for name, rs in rounds.items()},
         }
     finally:
@@ -170,9 +224,10 @@ async def main_async(args) -> dict:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--rounds", type=int, default=8)
+    p.add_argument("--rounds", type=int, default=24)
     p.add_argument("--streams", type=int, default=16)
-    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--pause-s", type=float, default=0.5)
     p.add_argument("--adapters", type=int, default=3)
     p.add_argument("--work", default=str(Path.home() / ".cache" / "hybridserve" / "bench-obs"))
     args = p.parse_args()
