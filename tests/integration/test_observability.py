@@ -109,15 +109,18 @@ DOCS = [
 
 @pytest.fixture(scope="module")
 def prom(platform, tmp_path_factory) -> PrometheusServer:
-    """A real Prometheus scraping the session platform every 2 s, with the shipped rules."""
-    root = tmp_path_factory.mktemp("prometheus")
-    port = platform.main.observability.metrics_export_port
+    """A real Prometheus scraping the session platform every 2 s, with the shipped rules,
+    started by what `hybridserve up --with-prometheus` calls (`start_prometheus`)."""
+    from hybridserve.platform import start_prometheus
+
+    config = platform.main.model_copy(deep=True)
+    config.data_dir = tmp_path_factory.mktemp("prometheus")
     # NOTE: 2 s, not 1 s: the scrape timeout equals the interval, and Ray's agent
     # takes a moment to render a few thousand series.
-    server = PrometheusServer([f"127.0.0.1:{port}"], root / "tsdb", port=_free_port(),
-                              scrape_interval_s=2.0, log_path=root / "prometheus.log")
-    server.start(timeout_s=120)
+    config.observability.prometheus_scrape_interval_s = 2.0
+    server = start_prometheus(config, progress=lambda msg: None, port=_free_port())
     try:
+        assert server.targets == [f"127.0.0.1:{platform.main.observability.metrics_export_port}"]
         _poll(server.targets_up, "Prometheus's first successful scrape of Ray's metrics port")
         yield server
     finally:
