@@ -9,7 +9,9 @@ run and the median of the per-round ratios is reported (this machine drifts).
            deployment, write to Weaviate) vs sentence-transformers `encode` of
            the same chunk texts in this process, same thread count.
   search : p50/p99 latency and QPS of keyword (alpha 0), vector (1) and hybrid
-           (0.5) search over >= 20k chunks, at a fixed concurrency.
+           (0.5) search over >= 20k chunks, at a fixed concurrency; and the
+           server-side stages (embed, retrieve, total) of the same searches, read
+           from the platform's stage histograms on Ray's metrics endpoint.
   rerank : throughput of concurrent Rerank calls with Serve batching vs the same
            load on a deployment that scores one request at a time.
 
@@ -154,12 +156,71 @@ def load_search_corpus(client, n_chunks: int) -> str:
     return tenant
 
 
-def bench_search(client, tenant: str, queries: int, concurrency: int):
+def stage_histograms(metrics_url: str) -> dict[str, dict[float, float]]:
+    """Cumulative bucket counts of the retrieval service's stages, summed over Ray's
+    per-process labels: {stage: {le: count}}, as Ray's metrics agent serves them."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = urllib.request.urlopen(metrics_url, timeout=30).read().decode()
+    out: dict[str, dict[float, float]] = {}
+    for family in text_string_to_metric_families(text):
+        if family.name != "ray_hybridserve_stage_duration_seconds":
+            continue
+        for sample in family.samples:
+            labels = sample.labels
+            if sample.name.endswith("_bucket") and labels.get("service") == "retrieval":
+                le = float(labels["le"])
+                stage = out.setdefault(labels["stage"], {})
+                stage[le] = stage.get(le, 0.0) + sample.value
+    return out
+
+
+def _bucket_quantile(buckets: dict[float, float], q: float) -> float:
+    """histogram_quantile over cumulative buckets (linear within the bucket)."""
+    bounds = sorted(buckets)
+    total = buckets[bounds[-1]]
+    rank, low, below = q * total, 0.0, 0.0
+    for le in bounds:
+        if buckets[le] >= rank:
+            if le == float("inf"):
+                return low
+            inside = buckets[le] - below
+            return low + (le - low) * ((rank - below) / inside if inside else 1.0)
+        low, below = le, buckets[le]
+    return low
+
+
+def stage_split(metrics_url: str, before: dict, expected: int) -> dict[str, dict[str, float]]:
+    """p50/p90 per stage of the searches since `before`, from the stage histograms.
+    Waits (bounded) until Ray's agent, which reports every 10 s, shows all of them."""
+    deadline = time.monotonic() + 90
+    while True:
+        after = stage_histograms(metrics_url)
+        delta = {
+            stage: {le: n - before.get(stage, {}).get(le, 0.0) for le, n in b.items()}
+            for stage, b in after.items()
+        }
+        count = delta.get("total", {}).get(float("inf"), 0.0)
+        if count >= expected or time.monotonic() > deadline:
+            break
+        time.sleep(2)
+    return {
+        stage: {"calls": b[float("inf")], "p50_ms": 1e3 * _bucket_quantile(b, 0.5),
+                "p90_ms": 1e3 * _bucket_quantile(b, 0.9)}
+        for stage, b in delta.items() if b.get(float("inf"))
+    }
+
+
+def bench_search(client, tenant: str, queries: int, concurrency: int, metrics_url: str):
     rng = random.Random(3)
     qs = [" ".join(rng.choice(WORDS[:60]) for _ in range(5)) for _ in range(queries)]
     out = {}
     for name, alpha in (("keyword", 0.0), ("vector", 1.0), ("hybrid", 0.5)):
         client.search(tenant, qs[0], top_k=10, alpha=alpha)  # warm
+        time.sleep(11)  # the warm call reaches Ray's agent before the baseline is taken
+        before = stage_histograms(metrics_url)
 
         def one(q):
             t = time.perf_counter()
@@ -173,8 +234,13 @@ def bench_search(client, tenant: str, queries: int, concurrency: int):
         wall = time.perf_counter() - t0
         out[name] = {"p50_ms": _pct(lat, 50) * 1e3, "p99_ms": _pct(lat, 99) * 1e3,
                      "qps": len(qs) / wall, "queries": len(qs), "concurrency": concurrency}
+        # Server-side stages (embed: the query's Embedder call, retrieve: Weaviate),
+        # from hybridserve's own stage histograms: bucket-interpolated, so coarse.
+        out[name]["stages"] = stage_split(metrics_url, before, len(qs))
         print(f"search {name}: p50 {out[name]['p50_ms']:.1f} ms, p99 {out[name]['p99_ms']:.1f} ms, "
-              f"{out[name]['qps']:.1f} QPS", flush=True)
+              f"{out[name]['qps']:.1f} QPS; server stages p50: " + ", ".join(
+                  f"{k} {v['p50_ms']:.0f} ms" for k, v in sorted(out[name]["stages"].items())),
+              flush=True)
     return out
 
 
@@ -238,7 +304,7 @@ def main() -> int:
                 if "search" not in args.skip:
                     tenant = load_search_corpus(client, args.search_chunks)
                     results["search"] = bench_search(client, tenant, args.search_queries,
-                                                     args.search_concurrency)
+                                                     args.search_concurrency, plat.metrics_url)
                     results["search"]["chunks"] = args.search_chunks
             if "rerank" not in args.skip:
                 results["rerank"] = bench_rerank(plat.grpc_address, args.rounds, args.rerank_calls,
