@@ -4,7 +4,9 @@
 # (Ray Serve + vLLM + a local weaviate-server), register them, and stream the
 # same question through the base model and through each adapter; then give a
 # tenant its knowledge: ingest a folder of articles and answer a question from
-# it with hybrid search and reranking. Run via `make demo` (which installs first).
+# it with hybrid search and reranking; last, what the platform measured (tokens
+# per adapter, requests by status, adapter residency per replica) from the
+# metrics endpoint Prometheus scrapes. Run via `make demo` (which installs first).
 #
 # Env: HYBRIDSERVE_DATA_DIR (default ~/.local/share/hybridserve),
 #      HYBRIDSERVE_GRPC_PORT (default 50051), DEMO_PROMPT.
@@ -74,3 +76,30 @@ $HS ingest --address "$ADDR" tests/data/knowledge/corpus.jsonl --tenant demo
 QUESTION=${DEMO_QUESTION:-"How long can I wait before returning something I already opened?"}
 say "hybrid search + rerank in tenant 'demo': $QUESTION"
 $HS search --address "$ADDR" --tenant demo --top-k 3 --rerank "$QUESTION"
+
+METRICS=$(sed -n 's/^  metrics: //p' "$LOG" | head -1)
+say "what the platform measured ($METRICS, what Prometheus scrapes; Ray reports every 10 s)"
+$PY - "$METRICS" "$PIRATE" "$JSONA" <<'PYEOF'
+import sys, time, urllib.request
+from collections import defaultdict
+from prometheus_client.parser import text_string_to_metric_families
+
+url, adapters = sys.argv[1], set(sys.argv[2:])
+deadline = time.monotonic() + 60
+while True:
+    sums = defaultdict(float)
+    for family in text_string_to_metric_families(urllib.request.urlopen(url, timeout=30).read().decode()):
+        for s in family.samples:
+            if s.name == "ray_hybridserve_completion_tokens_total":
+                sums[("completion tokens", "adapter=" + s.labels["adapter"])] += s.value
+            elif s.name == "ray_hybridserve_requests_total":
+                sums[("requests", f"{s.labels['service']}.{s.labels['method']} {s.labels['code']}")] += s.value
+            elif s.name == "ray_hybridserve_adapter_resident" and s.value:
+                sums[("resident adapters", f"replica={s.labels['replica']} adapter={s.labels['adapter']}")] = 1
+    seen = {k.split("=", 1)[1] for what, k in sums if what == "completion tokens"}
+    if adapters <= seen or time.monotonic() > deadline:
+        break
+    time.sleep(2)
+for (what, key), value in sorted(sums.items()):
+    print(f"  {what:18} {key:55} {value:g}")
+PYEOF
