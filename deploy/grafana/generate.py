@@ -380,7 +380,12 @@ def tenants() -> Dashboard:
         description="Per-tenant and per-adapter generations, tokens, quotas, ingestion and "
         "adapter residency.",
         variables=[
-            label_variable("tenant", "Tenant", f"label_values({GENERATIONS}, tenant)"),
+            # Tenants that generated, ingested or were refused: every panel below
+            # filters by this one variable.
+            label_variable(
+                "tenant", "Tenant",
+                f'label_values({{__name__=~"{GENERATIONS}|{INGEST_CHUNKS}|{QUOTA_REJECTIONS}"}}, tenant)',
+            ),
             label_variable(
                 "adapter", "Adapter", f"label_values({sel(GENERATIONS, t)}, adapter)"
             ),
@@ -455,7 +460,9 @@ def tenants() -> Dashboard:
 def engine() -> Dashboard:
     r = 'replica=~"$replica"'
     rid = 'ReplicaId=~"$replica"'
-    gen = 'application="generation"'
+    # NOTE: by deployment, not application: every generation pool (`generation`,
+    # and any other app built by build_generation_app) runs a GenerationService.
+    gen = 'deployment="GenerationService"'
     return Dashboard(
         uid="hybridserve-engine",
         title="hybridserve / Generation engine",
@@ -584,8 +591,8 @@ def engine() -> Dashboard:
                 "Serve processing latency (p99)",
                 (quantile(0.99,
                           f"ray_serve_deployment_processing_latency_ms_bucket{{{gen}}}",
-                          "deployment"),
-                 "{{deployment}}"),
+                          "application"),
+                 "{{application}}"),
                 unit="ms",
             ),
         ],

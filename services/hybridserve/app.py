@@ -140,7 +140,7 @@ def embedder_deployment(config: HybridServeConfig):
 
 def retrieval_deployment(config: HybridServeConfig):
     """The RetrievalService ingress; embeds through the Embedder deployment."""
-    from hybridserve.retrieval.servicer import RetrievalServicer
+    from hybridserve.retrieval.servicer import HEALTH_CHECK_TIMEOUT_S, RetrievalServicer
 
     class RetrievalDeployment(RetrievalServicer):
         def __init__(self, config: dict, embedder):  # type: ignore[override]
@@ -162,6 +162,7 @@ def retrieval_deployment(config: HybridServeConfig):
         name="RetrievalService",
         num_replicas=config.retrieval.replicas,
         max_ongoing_requests=config.serve.max_ongoing_requests,
+        health_check_timeout_s=HEALTH_CHECK_TIMEOUT_S,
         ray_actor_options={"num_cpus": 0},
     )
 

@@ -172,6 +172,9 @@ def start(
     apps = dict(generation_apps or ({GENERATION_APP: config} if GENERATION_APP in wanted else {}))
     if not ray.is_initialized():
         check_ports_free(config)
+    if with_prometheus:
+        # Before the slow part: a missing binary or a taken port fails now.
+        PrometheusServer.from_config(config, prometheus_port).preflight()
     for app_config in apps.values():
         ensure_model(app_config, progress=progress)
     weaviate = start_weaviate(config, progress) if RETRIEVAL_APP in wanted else None

@@ -481,6 +481,34 @@ def test_vllm_and_serve_builtin_metrics_are_exported(prom, load):
     assert {MAIN_APP, AFFINITY_APP, "retrieval", "rerank"} <= apps
 
 
+def test_dashboard_variables_offer_what_the_load_produced(prom, load, platform):
+    """Each dashboard's template variables, resolved as Grafana does (label_values of
+    the variable's selector), offer the tenants, adapters, replicas and services the
+    load used: a panel filtered by any of them can be selected."""
+    replicas = load.replicas(MAIN_APP) | load.replicas(AFFINITY_APP)
+    wanted = {
+        ("hybridserve-overview.json", "service"): {"generation", "retrieval", "rerank"},
+        ("hybridserve-tenants.json", "tenant"): {"unknown", load.tenant},
+        ("hybridserve-tenants.json", "adapter"): {"base", *platform.ids.values()},
+        ("hybridserve-engine.json", "replica"): replicas,
+        ("hybridserve-retrieval.json", "tenant"): {load.tenant},
+    }
+    offered = {}
+    for name, dash in shipped._dashboards().items():
+        for var in dash["templating"]["list"]:
+            if var["type"] != "query":
+                continue
+            query = var["query"]["query"]
+            label = re.fullmatch(r"label_values\(.+,\s*(\w+)\)", query.strip()).group(1)
+            selector = shipped._substitute(shipped._label_values_selector(query), VARIABLES)
+            offered[(name, var["name"])] = {
+                s[label] for s in _series(prom, selector, load) if label in s
+            }
+    assert set(offered) == set(wanted), "a dashboard variable without an expectation here"
+    missing = {k: sorted(v - offered[k]) for k, v in wanted.items() if v - offered[k]}
+    assert not missing, missing
+
+
 _COMPARISON = re.compile(r"(==|!=|>=|<=|>|<)")
 
 

@@ -297,6 +297,43 @@ async def test_retrieval_records_requests_stages_and_ingestion(fake, tokenizer):
     assert [t for _, v, t in calls(fake, m.WEAVIATE_UP) if v == 1.0]
 
 
+async def test_an_ingest_cut_off_by_the_store_counts_every_chunk(fake, tokenizer):
+    """A write step that raises (Weaviate gone midway): the chunks written before it
+    count as written, every other chunk as failed; none is left uncounted."""
+    from hybridserve.retrieval.servicer import RetrievalServicer
+
+    class DiesAfterFirstWrite(FakeChunkStore):
+        async def write(self, tenant, chunks, vectors):
+            if self.writes:
+                raise Unavailable("weaviate went away")
+            return await super().write(tenant, chunks, vectors)
+
+    store = DiesAfterFirstWrite()
+    servicer = RetrievalServicer(
+        HybridServeConfig(retrieval={"chunk_tokens": 16, "chunk_overlap": 4,
+                                     "write_batch_chunks": 2}),
+        _embed, store=store, tokenizer=tokenizer, model_name="m",
+    )
+    await servicer.CreateTenant(retrieval_pb2.CreateTenantRequest(tenant="acme"))
+    words = " ".join(f"word{i}" for i in range(60))
+    with pytest.raises(Unavailable):
+        await servicer.Upsert(retrieval_pb2.UpsertRequest(
+            tenant="acme", documents=[retrieval_pb2.Document(id="d1", text=words)]), Ctx())
+    (written,) = [v for _, v, _ in calls(fake, m.INGEST_CHUNKS, tenant="acme", outcome="written")]
+    (failed,) = [v for _, v, _ in calls(fake, m.INGEST_CHUNKS, tenant="acme", outcome="failed")]
+    in_store = len(store.tenants["acme"])
+    assert written == in_store == 2
+    chunks = len(servicer.service._chunk_all([_plan(words)])[0].texts)
+    assert chunks > 4 and failed == chunks - in_store
+
+
+def _plan(text: str):
+    from hybridserve.retrieval.documents import Document
+    from hybridserve.retrieval.service import _Plan
+
+    return _Plan(Document("d1", text), "sha", 0, [])
+
+
 async def test_a_down_store_sets_weaviate_up_to_zero_and_the_probe_never_raises(fake, tokenizer):
     from hybridserve.retrieval.servicer import RetrievalServicer
 
@@ -307,6 +344,25 @@ async def test_a_down_store_sets_weaviate_up_to_zero_and_the_probe_never_raises(
     servicer = RetrievalServicer(HybridServeConfig(), _embed, store=DownStore(),
                                  tokenizer=tokenizer, model_name="m")
     assert await servicer.probe_weaviate() is False
+    assert [v for _, v, _ in calls(fake, m.WEAVIATE_UP)] == [0.0]
+
+
+async def test_a_hung_store_is_down_within_the_probe_bound(fake, tokenizer, monkeypatch):
+    """A Weaviate that never answers must not hold Serve's health check past its own
+    timeout (Serve would restart the replica): the probe gives up and reports down."""
+    import asyncio
+
+    from hybridserve.retrieval import servicer as module
+
+    class HungStore(FakeChunkStore):
+        async def check_health(self):
+            await asyncio.sleep(3600)
+
+    assert module.PROBE_TIMEOUT_S <= module.HEALTH_CHECK_TIMEOUT_S / 2
+    monkeypatch.setattr(module, "PROBE_TIMEOUT_S", 0.2)
+    servicer = module.RetrievalServicer(HybridServeConfig(), _embed, store=HungStore(),
+                                        tokenizer=tokenizer, model_name="m")
+    assert await asyncio.wait_for(servicer.probe_weaviate(), 5) is False
     assert [v for _, v, _ in calls(fake, m.WEAVIATE_UP)] == [0.0]
 
 
@@ -407,3 +463,65 @@ def test_a_missing_prometheus_binary_is_a_clear_error(tmp_path):
     with pytest.raises(FailedPrecondition) as e:
         server.start()
     assert "prometheus" in e.value.message and "install" in e.value.message
+
+
+def test_with_prometheus_on_a_taken_port_fails_before_the_platform_starts(tmp_path):
+    """`hybridserve up --with-prometheus` checks its Prometheus first: a taken port is
+    a clear error before Ray, Weaviate or any engine starts."""
+    import socket
+
+    import ray
+
+    from hybridserve import platform
+    from hybridserve.errors import FailedPrecondition
+
+    if ray.is_initialized():
+        pytest.skip("a Ray of another test is running in this process")
+    free = []
+    for _ in range(3):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            free.append(s.getsockname()[1])
+    cfg = HybridServeConfig(data_dir=tmp_path, serve={"grpc_port": free[0], "http_port": free[1]},
+                            observability={"metrics_export_port": free[2]})
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        with pytest.raises(FailedPrecondition) as e:
+            platform.start(cfg, progress=lambda m: None, with_prometheus=True,
+                           prometheus_port=held.getsockname()[1])
+    assert "Prometheus port" in e.value.message and "--prometheus-port" in e.value.message
+    assert not ray.is_initialized()
+    assert not (tmp_path / "weaviate").exists()
+
+
+def test_an_interrupted_prometheus_start_leaves_nothing_running(tmp_path, monkeypatch):
+    """Ctrl-C while waiting for readiness stops the child (it runs in its own session)."""
+    import shutil
+
+    from hybridserve.observability import prometheus as module
+
+    if shutil.which("prometheus") is None:
+        pytest.skip("prometheus is not installed (scripts/install.sh installs it)")
+
+    started = []
+
+    def interrupted(url):
+        started.append(server._proc)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(module, "_ready", interrupted)
+    server = PrometheusServer(["127.0.0.1:1"], tmp_path / "tsdb", port=_free_port_here())
+    with pytest.raises(KeyboardInterrupt):
+        server.start(timeout_s=30)
+    (proc,) = started
+    assert proc.poll() is not None, "prometheus still running after the interrupted start"
+    assert not server.running()
+
+
+def _free_port_here() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -180,6 +180,29 @@ def test_gauges_are_refreshed_until_released(fake):
     assert sets == [(1.0, "tone@1"), (1.0, "json@2"), (0.0, "json@2"), (1.0, "tone@1")]
 
 
+def test_a_released_replica_drops_its_gauges_to_zero_and_stops_refreshing(fake):
+    obs.set_resident("r1", "tone@1", True)
+    obs.set_engine_load("r1", waiting=2, running=3, capacity=8)
+    obs.set_weaviate_up("r2", True)
+    obs.release_replica("r1")
+    for metric in fake.values():
+        metric.calls.clear()
+    m._REGISTRY.refresh()
+    # Only the other replica's gauge is still refreshed.
+    refreshed = [(spec.name, c[2]) for spec in m.METRICS for c in _calls(fake, spec)]
+    assert refreshed == [(m.WEAVIATE_UP.name, {"replica": "r2"})]
+
+
+def test_releasing_sets_each_series_of_the_replica_to_zero(fake):
+    obs.set_resident("r1", "tone@1", True)
+    obs.set_engine_load("r1", waiting=2, running=3, capacity=8)
+    obs.release_replica("r1")
+    last = {}
+    for spec in (m.ADAPTER_RESIDENT, m.ENGINE_WAITING, m.ENGINE_RUNNING, m.ENGINE_CAPACITY):
+        last[spec.name] = _calls(fake, spec)[-1][1]
+    assert set(last.values()) == {0.0}
+
+
 def test_label_values_are_capped(fake, monkeypatch, caplog):
     monkeypatch.setattr(m, "MAX_LABEL_VALUES", 3)
     for i in range(5):

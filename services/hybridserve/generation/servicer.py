@@ -165,6 +165,7 @@ class GenerationServicer:
         if self._sampler is not None:
             self._sampler.cancel()
             self._sampler = None
+        obs.release_replica(replica_id())
         await self.service.engine.shutdown()
 
     # -- engine load gauges --------------------------------------------------

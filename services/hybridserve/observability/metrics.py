@@ -400,6 +400,16 @@ class Registry:
             time.sleep(GAUGE_REFRESH_S)
             self.refresh()
 
+    def release(self, label: str, value: str) -> None:
+        """Sets every live gauge series whose `label` is `value` to 0 and stops
+        refreshing it, so it ages out (a replica shutting down)."""
+        with self._lock:
+            gone = [key for key in self._gauges if (label, value) in key[1]]
+            for key in gone:
+                del self._gauges[key]
+        for name, tags in gone:
+            self.record(_BY_NAME[name], 0.0, dict(tags))
+
     def refresh(self) -> None:
         """Sets every live gauge series again, so Ray keeps exporting it."""
         with self._lock:
@@ -591,6 +601,12 @@ def weaviate_timer(op: str) -> Iterator[None]:
         ok = True
     finally:
         weaviate_call(op, time.perf_counter() - start, ok)
+
+
+def release_replica(replica: str) -> None:
+    """A replica is shutting down: its gauges (residency, engine load, weaviate_up)
+    drop to 0 and are no longer refreshed, so they age out instead of outliving it."""
+    _REGISTRY.release("replica", _free("replica", replica))
 
 
 def set_weaviate_up(replica: str, up: bool) -> None:

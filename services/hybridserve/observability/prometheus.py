@@ -128,10 +128,10 @@ class PrometheusServer:
 
     # -- process --------------------------------------------------------------
 
-    def start(self, timeout_s: float = 60) -> None:
-        """Starts Prometheus and waits until /-/ready answers 200."""
-        if self.running():
-            return
+    def preflight(self) -> str:
+        """Checks what `start` needs (the binary, a free port, a renderable config)
+        without starting anything, so a platform can fail before its slow start.
+        Returns the binary's path."""
         binary = shutil.which(self.binary)
         if binary is None:
             raise FailedPrecondition(
@@ -139,6 +139,15 @@ class PrometheusServer:
                 "(scripts/install.sh does) or set observability.prometheus_binary"
             )
         _require_free(self.port)
+        self.render_config()
+        return binary
+
+    def start(self, timeout_s: float = 60) -> None:
+        """Starts Prometheus and waits until /-/ready answers 200. If that fails or is
+        interrupted, the process is stopped: nothing is left holding the port."""
+        if self.running():
+            return
+        binary = self.preflight()
         config = self.write_config()
         self.data_dir.mkdir(parents=True, exist_ok=True)
         log_path = self.log_path or self.data_dir.parent / "prometheus.log"
@@ -156,18 +165,24 @@ class PrometheusServer:
                      "HOME": os.environ.get("HOME", "/tmp")},
                 start_new_session=True,  # a Ctrl-C in the terminal reaches us, not it
             )
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self._proc.poll() is not None:
-                self._proc = None
-                raise Unavailable(
-                    f"prometheus exited at start; the end of {log_path}:\n{_tail(log_path)}"
-                )
-            if _ready(self.url):
-                return
-            time.sleep(0.25)
-        self.stop()
-        raise Unavailable(f"prometheus did not become ready within {timeout_s:.0f}s; see {log_path}")
+        try:
+            deadline = time.monotonic() + timeout_s
+            while time.monotonic() < deadline:
+                if self._proc.poll() is not None:
+                    self._proc = None
+                    raise Unavailable(
+                        f"prometheus exited at start; the end of {log_path}:\n{_tail(log_path)}"
+                    )
+                if _ready(self.url):
+                    return
+                time.sleep(0.25)
+            raise Unavailable(
+                f"prometheus did not become ready within {timeout_s:.0f}s; see {log_path}"
+            )
+        except BaseException:
+            # NOTE: also on Ctrl-C: it runs in its own session, so nothing else would stop it.
+            self.stop()
+            raise
 
     def stop(self, timeout_s: float = 30) -> None:
         """Stops Prometheus gracefully (SIGTERM), killing it after timeout_s."""

@@ -124,13 +124,6 @@ class RetrievalService:
         if not plans:
             result.documents_ok = result.documents_unchanged
             return result
-        try:
-            return await self._ingest(tenant, plans, result)
-        finally:
-            # Also when a write step raised midway: what was written stays written.
-            obs.ingest_chunks(tenant, result.chunks_written, len(result.failures))
-
-    async def _ingest(self, tenant: str, plans: list[_Plan], result: UpsertResult) -> UpsertResult:
         # Tokenizing is CPU work: keep it off the event loop.
         plans = await asyncio.to_thread(self._chunk_all, plans)
         chunks = [
@@ -139,6 +132,21 @@ class RetrievalService:
             for p in plans
             for i, text in enumerate(p.texts)
         ]
+        unaccounted = 0
+        try:
+            return await self._ingest(tenant, plans, chunks, result)
+        except BaseException:
+            # A step that raised (Weaviate down or hung, the embedder gone) leaves
+            # chunks neither written nor reported per object: they failed too.
+            unaccounted = len(chunks) - result.chunks_written - len(result.failures)
+            raise
+        finally:
+            # What was written before a failure stays written, and is counted.
+            obs.ingest_chunks(tenant, result.chunks_written, len(result.failures) + unaccounted)
+
+    async def _ingest(
+        self, tenant: str, plans: list[_Plan], chunks: list[Chunk], result: UpsertResult
+    ) -> UpsertResult:
         failed_docs = await self._embed_and_write(tenant, chunks, result)
         for p in plans:
             if p.doc.id in failed_docs:
@@ -196,8 +204,13 @@ class RetrievalService:
                 self._record(await pending, result, failed)
                 pending = None
         finally:
-            if pending is not None and not pending.done():
-                pending.cancel()
+            if pending is not None:
+                if not pending.done():
+                    pending.cancel()
+                elif not pending.cancelled() and pending.exception() is None:
+                    # A write that finished while a later step raised: it is in
+                    # Weaviate, so it counts.
+                    self._record(pending.result(), result, failed)
         return failed
 
     async def _write(self, tenant, batch: list[Chunk], vectors: np.ndarray):

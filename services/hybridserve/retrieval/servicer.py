@@ -24,6 +24,11 @@ from hybridserve.v1 import retrieval_pb2
 logger = logging.getLogger(__name__)
 
 SERVICE_NAME = "hybridserve.v1.RetrievalService"
+#: Longest the Weaviate probe of the replica's health check may take; slower is "down".
+PROBE_TIMEOUT_S = 5.0
+#: Serve's timeout for the whole health check (its default, stated explicitly: the
+#: probe must stay well inside it, or Serve restarts a replica over a slow Weaviate).
+HEALTH_CHECK_TIMEOUT_S = 30.0
 _OPS = {
     retrieval_pb2.FILTER_OP_EQUAL: "equal",
     retrieval_pb2.FILTER_OP_NOT_EQUAL: "not_equal",
@@ -112,6 +117,7 @@ class RetrievalServicer:
     metrics_service = "retrieval"
 
     async def shutdown(self) -> None:
+        obs.release_replica(obs.replica_id())
         await self.service.store.close()
 
     async def probe_weaviate(self) -> bool:
@@ -123,9 +129,11 @@ class RetrievalServicer:
         if not obs.is_enabled():
             return True
         try:
-            await self.service.check_health()
+            # NOTE: bounded well inside Serve's health-check timeout: a reconnect
+            # (connect, collection check) can take far longer than a probe should.
+            await asyncio.wait_for(self.service.check_health(), PROBE_TIMEOUT_S)
             up = True
-        except Exception:  # noqa: BLE001 - down is an answer here, not an error
+        except Exception:  # noqa: BLE001 - down (or too slow) is an answer here, not an error
             up = False
         obs.set_weaviate_up(obs.replica_id(), up)
         return up
