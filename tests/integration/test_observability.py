@@ -562,3 +562,46 @@ def test_prometheus_evaluates_every_shipped_rule(prom, load):
     assert not broken
     # A healthy platform under this load fires nothing.
     assert not [r["name"] for r in rules if r.get("state") == "firing"]
+
+
+def test_a_request_id_is_echoed_and_logged_by_every_stage_of_a_search(platform):
+    """The request id a client sends (`request_id` metadata) comes back in the trailing
+    metadata, and Serve's access log of every stage the search crosses (the gRPC
+    proxy, the RetrievalService replica, the Embedder replica it calls through a
+    handle) carries it: one id follows the request through the logs."""
+    from pathlib import Path
+
+    import ray
+    from hybridserve.v1 import retrieval_pb2, retrieval_pb2_grpc
+
+    request_id = f"trace-{uuid.uuid4().hex}"
+    tenant = f"trace-{uuid.uuid4().hex[:8]}"
+    with HybridServeClient(platform.address) as client:
+        client.create_tenant(tenant)
+        try:
+            client.upsert(tenant, DOCS[:1])
+            with grpc.insecure_channel(platform.address) as channel:
+                stub = retrieval_pb2_grpc.RetrievalServiceStub(channel)
+                # alpha 1: the query is embedded, so the Embedder is a stage.
+                reply, call = stub.Search.with_call(
+                    retrieval_pb2.SearchRequest(tenant=tenant, query="lighthouse", alpha=1.0),
+                    metadata=[("application", "retrieval"), ("request_id", request_id)],
+                    timeout=60,
+                )
+        finally:
+            client.delete_tenant(tenant)
+    assert reply.hits
+    assert ("request_id", request_id) in tuple(call.trailing_metadata())
+
+    serve_logs = Path(ray._private.worker._global_node.get_logs_dir_path()) / "serve"
+
+    def stages_that_logged_it():
+        found = set()
+        for path in serve_logs.glob("*.log"):
+            if request_id in path.read_text(errors="replace"):
+                name = path.name
+                found.add("proxy" if name.startswith("proxy_") else name.split("_")[2])
+        return found if {"proxy", "RetrievalService", "Embedder"} <= found else None
+
+    # Serve writes its logs through a buffer: a bounded wait, not a timing assertion.
+    _poll(stages_that_logged_it, "every stage's log to show the request id", timeout_s=60)
