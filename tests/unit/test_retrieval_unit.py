@@ -252,3 +252,62 @@ def test_bad_jsonl_names_file_and_line(tmp_path, line, message):
 def test_html_to_text_drops_scripts_and_keeps_blocks():
     title, text = html_to_text("<title>T</title><div>a</div><div>b<script>x()</script></div>")
     assert title == "T" and text.split() == ["a", "b"]
+
+
+def test_concurrent_upserts_of_one_document_leave_one_whole_version(tokenizer):
+    """Two callers upsert the same document at once, a long and a short version.
+    Whichever lands last, the store holds exactly that version's chunks: no stale
+    tail of the other one (each upsert reads the stored version, then writes)."""
+    svc, store, _ = _service(tokenizer)
+    writes = store.write
+
+    async def slow_write(tenant, chunks, vectors):
+        # The short version's one write is the slowest, so without care it lands
+        # after the long version and leaves the long one's tail behind.
+        await asyncio.sleep(0.2 if chunks[0].doc_chunks <= 2 else 0.01)
+        return await writes(tenant, chunks, vectors)
+
+    store.write = slow_write
+
+    async def run():
+        await svc.create_tenant("t")
+        long_doc, short_doc = Document("d", _long(120)), Document("d", _long(10))  # 24, 2 chunks
+        results = await asyncio.gather(svc.upsert("t", [long_doc]), svc.upsert("t", [short_doc]))
+        assert not any(r.failures for r in results)
+        stored = sorted(c.index for c, _ in store.tenants["t"].values())
+        head = next(c for c, _ in store.tenants["t"].values() if c.index == 0)
+        # Chunk 0 names the version, and the store holds exactly that version's chunks.
+        assert stored == list(range(head.doc_chunks)), stored
+        assert len(svc._documents) == 0  # no lock outlives its upsert
+
+    asyncio.run(run())
+
+
+def test_document_locks_serialise_one_key_only_and_survive_cancellation():
+    from hybridserve.retrieval.service import _KeyedLocks
+
+    locks = _KeyedLocks()
+    order = []
+
+    async def job(name, keys, pause):
+        async with locks.hold(keys):
+            order.append(f"{name}+")
+            await asyncio.sleep(pause)
+            order.append(f"{name}-")
+
+    async def run():
+        # b shares no key with a: it runs inside a's hold; c shares "x": it waits.
+        await asyncio.gather(job("a", ["x", "y"], 0.05), job("b", ["z"], 0.01),
+                             job("c", ["y", "x"], 0.01))
+        assert order.index("b+") < order.index("a-") < order.index("c+")
+        # A waiter cancelled while queued releases nothing it never held.
+        holder = asyncio.create_task(job("d", ["x"], 0.05))
+        await asyncio.sleep(0)
+        waiter = asyncio.create_task(job("e", ["x"], 0.01))
+        await asyncio.sleep(0.01)
+        waiter.cancel()
+        await asyncio.gather(holder, waiter, return_exceptions=True)
+        assert "e+" not in order and len(locks) == 0
+        await job("f", ["x"], 0)  # still usable
+
+    asyncio.run(run())

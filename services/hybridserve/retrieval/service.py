@@ -14,7 +14,8 @@ import hashlib
 import json
 import logging
 import math
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Hashable, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -43,6 +44,38 @@ logger = logging.getLogger(__name__)
 
 #: Embeds a batch of texts: rows L2-normalised, float32.
 EmbedFn = Callable[[list[str]], Awaitable[np.ndarray]]
+
+
+class _KeyedLocks:
+    """One asyncio lock per key, alive only while someone holds or waits for it."""
+
+    def __init__(self) -> None:
+        self._locks: dict[Hashable, list] = {}  # key -> [lock, holders and waiters]
+
+    @asynccontextmanager
+    async def hold(self, keys: Sequence[Hashable]) -> AsyncIterator[None]:
+        """Holds the locks of all `keys` (taken in sorted order: no deadlock)."""
+        entries = []
+        for key in sorted(set(keys)):
+            entry = self._locks.setdefault(key, [asyncio.Lock(), 0])
+            entry[1] += 1
+            entries.append((key, entry))
+        held = []
+        try:
+            for _, entry in entries:
+                await entry[0].acquire()
+                held.append(entry)
+            yield
+        finally:
+            for entry in held:
+                entry[0].release()
+            for key, entry in entries:
+                entry[1] -= 1
+                if entry[1] == 0:
+                    del self._locks[key]
+
+    def __len__(self) -> int:
+        return len(self._locks)
 
 
 @dataclass(frozen=True)
@@ -79,6 +112,10 @@ class RetrievalService:
         self._embed = embed
         self.tokenizer = tokenizer
         self.model_name = model_name
+        # NOTE: an upsert reads a document's stored version, then writes; two
+        # concurrent upserts (or an upsert and a delete) of one document on this
+        # replica are serialised so the last one leaves exactly its own version.
+        self._documents = _KeyedLocks()
 
     # -- tenants ----------------------------------------------------------------
 
@@ -111,6 +148,10 @@ class RetrievalService:
             max_document_bytes=self.cfg.max_document_bytes,
         )
         await self.store.require_tenant(tenant)
+        async with self._documents.hold([(tenant, d.id) for d in docs]):
+            return await self._upsert(tenant, docs)
+
+    async def _upsert(self, tenant: str, docs: Sequence[Document]) -> UpsertResult:
         stored = await self.store.document_versions(tenant, [d.id for d in docs])
         result = UpsertResult()
         plans = []
@@ -232,7 +273,9 @@ class RetrievalService:
             if not d or len(d) > MAX_DOC_ID_CHARS:
                 raise InvalidArgument(f"invalid doc id {d[:80]!r}: 1-{MAX_DOC_ID_CHARS} characters")
         await self.store.require_tenant(tenant)
-        return await self.store.delete_documents(tenant, list(dict.fromkeys(doc_ids)))
+        ids = list(dict.fromkeys(doc_ids))
+        async with self._documents.hold([(tenant, d) for d in ids]):
+            return await self.store.delete_documents(tenant, ids)
 
     # -- search -----------------------------------------------------------------
 
