@@ -145,10 +145,22 @@ class WeaviateServer:
             proc.kill()
             proc.wait()
 
-    def pause(self) -> None:
-        """SIGSTOP: the server keeps its sockets but answers nothing (a hung server)."""
-        if self._proc is not None:
-            self._proc.send_signal(signal.SIGSTOP)
+    def pause(self, timeout_s: float = 5) -> None:
+        """SIGSTOP: the server keeps its sockets but answers nothing (a hung server).
+        Returns once the kernel reports the process stopped (Linux), at most timeout_s."""
+        if self._proc is None:
+            return
+        self._proc.send_signal(signal.SIGSTOP)
+        stat = Path(f"/proc/{self._proc.pid}/stat")
+        deadline = time.monotonic() + timeout_s
+        while stat.is_file() and time.monotonic() < deadline:
+            try:
+                # The state is the first field after the ")" closing the name.
+                if stat.read_text().rsplit(")", 1)[1].split()[0] == "T":
+                    return
+            except (OSError, IndexError):
+                return
+            time.sleep(0.01)
 
     def resume(self) -> None:
         if self._proc is not None:
