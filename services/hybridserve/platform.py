@@ -11,6 +11,7 @@ from pathlib import Path
 
 import grpc
 
+from hybridserve import localproc
 from hybridserve.config import HybridServeConfig
 from hybridserve.errors import FailedPrecondition, Unavailable
 from hybridserve.observability.prometheus import PrometheusServer
@@ -75,8 +76,6 @@ def ensure_model(config: HybridServeConfig, progress=print) -> Path:
 
 def check_ports_free(config: HybridServeConfig) -> None:
     """Fails fast, before Ray starts, when a port the platform needs is taken."""
-    import socket
-
     ports = (
         ("gRPC", config.serve.grpc_port, "`hybridserve up --port N`, or serve.grpc_port"),
         ("HTTP", config.serve.http_port, "serve.http_port"),
@@ -84,16 +83,12 @@ def check_ports_free(config: HybridServeConfig) -> None:
          "observability.metrics_export_port"),
     )
     for what, port, setting in ports:
-        with socket.socket() as sock:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            try:
-                sock.bind((config.serve.grpc_host, port))
-            except OSError as e:
-                raise FailedPrecondition(
-                    f"the {what} port {port} on {config.serve.grpc_host} is in use ({e.strerror}); "
-                    "stop whatever holds it (another `hybridserve up`?) or choose another port "
-                    f"({setting} in the config)"
-                ) from None
+        if reason := localproc.bind_error(port, config.serve.grpc_host):
+            raise FailedPrecondition(
+                f"the {what} port {port} on {config.serve.grpc_host} is in use ({reason}); "
+                "stop whatever holds it (another `hybridserve up`?) or choose another port "
+                f"({setting} in the config)"
+            )
 
 
 def start_weaviate(config: HybridServeConfig, progress=print) -> WeaviateServer | None:

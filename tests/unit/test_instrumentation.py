@@ -501,18 +501,18 @@ def test_an_interrupted_prometheus_start_leaves_nothing_running(tmp_path, monkey
     """Ctrl-C while waiting for readiness stops the child (it runs in its own session)."""
     import shutil
 
-    from hybridserve.observability import prometheus as module
+    from hybridserve import localproc
 
     if shutil.which("prometheus") is None:
         pytest.skip("prometheus is not installed (scripts/install.sh installs it)")
 
     started = []
 
-    def interrupted(url):
+    def interrupted(url, timeout_s=2):
         started.append(server._proc)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(module, "_ready", interrupted)
+    monkeypatch.setattr(localproc, "http_ok", interrupted)
     server = PrometheusServer(["127.0.0.1:1"], tmp_path / "tsdb", port=_free_port_here())
     with pytest.raises(KeyboardInterrupt):
         server.start(timeout_s=30)

@@ -11,12 +11,8 @@ scripts/install.sh installs.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
-import socket
 import subprocess
-import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -24,8 +20,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from hybridserve import localproc
 from hybridserve.config import HybridServeConfig
-from hybridserve.errors import FailedPrecondition, Unavailable
+from hybridserve.errors import FailedPrecondition
 
 #: deploy/prometheus in the source checkout (the package is installed editable).
 DEPLOY_DIR = Path(__file__).resolve().parents[3] / "deploy" / "prometheus"
@@ -138,7 +135,11 @@ class PrometheusServer:
                 f"{self.binary!r} not found: install Debian's `prometheus` package "
                 "(scripts/install.sh does) or set observability.prometheus_binary"
             )
-        _require_free(self.port)
+        if reason := localproc.bind_error(self.port):
+            raise FailedPrecondition(
+                f"the Prometheus port {self.port} is in use ({reason}); stop what holds it, or "
+                "choose another (`--prometheus-port N` or observability.prometheus_port)"
+            )
         self.render_config()
         return binary
 
@@ -151,50 +152,26 @@ class PrometheusServer:
         config = self.write_config()
         self.data_dir.mkdir(parents=True, exist_ok=True)
         log_path = self.log_path or self.data_dir.parent / "prometheus.log"
-        with open(log_path, "ab") as log:
-            self._proc = subprocess.Popen(
-                [
-                    binary,
-                    f"--config.file={config}",
-                    f"--web.listen-address=127.0.0.1:{self.port}",
-                    f"--storage.tsdb.path={self.data_dir}",
-                ],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"),
-                     "HOME": os.environ.get("HOME", "/tmp")},
-                start_new_session=True,  # a Ctrl-C in the terminal reaches us, not it
-            )
+        self._proc = localproc.launch(
+            [
+                binary,
+                f"--config.file={config}",
+                f"--web.listen-address=127.0.0.1:{self.port}",
+                f"--storage.tsdb.path={self.data_dir}",
+            ],
+            log_path, {},
+        )
         try:
-            deadline = time.monotonic() + timeout_s
-            while time.monotonic() < deadline:
-                if self._proc.poll() is not None:
-                    self._proc = None
-                    raise Unavailable(
-                        f"prometheus exited at start; the end of {log_path}:\n{_tail(log_path)}"
-                    )
-                if _ready(self.url):
-                    return
-                time.sleep(0.25)
-            raise Unavailable(
-                f"prometheus did not become ready within {timeout_s:.0f}s; see {log_path}"
-            )
+            localproc.await_ready(self._proc, f"{self.url}/-/ready", timeout_s, "prometheus",
+                                  log_path)
         except BaseException:
-            # NOTE: also on Ctrl-C: it runs in its own session, so nothing else would stop it.
-            self.stop()
+            self._proc = None
             raise
 
     def stop(self, timeout_s: float = 30) -> None:
         """Stops Prometheus gracefully (SIGTERM), killing it after timeout_s."""
         proc, self._proc = self._proc, None
-        if proc is None or proc.poll() is not None:
-            return
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        localproc.terminate(proc, timeout_s)
 
     # -- HTTP API -------------------------------------------------------------
 
@@ -227,30 +204,3 @@ class PrometheusServer:
         """True when every scrape target was scraped successfully last time."""
         active = self.api("targets")["activeTargets"]
         return bool(active) and all(t["health"] == "up" for t in active)
-
-
-def _ready(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(f"{url}/-/ready", timeout=2) as r:
-            return r.status == 200
-    except (urllib.error.URLError, OSError):
-        return False
-
-
-def _require_free(port: int) -> None:
-    with socket.socket() as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError as e:
-            raise FailedPrecondition(
-                f"the Prometheus port {port} is in use ({e.strerror}); stop what holds it, or "
-                "choose another (`--prometheus-port N` or observability.prometheus_port)"
-            ) from None
-
-
-def _tail(path: Path, lines: int = 20) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return "(no log)"

@@ -11,14 +11,12 @@ import os
 import signal
 import subprocess
 import time
-import urllib.error
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from hybridserve import constants
+from hybridserve import constants, localproc
 from hybridserve.config import HybridServeConfig
-from hybridserve.errors import FailedPrecondition, Unavailable
+from hybridserve.errors import FailedPrecondition
 
 
 def install_hint(binary: Path) -> str:
@@ -76,12 +74,14 @@ class WeaviateServer:
         if not (self.binary.is_file() and os.access(self.binary, os.X_OK)):
             raise FailedPrecondition(install_hint(self.binary))
         for what, port in (("HTTP", self.http_port), ("gRPC", self.grpc_port)):
-            _require_free(port, what)
+            if reason := localproc.bind_error(port):
+                raise FailedPrecondition(
+                    f"the weaviate-server {what} port {port} is in use ({reason}); stop what "
+                    "holds it or set weaviate.http_port / weaviate.grpc_port"
+                )
         self.data_dir.mkdir(parents=True, exist_ok=True)
         log_path = self.log_path or self.data_dir.parent / "weaviate.log"
         env = {
-            "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
-            "HOME": os.environ.get("HOME", "/tmp"),
             "PERSISTENCE_DATA_PATH": str(self.data_dir),
             "DEFAULT_VECTORIZER_MODULE": "none",
             "ENABLE_MODULES": "",
@@ -103,40 +103,22 @@ class WeaviateServer:
             "QUERY_DEFAULTS_LIMIT": "25",
             **self.extra_env,
         }
-        with open(log_path, "ab") as log:
-            self._proc = subprocess.Popen(
-                [str(self.binary), "--host", "127.0.0.1", "--port", str(self.http_port),
-                 "--scheme", "http"],
-                env=env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,  # a Ctrl-C in the terminal reaches us, not it
-            )
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self._proc.poll() is not None:
-                tail = _tail(log_path)
-                self._proc = None
-                raise Unavailable(f"weaviate-server exited at start; the end of {log_path}:\n{tail}")
-            if _ready(self.url):
-                return
-            time.sleep(0.25)
-        self.stop()
-        raise Unavailable(
-            f"weaviate-server did not become ready within {timeout_s:.0f}s; see {log_path}"
+        self._proc = localproc.launch(
+            [str(self.binary), "--host", "127.0.0.1", "--port", str(self.http_port),
+             "--scheme", "http"],
+            log_path, env,
         )
+        try:
+            localproc.await_ready(self._proc, f"{self.url}/v1/.well-known/ready", timeout_s,
+                                  "weaviate-server", log_path)
+        except BaseException:
+            self._proc = None
+            raise
 
     def stop(self, timeout_s: float = 30) -> None:
         """Stops the server gracefully (SIGTERM: it flushes to disk), killing it after timeout_s."""
         proc, self._proc = self._proc, None
-        if proc is None or proc.poll() is not None:
-            return
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        localproc.terminate(proc, timeout_s)
 
     def kill(self) -> None:
         """SIGKILL, for crash tests."""
@@ -165,32 +147,3 @@ class WeaviateServer:
     def resume(self) -> None:
         if self._proc is not None:
             self._proc.send_signal(signal.SIGCONT)
-
-
-def _ready(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(f"{url}/v1/.well-known/ready", timeout=2) as r:
-            return r.status == 200
-    except (urllib.error.URLError, OSError):
-        return False
-
-
-def _require_free(port: int, what: str) -> None:
-    import socket
-
-    with socket.socket() as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError as e:
-            raise FailedPrecondition(
-                f"the weaviate-server {what} port {port} is in use ({e.strerror}); stop what holds "
-                "it or set weaviate.http_port / weaviate.grpc_port"
-            ) from None
-
-
-def _tail(path: Path, lines: int = 20) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return "(no log)"
