@@ -45,10 +45,29 @@ def set_status(grpc_context: Any, err: BaseException) -> None:
         grpc_context.set_details(message)
 
 
-def _finish(service: str, method: str, code: str, start: float, timed: bool) -> None:
-    obs.record_request(service, method, code)
-    if timed:
-        obs.observe_stage("total", time.perf_counter() - start, service=service)
+@contextlib.contextmanager
+def _observed(servicer: Any, method: Any, grpc_context: Any, timed: bool):
+    """Around one RPC: maps its errors to the call's status and counts (and times)
+    the call by the code it ended with. A client that went away is CANCELLED."""
+    service = getattr(servicer, "metrics_service", "other")
+    start, code = time.perf_counter(), "OK"
+    try:
+        yield
+    except (asyncio.CancelledError, GeneratorExit):
+        code = "CANCELLED"
+        raise
+    except HybridServeError as e:
+        code = e.code
+        set_status(grpc_context, e)
+        raise
+    except Exception as e:
+        code = "INTERNAL"
+        set_status(grpc_context, e)
+        raise Internal(status_of(e)[1]) from e
+    finally:
+        obs.record_request(service, method.__name__, code)
+        if timed:
+            obs.observe_stage("total", time.perf_counter() - start, service=service)
 
 
 def _decorator(wrap):
@@ -74,22 +93,8 @@ def grpc_unary(method, timed: bool):
 
     @functools.wraps(method)
     async def wrapper(self, request, grpc_context=None):
-        service, start, code = getattr(self, "metrics_service", "other"), time.perf_counter(), "OK"
-        try:
+        with _observed(self, method, grpc_context, timed):
             return await method(self, request, grpc_context)
-        except asyncio.CancelledError:
-            code = "CANCELLED"
-            raise
-        except HybridServeError as e:
-            code = e.code
-            set_status(grpc_context, e)
-            raise
-        except Exception as e:
-            code = "INTERNAL"
-            set_status(grpc_context, e)
-            raise Internal(status_of(e)[1]) from e
-        finally:
-            _finish(service, method.__name__, code, start, timed)
 
     return wrapper
 
@@ -105,25 +110,11 @@ def grpc_stream(method, timed: bool):
 
     @functools.wraps(method)
     async def wrapper(self, request, grpc_context=None):
-        service, start, code = getattr(self, "metrics_service", "other"), time.perf_counter(), "OK"
-        try:
-            # NOTE: aclosing, so that closing this wrapper closes the inner chain
-            # right now, not whenever the garbage collector finalizes it.
+        # NOTE: aclosing, so that closing this wrapper closes the inner chain
+        # right now, not whenever the garbage collector finalizes it.
+        with _observed(self, method, grpc_context, timed):
             async with contextlib.aclosing(method(self, request, grpc_context)) as stream:
                 async for message in stream:
                     yield message
-        except (asyncio.CancelledError, GeneratorExit):
-            code = "CANCELLED"
-            raise
-        except HybridServeError as e:
-            code = e.code
-            set_status(grpc_context, e)
-            raise
-        except Exception as e:
-            code = "INTERNAL"
-            set_status(grpc_context, e)
-            raise Internal(status_of(e)[1]) from e
-        finally:
-            _finish(service, method.__name__, code, start, timed)
 
     return wrapper
