@@ -6,6 +6,7 @@ import asyncio
 from collections.abc import AsyncIterator, Sequence
 
 from hybridserve.generation.engine import AdapterRef, Delta, Engine, EngineStats, SamplingOptions
+from hybridserve.observability import metrics as m
 
 
 class FakeEngine(Engine):
@@ -152,3 +153,29 @@ class FakeChunkStore(ChunkStore):
             if score:
                 scored.append(Hit(c.id, c.doc_id, c.index, c.text, c.title, c.source, c.metadata, score))
         return sorted(scored, key=lambda h: -h.score)[: query.top_k]
+
+
+class FakeMetric:
+    """Records calls and checks the tag keys, which Ray itself does not fully check
+    (it accepts extra keys silently, which would split a metric's label schema)."""
+
+    def __init__(self, spec: m.MetricSpec):
+        self.spec = spec
+        self.calls: list[tuple[str, float, dict[str, str]]] = []
+
+    def _check(self, op: str, value: float, tags: dict[str, str]) -> None:
+        assert set(tags) == set(self.spec.labels), (self.spec.name, tags)
+        assert all(isinstance(v, str) and v for v in tags.values()), (self.spec.name, tags)
+        self.calls.append((op, value, dict(tags)))
+
+    def inc(self, value, tags):
+        assert self.spec.kind is m.Kind.COUNTER and value > 0
+        self._check("inc", value, tags)
+
+    def observe(self, value, tags):
+        assert self.spec.kind is m.Kind.HISTOGRAM
+        self._check("observe", value, tags)
+
+    def set(self, value, tags):
+        assert self.spec.kind is m.Kind.GAUGE
+        self._check("set", value, tags)

@@ -29,19 +29,6 @@ from hybridserve.observability.prometheus import PrometheusServer
 from hybridserve.v1 import generation_pb2, rerank_pb2, retrieval_pb2
 
 from tests.unit.fakes import FakeChunkStore, FakeEngine
-from tests.unit.test_metrics import FakeMetric
-
-
-@pytest.fixture
-def fake(monkeypatch) -> dict[str, FakeMetric]:
-    made: dict[str, FakeMetric] = {}
-
-    def factory(spec):
-        made[spec.name] = FakeMetric(spec)
-        return made[spec.name]
-
-    monkeypatch.setattr(m, "_REGISTRY", m.Registry(factory, refresh_gauges=False))
-    return made
 
 
 def calls(made, spec, **tags) -> list[tuple[str, float, dict]]:

@@ -18,45 +18,6 @@ _LABEL = re.compile(r"^[a-z][a-z0-9_]*$")
 _RAY_LABELS = {"Component", "NodeAddress", "SessionName", "Version", "WorkerId", "le"}
 
 
-class FakeMetric:
-    """Records calls and checks the tag keys, which Ray itself does not fully check
-    (it accepts extra keys silently, which would split a metric's label schema)."""
-
-    def __init__(self, spec: m.MetricSpec):
-        self.spec = spec
-        self.calls: list[tuple[str, float, dict[str, str]]] = []
-
-    def _check(self, op: str, value: float, tags: dict[str, str]) -> None:
-        assert set(tags) == set(self.spec.labels), (self.spec.name, tags)
-        assert all(isinstance(v, str) and v for v in tags.values()), (self.spec.name, tags)
-        self.calls.append((op, value, dict(tags)))
-
-    def inc(self, value, tags):
-        assert self.spec.kind is m.Kind.COUNTER and value > 0
-        self._check("inc", value, tags)
-
-    def observe(self, value, tags):
-        assert self.spec.kind is m.Kind.HISTOGRAM
-        self._check("observe", value, tags)
-
-    def set(self, value, tags):
-        assert self.spec.kind is m.Kind.GAUGE
-        self._check("set", value, tags)
-
-
-@pytest.fixture
-def fake(monkeypatch) -> dict[str, FakeMetric]:
-    """Swaps the process registry for one that records into FakeMetrics."""
-    made: dict[str, FakeMetric] = {}
-
-    def factory(spec):
-        made[spec.name] = FakeMetric(spec)
-        return made[spec.name]
-
-    monkeypatch.setattr(m, "_REGISTRY", m.Registry(factory, refresh_gauges=False))
-    return made
-
-
 def _calls(made, spec):
     return made[spec.name].calls if spec.name in made else []
 
