@@ -145,11 +145,12 @@ class Direct:
 
 
 class Platform:
-    """The gRPC API of a running local platform (aio client)."""
+    """The GenerationService of one Serve app of a running local platform (aio client)."""
 
-    def __init__(self, address: str):
+    def __init__(self, address: str, app: str = "generation"):
         from hybridserve.v1 import generation_pb2_grpc
 
+        self.app = app
         self.channel = grpc.aio.insecure_channel(address)
         self.stub = generation_pb2_grpc.GenerationServiceStub(self.channel)
 
@@ -160,7 +161,7 @@ class Platform:
         req.messages.messages.append(common_pb2.ChatMessage(role="user", content=prompt))
         req.sampling.max_tokens = max_tokens
         req.sampling.temperature = 0
-        md = [("application", "generation")] + ([("multiplexed_model_id", adapter)] if adapter else [])
+        md = [("application", self.app)] + ([("multiplexed_model_id", adapter)] if adapter else [])
         t0 = time.perf_counter()
         ttft, n = None, 0
         async for msg in self.stub.Generate(req, metadata=md, timeout=600):
@@ -175,7 +176,7 @@ class Platform:
 
         reply = await self.stub.RegisterAdapter(
             generation_pb2.RegisterAdapterRequest(name=name, path=path, version=version),
-            metadata=[("application", "generation")], timeout=120,
+            metadata=[("application", self.app)], timeout=120,
         )
         return reply.adapter.id
 

@@ -39,12 +39,11 @@ import sys
 import time
 from pathlib import Path
 
-import grpc
 
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
 
-from generation import PROMPTS, _free_port, _pct, build_assets  # noqa: E402
+from generation import Platform, _free_port, _summary, build_assets, run_load  # noqa: E402
 
 APPS = {"metrics-on": True, "metrics-off": False}
 
@@ -67,55 +66,6 @@ def make_config(base: Path, name: str, work: Path, args, metrics: bool, ports: d
         serve={**ports, "cpus_per_replica": 0.5, "apps": ["generation"]},
         observability={"metrics_enabled": metrics, "metrics_export_port": metrics_port},
     )
-
-
-class App:
-    """The GenerationService of one Serve app (aio client)."""
-
-    def __init__(self, channel: grpc.aio.Channel, app: str):
-        from hybridserve.v1 import generation_pb2_grpc
-
-        self.app = app
-        self.stub = generation_pb2_grpc.GenerationServiceStub(channel)
-
-    async def one(self, prompt: str, max_tokens: int, adapter: str = ""):
-        from hybridserve.v1 import common_pb2, generation_pb2
-
-        req = generation_pb2.GenerateRequest(adapter=adapter)
-        req.messages.messages.append(common_pb2.ChatMessage(role="user", content=prompt))
-        req.sampling.max_tokens = max_tokens
-        req.sampling.temperature = 0
-        md = [("application", self.app)] + ([("multiplexed_model_id", adapter)] if adapter else [])
-        t0 = time.perf_counter()
-        ttft, n = None, 0
-        async for msg in self.stub.Generate(req, metadata=md, timeout=600):
-            if msg.HasField("delta"):
-                if ttft is None:
-                    ttft = time.perf_counter() - t0
-                n += len(msg.delta.token_ids)
-        return ttft, n
-
-    async def register(self, name: str, path: str) -> str:
-        from hybridserve.v1 import generation_pb2
-
-        reply = await self.stub.RegisterAdapter(
-            generation_pb2.RegisterAdapterRequest(name=name, path=path, version="v1"),
-            metadata=[("application", self.app)], timeout=120,
-        )
-        return reply.adapter.id
-
-
-async def run_load(app: App, streams: int, max_tokens: int, adapters: list[str]) -> dict:
-    """`streams` concurrent requests; stream i uses adapters[i % len] ("" = base)."""
-    t0 = time.perf_counter()
-    results = await asyncio.gather(*[
-        app.one(PROMPTS[i % len(PROMPTS)], max_tokens, adapters[i % len(adapters)])
-        for i in range(streams)
-    ])
-    wall = time.perf_counter() - t0
-    tokens = sum(n for _, n in results)
-    return {"tok_s": tokens / wall, "tokens": tokens, "wall_s": wall,
-            "ttft": [t for t, _ in results if t is not None]}
 
 
 def recording_costs(n: int = 20000) -> dict[str, float]:
@@ -167,14 +117,13 @@ async def main_async(args) -> dict:
                for app, on in APPS.items()}
     running = local.start(configs["metrics-on"], generation_apps=configs,
                           progress=lambda msg: print("[bench]", msg, flush=True))
-    channel = grpc.aio.insecure_channel(running.grpc_address)
-    apps = {name: App(channel, name) for name in APPS}
+    apps = {name: Platform(running.grpc_address, app=name) for name in APPS}
     try:
-        ids = [await apps["metrics-on"].register(f"obs{i}", d.name)
+        ids = [await apps["metrics-on"].register(f"obs{i}", d.name, "v1")
                for i, d in enumerate(adapter_dirs)]
         mix = [""] + ids  # the base model and every adapter, round robin
         for app in apps.values():  # warm up: first requests pay one-time costs
-            await run_load(app, args.streams, 8, mix)
+            await run_load(app.one, args.streams, 8, mix)
         rounds = {name: [] for name in APPS}
         ratios = []
         for r in range(args.rounds):
@@ -182,21 +131,12 @@ async def main_async(args) -> dict:
             result = {}
             for name in order:
                 await asyncio.sleep(args.pause_s)
-                result[name] = await run_load(apps[name], args.streams, args.max_tokens, mix)
+                result[name] = await run_load(apps[name].one, args.streams, args.max_tokens, mix)
                 rounds[name].append(result[name])
             ratios.append(result["metrics-on"]["tok_s"] / result["metrics-off"]["tok_s"])
             print(f"[bench] round {r} ({' then '.join(order)}): on/off {ratios[-1]:.3f} "
                   f"(on {result['metrics-on']['tok_s']:.0f} vs off "
                   f"{result['metrics-off']['tok_s']:.0f} tok/s)", flush=True)
-
-        def summary(rs):
-            ttft = [t for x in rs for t in x["ttft"]]
-            return {
-                "tok_s_median": statistics.median(x["tok_s"] for x in rs),
-                "tok_s_rounds": [round(x["tok_s"], 1) for x in rs],
-                "ttft_p50_ms": 1000 * _pct(ttft, 50),
-                "ttft_p99_ms": 1000 * _pct(ttft, 99),
-            }
 
         def pooled(rs):
             return sum(x["tokens"] for x in rs) / sum(x["wall_s"] for x in rs)
@@ -215,10 +155,11 @@ async def main_async(args) -> dict:
             "on_vs_off_ratio_pooled": pooled(rounds["metrics-on"]) / pooled(rounds["metrics-off"]),
             "on_vs_off_ratios": [round(x, 3) for x in ratios],
             "recording_cost_us": recording_costs(),
-            **{name: summary(rs) for name, rs in rounds.items()},
+            **{name: _summary(rs) for name, rs in rounds.items()},
         }
     finally:
-        await channel.close()
+        for app in apps.values():
+            await app.channel.close()
         running.stop()
 
 

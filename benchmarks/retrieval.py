@@ -27,7 +27,6 @@ import argparse
 import json
 import os
 import random
-import socket
 import statistics
 import sys
 import tempfile
@@ -37,6 +36,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
+sys.path.insert(0, str(ROOT))
+
+from generation import _free_port, _pct  # noqa: E402
+
 WORDS = (
     "harbour crane container vessel tide lighthouse keeper engine valve pressure pump filter "
     "invoice refund customer account password token server latency cache replica tenant "
@@ -47,16 +50,6 @@ WORDS = (
 ).split()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _pct(values, q):
-    values = sorted(values)
-    k = min(len(values) - 1, max(0, round(q / 100 * (len(values) - 1))))
-    return values[k]
 
 
 def _text(rng: random.Random, words: int) -> str:
