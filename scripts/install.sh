@@ -75,15 +75,29 @@ go_tool() {  # name module@version
 go_tool grpcurl github.com/fullstorydev/grpcurl/cmd/grpcurl@v1.9.4
 go_tool weaviate-server github.com/weaviate/weaviate/cmd/weaviate-server@v1.38.11
 
-# Prometheus and promtool from Debian (observability tests and
-# `hybridserve up --with-prometheus`). Never started as a service here.
-if ! command -v prometheus >/dev/null || ! command -v promtool >/dev/null; then
+# Debian packages, never started as services here (the platform and the tests
+# run their own processes on loopback):
+#   prometheus, promtool  observability tests, `hybridserve up --with-prometheus`
+#   redis-server          the shared quota counters (`hybridserve up` runs one)
+#   postgresql            the tenancy store's PostgreSQL tests (initdb in a temp dir)
+apt_missing=()
+command -v prometheus >/dev/null && command -v promtool >/dev/null || apt_missing+=(prometheus)
+command -v redis-server >/dev/null || apt_missing+=(redis-server)
+ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || apt_missing+=(postgresql)
+if [ ${#apt_missing[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-    log "installing prometheus from Debian"
+    log "installing from Debian: ${apt_missing[*]}"
+    # NOTE: policy-rc.d 101 stops the packages' postinst from starting system
+    # services (a Redis on 6379, a PostgreSQL cluster): nothing here needs them.
+    policy=/usr/sbin/policy-rc.d
+    had_policy=0; [ -e "$policy" ] && had_policy=1
+    [ "$had_policy" = 1 ] || { printf '#!/bin/sh\nexit 101\n' > "$policy"; chmod +x "$policy"; }
     apt-get update -qq >/dev/null
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${apt_missing[@]}" >/dev/null
+    [ "$had_policy" = 1 ] || rm -f "$policy"
   else
-    log "prometheus/promtool missing: install Debian's 'prometheus' package (observability tests will fail without it)"
+    log "missing Debian packages: ${apt_missing[*]} (install them: apt-get install ${apt_missing[*]});"
+    log "  without redis-server \`hybridserve up\` cannot enforce quotas, without the others some tests fail"
   fi
 fi
 

@@ -22,6 +22,8 @@ from hybridserve.generation.vllm_engine import engine_environment
 GENERATION_APP = "generation"
 RETRIEVAL_APP = "retrieval"
 RERANK_APP = "rerank"
+#: The control plane (AdminService); always deployed.
+ADMIN_APP = "admin"
 
 #: The servicers Serve's gRPC proxy exposes. Server reflection is built into
 #: the proxy (gRPCOptions.enable_reflection); health is answered by our
@@ -30,6 +32,7 @@ GRPC_SERVICER_FUNCTIONS = [
     "hybridserve.v1.generation_pb2_grpc.add_GenerationServiceServicer_to_server",
     "hybridserve.v1.retrieval_pb2_grpc.add_RetrievalServiceServicer_to_server",
     "hybridserve.v1.rerank_pb2_grpc.add_RerankServiceServicer_to_server",
+    "hybridserve.v1.admin_pb2_grpc.add_AdminServiceServicer_to_server",
     "grpc_health.v1.health_pb2_grpc.add_HealthServicer_to_server",
 ]
 
@@ -204,6 +207,47 @@ def rerank_deployment(config: HybridServeConfig):
 
 def build_rerank_app(config: HybridServeConfig) -> Any:
     return rerank_deployment(config).bind(config.model_dump(mode="json"))
+
+
+class _RetrievalKnowledge:
+    """The control plane's hooks into the retrieval deployment (Serve handles, looked
+    up per call so the retrieval app may be deployed after the admin app)."""
+
+    def __init__(self, app_name: str):
+        self._app = app_name
+
+    def _handle(self):
+        return serve.get_deployment_handle("RetrievalService", app_name=self._app)
+
+    async def create(self, tenant: str) -> None:
+        await self._handle().create_knowledge.remote(tenant)
+
+    async def delete(self, tenant: str) -> int:
+        return await self._handle().delete_knowledge.remote(tenant)
+
+
+def admin_deployment(config: HybridServeConfig):
+    """The AdminService (control plane): tenants, keys, grants, quotas, audit."""
+    from hybridserve.tenancy.servicer import AdminServicer
+
+    class AdminDeployment(AdminServicer):
+        def __init__(self, config: dict, with_retrieval: bool):  # type: ignore[override]
+            knowledge = _RetrievalKnowledge(RETRIEVAL_APP) if with_retrieval else None
+            AdminServicer.__init__(self, config, knowledge=knowledge)
+
+    return serve.deployment(
+        AdminDeployment,
+        name="AdminService",
+        num_replicas=1,
+        max_ongoing_requests=config.serve.max_ongoing_requests,
+        ray_actor_options={"num_cpus": 0},
+    )
+
+
+def build_admin_app(config: HybridServeConfig) -> Any:
+    return admin_deployment(config).bind(
+        config.model_dump(mode="json"), RETRIEVAL_APP in config.serve.apps
+    )
 
 
 def grpc_options(config: HybridServeConfig):

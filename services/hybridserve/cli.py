@@ -5,11 +5,15 @@
   hybridserve adapters list|register|unregister
   hybridserve models prepare             prepare the default model offline
   hybridserve finetune --data F --name N train, evaluate and register a LoRA adapter
-  hybridserve tenants create|list|delete   manage tenants' knowledge spaces
-  hybridserve ingest PATH --tenant T     ingest .txt/.md/.html/.jsonl files (safe to re-run)
-  hybridserve search QUERY --tenant T    hybrid search in a tenant's documents
-  hybridserve delete --tenant T ID...    delete documents
+  hybridserve ingest PATH [--tenant T]   ingest .txt/.md/.html/.jsonl files (safe to re-run)
+  hybridserve search QUERY [--tenant T]  hybrid search in a tenant's documents
+  hybridserve delete [--tenant T] ID...  delete documents
   hybridserve rerank QUERY PASSAGE...    score and order passages
+  hybridserve admin ...                  tenants, keys, grants, quotas, apply, audit
+
+Every command that talks to the platform sends an API key: $HYBRIDSERVE_API_KEY,
+else --api-key-file, else the local admin key <data_dir>/admin.key that the first
+`hybridserve up` wrote.
 """
 
 from __future__ import annotations
@@ -41,6 +45,18 @@ def _address(ns) -> str:
     return f"{cfg.serve.grpc_host}:{cfg.serve.grpc_port}"
 
 
+def _client(ns, **kwargs):
+    """A client for the platform, with the key the module docstring describes."""
+    from hybridserve.client import HybridServeClient
+
+    cfg = _config(ns)
+    address = ns.address or f"{cfg.serve.grpc_host}:{cfg.serve.grpc_port}"
+    return HybridServeClient(
+        address, api_key_file=getattr(ns, "api_key_file", None),
+        default_key_file=cfg.admin_key_path, tls=getattr(ns, "tls", False), **kwargs,
+    )
+
+
 def _err(msg: str) -> int:
     print(f"error: {msg}", file=sys.stderr)
     return 1
@@ -57,6 +73,9 @@ def cmd_up(ns) -> int:
         prometheus_port=ns.prometheus_port,
     )
     print(f"hybridserve is up: gRPC on {plat.grpc_address} (reflection and grpc.health.v1 served)")
+    print(f"  admin key: {cfg.admin_key_path} (the local CLI uses it)"
+          if cfg.admin_key_path.is_file() else
+          f"  admin key: from ${cfg.tenancy.admin_key_env} or your own records")
     print(f"  metrics: {plat.metrics_url}")
     if plat.prometheus is not None:
         print(f"  prometheus: {plat.prometheus.url} (alert rules from deploy/prometheus/rules)")
@@ -74,8 +93,6 @@ def cmd_up(ns) -> int:
 
 
 def cmd_generate(ns) -> int:
-    from hybridserve.client import HybridServeClient
-
     kwargs = dict(
         adapter=ns.adapter or "",
         max_tokens=ns.max_tokens,
@@ -90,7 +107,7 @@ def cmd_generate(ns) -> int:
         prompt = None
     else:
         prompt = ns.prompt
-    with HybridServeClient(_address(ns)) as client:
+    with _client(ns) as client:
         for msg in client.generate_stream(prompt, **kwargs):
             if msg.HasField("delta"):
                 sys.stdout.write(msg.delta.text)
@@ -116,9 +133,7 @@ def _finish_name(value: int) -> str:
 def cmd_adapters(ns) -> int:
     from google.protobuf.json_format import MessageToDict
 
-    from hybridserve.client import HybridServeClient
-
-    with HybridServeClient(_address(ns)) as client:
+    with _client(ns) as client:
         if ns.adapters_cmd == "list":
             adapters = client.list_adapters()
             if not adapters:
@@ -145,25 +160,6 @@ def cmd_models(ns) -> int:
     return 0
 
 
-def cmd_tenants(ns) -> int:
-    from hybridserve.client import HybridServeClient
-
-    with HybridServeClient(_address(ns)) as client:
-        if ns.tenants_cmd == "create":
-            created = client.create_tenant(ns.tenant)
-            print(f"created tenant {ns.tenant}" if created else f"tenant {ns.tenant} already exists")
-        elif ns.tenants_cmd == "list":
-            tenants = client.list_tenants()
-            if not tenants:
-                print("no tenants; create one with `hybridserve tenants create NAME`")
-            for t in tenants:
-                print(f"{t.tenant}\tchunks={t.chunks}")
-        elif ns.tenants_cmd == "delete":
-            client.delete_tenant(ns.tenant)
-            print(f"deleted tenant {ns.tenant} and all its documents")
-    return 0
-
-
 def _batches(docs, max_docs: int, max_bytes: int):
     batch, size = [], 0
     for d in docs:
@@ -182,7 +178,6 @@ def cmd_ingest(ns) -> int:
 
     from tqdm import tqdm
 
-    from hybridserve.client import HybridServeClient
     from hybridserve.retrieval.sources import find_files, read_documents
     from hybridserve.v1 import retrieval_pb2
 
@@ -206,8 +201,8 @@ def cmd_ingest(ns) -> int:
         print(f"skipped {d.source}: no text", file=sys.stderr)
     written = removed = unchanged = 0
     failures = []
-    with HybridServeClient(_address(ns)) as client, tqdm(
-        total=len(docs), unit="doc", desc=f"ingest -> {ns.tenant}", file=sys.stderr,
+    with _client(ns) as client, tqdm(
+        total=len(docs), unit="doc", desc=f"ingest -> {ns.tenant or 'my tenant'}", file=sys.stderr,
         disable=ns.quiet,
     ) as bar:
         for batch in _batches(docs, ns.batch_docs, 8 * 1024 * 1024):
@@ -248,10 +243,8 @@ def _parse_filter(text: str):
 
 
 def cmd_search(ns) -> int:
-    from hybridserve.client import HybridServeClient
-
     filters = [_parse_filter(f) for f in ns.filter or []]
-    with HybridServeClient(_address(ns)) as client:
+    with _client(ns) as client:
         hits = client.search(ns.tenant, ns.query, top_k=ns.top_k, alpha=ns.alpha, filters=filters)
         rerank_scores: list[float | None] = [None] * len(hits)
         if ns.rerank and hits:
@@ -275,18 +268,14 @@ def cmd_search(ns) -> int:
 
 
 def cmd_delete(ns) -> int:
-    from hybridserve.client import HybridServeClient
-
-    with HybridServeClient(_address(ns)) as client:
+    with _client(ns) as client:
         n = client.delete_documents(ns.tenant, ns.doc_ids)
     print(f"deleted {n} chunks")
     return 0
 
 
 def cmd_rerank(ns) -> int:
-    from hybridserve.client import HybridServeClient
-
-    with HybridServeClient(_address(ns)) as client:
+    with _client(ns) as client:
         reply = client.rerank(ns.query, ns.passages, top_n=ns.top_n)
     for r in reply.results:
         print(f"{r.score:+.4f}\t{ns.passages[r.index]}")
@@ -311,6 +300,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     def client_args(sp):
         sp.add_argument("--address", help="host:port of the platform (default: from config)")
+        sp.add_argument("--api-key-file", help="file holding the API key (default: "
+                        "$HYBRIDSERVE_API_KEY, else <data_dir>/admin.key)")
+        sp.add_argument("--tls", action="store_true", help="connect with TLS (through an ingress)")
 
     g = sub.add_parser("generate", help="stream a generation")
     client_args(g)
@@ -345,20 +337,10 @@ def build_parser() -> argparse.ArgumentParser:
     msub.add_parser("prepare", help="prepare the default model (offline, once)")
     m.set_defaults(func=cmd_models)
 
-    t = sub.add_parser("tenants", help="manage tenants' knowledge spaces")
-    tsub = t.add_subparsers(dest="tenants_cmd", required=True)
-    for name, helptext in (("create", "create a tenant (idempotent)"),
-                           ("delete", "delete a tenant and all its documents")):
-        tp = tsub.add_parser(name, help=helptext)
-        client_args(tp)
-        tp.add_argument("tenant")
-    client_args(tsub.add_parser("list", help="list tenants and their chunk counts"))
-    t.set_defaults(func=cmd_tenants)
-
     i = sub.add_parser("ingest", help="ingest .txt/.md/.html/.jsonl files into a tenant (safe to re-run)")
     client_args(i)
     i.add_argument("path", help="a file or a folder (searched recursively)")
-    i.add_argument("--tenant", required=True)
+    i.add_argument("--tenant", default="", help="default: the API key's tenant (an admin key must name one)")
     i.add_argument("--batch-docs", type=int, default=32, help="documents per Upsert call (default 32)")
     i.add_argument("--timeout", type=float, default=600, help="deadline per Upsert call, seconds")
     i.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -367,7 +349,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("search", help="hybrid search in a tenant's documents")
     client_args(s)
     s.add_argument("query")
-    s.add_argument("--tenant", required=True)
+    s.add_argument("--tenant", default="", help="default: the API key's tenant")
     s.add_argument("--top-k", type=int, default=5)
     s.add_argument("--alpha", type=float, help="0 keyword only ... 1 vector only (default: server's)")
     s.add_argument("--filter", action="append", metavar="FIELD=VALUE",
@@ -379,7 +361,7 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("delete", help="delete documents (every chunk) by id")
     client_args(d)
     d.add_argument("doc_ids", nargs="+")
-    d.add_argument("--tenant", required=True)
+    d.add_argument("--tenant", default="", help="default: the API key's tenant")
     d.set_defaults(func=cmd_delete)
 
     r = sub.add_parser("rerank", help="score passages against a query, best first")
@@ -390,6 +372,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.set_defaults(func=cmd_rerank)
 
     add_finetune_parser(sub)
+    from hybridserve.admin_cli import add_admin_parser
+
+    add_admin_parser(sub, client_args)
     return p
 
 
@@ -404,13 +389,22 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:
         import grpc
 
+        from hybridserve.exceptions import from_rpc_error
+
         if isinstance(e, grpc.RpcError):
-            if e.code() == grpc.StatusCode.UNAVAILABLE:
+            e = from_rpc_error(e)
+            if e.code() == grpc.StatusCode.UNAVAILABLE and not e.reason:
                 return _err(
                     f"cannot reach hybridserve ({e.details()}); start it with `hybridserve up` "
                     "or pass --address host:port"
                 )
-            return _err(f"{e.code().name}: {e.details()}")
+            hint = ""
+            if e.code() == grpc.StatusCode.UNAUTHENTICATED:
+                hint = ("\n  the key comes from $HYBRIDSERVE_API_KEY, --api-key-file, or the local "
+                        "admin key file that `hybridserve up` wrote")
+            for field, what in e.field_violations:
+                hint += f"\n  {field}: {what}"
+            return _err(f"{e.code().name}: {e.details()}{hint}")
         raise
 
 

@@ -347,6 +347,56 @@ class ObservabilityConfig(_Strict):
     )
 
 
+class TenancyConfig(_Strict):
+    database_url: str | None = Field(
+        None,
+        description="SQLAlchemy URL of the tenancy store (tenants, API key digests, grants, "
+        "quotas, audit): `postgresql://user:pass@host/db` for clusters with several replicas. "
+        "Unset: SQLite (WAL) at <data_dir>/tenancy.db.",
+    )
+    redis_url: str | None = Field(
+        None,
+        description="Redis that holds the quota counters every replica shares "
+        "(`redis://host:6379/0` or `unix:///path`). Unset: `hybridserve up` runs a local "
+        "redis-server on the Unix socket <data_dir>/run/redis.sock.",
+    )
+    auth_cache_ttl_s: float = Field(
+        0.5,
+        gt=0,
+        le=1.0,
+        description="How long a replica trusts what it read about a key (and its tenant's "
+        "grants and quotas). A revoked key fails on every replica within this time. At most 1.",
+    )
+    quota_burst_s: float = Field(
+        10.0,
+        gt=0,
+        le=60,
+        description="Bucket size of the per-minute quotas, in seconds of their rate: over any "
+        "T seconds a tenant gets at most limit*T/60 plus this many seconds' worth.",
+    )
+    stream_lease_s: float = Field(
+        600.0,
+        gt=0,
+        description="Longest a stream holds a concurrency slot; a replica that dies mid-stream "
+        "frees its slots after this (or the stream's deadline, if sooner).",
+    )
+    quota_fail_open: bool = Field(
+        True,
+        description="When Redis cannot be reached: true admits requests without quotas (and "
+        "logs a warning), false refuses them with UNAVAILABLE.",
+    )
+    admin_key_file: Path | None = Field(
+        None,
+        description="Where the first `hybridserve up` writes the admin key it creates (mode "
+        "0600), and where the local CLI finds it. Unset: <data_dir>/admin.key.",
+    )
+    admin_key_env: str = Field(
+        "HYBRIDSERVE_ADMIN_KEY",
+        description="Environment variable that may hold an admin key (e.g. from a Kubernetes "
+        "Secret); the platform registers its digest at start, so that key works without a file.",
+    )
+
+
 class GenerationDefaults(_Strict):
     max_tokens: int = Field(256, ge=1, description="max_tokens when a request does not set it.")
     temperature: float = Field(1.0, ge=0, description="temperature when a request does not set it.")
@@ -356,7 +406,7 @@ class GenerationDefaults(_Strict):
 class HybridServeConfig(_Strict):
     data_dir: Path = Field(
         constants.DATA_DIR,
-        description="Durable state (adapter store, registry). Default "
+        description="Durable state (adapter store, registry, tenancy store, admin key). Default "
         "$HYBRIDSERVE_DATA_DIR or ~/.local/share/hybridserve.",
     )
     cache_dir: Path = Field(
@@ -373,6 +423,7 @@ class HybridServeConfig(_Strict):
     retrieval: RetrievalConfig = Field(default_factory=RetrievalConfig)
     rerank: RerankConfig = Field(default_factory=RerankConfig)
     observability: ObservabilityConfig = Field(default_factory=ObservabilityConfig)
+    tenancy: TenancyConfig = Field(default_factory=TenancyConfig)
 
     @field_validator("data_dir", "cache_dir", mode="after")
     @classmethod
@@ -396,6 +447,25 @@ class HybridServeConfig(_Strict):
     def prometheus_data_dir(self) -> Path:
         """Storage of the Prometheus that `hybridserve up --with-prometheus` runs."""
         return self.data_dir / "prometheus"
+
+    @property
+    def tenancy_database_url(self) -> str:
+        """The tenancy store: `tenancy.database_url`, or SQLite under the data dir."""
+        return self.tenancy.database_url or f"sqlite:///{self.data_dir / 'tenancy.db'}"
+
+    @property
+    def redis_socket(self) -> Path:
+        """The Unix socket of the local redis-server `hybridserve up` runs."""
+        return self.data_dir / "run" / "redis.sock"
+
+    @property
+    def tenancy_redis_url(self) -> str:
+        """The quota counters' Redis: `tenancy.redis_url`, or the local one."""
+        return self.tenancy.redis_url or f"unix://{self.redis_socket}"
+
+    @property
+    def admin_key_path(self) -> Path:
+        return (self.tenancy.admin_key_file or self.data_dir / "admin.key").expanduser()
 
     @property
     def weaviate_binary(self) -> Path:

@@ -1,5 +1,5 @@
 """Helpers for the local child processes `hybridserve up` runs (weaviate-server,
-Prometheus) and the ports the platform binds: one start/ready/stop lifecycle, so
+redis-server, Prometheus) and the ports the platform binds: one start/ready/stop lifecycle, so
 every such process is stopped the same way when its start fails or is interrupted.
 """
 
@@ -12,6 +12,7 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 from hybridserve.errors import Unavailable
@@ -57,9 +58,11 @@ def launch(argv: list[str], log_path: Path, env: dict[str, str]) -> subprocess.P
 
 
 def await_ready(
-    proc: subprocess.Popen, ready_url: str, timeout_s: float, name: str, log_path: Path
+    proc: subprocess.Popen, ready: str | Callable[[], bool], timeout_s: float, name: str,
+    log_path: Path,
 ) -> None:
-    """Waits until `ready_url` answers 200. If the process exits, the wait times out,
+    """Waits until `ready` (a URL that must answer 200, or a check that must return
+    True) says the process is ready. If the process exits, the wait times out,
     or it is interrupted (Ctrl-C), the process is stopped before the error goes on:
     in its own session, nothing else would stop it."""
     try:
@@ -67,7 +70,7 @@ def await_ready(
         while time.monotonic() < deadline:
             if proc.poll() is not None:
                 raise Unavailable(f"{name} exited at start; the end of {log_path}:\n{tail(log_path)}")
-            if http_ok(ready_url):
+            if ready() if callable(ready) else http_ok(ready):
                 return
             time.sleep(0.25)
         raise Unavailable(f"{name} did not become ready within {timeout_s:.0f}s; see {log_path}")

@@ -16,6 +16,7 @@ from hybridserve.config import HybridServeConfig
 from hybridserve.errors import FailedPrecondition, Unavailable
 from hybridserve.observability.prometheus import PrometheusServer
 from hybridserve.retrieval.weaviate_server import WeaviateServer
+from hybridserve.tenancy.redis_server import RedisServer
 
 logger = logging.getLogger(__name__)
 
@@ -29,6 +30,10 @@ class LocalPlatform:
     weaviate: WeaviateServer | None = None
     #: The local Prometheus, when this platform started one (`--with-prometheus`).
     prometheus: PrometheusServer | None = None
+    #: The local redis-server for the quota counters, when this platform started one.
+    redis: RedisServer | None = None
+    #: Where the first admin key was written, when this start created it.
+    admin_key_created: Path | None = None
 
     @property
     def grpc_address(self) -> str:
@@ -54,8 +59,12 @@ class LocalPlatform:
                     if self.weaviate is not None:
                         self.weaviate.stop()
                 finally:
-                    if self.prometheus is not None:
-                        self.prometheus.stop()
+                    try:
+                        if self.prometheus is not None:
+                            self.prometheus.stop()
+                    finally:
+                        if self.redis is not None:
+                            self.redis.stop()
 
 
 def ensure_model(config: HybridServeConfig, progress=print) -> Path:
@@ -100,6 +109,38 @@ def start_weaviate(config: HybridServeConfig, progress=print) -> WeaviateServer 
     progress(f"starting weaviate-server on 127.0.0.1:{server.http_port} (data: {server.data_dir}) ...")
     server.start(config.weaviate.startup_timeout_s)
     return server
+
+
+def start_redis(config: HybridServeConfig, progress=print) -> RedisServer | None:
+    """Starts the local redis-server for the quota counters unless
+    `tenancy.redis_url` names an external Redis."""
+    if config.tenancy.redis_url:
+        progress(f"using the external Redis at {config.tenancy.redis_url} for quotas")
+        return None
+    server = RedisServer(config.redis_socket.parent)
+    progress(f"starting redis-server on {server.socket_path} (quota counters) ...")
+    server.start()
+    return server
+
+
+def prepare_tenancy(config: HybridServeConfig, progress=print) -> Path | None:
+    """Migrates the tenancy store and makes sure an admin key exists; returns the
+    file of a newly created admin key."""
+    from hybridserve.tenancy.bootstrap import ensure_admin_key
+    from hybridserve.tenancy.store import TenancyStore
+
+    store = TenancyStore(config.tenancy_database_url)
+    try:
+        store.migrate()
+        boot = ensure_admin_key(store, config.admin_key_path, config.tenancy.admin_key_env)
+    finally:
+        store.close()
+    if boot.from_env:
+        progress(f"admin key {boot.from_env} from ${config.tenancy.admin_key_env} is registered")
+    if boot.created_file:
+        progress(f"created the first admin key in {boot.created_file} (mode 0600); the local "
+                 "CLI uses it. Keep it secret: it manages every tenant.")
+    return boot.created_file
 
 
 def wait_healthy(address: str, service: str, timeout_s: float, application: str = "") -> None:
@@ -157,8 +198,10 @@ def start(
     from hybridserve.app import GENERATION_APP, build_generation_app, grpc_options
 
     from hybridserve.app import (
+        ADMIN_APP,
         RERANK_APP,
         RETRIEVAL_APP,
+        build_admin_app,
         build_rerank_app,
         build_retrieval_app,
     )
@@ -172,8 +215,11 @@ def start(
         PrometheusServer.from_config(config, prometheus_port).preflight()
     for app_config in apps.values():
         ensure_model(app_config, progress=progress)
-    weaviate = start_weaviate(config, progress) if RETRIEVAL_APP in wanted else None
+    admin_key_created = prepare_tenancy(config, progress)
+    redis = start_redis(config, progress)
+    weaviate = None
     try:
+        weaviate = start_weaviate(config, progress) if RETRIEVAL_APP in wanted else None
         if not ray.is_initialized():
             # NOTE: before ray.init: Serve's proxy and replicas read these when
             # they start, from the environment they inherit from this process.
@@ -196,10 +242,12 @@ def start(
         )
         # NOTE: a route prefix is required: Serve's gRPC proxy only routes to apps
         # that have one, even though gRPC never uses the HTTP path.
-        targets = [
+        targets = [RunTarget(build_admin_app(config), name=ADMIN_APP, route_prefix=f"/{ADMIN_APP}")]
+        targets += [
             RunTarget(build_generation_app(c), name=n, route_prefix=f"/{n}") for n, c in apps.items()
         ]
-        services = {n: "hybridserve.v1.GenerationService" for n in apps}
+        services = {ADMIN_APP: "hybridserve.v1.AdminService"}
+        services.update({n: "hybridserve.v1.GenerationService" for n in apps})
         if RETRIEVAL_APP in wanted:
             targets.append(RunTarget(build_retrieval_app(config), name=RETRIEVAL_APP,
                                      route_prefix=f"/{RETRIEVAL_APP}"))
@@ -210,14 +258,18 @@ def start(
             services[RERANK_APP] = "hybridserve.v1.RerankService"
         progress(f"deploying {', '.join(services)} (an engine takes ~30-60 s to start) ...")
         serve.run_many(targets)
-        platform = LocalPlatform(config, weaviate)
+        platform = LocalPlatform(config, weaviate, redis=redis, admin_key_created=admin_key_created)
         for name, service in services.items():
             wait_healthy(platform.grpc_address, service, health_timeout_s, name)
         if with_prometheus:
             platform.prometheus = start_prometheus(config, progress, prometheus_port)
     except BaseException:
-        if weaviate is not None:
-            weaviate.stop()
+        try:
+            if weaviate is not None:
+                weaviate.stop()
+        finally:
+            if redis is not None:
+                redis.stop()
         raise
     return platform
 

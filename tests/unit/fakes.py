@@ -179,3 +179,68 @@ class FakeMetric:
     def set(self, value, tags):
         assert self.spec.kind is m.Kind.GAUGE
         self._check("set", value, tags)
+
+
+# -- tenancy --------------------------------------------------------------------
+
+
+class FakeContext:
+    """The part of a gRPC servicer context the servicers use (grpcio's and Ray
+    Serve's `RayServegRPCContext` have the same methods), sending `api_key`."""
+
+    def __init__(self, api_key: str | None = None, metadata=()):
+        self._metadata = list(metadata)
+        if api_key is not None:
+            self._metadata.append(("authorization", f"Bearer {api_key}"))
+        self._code = None
+        self._details = None
+        self._trailing: list = []
+
+    def invocation_metadata(self):
+        return list(self._metadata)
+
+    def set_code(self, code):
+        self._code = code
+
+    def code(self):
+        return self._code
+
+    @property
+    def code_name(self) -> str:
+        return self._code.name if self._code is not None else "OK"
+
+    def set_details(self, details):
+        self._details = details
+
+    def details(self):
+        return self._details
+
+    def set_trailing_metadata(self, md):
+        self._trailing = list(md)
+
+    def trailing_metadata(self):
+        return list(self._trailing)
+
+    def rich_status(self):
+        from google.rpc import status_pb2
+
+        for k, v in self._trailing:
+            if k == "grpc-status-details-bin":
+                return status_pb2.Status.FromString(v)
+        return None
+
+
+def tenancy_for(config, *, quotas=None, service: str = "other"):
+    """A real Tenancy on the config's SQLite store, with an admin key; (tenancy, key).
+    `service` labels its auth and quota timings."""
+    from hybridserve.tenancy.auth import Tenancy
+    from hybridserve.tenancy.bootstrap import ensure_admin_key, read_key_file
+    from hybridserve.tenancy.store import TenancyStore
+
+    store = TenancyStore(config.tenancy_database_url)
+    store.migrate()
+    ensure_admin_key(store, config.admin_key_path)
+    tenancy = Tenancy(store, quotas, cache_ttl_s=config.tenancy.auth_cache_ttl_s,
+                      metrics_service=service)
+    return tenancy, read_key_file(
+        config.admin_key_path)

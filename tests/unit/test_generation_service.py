@@ -5,13 +5,13 @@ from __future__ import annotations
 import grpc
 import pytest
 from hybridserve.config import HybridServeConfig
-from hybridserve.errors import InvalidArgument, NotFound
+from hybridserve.errors import InvalidArgument, NotFound, Unauthenticated
 from hybridserve.generation.adapters import AdapterRegistry
 from hybridserve.generation.service import GenerateInput, GenerationService
 from hybridserve.generation.servicer import GenerationServicer
 from hybridserve.v1 import common_pb2, generation_pb2
 
-from .fakes import FakeEngine
+from .fakes import FakeContext, FakeEngine, tenancy_for
 
 
 @pytest.fixture
@@ -71,7 +71,7 @@ def test_defaults_fill_unset_fields_and_clip_to_the_context(service, config):
     assert prepared.prompt_token_ids == [1, 1, 1]
     assert prepared.options.max_tokens == 61  # default 256 clipped to 64 - 3
     assert prepared.options.temperature == config.generation.temperature
-    assert prepared.request_id  # generated
+    assert len(prepared.request_id) == 32  # the server's own UUID
     schema = service.prepare(GenerateInput(prompt="x", json_schema='{"type": "object"}')).options.json_schema
     assert schema == {"type": "object"}
 
@@ -94,59 +94,62 @@ async def test_stream_coalesces_within_the_interval_and_keeps_every_token(config
     assert len(deltas) == 5
 
 
-class _Context:
-    """The part of grpc.ServicerContext / RayServegRPCContext the servicer uses."""
-
-    def __init__(self):
-        self.code = None
-        self.details = None
-
-    def set_code(self, code):
-        self.code = code
-
-    def set_details(self, details):
-        self.details = details
+@pytest.fixture
+def admin(config):
+    return tenancy_for(config)
 
 
 @pytest.fixture
-def servicer(config, engine):
-    return GenerationServicer(config, engine=engine)
+def servicer(config, engine, admin):
+    return GenerationServicer(config, engine=engine, tenancy=admin[0])
 
 
-async def test_servicer_streams_deltas_then_one_final(servicer, engine):
+def _ctx(admin) -> FakeContext:
+    return FakeContext(admin[1])
+
+
+async def test_servicer_streams_deltas_then_one_final(servicer, engine, admin):
     await servicer.start()
-    req = generation_pb2.GenerateRequest(prompt="hi there", request_id="r1")
+    req = generation_pb2.GenerateRequest(prompt="hi there", client_request_id="r1")
     req.sampling.max_tokens = 3
-    out = [m async for m in servicer.Generate(req, _Context())]
+    out = [m async for m in servicer.Generate(req, _ctx(admin))]
     assert [m.WhichOneof("payload") for m in out][-1] == "final"
     final = out[-1].final
     assert final.finish_reason == common_pb2.FINISH_REASON_LENGTH
     assert (final.usage.prompt_tokens, final.usage.completion_tokens) == (2, 3)
-    assert final.request_id == "r1" and final.replica_id
+    assert final.client_request_id == "r1" and final.replica_id
+    # The engine never sees the client's id: the server's own is a UUID.
+    assert final.request_id != "r1" and len(final.request_id) == 32
+    assert engine.calls[-1][0] == final.request_id
     assert "".join(m.delta.text for m in out[:-1]) == "tok0 tok1 tok2 "
 
 
-async def test_servicer_maps_domain_errors_to_grpc_status(servicer):
-    ctx = _Context()
-    with pytest.raises(NotFound):
-        async for _ in servicer.Generate(generation_pb2.GenerateRequest(prompt="x", adapter="no@v1"), ctx):
-            pass
-    assert ctx.code == grpc.StatusCode.NOT_FOUND and "unknown adapter" in ctx.details
-    ctx = _Context()
-    with pytest.raises(InvalidArgument):
-        async for _ in servicer.Generate(generation_pb2.GenerateRequest(), ctx):
-            pass
-    assert ctx.code == grpc.StatusCode.INVALID_ARGUMENT and "prompt is empty" in ctx.details
+async def test_servicer_maps_domain_errors_to_grpc_status(servicer, admin):
+    ctx = _ctx(admin)
+    out = [m async for m in servicer.Generate(
+        generation_pb2.GenerateRequest(prompt="x", adapter="no@v1"), ctx)]
+    # One message without payload carries the status through Serve's proxy.
+    assert [m.WhichOneof("payload") for m in out] == [None]
+    assert ctx.code() == grpc.StatusCode.NOT_FOUND and "unknown adapter" in ctx.details()
+    ctx = _ctx(admin)
+    _ = [m async for m in servicer.Generate(generation_pb2.GenerateRequest(), ctx)]
+    assert ctx.code() == grpc.StatusCode.INVALID_ARGUMENT and "prompt is empty" in ctx.details()
+    ctx = FakeContext()  # no key
+    _ = [m async for m in servicer.Generate(generation_pb2.GenerateRequest(prompt="x"), ctx)]
+    assert ctx.code() == grpc.StatusCode.UNAUTHENTICATED
+    # Without a context (a direct call) the domain error propagates.
+    with pytest.raises(Unauthenticated):
+        _ = [m async for m in servicer.Generate(generation_pb2.GenerateRequest(prompt="x"))]
 
 
-async def test_closing_the_stream_aborts_the_engine_request(servicer, engine):
+async def test_closing_the_stream_aborts_the_engine_request(servicer, engine, admin):
     engine.step_s = 0.01
-    req = generation_pb2.GenerateRequest(prompt="x", request_id="gone")
+    req = generation_pb2.GenerateRequest(prompt="x", client_request_id="gone")
     req.sampling.max_tokens = 50
-    stream = servicer.Generate(req, _Context())
+    stream = servicer.Generate(req, _ctx(admin))
     await stream.__anext__()
     await stream.aclose()
-    assert engine.aborted == ["gone"]
+    assert engine.aborted == [engine.calls[-1][0]]
 
 
 async def test_health_reflects_the_engine(servicer):

@@ -28,7 +28,7 @@ from hybridserve.observability import metrics as m
 from hybridserve.observability.prometheus import PrometheusServer
 from hybridserve.v1 import generation_pb2, rerank_pb2, retrieval_pb2
 
-from tests.unit.fakes import FakeChunkStore, FakeEngine
+from tests.unit.fakes import FakeChunkStore, FakeContext, FakeEngine, tenancy_for
 
 
 def calls(made, spec, **tags) -> list[tuple[str, float, dict]]:
@@ -40,74 +40,87 @@ def requests(made) -> list[tuple[str, str, str]]:
     return [(t["service"], t["method"], t["code"]) for _, _, t in calls(made, m.REQUESTS)]
 
 
-class Ctx:
-    code = details = None
-
-    def set_code(self, code):
-        self.code = code
-
-    def set_details(self, details):
-        self.details = details
-
-
 # --- the decorators
 
 
 class Demo:
+    """Stands in for a servicer: RPC names of real services, so the empty response
+    that carries an error has a real type."""
+
     metrics_service = "rerank"
+    grpc_service = "hybridserve.v1.AdminService"
 
     @grpc_unary
-    async def Plain(self, request, grpc_context=None):
+    async def WhoAmI(self, request, grpc_context=None):
         if request == "missing":
-            raise NotFound("no such thing")
+            raise NotFound("no such thing", reason="THING_NOT_FOUND")
         if request == "bug":
             raise KeyError("internal detail")
         return "ok"
 
     @grpc_unary(timed=True)
-    async def Timed(self, request, grpc_context=None):
+    async def GetTenant(self, request, grpc_context=None):
         return "ok"
 
+
+class DemoStream:
+    metrics_service = "rerank"
+    grpc_service = "hybridserve.v1.GenerationService"
+
     @grpc_stream(timed=True)
-    async def Stream(self, request, grpc_context=None):
+    async def Generate(self, request, grpc_context=None):
         for i in range(3):
             if request == "bad" and i == 1:
-                raise InvalidArgument("bad at 1")
+                raise InvalidArgument("bad at 1", field_violations=[("prompt", "bad")])
             yield i
 
 
 async def test_unary_calls_are_counted_by_status_code(fake):
+    from google.rpc import error_details_pb2
+
+    from hybridserve.v1 import admin_pb2
+
     demo = Demo()
-    assert await demo.Plain("x") == "ok"
-    with pytest.raises(NotFound):
-        await demo.Plain("missing", Ctx())
-    ctx = Ctx()
-    with pytest.raises(Exception) as e:
-        await demo.Plain("bug", ctx)
-    assert ctx.code == grpc.StatusCode.INTERNAL and "internal detail" not in e.value.message
+    assert await demo.WhoAmI("x") == "ok"
+    ctx = FakeContext()
+    # With a context the error is recorded on it, and an empty reply carries it.
+    assert await demo.WhoAmI("missing", ctx) == admin_pb2.WhoAmIResponse()
+    assert ctx.code() == grpc.StatusCode.NOT_FOUND
+    (detail,) = ctx.rich_status().details
+    info = error_details_pb2.ErrorInfo()
+    assert detail.Unpack(info) and info.reason == "THING_NOT_FOUND" and info.domain == "hybridserve.dev"
+    with pytest.raises(NotFound):  # without one it propagates
+        await demo.WhoAmI("missing")
+    ctx = FakeContext()
+    await demo.WhoAmI("bug", ctx)
+    assert ctx.code() == grpc.StatusCode.INTERNAL and "internal detail" not in ctx.details()
     assert requests(fake) == [
-        ("rerank", "Plain", "OK"), ("rerank", "Plain", "NOT_FOUND"), ("rerank", "Plain", "INTERNAL"),
+        ("rerank", "WhoAmI", "OK"), ("rerank", "WhoAmI", "NOT_FOUND"), ("rerank", "WhoAmI", "NOT_FOUND"),
+        ("rerank", "WhoAmI", "INTERNAL"),
     ]
     # Only timed methods record the "total" stage.
     assert not calls(fake, m.STAGE_DURATION)
-    await demo.Timed("x")
+    await demo.GetTenant("x")
     assert [t["stage"] for _, _, t in calls(fake, m.STAGE_DURATION)] == ["total"]
 
 
 async def test_streams_are_counted_once_each_with_their_outcome(fake):
-    demo = Demo()
-    assert [i async for i in demo.Stream("x")] == [0, 1, 2]
-    ctx = Ctx()
-    with pytest.raises(InvalidArgument):
-        async for _ in demo.Stream("bad", ctx):
-            pass
-    assert ctx.code == grpc.StatusCode.INVALID_ARGUMENT
-    stream = demo.Stream("x")
+    from hybridserve.v1 import generation_pb2
+
+    demo = DemoStream()
+    assert [i async for i in demo.Generate("x")] == [0, 1, 2]
+    ctx = FakeContext()
+    out = [i async for i in demo.Generate("bad", ctx)]
+    # What was sent stays sent; then one message without payload carries the status.
+    assert out == [0, generation_pb2.GenerateResponse()]
+    assert ctx.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert ctx.rich_status().details[0].type_url.endswith("google.rpc.BadRequest")
+    stream = demo.Generate("x")
     await stream.__anext__()
     await stream.aclose()  # the client went away
     assert requests(fake) == [
-        ("rerank", "Stream", "OK"), ("rerank", "Stream", "INVALID_ARGUMENT"),
-        ("rerank", "Stream", "CANCELLED"),
+        ("rerank", "Generate", "OK"), ("rerank", "Generate", "INVALID_ARGUMENT"),
+        ("rerank", "Generate", "CANCELLED"),
     ]
     assert len(calls(fake, m.STAGE_DURATION, stage="total")) == 3
 
@@ -124,21 +137,27 @@ def config(tmp_path):
     )
 
 
-async def _generate(servicer, adapter="", ctx=None, max_tokens=3):
+@pytest.fixture
+def admin(config):
+    return tenancy_for(config)
+
+
+async def _generate(servicer, key, adapter="", max_tokens=3, code="OK"):
     req = generation_pb2.GenerateRequest(prompt="hi there", adapter=adapter)
     req.sampling.max_tokens = max_tokens
-    return [msg async for msg in servicer.Generate(req, ctx or Ctx())]
+    ctx = FakeContext(key)
+    out = [msg async for msg in servicer.Generate(req, ctx)]
+    assert ctx.code_name == code, ctx.details()
+    return out
 
 
-async def test_generate_records_status_stages_and_tokens(fake, config):
-    servicer = GenerationServicer(config, engine=FakeEngine(max_model_len=64))
+async def test_generate_records_status_stages_and_tokens(fake, config, admin):
+    servicer = GenerationServicer(config, engine=FakeEngine(max_model_len=64), tenancy=admin[0])
     await servicer.start()
     try:
-        out = await _generate(servicer)
-        with pytest.raises(NotFound):
-            await _generate(servicer, adapter="nope@v1")
-        with pytest.raises(InvalidArgument):
-            await _generate(servicer, max_tokens=0)
+        out = await _generate(servicer, admin[1])
+        await _generate(servicer, admin[1], adapter="nope@v1", code="NOT_FOUND")
+        await _generate(servicer, admin[1], max_tokens=0, code="INVALID_ARGUMENT")
     finally:
         await servicer.shutdown()
     assert requests(fake) == [
@@ -155,9 +174,9 @@ async def test_generate_records_status_stages_and_tokens(fake, config):
     assert [v for _, v, _ in calls(fake, m.GENERATIONS, **tags)] == [1]
 
 
-async def test_adapter_loads_residency_and_eviction(fake, config, monkeypatch):
+async def test_adapter_loads_residency_and_eviction(fake, config, monkeypatch, admin):
     engine = FakeEngine(max_model_len=64)
-    servicer = GenerationServicer(config, engine=engine)
+    servicer = GenerationServicer(config, engine=engine, tenancy=admin[0])
     ref_id = "tone@v1"
 
     class Record:
@@ -192,7 +211,7 @@ async def test_adapter_loads_residency_and_eviction(fake, config, monkeypatch):
     assert calls(fake, m.ADAPTER_LOAD_DURATION, outcome="error")
 
 
-async def test_engine_load_is_sampled_into_the_gauges(fake, config, monkeypatch):
+async def test_engine_load_is_sampled_into_the_gauges(fake, config, monkeypatch, admin):
     from hybridserve.generation.engine import EngineStats
 
     engine = FakeEngine(max_model_len=64)
@@ -200,16 +219,16 @@ async def test_engine_load_is_sampled_into_the_gauges(fake, config, monkeypatch)
         engine, "stats", lambda: EngineStats(unfinished_requests=5, waiting_requests=2,
                                              running_requests=3)
     )
-    servicer = GenerationServicer(config, engine=engine)
+    servicer = GenerationServicer(config, engine=engine, tenancy=admin[0])
     servicer.sample_engine_load()
     assert [v for _, v, _ in calls(fake, m.ENGINE_WAITING)] == [2.0]
     assert [v for _, v, _ in calls(fake, m.ENGINE_RUNNING)] == [3.0]
     assert [v for _, v, _ in calls(fake, m.ENGINE_CAPACITY)] == [7.0]
 
 
-async def test_the_sampler_runs_while_the_replica_runs(fake, config):
+async def test_the_sampler_runs_while_the_replica_runs(fake, config, admin):
     config.observability.engine_stats_interval_s = 0.01
-    servicer = GenerationServicer(config, engine=FakeEngine(max_model_len=64))
+    servicer = GenerationServicer(config, engine=FakeEngine(max_model_len=64), tenancy=admin[0])
     await servicer.start()
     for _ in range(500):  # bounded: the loop samples every 10 ms
         if len(calls(fake, m.ENGINE_RUNNING)) >= 2:
@@ -220,16 +239,16 @@ async def test_the_sampler_runs_while_the_replica_runs(fake, config):
     assert servicer._sampler is None
 
 
-async def test_the_config_switch_turns_every_metric_off(fake, config):
+async def test_the_config_switch_turns_every_metric_off(fake, config, admin):
     config.observability.metrics_enabled = False
     try:
-        servicer = GenerationServicer(config, engine=FakeEngine(max_model_len=64))
+        servicer = GenerationServicer(config, engine=FakeEngine(max_model_len=64),
+                                      tenancy=admin[0])
         assert not obs.is_enabled()
         await servicer.start()
         assert servicer._sampler is None
-        await _generate(servicer)
-        with pytest.raises(NotFound):
-            await _generate(servicer, adapter="nope@v1")
+        await _generate(servicer, admin[1])
+        await _generate(servicer, admin[1], adapter="nope@v1", code="NOT_FOUND")
         await servicer.shutdown()
         assert fake == {}
     finally:
@@ -250,41 +269,55 @@ async def _embed(texts):
     return np.ones((len(texts), 4), dtype=np.float32)
 
 
-async def test_retrieval_records_requests_stages_and_ingestion(fake, tokenizer):
+def _knowledge_config(tmp_path, **retrieval) -> HybridServeConfig:
+    return HybridServeConfig(data_dir=tmp_path / "data", cache_dir=tmp_path / "cache",
+                             retrieval={"chunk_tokens": 16, "chunk_overlap": 4, **retrieval})
+
+
+async def _with_tenant(tenancy, tenant: str) -> None:
+    from hybridserve.tenancy.domain import Tenant
+
+    await asyncio.to_thread(tenancy.store.create_tenant, Tenant(tenant), actor="test")
+
+
+async def test_retrieval_records_requests_stages_and_ingestion(fake, tokenizer, tmp_path):
     from hybridserve.retrieval.servicer import RetrievalServicer
 
     store = FakeChunkStore()
-    servicer = RetrievalServicer(
-        HybridServeConfig(retrieval={"chunk_tokens": 16, "chunk_overlap": 4}),
-        _embed, store=store, tokenizer=tokenizer, model_name="m",
-    )
-    await servicer.CreateTenant(retrieval_pb2.CreateTenantRequest(tenant="acme"))
+    cfg = _knowledge_config(tmp_path)
+    tenancy, key = tenancy_for(cfg, service="retrieval")
+    servicer = RetrievalServicer(cfg, _embed, store=store, tokenizer=tokenizer, model_name="m",
+                                 tenancy=tenancy)
+    await _with_tenant(tenancy, "acme")
+    await servicer.create_knowledge("acme")
     store.fail_chunks = {("d1", 1)}
     words = " ".join(f"word{i}" for i in range(40))
     reply = await servicer.Upsert(retrieval_pb2.UpsertRequest(
         tenant="acme", documents=[retrieval_pb2.Document(id="d1", text=words),
                                   retrieval_pb2.Document(id="d2", text=words)],
-    ))
-    await servicer.Search(retrieval_pb2.SearchRequest(tenant="acme", query="word3"))
-    with pytest.raises(NotFound):
-        await servicer.Search(retrieval_pb2.SearchRequest(tenant="nobody", query="x"), Ctx())
+    ), FakeContext(key))
+    await servicer.Search(retrieval_pb2.SearchRequest(tenant="acme", query="word3"), FakeContext(key))
+    ctx = FakeContext(key)
+    await servicer.Search(retrieval_pb2.SearchRequest(tenant="nobody", query="x"), ctx)
+    assert ctx.code_name == "NOT_FOUND"
     assert requests(fake) == [
-        ("retrieval", "CreateTenant", "OK"), ("retrieval", "Upsert", "OK"),
-        ("retrieval", "Search", "OK"), ("retrieval", "Search", "NOT_FOUND"),
+        ("retrieval", "Upsert", "OK"), ("retrieval", "Search", "OK"),
+        ("retrieval", "Search", "NOT_FOUND"),
     ]
     written = calls(fake, m.INGEST_CHUNKS, tenant="acme", outcome="written")
     failed = calls(fake, m.INGEST_CHUNKS, tenant="acme", outcome="failed")
     assert [v for _, v, _ in written] == [reply.chunks_written]
     assert reply.failures and [v for _, v, _ in failed] == [len(reply.failures)]
-    stages = sorted(t["stage"] for _, _, t in calls(fake, m.STAGE_DURATION))
-    # Two searches embed and retrieve (the second fails in the store); both are timed.
-    assert stages == ["embed", "embed", "retrieve", "retrieve", "total", "total"]
+    stages = sorted(t["stage"] for _, _, t in calls(fake, m.STAGE_DURATION, service="retrieval"))
+    # Every call authenticates; the search in a tenant that does not exist stops
+    # there; the other embeds and retrieves. Both searches are timed.
+    assert stages == ["auth", "auth", "auth", "embed", "retrieve", "total", "total"]
 
     assert await servicer.probe_weaviate() is True
     assert [t for _, v, t in calls(fake, m.WEAVIATE_UP) if v == 1.0]
 
 
-async def test_an_ingest_cut_off_by_the_store_counts_every_chunk(fake, tokenizer):
+async def test_an_ingest_cut_off_by_the_store_counts_every_chunk(fake, tokenizer, tmp_path):
     """A write step that raises (Weaviate gone midway): the chunks written before it
     count as written, every other chunk as failed; none is left uncounted."""
     from hybridserve.retrieval.servicer import RetrievalServicer
@@ -296,16 +329,16 @@ async def test_an_ingest_cut_off_by_the_store_counts_every_chunk(fake, tokenizer
             return await super().write(tenant, chunks, vectors)
 
     store = DiesAfterFirstWrite()
-    servicer = RetrievalServicer(
-        HybridServeConfig(retrieval={"chunk_tokens": 16, "chunk_overlap": 4,
-                                     "write_batch_chunks": 2}),
-        _embed, store=store, tokenizer=tokenizer, model_name="m",
-    )
-    await servicer.CreateTenant(retrieval_pb2.CreateTenantRequest(tenant="acme"))
+    cfg = _knowledge_config(tmp_path, write_batch_chunks=2)
+    tenancy, key = tenancy_for(cfg)
+    servicer = RetrievalServicer(cfg, _embed, store=store, tokenizer=tokenizer, model_name="m",
+                                 tenancy=tenancy)
+    await _with_tenant(tenancy, "acme")
     words = " ".join(f"word{i}" for i in range(60))
-    with pytest.raises(Unavailable):
-        await servicer.Upsert(retrieval_pb2.UpsertRequest(
-            tenant="acme", documents=[retrieval_pb2.Document(id="d1", text=words)]), Ctx())
+    ctx = FakeContext(key)
+    await servicer.Upsert(retrieval_pb2.UpsertRequest(
+        tenant="acme", documents=[retrieval_pb2.Document(id="d1", text=words)]), ctx)
+    assert ctx.code_name == "UNAVAILABLE"
     (written,) = [v for _, v, _ in calls(fake, m.INGEST_CHUNKS, tenant="acme", outcome="written")]
     (failed,) = [v for _, v, _ in calls(fake, m.INGEST_CHUNKS, tenant="acme", outcome="failed")]
     in_store = len(store.tenants["acme"])
@@ -321,20 +354,21 @@ def _plan(text: str):
     return _Plan(Document("d1", text), "sha", 0, [])
 
 
-async def test_a_down_store_sets_weaviate_up_to_zero_and_the_probe_never_raises(fake, tokenizer):
+async def test_a_down_store_sets_weaviate_up_to_zero_and_the_probe_never_raises(fake, tokenizer,
+                                                                                tmp_path):
     from hybridserve.retrieval.servicer import RetrievalServicer
 
     class DownStore(FakeChunkStore):
         async def check_health(self):
             raise Unavailable("down")
 
-    servicer = RetrievalServicer(HybridServeConfig(), _embed, store=DownStore(),
+    servicer = RetrievalServicer(_knowledge_config(tmp_path), _embed, store=DownStore(),
                                  tokenizer=tokenizer, model_name="m")
     assert await servicer.probe_weaviate() is False
     assert [v for _, v, _ in calls(fake, m.WEAVIATE_UP)] == [0.0]
 
 
-async def test_a_hung_store_is_down_within_the_probe_bound(fake, tokenizer, monkeypatch):
+async def test_a_hung_store_is_down_within_the_probe_bound(fake, tokenizer, monkeypatch, tmp_path):
     """A Weaviate that never answers must not hold Serve's health check past its own
     timeout (Serve would restart the replica): the probe gives up and reports down."""
     import asyncio
@@ -347,13 +381,13 @@ async def test_a_hung_store_is_down_within_the_probe_bound(fake, tokenizer, monk
 
     assert module.PROBE_TIMEOUT_S <= module.HEALTH_CHECK_TIMEOUT_S / 2
     monkeypatch.setattr(module, "PROBE_TIMEOUT_S", 0.2)
-    servicer = module.RetrievalServicer(HybridServeConfig(), _embed, store=HungStore(),
+    servicer = module.RetrievalServicer(_knowledge_config(tmp_path), _embed, store=HungStore(),
                                         tokenizer=tokenizer, model_name="m")
     assert await asyncio.wait_for(servicer.probe_weaviate(), 5) is False
     assert [v for _, v, _ in calls(fake, m.WEAVIATE_UP)] == [0.0]
 
 
-async def test_rerank_records_the_request_and_the_rerank_stage(fake):
+async def test_rerank_records_the_request_and_the_rerank_stage(fake, tmp_path):
     from hybridserve.rerank.backends import RerankBackend
     from hybridserve.rerank.servicer import RerankServicer
 
@@ -363,13 +397,16 @@ async def test_rerank_records_the_request_and_the_rerank_stage(fake):
         def score(self, pairs):
             return np.array([len(p) for _, p in pairs], dtype=np.float32)
 
-    servicer = RerankServicer(HybridServeConfig(), backend=Length())
-    await servicer.Rerank(rerank_pb2.RerankRequest(query="q", passages=["a", "bbb"]))
-    with pytest.raises(InvalidArgument):
-        await servicer.Rerank(rerank_pb2.RerankRequest(query="q"), Ctx())
+    cfg = _knowledge_config(tmp_path)
+    tenancy, key = tenancy_for(cfg, service="rerank")
+    servicer = RerankServicer(cfg, backend=Length(), tenancy=tenancy)
+    await servicer.Rerank(rerank_pb2.RerankRequest(query="q", passages=["a", "bbb"]), FakeContext(key))
+    ctx = FakeContext(key)
+    await servicer.Rerank(rerank_pb2.RerankRequest(query="q"), ctx)
+    assert ctx.code_name == "INVALID_ARGUMENT"
     assert requests(fake) == [("rerank", "Rerank", "OK"), ("rerank", "Rerank", "INVALID_ARGUMENT")]
-    stages = sorted(t["stage"] for _, _, t in calls(fake, m.STAGE_DURATION))
-    assert stages == ["rerank", "total", "total"]
+    stages = sorted(t["stage"] for _, _, t in calls(fake, m.STAGE_DURATION, service="rerank"))
+    assert stages == ["auth", "auth", "rerank", "total", "total"]
 
 
 # --- the Weaviate choke point

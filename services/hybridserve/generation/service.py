@@ -39,17 +39,20 @@ class GenerateInput:
     stop: Sequence[str] = ()
     seed: int | None = None
     json_schema: str = ""
-    request_id: str = ""
+    #: The caller's own id: echoed and logged, never given to the engine.
+    client_request_id: str = ""
 
 
 @dataclass(frozen=True)
 class PreparedRequest:
     """A validated request, ready for the engine."""
 
+    #: The server's id (a UUID): the engine's request id.
     request_id: str
     prompt_token_ids: list[int]
     options: SamplingOptions
     adapter: AdapterRecord | None
+    client_request_id: str = ""
 
 
 class GenerationService:
@@ -71,15 +74,18 @@ class GenerationService:
 
     def prepare(self, inp: GenerateInput) -> PreparedRequest:
         """Checks every field and tokenizes; raises InvalidArgument / NotFound."""
-        request_id = inp.request_id or uuid.uuid4().hex
-        if len(request_id) > MAX_REQUEST_ID_CHARS or not request_id.isprintable():
+        client_id = inp.client_request_id
+        if len(client_id) > MAX_REQUEST_ID_CHARS or not client_id.isprintable():
             raise InvalidArgument(
-                f"request_id must be at most {MAX_REQUEST_ID_CHARS} printable characters"
+                f"client_request_id must be at most {MAX_REQUEST_ID_CHARS} printable characters",
+                field_violations=[("client_request_id", f"at most {MAX_REQUEST_ID_CHARS} printable characters")],
             )
         adapter = self.registry.get(inp.adapter) if inp.adapter else None
         token_ids = self._tokenize_input(inp)
         options = self._sampling(inp, len(token_ids))
-        return PreparedRequest(request_id, token_ids, options, adapter)
+        # NOTE: the engine's request id is always the server's own: a client-chosen
+        # one could collide with (and abort) another client's request.
+        return PreparedRequest(uuid.uuid4().hex, token_ids, options, adapter, client_id)
 
     def _tokenize_input(self, inp: GenerateInput) -> list[int]:
         if inp.messages is not None and inp.prompt is not None:

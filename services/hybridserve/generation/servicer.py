@@ -23,7 +23,9 @@ from hybridserve.config import HybridServeConfig
 from hybridserve.generation.adapters import AdapterRecord, AdapterRegistry
 from hybridserve.generation.engine import AdapterRef, Engine
 from hybridserve.generation.service import GenerateInput, GenerationService
+from hybridserve.errors import FailedPrecondition, HybridServeError
 from hybridserve.grpc_errors import grpc_stream, grpc_unary
+from hybridserve.tenancy.auth import Tenancy
 from hybridserve.v1 import common_pb2, generation_pb2
 
 logger = logging.getLogger(__name__)
@@ -108,7 +110,7 @@ def _input_from_proto(req: generation_pb2.GenerateRequest) -> GenerateInput:
         stop=tuple(s.stop),
         seed=s.seed if s.HasField("seed") else None,
         json_schema=req.json_schema,
-        request_id=req.request_id,
+        client_request_id=req.client_request_id,
     )
 
 
@@ -134,12 +136,16 @@ class GenerationServicer:
     Args:
         config: platform config (a dict is accepted, as Serve passes it).
         engine: an engine to use instead of the configured backend (tests).
+        tenancy: authentication and quotas; default: the store and Redis the
+            config names.
     """
 
     #: The `service` label of this servicer's request metrics.
     metrics_service = "generation"
+    grpc_service = SERVICE_NAME
 
-    def __init__(self, config: HybridServeConfig | dict, engine: Engine | None = None):
+    def __init__(self, config: HybridServeConfig | dict, engine: Engine | None = None,
+                 tenancy: Tenancy | None = None):
         cfg = (
             config
             if isinstance(config, HybridServeConfig)
@@ -153,6 +159,7 @@ class GenerationServicer:
             engine = VLLMEngine(cfg, model_dir)
         self.config = cfg
         self.service = GenerationService(cfg, engine, AdapterRegistry.from_config(cfg, model_dir))
+        self.tenancy = tenancy or Tenancy.from_config(cfg, metrics_service=self.metrics_service)
         self._evictions = 0
         self._sampler: asyncio.Task | None = None
 
@@ -167,6 +174,7 @@ class GenerationServicer:
             self._sampler = None
         obs.release_replica(replica_id())
         await self.service.engine.shutdown()
+        await self.tenancy.close()
 
     # -- engine load gauges --------------------------------------------------
 
@@ -221,19 +229,35 @@ class GenerationServicer:
     async def Generate(
         self, request: generation_pb2.GenerateRequest, grpc_context: Any = None
     ) -> AsyncIterator[generation_pb2.GenerateResponse]:
+        principal = await self.tenancy.authenticate(grpc_context)
+        principal.authorize_adapter(request.adapter)
+        async with self.tenancy.admit(principal, stream=True) as lease:
+            # NOTE: aclosing: a client going away must close the chain down to the
+            # engine now (which aborts the request), not when it is collected.
+            async with contextlib.aclosing(self._generate(request, principal.tenant_id, lease)) as out:
+                async for message in out:
+                    yield message
+
+    async def _generate(self, request, tenant: str | None, lease) -> AsyncIterator:
         start = time.perf_counter()
         resident = None
         try:
             prepared = self.service.prepare(_input_from_proto(request))
+            if prepared.client_request_id:
+                logger.info("request %s is the client's %r", prepared.request_id,
+                            prepared.client_request_id)
             if prepared.adapter is not None:
                 resident = await self.load_adapter(prepared.adapter.id)
                 resident.acquire()
+            lease.tokens = len(prepared.prompt_token_ids)
             first = True
             # NOTE: aclosing, so that a client going away closes the whole chain
             # down to the engine (which then aborts the request) right now, not
             # whenever the garbage collector finalizes the inner generators.
             async with contextlib.aclosing(self.service.stream(prepared)) as stream:
                 async for d in stream:
+                    # Debited when the stream ends, however it ends (also on cancel).
+                    lease.tokens += len(d.token_ids)
                     if d.text or d.token_ids:
                         if first:
                             first = False
@@ -247,10 +271,9 @@ class GenerationServicer:
                             )
                         )
                     if d.finished:
-                        # GenerateRequest carries no tenant yet: the RAG gateway
-                        # will pass it; until then tokens count as tenant "unknown".
+                        lease.tokens = d.prompt_tokens + d.completion_tokens
                         obs.record_tokens(
-                            None,
+                            tenant,
                             prepared.adapter.id if prepared.adapter else None,
                             d.prompt_tokens,
                             d.completion_tokens,
@@ -265,6 +288,7 @@ class GenerationServicer:
                                 replica_id=replica_id(),
                                 adapter=request.adapter,
                                 request_id=prepared.request_id,
+                                client_request_id=prepared.client_request_id,
                             )
                         )
         finally:
@@ -275,20 +299,29 @@ class GenerationServicer:
     async def ListAdapters(
         self, request: generation_pb2.ListAdaptersRequest, grpc_context: Any = None
     ) -> generation_pb2.ListAdaptersResponse:
-        records = await self._call(self.service.registry.list)
+        principal = await self.tenancy.authenticate(grpc_context)
+        async with self.tenancy.admit(principal):
+            records = await self._call(self.service.registry.list)
+        # A tenant sees only what it may use.
+        records = [r for r in records if principal.may_use(r.id)]
         return generation_pb2.ListAdaptersResponse(adapters=[adapter_to_proto(r) for r in records])
 
     @grpc_unary
     async def RegisterAdapter(
         self, request: generation_pb2.RegisterAdapterRequest, grpc_context: Any = None
     ) -> generation_pb2.RegisterAdapterResponse:
-        # The registry validates name and path (empty ones included) with its own messages.
-        record, created = await self._call(
-            self.service.registry.register,
-            request.name,
-            request.path,
-            version=request.version or None,
-            metadata=dict(request.metadata),
+        principal = await self.tenancy.authenticate(grpc_context)
+
+        def register():
+            # The registry validates name and path (empty ones included) with its own messages.
+            return self.service.registry.register(
+                request.name, request.path, version=request.version or None,
+                metadata=dict(request.metadata),
+            )
+
+        record, created = await self._admin_action(
+            principal, "RegisterAdapter", f"adapter/{request.name[:64]}", register,
+            lambda result: f"{result[0].id} ({'new' if result[1] else 'already registered'})",
         )
         return generation_pb2.RegisterAdapterResponse(
             adapter=adapter_to_proto(record), created=created
@@ -298,8 +331,43 @@ class GenerationServicer:
     async def UnregisterAdapter(
         self, request: generation_pb2.UnregisterAdapterRequest, grpc_context: Any = None
     ) -> generation_pb2.UnregisterAdapterResponse:
-        await self._call(self.service.registry.unregister, request.id)
+        principal = await self.tenancy.authenticate(grpc_context)
+
+        def unregister():
+            granted = self.tenancy.store.tenants_granted(request.id)
+            if granted:
+                raise FailedPrecondition(
+                    f"adapter {request.id!r} is still granted to {', '.join(granted)}; revoke "
+                    "those grants first (`hybridserve admin grants revoke TENANT ADAPTER`)",
+                    reason="ADAPTER_IN_USE", metadata={"tenants": ",".join(granted)[:500]},
+                )
+            self.service.registry.unregister(request.id)
+
+        await self._admin_action(principal, "UnregisterAdapter", f"adapter/{request.id[:200]}",
+                                 unregister)
         return generation_pb2.UnregisterAdapterResponse()
+
+    async def _admin_action(self, principal, action: str, target: str, fn, describe=None):
+        """Runs an admin-only registry action off the loop and audits it (also when refused)."""
+        store = self.tenancy.store
+        try:
+            principal.require_admin(action)
+            result = await self._call(fn)
+        except HybridServeError as e:
+            await self._call(store.record_audit, principal.actor, action, target, e.code, e.message)
+            raise
+        await self._call(store.record_audit, principal.actor, action, target, "OK",
+                         describe(result) if describe else "")
+        return result
+
+    async def check_credentials(self, token: str) -> dict:
+        """Serve handle only: authenticates `token` on this replica (tests of the
+        revocation bound across replicas)."""
+        try:
+            p = await self.tenancy.authenticate_token(token)
+            return {"replica_id": replica_id(), "code": "OK", "tenant": p.tenant_id}
+        except HybridServeError as e:
+            return {"replica_id": replica_id(), "code": e.code, "reason": e.reason}
 
     @staticmethod
     async def _call(fn, *args, **kwargs):

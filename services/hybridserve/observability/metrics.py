@@ -107,7 +107,7 @@ STAGES = (
     "total",
 )
 #: Values of the ``quota`` label.
-QUOTAS = ("requests", "tokens")
+QUOTAS = ("requests", "tokens", "concurrency")
 #: gRPC status code names, the values of the ``code`` label.
 GRPC_CODES = (
     "OK", "CANCELLED", "UNKNOWN", "INVALID_ARGUMENT", "DEADLINE_EXCEEDED", "NOT_FOUND",
@@ -572,7 +572,8 @@ def set_engine_load(replica: str, *, waiting: int, running: int, capacity: int) 
 
 
 def quota_rejected(tenant: str | None, quota: str = "requests") -> None:
-    """Counts one request refused by the tenant's `quota` ("requests" or "tokens")."""
+    """Counts one request refused by the tenant's `quota` ("requests", "tokens" or
+    "concurrency")."""
     tags = {"tenant": _tenant(tenant), "quota": _one_of(quota, QUOTAS)}
     _REGISTRY.record(QUOTA_REJECTIONS, 1, tags)
 

@@ -17,6 +17,7 @@ from hybridserve.config import HybridServeConfig
 from hybridserve.grpc_errors import grpc_unary
 from hybridserve.rerank.backends import RerankBackend, build_backend
 from hybridserve.rerank.service import Ranked, RerankInput, RerankService
+from hybridserve.tenancy.auth import Tenancy
 from hybridserve.v1 import rerank_pb2
 
 SERVICE_NAME = "hybridserve.v1.RerankService"
@@ -25,12 +26,15 @@ SERVICE_NAME = "hybridserve.v1.RerankService"
 class RerankServicer:
     #: The `service` label of this servicer's request metrics.
     metrics_service = "rerank"
+    grpc_service = SERVICE_NAME
 
-    def __init__(self, config: HybridServeConfig | dict, backend: RerankBackend | None = None):
+    def __init__(self, config: HybridServeConfig | dict, backend: RerankBackend | None = None,
+                 tenancy: Tenancy | None = None):
         cfg = config if isinstance(config, HybridServeConfig) else HybridServeConfig.model_validate(config)
         obs.set_enabled(cfg.observability.metrics_enabled)
         backend = backend or build_backend(cfg.rerank, cfg.retrieval.embedding_model)
         self.service = RerankService(cfg.rerank, backend)
+        self.tenancy = tenancy or Tenancy.from_config(cfg, metrics_service=self.metrics_service)
 
     async def rerank_batch(self, reqs: list[RerankInput]) -> list[list[Ranked]]:
         """Scores several validated requests together (off the event loop)."""
@@ -49,9 +53,11 @@ class RerankServicer:
 
     @grpc_unary(timed=True)
     async def Rerank(self, request, grpc_context: Any = None):
-        ranked = await self.rerank(
-            RerankInput(request.query, tuple(request.passages), request.top_n)
-        )
+        principal = await self.tenancy.authenticate(grpc_context)
+        async with self.tenancy.admit(principal):
+            ranked = await self.rerank(
+                RerankInput(request.query, tuple(request.passages), request.top_n)
+            )
         return rerank_pb2.RerankResponse(
             results=[rerank_pb2.RankedPassage(index=r.index, score=r.score) for r in ranked],
             model=self.service.backend.name,

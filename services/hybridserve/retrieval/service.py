@@ -22,7 +22,7 @@ import numpy as np
 
 from hybridserve import observability as obs
 from hybridserve.config import HybridServeConfig
-from hybridserve.errors import InvalidArgument
+from hybridserve.errors import InvalidArgument, NotFound
 from hybridserve.retrieval.chunking import chunk_text
 from hybridserve.retrieval.documents import (
     MAX_DOC_ID_CHARS,
@@ -119,15 +119,31 @@ class RetrievalService:
 
     # -- tenants ----------------------------------------------------------------
 
+    # NOTE: callers have authenticated the tenant (it exists in the tenancy store).
+    # Its Weaviate tenant is created by the control plane, or by the first write,
+    # whichever comes first; until then it simply holds nothing.
+
     async def create_tenant(self, tenant: str) -> bool:
         return await self.store.create_tenant(validate_tenant(tenant))
 
-    async def delete_tenant(self, tenant: str) -> None:
-        await self.store.delete_tenant(validate_tenant(tenant))
+    async def delete_tenant(self, tenant: str) -> int:
+        """Deletes the tenant's chunks and its Weaviate tenant; the chunks removed."""
+        try:
+            chunks = await self.store.count(validate_tenant(tenant))
+            await self.store.delete_tenant(tenant)
+        except NotFound:
+            return 0
+        return chunks
+
+    async def count(self, tenant: str) -> int:
+        try:
+            return await self.store.count(validate_tenant(tenant))
+        except NotFound:
+            return 0
 
     async def list_tenants(self) -> list[tuple[str, int]]:
         names = await self.store.list_tenants()
-        counts = await asyncio.gather(*(self.store.count(n) for n in names))
+        counts = await asyncio.gather(*(self.count(n) for n in names))
         return list(zip(names, counts, strict=True))
 
     # -- ingestion --------------------------------------------------------------
@@ -147,7 +163,7 @@ class RetrievalService:
             max_documents=self.cfg.max_documents_per_request,
             max_document_bytes=self.cfg.max_document_bytes,
         )
-        await self.store.require_tenant(tenant)
+        await self.store.create_tenant(tenant)  # idempotent; usually already there
         async with self._documents.hold([(tenant, d.id) for d in docs]):
             return await self._upsert(tenant, docs)
 
@@ -272,10 +288,12 @@ class RetrievalService:
         for d in doc_ids:
             if not d or len(d) > MAX_DOC_ID_CHARS:
                 raise InvalidArgument(f"invalid doc id {d[:80]!r}: 1-{MAX_DOC_ID_CHARS} characters")
-        await self.store.require_tenant(tenant)
         ids = list(dict.fromkeys(doc_ids))
         async with self._documents.hold([(tenant, d) for d in ids]):
-            return await self.store.delete_documents(tenant, ids)
+            try:
+                return await self.store.delete_documents(tenant, ids)
+            except NotFound:  # no knowledge space yet: nothing to delete
+                return 0
 
     # -- search -----------------------------------------------------------------
 
@@ -312,7 +330,10 @@ class RetrievalService:
             with obs.stage_timer("embed", service="retrieval"):
                 vector = (await self._embed([q.query]))[0]
         with obs.stage_timer("retrieve", service="retrieval"):
-            return await self.store.search(q, vector)
+            try:
+                return await self.store.search(q, vector)
+            except NotFound:  # no knowledge space yet: nothing to find
+                return []
 
     async def check_health(self) -> None:
         await self.store.check_health()

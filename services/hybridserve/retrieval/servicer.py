@@ -19,6 +19,7 @@ from hybridserve.grpc_errors import grpc_unary
 from hybridserve.retrieval.documents import Document, FieldFilter, Hit, UpsertResult
 from hybridserve.retrieval.service import EmbedFn, RetrievalService
 from hybridserve.retrieval.store import ChunkStore
+from hybridserve.tenancy.auth import Tenancy
 from hybridserve.v1 import retrieval_pb2
 
 logger = logging.getLogger(__name__)
@@ -87,6 +88,7 @@ class RetrievalServicer:
         store: chunk store; default: Weaviate as configured.
         tokenizer / model_name: the embedding model's tokenizer and name;
             default: loaded from `retrieval.embedding_model`.
+        tenancy: authentication and quotas; default: as the config names them.
     """
 
     def __init__(
@@ -97,6 +99,7 @@ class RetrievalServicer:
         store: ChunkStore | None = None,
         tokenizer=None,
         model_name: str | None = None,
+        tenancy: Tenancy | None = None,
     ):
         cfg = config if isinstance(config, HybridServeConfig) else HybridServeConfig.model_validate(config)
         obs.set_enabled(cfg.observability.metrics_enabled)
@@ -112,13 +115,16 @@ class RetrievalServicer:
             tokenizer = tokenizer or load_tokenizer(folder)
             model_name = model_name or name_of(folder)
         self.service = RetrievalService(cfg, store, embed, tokenizer, model_name)
+        self.tenancy = tenancy or Tenancy.from_config(cfg, metrics_service=self.metrics_service)
 
     #: The `service` label of this servicer's request metrics.
     metrics_service = "retrieval"
+    grpc_service = SERVICE_NAME
 
     async def shutdown(self) -> None:
         obs.release_replica(obs.replica_id())
         await self.service.store.close()
+        await self.tenancy.close()
 
     async def probe_weaviate(self) -> bool:
         """Checks that Weaviate answers and reports it (weaviate_up); never raises.
@@ -138,51 +144,67 @@ class RetrievalServicer:
         obs.set_weaviate_up(obs.replica_id(), up)
         return up
 
-    @grpc_unary
-    async def CreateTenant(self, request, grpc_context: Any = None):
-        created = await self.service.create_tenant(request.tenant)
-        return retrieval_pb2.CreateTenantResponse(created=created)
+    # -- a tenant's knowledge space (Serve handle calls of the control plane) -------
 
-    @grpc_unary
-    async def DeleteTenant(self, request, grpc_context: Any = None):
-        await self.service.delete_tenant(request.tenant)
-        return retrieval_pb2.DeleteTenantResponse()
+    async def create_knowledge(self, tenant: str) -> bool:
+        """Creates the tenant's knowledge space (idempotent)."""
+        return await self.service.create_tenant(tenant)
+
+    async def delete_knowledge(self, tenant: str) -> int:
+        """Deletes the tenant's knowledge space; the chunks it held (0 if none)."""
+        return await self.service.delete_tenant(tenant)
+
+    # -- RetrievalService -------------------------------------------------------------
 
     @grpc_unary
     async def ListTenants(self, request, grpc_context: Any = None):
-        tenants = await self.service.list_tenants()
+        principal = await self.tenancy.authenticate(grpc_context)
+        async with self.tenancy.admit(principal):
+            if principal.is_admin:
+                tenants = await self.service.list_tenants()
+            else:
+                tenants = [(principal.tenant_id, await self.service.count(principal.tenant_id))]
         return retrieval_pb2.ListTenantsResponse(
             tenants=[retrieval_pb2.TenantInfo(tenant=t, chunks=n) for t, n in tenants]
         )
 
     @grpc_unary
     async def Upsert(self, request, grpc_context: Any = None):
+        principal = await self.tenancy.authenticate(grpc_context)
+        tenant = await self.tenancy.resolve_tenant(principal, request.tenant)
         docs = [
             Document(d.id, d.text, d.title, d.source, dict(d.metadata)) for d in request.documents
         ]
-        result = await self.service.upsert(request.tenant, docs)
+        async with self.tenancy.admit(principal):
+            result = await self.service.upsert(tenant, docs)
         if result.failures:
             logger.warning(
                 "upsert into %s: %d chunks failed (first: %s)",
-                request.tenant, len(result.failures), result.failures[0].message,
+                tenant, len(result.failures), result.failures[0].message,
             )
         return upsert_to_proto(result)
 
     @grpc_unary
     async def Delete(self, request, grpc_context: Any = None):
-        deleted = await self.service.delete(request.tenant, list(request.doc_ids))
+        principal = await self.tenancy.authenticate(grpc_context)
+        tenant = await self.tenancy.resolve_tenant(principal, request.tenant)
+        async with self.tenancy.admit(principal):
+            deleted = await self.service.delete(tenant, list(request.doc_ids))
         return retrieval_pb2.DeleteResponse(deleted_chunks=deleted)
 
     @grpc_unary(timed=True)
     async def Search(self, request, grpc_context: Any = None):
+        principal = await self.tenancy.authenticate(grpc_context)
+        tenant = await self.tenancy.resolve_tenant(principal, request.tenant)
         query = self.service.prepare_search(
-            request.tenant,
+            tenant,
             request.query,
             request.top_k,
             request.alpha if request.HasField("alpha") else None,
             filters_from_proto(request.filters),
         )
-        hits = await self.service.search(query)
+        async with self.tenancy.admit(principal):
+            hits = await self.service.search(query)
         return retrieval_pb2.SearchResponse(hits=[hit_to_proto(h) for h in hits])
 
     # -- grpc.health.v1.Health ----------------------------------------------

@@ -300,8 +300,8 @@ class WeaviateStore(ChunkStore):
         except WeaviateBaseError as e:
             if tenant and _tenant_missing(e):
                 raise NotFound(
-                    f"unknown tenant {tenant!r}: create it first (CreateTenant, or "
-                    f"`hybridserve tenants create {tenant}`)"
+                    f"tenant {tenant!r} has no knowledge space in Weaviate; create the tenant "
+                    f"with `hybridserve admin tenants create {tenant}`"
                 ) from None
             text = str(e)
             if "DEADLINE_EXCEEDED" in text or "timed out" in text.lower():
@@ -377,8 +377,8 @@ class WeaviateStore(ChunkStore):
         async def exists(c):
             if not await c.tenants.exists(tenant):
                 raise NotFound(
-                    f"unknown tenant {tenant!r}: create it first (CreateTenant, or "
-                    f"`hybridserve tenants create {tenant}`)"
+                    f"tenant {tenant!r} has no knowledge space in Weaviate; create the tenant "
+                    f"with `hybridserve admin tenants create {tenant}`"
                 )
 
         await self._run(

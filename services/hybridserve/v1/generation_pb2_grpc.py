@@ -28,6 +28,11 @@ if _version_not_supported:
 class GenerationServiceStub(object):
     """Text generation from the base model or a registered LoRA adapter, plus the
     adapter registry. Served through Ray Serve's gRPC proxy.
+
+    Every RPC needs `authorization: Bearer <key>`. A tenant key generates only
+    with the adapters granted to its tenant (or the base model, if the tenant
+    may use it) and lists only those; registering and unregistering need an
+    admin key. UNAUTHENTICATED / PERMISSION_DENIED otherwise.
     """
 
     def __init__(self, channel):
@@ -61,6 +66,11 @@ class GenerationServiceStub(object):
 class GenerationServiceServicer(object):
     """Text generation from the base model or a registered LoRA adapter, plus the
     adapter registry. Served through Ray Serve's gRPC proxy.
+
+    Every RPC needs `authorization: Bearer <key>`. A tenant key generates only
+    with the adapters granted to its tenant (or the base model, if the tenant
+    may use it) and lists only those; registering and unregistering need an
+    admin key. UNAUTHENTICATED / PERMISSION_DENIED otherwise.
     """
 
     def Generate(self, request, context):
@@ -93,7 +103,9 @@ class GenerationServiceServicer(object):
         raise NotImplementedError('Method not implemented!')
 
     def UnregisterAdapter(self, request, context):
-        """Removes an adapter from the registry. NOT_FOUND when unknown.
+        """Removes an adapter from the registry. NOT_FOUND when unknown;
+        FAILED_PRECONDITION while a tenant still has it granted (the message
+        names the tenants).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -133,6 +145,11 @@ def add_GenerationServiceServicer_to_server(servicer, server):
 class GenerationService(object):
     """Text generation from the base model or a registered LoRA adapter, plus the
     adapter registry. Served through Ray Serve's gRPC proxy.
+
+    Every RPC needs `authorization: Bearer <key>`. A tenant key generates only
+    with the adapters granted to its tenant (or the base model, if the tenant
+    may use it) and lists only those; registering and unregistering need an
+    admin key. UNAUTHENTICATED / PERMISSION_DENIED otherwise.
     """
 
     @staticmethod

@@ -28,6 +28,8 @@ if _version_not_supported:
 class RerankServiceStub(object):
     """Scores (query, passage) pairs and orders the passages, best first.
     Requests from concurrent callers are batched together on the server.
+    Needs `authorization: Bearer <key>` (any valid key; counts against a tenant
+    key's request quota).
     """
 
     def __init__(self, channel):
@@ -46,6 +48,8 @@ class RerankServiceStub(object):
 class RerankServiceServicer(object):
     """Scores (query, passage) pairs and orders the passages, best first.
     Requests from concurrent callers are batched together on the server.
+    Needs `authorization: Bearer <key>` (any valid key; counts against a tenant
+    key's request quota).
     """
 
     def Rerank(self, request, context):
@@ -75,6 +79,8 @@ def add_RerankServiceServicer_to_server(servicer, server):
 class RerankService(object):
     """Scores (query, passage) pairs and orders the passages, best first.
     Requests from concurrent callers are batched together on the server.
+    Needs `authorization: Bearer <key>` (any valid key; counts against a tenant
+    key's request quota).
     """
 
     @staticmethod

@@ -18,28 +18,6 @@ FILTER_OP_EQUAL: FilterOp
 FILTER_OP_NOT_EQUAL: FilterOp
 FILTER_OP_ANY_OF: FilterOp
 
-class CreateTenantRequest(_message.Message):
-    __slots__ = ("tenant",)
-    TENANT_FIELD_NUMBER: _ClassVar[int]
-    tenant: str
-    def __init__(self, tenant: _Optional[str] = ...) -> None: ...
-
-class CreateTenantResponse(_message.Message):
-    __slots__ = ("created",)
-    CREATED_FIELD_NUMBER: _ClassVar[int]
-    created: bool
-    def __init__(self, created: bool = ...) -> None: ...
-
-class DeleteTenantRequest(_message.Message):
-    __slots__ = ("tenant",)
-    TENANT_FIELD_NUMBER: _ClassVar[int]
-    tenant: str
-    def __init__(self, tenant: _Optional[str] = ...) -> None: ...
-
-class DeleteTenantResponse(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
-
 class ListTenantsRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...

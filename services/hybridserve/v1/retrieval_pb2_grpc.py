@@ -30,6 +30,11 @@ class RetrievalServiceStub(object):
     Weaviate (one Weaviate tenant per platform tenant) and searched with hybrid
     keyword + vector search. Every call is scoped to exactly one tenant; no
     call can read or write another tenant's chunks.
+
+    Every RPC needs `authorization: Bearer <key>`. A tenant key acts only in its
+    own tenant: leave `tenant` empty (or name its own); naming another tenant is
+    PERMISSION_DENIED. An admin key (the operator's) must name the tenant.
+    Tenants are created and deleted through AdminService.
     """
 
     def __init__(self, channel):
@@ -38,16 +43,6 @@ class RetrievalServiceStub(object):
         Args:
             channel: A grpc.Channel.
         """
-        self.CreateTenant = channel.unary_unary(
-                '/hybridserve.v1.RetrievalService/CreateTenant',
-                request_serializer=hybridserve_dot_v1_dot_retrieval__pb2.CreateTenantRequest.SerializeToString,
-                response_deserializer=hybridserve_dot_v1_dot_retrieval__pb2.CreateTenantResponse.FromString,
-                _registered_method=True)
-        self.DeleteTenant = channel.unary_unary(
-                '/hybridserve.v1.RetrievalService/DeleteTenant',
-                request_serializer=hybridserve_dot_v1_dot_retrieval__pb2.DeleteTenantRequest.SerializeToString,
-                response_deserializer=hybridserve_dot_v1_dot_retrieval__pb2.DeleteTenantResponse.FromString,
-                _registered_method=True)
         self.ListTenants = channel.unary_unary(
                 '/hybridserve.v1.RetrievalService/ListTenants',
                 request_serializer=hybridserve_dot_v1_dot_retrieval__pb2.ListTenantsRequest.SerializeToString,
@@ -75,26 +70,16 @@ class RetrievalServiceServicer(object):
     Weaviate (one Weaviate tenant per platform tenant) and searched with hybrid
     keyword + vector search. Every call is scoped to exactly one tenant; no
     call can read or write another tenant's chunks.
+
+    Every RPC needs `authorization: Bearer <key>`. A tenant key acts only in its
+    own tenant: leave `tenant` empty (or name its own); naming another tenant is
+    PERMISSION_DENIED. An admin key (the operator's) must name the tenant.
+    Tenants are created and deleted through AdminService.
     """
 
-    def CreateTenant(self, request, context):
-        """Creates the tenant's knowledge space. Idempotent: `created` is false when
-        it already exists. A tenant is never created implicitly by another call.
-        """
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
-    def DeleteTenant(self, request, context):
-        """Deletes the tenant's knowledge space and every chunk in it. NOT_FOUND
-        when unknown.
-        """
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
     def ListTenants(self, request, context):
-        """Lists tenants, sorted by name.
+        """Knowledge stats: every tenant for an admin key, the caller's own tenant
+        for a tenant key. Sorted by name.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -105,10 +90,10 @@ class RetrievalServiceServicer(object):
         nothing; a changed one replaces its chunks, and chunks a shorter version
         no longer has are removed. Every chunk that failed is reported.
 
-        Errors: NOT_FOUND for an unknown tenant; INVALID_ARGUMENT for an invalid
-        tenant name, an empty or oversized document or batch, or a duplicate
-        document id in one request (nothing is written then); UNAVAILABLE or
-        DEADLINE_EXCEEDED when Weaviate is down or too slow.
+        Errors: NOT_FOUND for an unknown tenant (admin key); INVALID_ARGUMENT for
+        an empty or oversized document or batch, or a duplicate document id in one
+        request (nothing is written then); UNAVAILABLE or DEADLINE_EXCEEDED when
+        Weaviate is down or too slow.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -135,16 +120,6 @@ class RetrievalServiceServicer(object):
 
 def add_RetrievalServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
-            'CreateTenant': grpc.unary_unary_rpc_method_handler(
-                    servicer.CreateTenant,
-                    request_deserializer=hybridserve_dot_v1_dot_retrieval__pb2.CreateTenantRequest.FromString,
-                    response_serializer=hybridserve_dot_v1_dot_retrieval__pb2.CreateTenantResponse.SerializeToString,
-            ),
-            'DeleteTenant': grpc.unary_unary_rpc_method_handler(
-                    servicer.DeleteTenant,
-                    request_deserializer=hybridserve_dot_v1_dot_retrieval__pb2.DeleteTenantRequest.FromString,
-                    response_serializer=hybridserve_dot_v1_dot_retrieval__pb2.DeleteTenantResponse.SerializeToString,
-            ),
             'ListTenants': grpc.unary_unary_rpc_method_handler(
                     servicer.ListTenants,
                     request_deserializer=hybridserve_dot_v1_dot_retrieval__pb2.ListTenantsRequest.FromString,
@@ -178,61 +153,12 @@ class RetrievalService(object):
     Weaviate (one Weaviate tenant per platform tenant) and searched with hybrid
     keyword + vector search. Every call is scoped to exactly one tenant; no
     call can read or write another tenant's chunks.
+
+    Every RPC needs `authorization: Bearer <key>`. A tenant key acts only in its
+    own tenant: leave `tenant` empty (or name its own); naming another tenant is
+    PERMISSION_DENIED. An admin key (the operator's) must name the tenant.
+    Tenants are created and deleted through AdminService.
     """
-
-    @staticmethod
-    def CreateTenant(request,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.unary_unary(
-            request,
-            target,
-            '/hybridserve.v1.RetrievalService/CreateTenant',
-            hybridserve_dot_v1_dot_retrieval__pb2.CreateTenantRequest.SerializeToString,
-            hybridserve_dot_v1_dot_retrieval__pb2.CreateTenantResponse.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
-
-    @staticmethod
-    def DeleteTenant(request,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.unary_unary(
-            request,
-            target,
-            '/hybridserve.v1.RetrievalService/DeleteTenant',
-            hybridserve_dot_v1_dot_retrieval__pb2.DeleteTenantRequest.SerializeToString,
-            hybridserve_dot_v1_dot_retrieval__pb2.DeleteTenantResponse.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
 
     @staticmethod
     def ListTenants(request,

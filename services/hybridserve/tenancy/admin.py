@@ -1,0 +1,324 @@
+"""The control plane's domain logic: tenants, keys, grants, quotas, the tenants
+file and the audit log. Transport-free; `AdminServicer` maps it to gRPC.
+
+Every action needs an admin principal, and every action (also a refused or
+failed one) leaves an audit entry: who, what, when, the outcome.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from hybridserve.errors import HybridServeError, InvalidArgument, NotFound
+from hybridserve.tenancy import keys
+from hybridserve.tenancy import tenants_file
+from hybridserve.tenancy.domain import (
+    MAX_DISPLAY_NAME_CHARS,
+    MAX_KEY_NAME_CHARS,
+    MAX_SYSTEM_PROMPT_CHARS,
+    ApiKeyInfo,
+    AuditEntry,
+    Principal,
+    Quotas,
+    Tenant,
+    validate_tenant_id,
+)
+from hybridserve.tenancy.store import TenancyStore, tenant_diff
+
+logger = logging.getLogger(__name__)
+
+MAX_AUDIT_LIMIT = 1000
+MAX_KEY_TTL_S = 10 * 365 * 86400
+
+
+class Knowledge(Protocol):
+    """The retrieval side of a tenant's lifecycle (a Serve handle in production)."""
+
+    async def create(self, tenant: str) -> None: ...
+
+    async def delete(self, tenant: str) -> int: ...
+
+
+@dataclass(frozen=True)
+class Change:
+    action: str
+    tenant: str
+    detail: str = ""
+
+
+class _RollBack(Exception):
+    """Ends a dry run's transaction (rolled back) and carries its plan out."""
+
+    def __init__(self, changes: list[Change]):
+        super().__init__("dry run")
+        self.changes = changes
+
+
+def _check_text(value: str, limit: int, name: str) -> str:
+    if len(value) > limit:
+        raise InvalidArgument(
+            f"{name} is longer than {limit} characters",
+            field_violations=[(name, f"at most {limit} characters")],
+        )
+    return value
+
+
+class AdminService:
+    """Args:
+        store: the tenancy store.
+        adapter_exists: whether an adapter id is registered (the adapter registry).
+        knowledge: creates / deletes a tenant's knowledge space; None when the
+            retrieval service does not run.
+        settle_s: how long a deletion waits, after the tenant is gone from the
+            store, before its documents are deleted: the replicas' auth cache TTL,
+            so no request admitted on a stale cache can write after the deletion.
+    """
+
+    def __init__(
+        self,
+        store: TenancyStore,
+        adapter_exists: Callable[[str], bool],
+        knowledge: Knowledge | None = None,
+        *,
+        settle_s: float = 0.5,
+    ):
+        self.store = store
+        self.adapter_exists = adapter_exists
+        self.knowledge = knowledge
+        self.settle_s = settle_s
+
+    async def _run(self, p: Principal, action: str, target: str, fn: Callable[[], Any],
+                   tenant: str | None = None) -> Any:
+        """Runs one admin action off the event loop; a refused or failed one is
+        audited here (successful ones audit themselves in their transaction)."""
+        try:
+            p.require_admin(action)
+            return await asyncio.to_thread(fn)
+        except HybridServeError as e:
+            await self._audit_failure(p, action, target, e.code, e.message, tenant)
+            raise
+        except Exception as e:
+            await self._audit_failure(p, action, target, "INTERNAL", type(e).__name__, tenant)
+            raise
+
+    async def _audit_failure(self, p, action, target, code, message, tenant) -> None:
+        try:
+            await asyncio.to_thread(self.store.record_audit, p.actor, action, target, code,
+                                    message, tenant if tenant and _is_tenant_id(tenant) else None)
+        except Exception:  # noqa: BLE001 - the original error matters more
+            logger.warning("could not audit a failed %s", action, exc_info=True)
+
+    def _require_adapter(self, adapter: str, field_name: str = "adapter") -> None:
+        from hybridserve.generation.adapters import parse_adapter_id
+
+        try:
+            parse_adapter_id(adapter)
+        except HybridServeError as e:
+            raise InvalidArgument(e.message, field_violations=[(field_name, e.message)]) from None
+        if not self.adapter_exists(adapter):
+            raise NotFound(
+                f"adapter {adapter!r} is not registered; register it first "
+                "(`hybridserve adapters register`)", reason="ADAPTER_NOT_FOUND",
+            )
+
+    # -- tenants --------------------------------------------------------------------
+
+    async def create_tenant(self, p: Principal, t: Tenant) -> tuple[Tenant, bool]:
+        def create():
+            validate_tenant_id(t.id, "id")
+            _check_text(t.display_name, MAX_DISPLAY_NAME_CHARS, "display_name")
+            _check_text(t.system_prompt, MAX_SYSTEM_PROMPT_CHARS, "system_prompt")
+            t.quotas.validate()
+            return self.store.create_tenant(t, actor=p.actor)
+
+        tenant, created = await self._run(p, "CreateTenant", f"tenant/{t.id}", create, t.id)
+        if self.knowledge is not None:
+            # Also for an existing tenant: converges after a failed earlier attempt.
+            # Upsert creates the space too, so a failure here only delays it.
+            try:
+                await self.knowledge.create(tenant.id)
+            except Exception as e:  # noqa: BLE001
+                logger.warning("tenant %s: knowledge space not created yet (%s)", tenant.id, e)
+        return tenant, created
+
+    async def get_tenant(self, p: Principal, tenant_id: str) -> Tenant:
+        p.require_admin("GetTenant")
+        return await asyncio.to_thread(self.store.get_tenant, tenant_id)
+
+    async def list_tenants(self, p: Principal) -> list[Tenant]:
+        p.require_admin("ListTenants")
+        return await asyncio.to_thread(self.store.list_tenants)
+
+    async def update_tenant(self, p: Principal, tenant_id: str, *, display_name: str | None = None,
+                            allow_base: bool | None = None, system_prompt: str | None = None) -> Tenant:
+        def update():
+            if display_name is not None:
+                _check_text(display_name, MAX_DISPLAY_NAME_CHARS, "display_name")
+            if system_prompt is not None:
+                _check_text(system_prompt, MAX_SYSTEM_PROMPT_CHARS, "system_prompt")
+            return self.store.update_tenant(tenant_id, actor=p.actor, display_name=display_name,
+                                            allow_base=allow_base, system_prompt=system_prompt)
+
+        return await self._run(p, "UpdateTenant", f"tenant/{tenant_id}", update, tenant_id)
+
+    async def delete_tenant(self, p: Principal, tenant_id: str) -> tuple[int, int]:
+        """Deletes the tenant and its keys, then its documents; (chunks, keys) removed."""
+        n_keys = await self._run(
+            p, "DeleteTenant", f"tenant/{tenant_id}",
+            lambda: self.store.delete_tenant(tenant_id, actor=p.actor), tenant_id,
+        )
+        chunks = 0
+        if self.knowledge is not None:
+            # NOTE: after the cache TTL: a replica that authenticated the tenant's key
+            # just before the deletion cannot write once its documents are gone.
+            await asyncio.sleep(self.settle_s)
+            chunks = await self.knowledge.delete(tenant_id)
+        return chunks, n_keys
+
+    async def set_quotas(self, p: Principal, tenant_id: str, *, requests_per_minute: int | None = None,
+                         tokens_per_minute: int | None = None,
+                         concurrent_streams: int | None = None) -> Tenant:
+        def set_quotas():
+            current = self.store.get_tenant(tenant_id).quotas
+            quotas = Quotas(
+                current.requests_per_minute if requests_per_minute is None else requests_per_minute,
+                current.tokens_per_minute if tokens_per_minute is None else tokens_per_minute,
+                current.concurrent_streams if concurrent_streams is None else concurrent_streams,
+            ).validate()
+            return self.store.update_tenant(tenant_id, actor=p.actor, action="SetQuotas",
+                                            quotas=quotas)
+
+        return await self._run(p, "SetQuotas", f"tenant/{tenant_id}", set_quotas, tenant_id)
+
+    # -- grants ---------------------------------------------------------------------
+
+    async def grant(self, p: Principal, tenant_id: str, adapter: str, make_default: bool) -> Tenant:
+        def grant():
+            validate_tenant_id(tenant_id)
+            self._require_adapter(adapter)
+            return self.store.grant(tenant_id, adapter, make_default=make_default, actor=p.actor)
+
+        return await self._run(p, "GrantAdapter", f"tenant/{tenant_id}", grant, tenant_id)
+
+    async def revoke_grant(self, p: Principal, tenant_id: str, adapter: str) -> Tenant:
+        return await self._run(
+            p, "RevokeAdapter", f"tenant/{tenant_id}",
+            lambda: self.store.revoke_grant(tenant_id, adapter, actor=p.actor), tenant_id,
+        )
+
+    # -- keys -----------------------------------------------------------------------
+
+    async def create_key(self, p: Principal, *, tenant: str, name: str, kind: str = "tenant",
+                         ttl_s: float = 0) -> tuple[ApiKeyInfo, str]:
+        """A new key; (its info, the whole key). The key is returned once, never stored."""
+        kind = kind or "tenant"
+
+        def create():
+            if kind not in ("tenant", "admin"):
+                raise InvalidArgument(f"kind must be 'tenant' or 'admin', got {kind!r}",
+                                      field_violations=[("kind", "tenant or admin")])
+            if kind == "tenant":
+                validate_tenant_id(tenant)
+            elif tenant:
+                raise InvalidArgument("an admin key belongs to no tenant: leave tenant empty",
+                                      field_violations=[("tenant", "must be empty for an admin key")])
+            _check_text(name, MAX_KEY_NAME_CHARS, "name")
+            if not 0 <= ttl_s <= MAX_KEY_TTL_S:
+                raise InvalidArgument(f"ttl_seconds must be 0 (never expires) to {MAX_KEY_TTL_S}",
+                                      field_violations=[("ttl_seconds", f"0..{MAX_KEY_TTL_S}")])
+            key = keys.generate(kind)  # type: ignore[arg-type]
+            expires = self.store.clock() + ttl_s if ttl_s else None
+            info = self.store.add_key(key_id=key.key_id, kind=kind, tenant_id=tenant or None,
+                                      name=name, digest=key.digest, expires_at=expires, actor=p.actor)
+            return info, key.key
+
+        return await self._run(p, "CreateKey", f"tenant/{tenant}" if tenant else "admin", create,
+                               tenant or None)
+
+    async def list_keys(self, p: Principal, tenant: str = "", include_revoked: bool = False) -> list[ApiKeyInfo]:
+        p.require_admin("ListKeys")
+        return await asyncio.to_thread(self.store.list_keys, tenant, include_revoked)
+
+    async def revoke_key(self, p: Principal, key_id: str) -> ApiKeyInfo:
+        return await self._run(p, "RevokeKey", f"key/{key_id[:40]}",
+                               lambda: self.store.revoke_key(key_id, actor=p.actor))
+
+    # -- the tenants file -----------------------------------------------------------
+
+    async def apply(self, p: Principal, document: str, dry_run: bool) -> list[Change]:
+        """Makes the file's tenants exist exactly as described, in one transaction."""
+
+        def apply():
+            wanted = tenants_file.parse(document, self.adapter_exists)
+            try:
+                with self.store.write() as conn:
+                    changes = self._plan_and_apply(conn, p, wanted, dry_run)
+                    if dry_run:
+                        raise _RollBack(changes)
+            except _RollBack as planned:
+                changes = planned.changes
+                self.store.record_audit(p.actor, "Apply", "tenants-file", "OK",
+                                        f"dry run: {len(changes)} change(s) planned, none made")
+            return changes
+
+        return await self._run(p, "Apply", "tenants-file", apply)
+
+    def _plan_and_apply(self, conn, p: Principal, wanted: list[Tenant], dry_run: bool) -> list[Change]:
+        changes: list[Change] = []
+        store = self.store
+        # NOTE: changes are made inside the caller's transaction; a dry run rolls
+        # it back, so planning and applying share one code path.
+        for t in wanted:
+            exists = store._get_tenant_or_none(conn, t.id)
+            if exists is None:
+                store.create_tenant(t, actor=p.actor, conn=conn)
+                changes.append(Change("create", t.id, "tenant"))
+                before = store._get_tenant(conn, t.id)
+            else:
+                before = exists
+            fields = {}
+            for name in ("display_name", "allow_base", "system_prompt"):
+                if getattr(before, name) != getattr(t, name):
+                    fields[name] = getattr(t, name)
+            if before.quotas != t.quotas:
+                fields["quotas"] = t.quotas
+            if fields:
+                after = store.update_tenant(t.id, actor=p.actor, conn=conn, action="Apply", **fields)
+                if exists is not None:
+                    changes.append(Change("update", t.id, tenant_diff(before, after)))
+            for adapter in sorted(set(before.adapters) - set(t.adapters)):
+                store.revoke_grant(t.id, adapter, actor=p.actor, conn=conn)
+                changes.append(Change("revoke", t.id, f"adapter {adapter}"))
+            for adapter in sorted(set(t.adapters) - set(before.adapters)):
+                store.grant(t.id, adapter, make_default=False, actor=p.actor, conn=conn)
+                changes.append(Change("grant", t.id, f"adapter {adapter}"))
+            current = store._get_tenant(conn, t.id)
+            if current.default_adapter != t.default_adapter:
+                store.set_default(t.id, t.default_adapter, actor=p.actor, conn=conn)
+                changes.append(Change(
+                    "default", t.id, f"{current.default_adapter or '-'} -> {t.default_adapter or '-'}"))
+        if changes and not dry_run:
+            store._audit(conn, p.actor, "Apply", "tenants-file", "OK",
+                         f"{len(changes)} change(s) to {len({c.tenant for c in changes})} tenant(s)")
+        return changes
+
+    # -- audit ----------------------------------------------------------------------
+
+    async def list_audit(self, p: Principal, limit: int = 100, tenant: str = "") -> list[AuditEntry]:
+        p.require_admin("ListAudit")
+        limit = limit or 100
+        if not 1 <= limit <= MAX_AUDIT_LIMIT:
+            raise InvalidArgument(f"limit must be 1..{MAX_AUDIT_LIMIT}",
+                                  field_violations=[("limit", f"1..{MAX_AUDIT_LIMIT}")])
+        return await asyncio.to_thread(self.store.list_audit, limit, tenant)
+
+
+def _is_tenant_id(value: str) -> bool:
+    from hybridserve.tenancy.domain import TENANT_ID_RE
+
+    return bool(TENANT_ID_RE.match(value))
+

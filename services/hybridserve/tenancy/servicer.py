@@ -1,0 +1,218 @@
+"""The AdminService gRPC servicer: protobuf in, `AdminService` calls, protobuf out.
+
+A plain class; `hybridserve.app` deploys it as the `admin` Serve app and gives it
+the knowledge hooks (handles to the retrieval deployment).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from grpc_health.v1 import health_pb2
+
+from hybridserve import observability as obs
+from hybridserve.config import HybridServeConfig
+from hybridserve.errors import NotFound
+from hybridserve.grpc_errors import grpc_unary
+from hybridserve.tenancy.admin import AdminService, Knowledge
+from hybridserve.tenancy.auth import Tenancy
+from hybridserve.tenancy.domain import ApiKeyInfo, AuditEntry, Quotas, Tenant, rfc3339
+from hybridserve.tenancy.keys import display_prefix
+from hybridserve.v1 import admin_pb2
+
+logger = logging.getLogger(__name__)
+
+SERVICE_NAME = "hybridserve.v1.AdminService"
+
+
+def quotas_to_proto(q: Quotas) -> admin_pb2.Quotas:
+    return admin_pb2.Quotas(
+        requests_per_minute=q.requests_per_minute,
+        tokens_per_minute=q.tokens_per_minute,
+        concurrent_streams=q.concurrent_streams,
+    )
+
+
+def tenant_to_proto(t: Tenant) -> admin_pb2.Tenant:
+    return admin_pb2.Tenant(
+        id=t.id, display_name=t.display_name, allow_base=t.allow_base, adapters=list(t.adapters),
+        default_adapter=t.default_adapter, system_prompt=t.system_prompt,
+        quotas=quotas_to_proto(t.quotas), created_at=rfc3339(t.created_at),
+        updated_at=rfc3339(t.updated_at),
+    )
+
+
+def key_to_proto(k: ApiKeyInfo) -> admin_pb2.ApiKey:
+    return admin_pb2.ApiKey(
+        key_id=k.key_id, kind=k.kind, tenant=k.tenant, name=k.name,
+        created_at=rfc3339(k.created_at), last_used_at=rfc3339(k.last_used_at),
+        expires_at=rfc3339(k.expires_at), revoked_at=rfc3339(k.revoked_at),
+        prefix=display_prefix(k.kind, k.key_id),
+    )
+
+
+def audit_to_proto(e: AuditEntry) -> admin_pb2.AuditEntry:
+    return admin_pb2.AuditEntry(id=e.id, at=rfc3339(e.at), actor=e.actor, action=e.action,
+                                target=e.target, outcome=e.outcome, detail=e.detail)
+
+
+def _adapter_exists(registry):
+    def exists(adapter_id: str) -> bool:
+        try:
+            registry.get(adapter_id)
+            return True
+        except NotFound:
+            return False
+        except Exception:  # noqa: BLE001 - a malformed id is simply not registered
+            return False
+
+    return exists
+
+
+class AdminServicer:
+    """Implements hybridserve.v1.AdminService and grpc.health.v1.Health.
+
+    Args:
+        config: platform config (a dict is accepted, as Serve passes it).
+        tenancy: authentication; default: the store the config names.
+        knowledge: creates / deletes tenants' knowledge spaces (None: retrieval
+            does not run, tenants get no knowledge space until their first write).
+    """
+
+    metrics_service = "admin"
+    grpc_service = SERVICE_NAME
+
+    def __init__(self, config: HybridServeConfig | dict, tenancy: Tenancy | None = None,
+                 knowledge: Knowledge | None = None):
+        from hybridserve.generation.adapters import AdapterRegistry
+
+        cfg = config if isinstance(config, HybridServeConfig) else HybridServeConfig.model_validate(config)
+        obs.set_enabled(cfg.observability.metrics_enabled)
+        self.config = cfg
+        self.tenancy = tenancy or Tenancy.from_config(cfg, metrics_service=self.metrics_service)
+        self.admin = AdminService(
+            self.tenancy.store, _adapter_exists(AdapterRegistry.from_config(cfg)), knowledge,
+            settle_s=cfg.tenancy.auth_cache_ttl_s,
+        )
+
+    async def shutdown(self) -> None:
+        await self.tenancy.close()
+
+    async def _caller(self, grpc_context):
+        return await self.tenancy.authenticate(grpc_context)
+
+    @grpc_unary
+    async def WhoAmI(self, request, grpc_context: Any = None):
+        p = await self._caller(grpc_context)
+        reply = admin_pb2.WhoAmIResponse(kind=p.kind, key_id=p.key_id, key_name=p.key_name)
+        if p.tenant is not None:
+            reply.tenant.CopyFrom(tenant_to_proto(p.tenant))
+        return reply
+
+    @grpc_unary
+    async def CreateTenant(self, request, grpc_context: Any = None):
+        p = await self._caller(grpc_context)
+        q = request.quotas
+        tenant, created = await self.admin.create_tenant(p, Tenant(
+            id=request.id, display_name=request.display_name, allow_base=request.allow_base,
+            system_prompt=request.system_prompt,
+            quotas=Quotas(q.requests_per_minute, q.tokens_per_minute, q.concurrent_streams),
+        ))
+        return admin_pb2.CreateTenantResponse(tenant=tenant_to_proto(tenant), created=created)
+
+    @grpc_unary
+    async def GetTenant(self, request, grpc_context: Any = None):
+        p = await self._caller(grpc_context)
+        return tenant_to_proto(await self.admin.get_tenant(p, request.id))
+
+    @grpc_unary
+    async def ListTenants(self, request, grpc_context: Any = None):
+        p = await self._caller(grpc_context)
+        tenants = await self.admin.list_tenants(p)
+        return admin_pb2.ListTenantsAdminResponse(tenants=[tenant_to_proto(t) for t in tenants])
+
+    @grpc_unary
+    async def UpdateTenant(self, request, grpc_context: Any = None):
+        p = await self._caller(grpc_context)
+
+        def opt(name):
+            return getattr(request, name) if request.HasField(name) else None
+
+        tenant = await self.admin.update_tenant(
+            p, request.id, display_name=opt("display_name"), allow_base=opt("allow_base"),
+            system_prompt=opt("system_prompt"),
+        )
+        return tenant_to_proto(tenant)
+
+    @grpc_unary
+    async def DeleteTenant(self, request, grpc_context: Any = None):
+        p = await self._caller(grpc_context)
+        chunks, n_keys = await self.admin.delete_tenant(p, request.id)
+        return admin_pb2.DeleteTenantAdminResponse(deleted_chunks=chunks, deleted_keys=n_keys)
+
+    @grpc_unary
+    async def CreateKey(self, request, grpc_context: Any = None):
+        p = await self._caller(grpc_context)
+        info, secret = await self.admin.create_key(
+            p, tenant=request.tenant, name=request.name, kind=request.kind or "tenant",
+            ttl_s=float(request.ttl_seconds),
+        )
+        return admin_pb2.CreateKeyResponse(key=key_to_proto(info), secret=secret)
+
+    @grpc_unary
+    async def ListKeys(self, request, grpc_context: Any = None):
+        p = await self._caller(grpc_context)
+        found = await self.admin.list_keys(p, request.tenant, request.include_revoked)
+        return admin_pb2.ListKeysResponse(keys=[key_to_proto(k) for k in found])
+
+    @grpc_unary
+    async def RevokeKey(self, request, grpc_context: Any = None):
+        p = await self._caller(grpc_context)
+        return key_to_proto(await self.admin.revoke_key(p, request.key_id))
+
+    @grpc_unary
+    async def GrantAdapter(self, request, grpc_context: Any = None):
+        p = await self._caller(grpc_context)
+        return tenant_to_proto(
+            await self.admin.grant(p, request.tenant, request.adapter, request.make_default))
+
+    @grpc_unary
+    async def RevokeAdapter(self, request, grpc_context: Any = None):
+        p = await self._caller(grpc_context)
+        return tenant_to_proto(await self.admin.revoke_grant(p, request.tenant, request.adapter))
+
+    @grpc_unary
+    async def SetQuotas(self, request, grpc_context: Any = None):
+        p = await self._caller(grpc_context)
+
+        def opt(name):
+            return getattr(request, name) if request.HasField(name) else None
+
+        return tenant_to_proto(await self.admin.set_quotas(
+            p, request.tenant, requests_per_minute=opt("requests_per_minute"),
+            tokens_per_minute=opt("tokens_per_minute"), concurrent_streams=opt("concurrent_streams"),
+        ))
+
+    @grpc_unary
+    async def Apply(self, request, grpc_context: Any = None):
+        p = await self._caller(grpc_context)
+        changes = await self.admin.apply(p, request.document, request.dry_run)
+        return admin_pb2.ApplyResponse(
+            changes=[admin_pb2.Change(action=c.action, tenant=c.tenant, detail=c.detail)
+                     for c in changes],
+            dry_run=request.dry_run,
+        )
+
+    @grpc_unary
+    async def ListAudit(self, request, grpc_context: Any = None):
+        p = await self._caller(grpc_context)
+        entries = await self.admin.list_audit(p, request.limit, request.tenant)
+        return admin_pb2.ListAuditResponse(entries=[audit_to_proto(e) for e in entries])
+
+    # -- grpc.health.v1.Health ---------------------------------------------------------
+
+    async def Check(self, request, grpc_context: Any = None):
+        if request.service not in ("", SERVICE_NAME):
+            return health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.SERVICE_UNKNOWN)
+        return health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.SERVING)
