@@ -143,12 +143,16 @@ class Stream:
         self._call = call
 
     def __iter__(self) -> Iterator:
-        try:
-            for message in self._call:
-                if _has_payload(message):
-                    yield message
-        except grpc.RpcError as e:
-            raise from_rpc_error(e) from None
+        return self
+
+    def __next__(self):
+        while True:
+            try:
+                message = next(self._call)
+            except grpc.RpcError as e:
+                raise from_rpc_error(e) from None
+            if _has_payload(message):
+                return message
 
     def cancel(self) -> bool:
         return self._call.cancel()

@@ -8,7 +8,10 @@ Apps sharing one Serve gRPC proxy:
   - `rerank`:     RerankService (the default bi-encoder backend).
 
 The weaviate-server is the session fixture `weaviate`, passed to the platform as
-an external URL, so tests can stop, kill, pause and restart it.
+an external URL, so tests can stop, kill, pause and restart it. The platform runs
+its own redis-server (quota counters) and creates the first admin key, as
+`hybridserve up` does; every client of the session sends that key (it is put in
+$HYBRIDSERVE_API_KEY) unless a test passes another one.
 
 Ray's metrics export port is a free port (`platform.main.observability.metrics_export_port`);
 test_observability.py points a real Prometheus at it.
@@ -56,6 +59,8 @@ class Platform:
     assets: Assets
     #: adapter name -> registered id (name@version)
     ids: dict[str, str]
+    #: the admin key `platform.start` created
+    admin_key: str = ""
 
 
 @pytest.fixture(scope="session")
@@ -145,13 +150,22 @@ def platform(assets, weaviate) -> Platform:
         health_timeout_s=900,
         generation_apps={MAIN_APP: main, AFFINITY_APP: affinity},
     )
+    from hybridserve.tenancy.bootstrap import read_key_file
+
+    admin_key = read_key_file(main.admin_key_path)
+    previous = os.environ.get("HYBRIDSERVE_API_KEY")
+    os.environ["HYBRIDSERVE_API_KEY"] = admin_key
     try:
         with HybridServeClient(running.grpc_address) as client:
             ids = {
                 name: client.register_adapter(name, name).adapter.id for name in assets.adapters
             }
-        yield Platform(running.grpc_address, weaviate, main, affinity, assets, ids)
+        yield Platform(running.grpc_address, weaviate, main, affinity, assets, ids, admin_key)
     finally:
+        if previous is None:
+            os.environ.pop("HYBRIDSERVE_API_KEY", None)
+        else:
+            os.environ["HYBRIDSERVE_API_KEY"] = previous
         running.stop()
 
 

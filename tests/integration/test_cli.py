@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -35,6 +36,26 @@ def test_errors_say_what_to_do_next(platform):
     down = _cli("generate", "--address", "127.0.0.1:1", "--timeout", "5", "hi")
     assert down.returncode == 1
     assert "start it with `hybridserve up`" in down.stderr
+
+
+def test_no_key_says_where_the_key_comes_from(platform, tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "HYBRIDSERVE_API_KEY"}
+    env["HYBRIDSERVE_DATA_DIR"] = str(tmp_path)  # no admin.key there
+    out = subprocess.run(
+        [sys.executable, "-m", "hybridserve.cli", "adapters", "list", "--address", platform.address],
+        capture_output=True, text=True, timeout=120, env=env,
+    )
+    assert out.returncode == 1
+    assert "UNAUTHENTICATED" in out.stderr and "HYBRIDSERVE_API_KEY" in out.stderr
+    # The local admin key file is what the CLI falls back to.
+    key_file = tmp_path / "admin.key"
+    key_file.write_text(platform.admin_key + "\n")
+    out = subprocess.run(
+        [sys.executable, "-m", "hybridserve.cli", "admin", "whoami", "--address", platform.address],
+        capture_output=True, text=True, timeout=120, env=env,
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("admin key ")
 
 
 def test_adapters_list(platform):

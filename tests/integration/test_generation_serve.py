@@ -87,9 +87,9 @@ def test_cancel_aborts_the_engine_request(client, platform):
     """
     attempts = []
     for _ in range(5):
-        request_id = f"cancel-{uuid.uuid4().hex[:8]}"
+        client_id = f"cancel-{uuid.uuid4().hex[:8]}"
         stream = client.generate_stream(
-            LONG_PROMPT, max_tokens=1000, temperature=0, request_id=request_id
+            LONG_PROMPT, max_tokens=1000, temperature=0, client_request_id=client_id
         )
         first = next(stream)
         assert first.HasField("delta"), first
@@ -98,8 +98,11 @@ def test_cancel_aborts_the_engine_request(client, platform):
             for _ in stream:
                 pass
         assert e.value.code() == grpc.StatusCode.CANCELLED
-        stats = _wait_for_abort(request_id, settle_polls=20)
+        stats = _wait_for_abort(client_id, settle_polls=20)
         attempts.append(stats)
+        # The engine saw the server's own id, never the client's.
+        request_id = stats["request_ids"][client_id]
+        assert client_id not in stats["aborted_request_ids"]
         if request_id in stats["aborted_request_ids"]:
             assert stats["unfinished_requests"] == 0, stats
             return
@@ -107,20 +110,21 @@ def test_cancel_aborts_the_engine_request(client, platform):
 
 
 def test_deadline_aborts_the_engine_request(client):
-    request_id = f"deadline-{uuid.uuid4().hex[:8]}"
+    client_id = f"deadline-{uuid.uuid4().hex[:8]}"
     stream = client.generate_stream(
-        LONG_PROMPT, max_tokens=1000, temperature=0, request_id=request_id, timeout=1.0
+        LONG_PROMPT, max_tokens=1000, temperature=0, client_request_id=client_id, timeout=1.0
     )
     with pytest.raises(grpc.RpcError) as e:
         for msg in stream:
             assert not msg.HasField("final"), "finished before the deadline; raise max_tokens"
     assert e.value.code() in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED)
-    stats = _wait_for_abort(request_id)
-    assert request_id in stats["aborted_request_ids"], stats
+    stats = _wait_for_abort(client_id)
+    assert stats["request_ids"][client_id] in stats["aborted_request_ids"], stats
 
 
-def _wait_for_abort(request_id: str, settle_polls: int = 0) -> dict:
-    """Replica stats once `request_id` shows as aborted with nothing unfinished.
+def _wait_for_abort(client_id: str, settle_polls: int = 0) -> dict:
+    """Replica stats once the request the client called `client_id` shows as
+    aborted (under the server's own request id) with nothing unfinished.
 
     With settle_polls, gives up early once nothing has been unfinished for that
     many polls in a row without the abort (the request ran to completion).
@@ -128,6 +132,7 @@ def _wait_for_abort(request_id: str, settle_polls: int = 0) -> dict:
     stats, idle = {}, 0
     for _ in range(300):  # bounded: the abort is asynchronous, not timed
         stats = replica_stats(MAIN_APP)
+        request_id = stats["request_ids"].get(client_id)
         if request_id in stats["aborted_request_ids"] and stats["unfinished_requests"] == 0:
             break
         idle = idle + 1 if stats["unfinished_requests"] == 0 else 0
@@ -238,7 +243,9 @@ def test_grpcurl_lists_services_by_reflection_and_streams_generate(platform, ref
     )
     assert listed.returncode == 0, listed.stderr
     services = set(listed.stdout.split())
-    assert {"hybridserve.v1.GenerationService", "grpc.health.v1.Health"} <= services
+    # Reflection and health stay open: no key was sent.
+    assert {"hybridserve.v1.GenerationService", "hybridserve.v1.AdminService",
+            "grpc.health.v1.Health"} <= services
 
     # A foreign client sends only the body: the adapter field alone must route it.
     body = {
@@ -247,7 +254,8 @@ def test_grpcurl_lists_services_by_reflection_and_streams_generate(platform, ref
         "sampling": {"max_tokens": MAX_TOKENS, "temperature": 0},
     }
     call = subprocess.run(
-        [grpcurl, "-plaintext", "-H", f"application: {MAIN_APP}", "-d", json.dumps(body),
+        [grpcurl, "-plaintext", "-H", f"application: {MAIN_APP}",
+         "-H", f"authorization: Bearer {platform.admin_key}", "-d", json.dumps(body),
          platform.address, "hybridserve.v1.GenerationService/Generate"],
         capture_output=True, text=True, timeout=120,
     )

@@ -27,7 +27,7 @@ def kc(platform):
 
 
 def _chunks(kc, tenant) -> int:
-    return next(t.chunks for t in kc.list_tenants() if t.tenant == tenant)
+    return next(t.chunks for t in kc.knowledge_stats() if t.tenant == tenant)
 
 
 def _code(excinfo) -> grpc.StatusCode:
@@ -39,18 +39,23 @@ def _code(excinfo) -> grpc.StatusCode:
 
 def test_tenants_are_created_explicitly_and_idempotently(kc):
     t = _tenant("tn")
-    assert kc.create_tenant(t) is True
-    assert kc.create_tenant(t) is False
-    assert t in [x.tenant for x in kc.list_tenants()]
+    assert kc.create_tenant(t).created is True
+    assert kc.create_tenant(t).created is False
+    assert t in [x.id for x in kc.list_tenants()]
+    # The control plane created its knowledge space in Weaviate too.
+    assert _chunks(kc, t) == 0
     # A query never creates a tenant.
     ghost = _tenant("ghost")
     with pytest.raises(grpc.RpcError) as e:
         kc.search(ghost, "anything")
     assert _code(e) == grpc.StatusCode.NOT_FOUND
-    assert "create it first" in e.value.details()
-    assert ghost not in [x.tenant for x in kc.list_tenants()]
-    kc.delete_tenant(t)
-    assert t not in [x.tenant for x in kc.list_tenants()]
+    assert "hybridserve admin tenants create" in e.value.details()
+    assert ghost not in [x.tenant for x in kc.knowledge_stats()]
+    kc.upsert(t, [{"id": "d", "text": "one chunk"}])
+    reply = kc.delete_tenant(t)
+    assert reply.deleted_chunks == 1
+    assert t not in [x.id for x in kc.list_tenants()]
+    assert t not in [x.tenant for x in kc.knowledge_stats()]
     with pytest.raises(grpc.RpcError) as e:
         kc.delete_tenant(t)
     assert _code(e) == grpc.StatusCode.NOT_FOUND
@@ -347,10 +352,10 @@ def test_grpcurl_reaches_retrieval_and_rerank_by_reflection(kc, platform):
 
     grpcurl = _grpcurl()
 
-    def call(app: str, method: str, body: dict) -> dict:
+    def call(app: str, method: str, body: dict, key: str) -> dict:
         out = subprocess.run(
-            [grpcurl, "-plaintext", "-H", f"application: {app}", "-d", json.dumps(body),
-             platform.address, method],
+            [grpcurl, "-plaintext", "-H", f"application: {app}", "-H", f"authorization: Bearer {key}",
+             "-d", json.dumps(body), platform.address, method],
             capture_output=True, text=True, timeout=120,
         )
         assert out.returncode == 0, out.stderr
@@ -360,16 +365,22 @@ def test_grpcurl_reaches_retrieval_and_rerank_by_reflection(kc, platform):
                             capture_output=True, text=True, timeout=60)
     assert {"hybridserve.v1.RetrievalService", "hybridserve.v1.RerankService"} <= set(listed.stdout.split())
     t = _tenant("grpcurl")
-    assert call("retrieval", "hybridserve.v1.RetrievalService/CreateTenant", {"tenant": t}) == {"created": True}
+    admin = platform.admin_key
+    created = call("admin", "hybridserve.v1.AdminService/CreateTenant", {"id": t}, admin)
+    assert created["created"] is True and created["tenant"]["id"] == t
+    key = call("admin", "hybridserve.v1.AdminService/CreateKey", {"tenant": t, "name": "grpcurl"},
+               admin)["secret"]
+    # The tenant's own key: no tenant field needed.
     reply = call("retrieval", "hybridserve.v1.RetrievalService/Upsert", {
-        "tenant": t, "documents": [{"id": "d1", "text": "The ferry leaves the harbour at noon.",
-                                     "source": "timetable.md"}]})
+        "documents": [{"id": "d1", "text": "The ferry leaves the harbour at noon.",
+                       "source": "timetable.md"}]}, key)
     assert reply.get("chunks_written") == 1, reply
     hits = call("retrieval", "hybridserve.v1.RetrievalService/Search",
-                {"tenant": t, "query": "when does the ferry leave", "topK": 3})["hits"]
+                {"query": "when does the ferry leave", "topK": 3}, key)["hits"]
     assert hits[0]["doc_id"] == "d1" and hits[0]["source"] == "timetable.md"
     ranked = call("rerank", "hybridserve.v1.RerankService/Rerank",
-                  {"query": "ferry departure", "passages": ["Bananas are yellow.", hits[0]["text"]]})
+                  {"query": "ferry departure", "passages": ["Bananas are yellow.", hits[0]["text"]]},
+                  key)
     assert ranked["results"][0]["index"] == 1
 
 

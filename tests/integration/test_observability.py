@@ -6,8 +6,10 @@ shipped alert rules) scrapes them.
 A bounded load goes through every service: the base model and three adapters on the
 `generation` app, the same adapters on the two single-slot replicas of the `affinity`
 app (which forces evictions), a bad request (INVALID_ARGUMENT), an unknown adapter
-(NOT_FOUND), tenant creation, ingestion and search (one of them against a paused,
-i.e. hung, Weaviate: DEADLINE_EXCEEDED), a search in an unknown tenant, and reranking.
+(NOT_FOUND), tenant creation (with a key and a quota of 2 requests a minute, whose
+bucket holds one: the tenant's key generates once and its next search is
+RESOURCE_EXHAUSTED), ingestion and search (one of them against a paused, i.e. hung,
+Weaviate: DEADLINE_EXCEEDED), a search in an unknown tenant, and reranking.
 It runs twice: a first pass creates every series, the second is the one measured.
 Then, through Prometheus's HTTP API only:
 
@@ -58,16 +60,9 @@ VARIABLES = {
     "replica": ".*",
 }
 
-_QUOTAS = (
-    "no tenant has a quota yet (quotas come with the RAG gateway), so nothing is rejected "
-    "and ray_hybridserve_quota_rejections_total has no series"
-)
 #: Expressions whose metrics this load cannot produce, and why. Each must return
 #: nothing here (so this list cannot go stale silently).
 NOT_PRODUCED = {
-    "rule HybridServeQuotaRejectionsSpiking": _QUOTAS,
-    "hybridserve-overview.json: Quota rejections/s": _QUOTAS,
-    "hybridserve-tenants.json: Quota rejections/s": _QUOTAS,
     "rule HybridServeAdapterLoadFailures": (
         "every adapter loads: no ray_hybridserve_adapter_loads_total{outcome=\"error\"} series"
     ),
@@ -91,6 +86,9 @@ NOT_FIRING = {
         "Weaviate is up (paused for one search only); far fewer than half the calls fail"
     ),
     "rule HybridServeReplicaDown": "every deployment is HEALTHY",
+    "rule HybridServeQuotaRejectionsSpiking": (
+        "one quota rejection, far below 0.2 a second"
+    ),
     "rule HybridServeMetricsTargetDown": "Ray's metrics endpoint is up",
 }
 
@@ -185,8 +183,8 @@ class Load:
     tenant: str = ""
     #: (service, method, code) -> calls, as the client saw them.
     calls: Counter = field(default_factory=Counter)
-    #: adapter label ("base" or the id) -> [prompt, completion, generations]
-    usage: dict[str, list[int]] = field(default_factory=dict)
+    #: (tenant label, adapter label) -> [prompt, completion, generations]
+    usage: dict[tuple[str, str], list[int]] = field(default_factory=dict)
     #: app -> [(adapter id, replica id)] in order
     served: dict[str, list[tuple[str, str]]] = field(default_factory=dict)
     chunks_written: int = 0
@@ -208,13 +206,14 @@ class Load:
         self.calls[(service, method, "OK")] += 1
         return result
 
-    def generate(self, client: HybridServeClient, app: str, adapter: str = "", **kwargs):
+    def generate(self, client: HybridServeClient, app: str, adapter: str = "",
+                 tenant: str = m.UNKNOWN_TENANT, **kwargs):
         reply = self.call("generation", "Generate", client.generate, GOOD_PROMPT,
                           adapter=adapter, temperature=0, timeout=120, **kwargs)
         if isinstance(reply, grpc.RpcError):
             return reply
         _, _, final = reply
-        label = adapter or m.BASE_ADAPTER
+        label = (tenant, adapter or m.BASE_ADAPTER)
         usage = self.usage.setdefault(label, [0, 0, 0])
         usage[0] += final.usage.prompt_tokens
         usage[1] += final.usage.completion_tokens
@@ -265,7 +264,16 @@ def _drive(platform, run: Load) -> None:
                 final = run.generate(affinity, AFFINITY_APP, ids[name], max_tokens=6)
                 assert not isinstance(final, grpc.RpcError), final
 
-        assert run.ok("retrieval", "CreateTenant", client.create_tenant, run.tenant) is True
+        created = run.ok("admin", "CreateTenant", client.create_tenant, run.tenant, allow_base=True)
+        assert created.created
+        key = run.ok("admin", "CreateKey", client.create_key, run.tenant, name="obs").secret
+        run.ok("admin", "SetQuotas", client.set_quotas, run.tenant, requests_per_minute=2)
+        # The tenant's own key: its tokens carry its id; its bucket holds one request.
+        with HybridServeClient(platform.address, application=MAIN_APP, api_key=key) as tenant:
+            final = run.generate(tenant, MAIN_APP, tenant=run.tenant, max_tokens=4)
+            assert not isinstance(final, grpc.RpcError), final
+            limited = run.call("retrieval", "Search", tenant.search, "", "lighthouse")
+            assert limited.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, limited
         reply = run.ok("retrieval", "Upsert", client.upsert, run.tenant, DOCS)
         assert not reply.failures
         run.chunks_written = reply.chunks_written
@@ -330,7 +338,7 @@ def _await_counts(prom, run: Load) -> None:
     """Waits until Prometheus shows the pass's calls, tokens and chunks (bounded)."""
     expected = {
         "requests": {k: float(v) for k, v in run.calls.items()},
-        "completion_tokens": {("unknown", a): float(u[1]) for a, u in run.usage.items() if u[1]},
+        "completion_tokens": {k: float(u[1]) for k, u in run.usage.items() if u[1]},
         "ingested": {(run.tenant, "written"): float(run.chunks_written)},
     }
     seen = {}
@@ -379,17 +387,19 @@ def test_requests_are_counted_by_service_method_and_code(load):
     codes = {(s, c) for s, _, c in counted}
     assert {("generation", "OK"), ("generation", "INVALID_ARGUMENT"),
             ("generation", "NOT_FOUND"), ("retrieval", "OK"), ("retrieval", "NOT_FOUND"),
-            ("retrieval", "DEADLINE_EXCEEDED"), ("rerank", "OK"),
-            ("rerank", "INVALID_ARGUMENT")} <= codes
+            ("retrieval", "DEADLINE_EXCEEDED"), ("retrieval", "RESOURCE_EXHAUSTED"),
+            ("rerank", "OK"), ("rerank", "INVALID_ARGUMENT"), ("admin", "OK")} <= codes
 
 
 def test_tokens_and_generations_by_tenant_and_adapter(load, platform):
     for name, index in (("prompt_tokens", 0), ("completion_tokens", 1), ("generations", 2)):
         counted = _delta(load.after[name], load.before[name])
-        expected = {("unknown", a): float(u[index]) for a, u in load.usage.items() if u[index]}
+        expected = {k: float(u[index]) for k, u in load.usage.items() if u[index]}
         assert counted == expected, name
-    # The base model and every adapter, under the ids they were registered as.
-    assert set(load.usage) == {"base", *platform.ids.values()}
+    # The base model and every adapter, under the ids they were registered as; the
+    # admin key's generations have no tenant, the tenant key's carry its id.
+    assert {a for _, a in load.usage} == {"base", *platform.ids.values()}
+    assert {t for t, _ in load.usage} == {"unknown", load.tenant}
 
 
 def test_ingested_chunks_by_tenant(load):
@@ -404,9 +414,6 @@ def test_every_declared_metric_has_series_with_its_labels(prom, load, platform):
     for spec in m.METRICS:
         name = spec.series_names()[0]
         series = _series(prom, name, load)
-        if spec is m.QUOTA_REJECTIONS:
-            assert series == [], "quota rejections without quotas?"
-            continue
         assert series, f"no series for {name}"
         for s in series:
             missing = [k for k in spec.labels if not s.get(k)]
@@ -431,7 +438,10 @@ def test_every_declared_metric_has_series_with_its_labels(prom, load, platform):
         m.WEAVIATE_REQUESTS, "op", "outcome")
     assert {"search", "write"} <= {op for (op,) in values(m.WEAVIATE_DURATION, "op")}
     assert (load.tenant, "written") in values(m.INGEST_CHUNKS, "tenant", "outcome")
-    assert {t for t, _ in values(m.GENERATIONS, "tenant", "adapter")} == {"unknown"}
+    assert {"unknown", load.tenant} <= {t for t, _ in values(m.GENERATIONS, "tenant", "adapter")}
+    assert (load.tenant, "requests") in values(m.QUOTA_REJECTIONS, "tenant", "quota")
+    assert ("retrieval", "auth") in values(m.STAGE_DURATION, "service", "stage")
+    assert ("retrieval", "quota") in values(m.STAGE_DURATION, "service", "stage")
 
 
 def test_engine_gauges_report_each_replicas_queue(prom, load, platform):
@@ -497,7 +507,7 @@ def test_dashboard_variables_offer_what_the_load_produced(prom, load, platform):
     load used: a panel filtered by any of them can be selected."""
     replicas = load.replicas(MAIN_APP) | load.replicas(AFFINITY_APP)
     wanted = {
-        ("hybridserve-overview.json", "service"): {"generation", "retrieval", "rerank"},
+        ("hybridserve-overview.json", "service"): {"generation", "retrieval", "rerank", "admin"},
         ("hybridserve-tenants.json", "tenant"): {"unknown", load.tenant},
         ("hybridserve-tenants.json", "adapter"): {"base", *platform.ids.values()},
         ("hybridserve-engine.json", "replica"): replicas,
@@ -595,7 +605,8 @@ def test_a_request_id_is_echoed_and_logged_by_every_stage_of_a_search(platform):
                 # alpha 1: the query is embedded, so the Embedder is a stage.
                 reply, call = stub.Search.with_call(
                     retrieval_pb2.SearchRequest(tenant=tenant, query="lighthouse", alpha=1.0),
-                    metadata=[("application", "retrieval"), ("request_id", request_id)],
+                    metadata=[("application", "retrieval"), ("request_id", request_id),
+                              ("authorization", f"Bearer {platform.admin_key}")],
                     timeout=60,
                 )
         finally:

@@ -133,12 +133,14 @@ class FakeChunkStore(ChunkStore):
         return failures
 
     async def remove_tail(self, tenant, doc_id, keep):
+        await self.require_tenant(tenant)
         gone = [k for k, (c, _) in self.tenants[tenant].items() if c.doc_id == doc_id and c.index >= keep]
         for k in gone:
             del self.tenants[tenant][k]
         return len(gone)
 
     async def delete_documents(self, tenant, doc_ids):
+        await self.require_tenant(tenant)
         gone = [k for k, (c, _) in self.tenants[tenant].items() if c.doc_id in doc_ids]
         for k in gone:
             del self.tenants[tenant][k]

@@ -11,6 +11,7 @@ import contextlib
 import logging
 import os
 import time
+from collections import OrderedDict
 from collections.abc import AsyncIterator
 from dataclasses import asdict
 from pathlib import Path
@@ -38,6 +39,8 @@ _FINISH = {
 }
 #: How long an evicted adapter waits for its in-flight requests before unloading.
 _EVICT_DRAIN_S = 60.0
+#: client_request_id -> request id pairs a replica remembers for `stats()`.
+_RECENT_IDS = 256
 
 
 def replica_id() -> str:
@@ -162,6 +165,9 @@ class GenerationServicer:
         self.tenancy = tenancy or Tenancy.from_config(cfg, metrics_service=self.metrics_service)
         self._evictions = 0
         self._sampler: asyncio.Task | None = None
+        #: client_request_id -> the server's request id, for the last requests
+        #: that sent one (introspection: `stats()`).
+        self._recent_ids: OrderedDict[str, str] = OrderedDict()
 
     async def start(self) -> None:
         await self.service.engine.start()
@@ -246,6 +252,9 @@ class GenerationServicer:
             if prepared.client_request_id:
                 logger.info("request %s is the client's %r", prepared.request_id,
                             prepared.client_request_id)
+                self._recent_ids[prepared.client_request_id] = prepared.request_id
+                while len(self._recent_ids) > _RECENT_IDS:
+                    self._recent_ids.popitem(last=False)
             if prepared.adapter is not None:
                 resident = await self.load_adapter(prepared.adapter.id)
                 resident.acquire()
@@ -405,9 +414,11 @@ class GenerationServicer:
     # -- introspection (Serve handle only, not on the gRPC API) -----------
 
     async def stats(self) -> dict:
-        """This replica's id, engine counters, resident adapters and evictions."""
+        """This replica's id, engine counters, resident adapters, evictions, and the
+        server request ids of the last requests that sent a client_request_id."""
         return {
             "replica_id": replica_id(),
             "evictions": self._evictions,
+            "request_ids": dict(self._recent_ids),
             **asdict(self.service.engine.stats()),
         }

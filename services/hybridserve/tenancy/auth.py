@@ -95,7 +95,8 @@ class Tenancy:
         quotas: the shared quota counters; None enforces no quotas (tests of
             servicers that are not about quotas).
         cache_ttl_s: how long a replica trusts what it read about a key.
-        clock: epoch seconds; tests inject one.
+        clock: epoch seconds (key expiry, last use); tests inject one.
+        monotonic: the cache's clock; tests inject one.
         metrics_service: the `service` label of the auth/quota stage timings.
     """
 
@@ -106,12 +107,14 @@ class Tenancy:
         *,
         cache_ttl_s: float = 0.5,
         clock: Callable[[], float] = time.time,
+        monotonic: Callable[[], float] = time.monotonic,
         metrics_service: str = "other",
     ):
         self.store = store
         self.quotas = quotas
         self.cache_ttl_s = cache_ttl_s
         self.clock = clock
+        self.monotonic = monotonic
         self.metrics_service = metrics_service
         self._cache: OrderedDict[str, _Cached] = OrderedDict()
         self._inflight: dict[str, asyncio.Future] = {}
@@ -178,7 +181,7 @@ class Tenancy:
 
     async def _lookup(self, key_id: str) -> _Cached:
         entry = self._cache.get(key_id)
-        now = time.monotonic()
+        now = self.monotonic()
         if entry is not None and now - entry.fetched_at < self.cache_ttl_s:
             return entry
         # One read per key id at a time: concurrent misses share it.
@@ -197,7 +200,7 @@ class Tenancy:
     def _fetch(self, key_id: str) -> _Cached:
         # NOTE: the time is taken before the read, so an entry never claims to be
         # fresher than the data it holds.
-        fetched_at = time.monotonic()
+        fetched_at = self.monotonic()
         found = self.store.get_key(key_id)
         if found is None:
             return _Cached(fetched_at, None)
@@ -262,7 +265,7 @@ class Tenancy:
 
     async def _tenant_exists(self, tenant: str) -> bool:
         cached = self._tenants.get(tenant)
-        now = time.monotonic()
+        now = self.monotonic()
         if cached is not None and now - cached[0] < self.cache_ttl_s:
             return cached[1]
         exists = await asyncio.to_thread(self.store.tenant_exists, tenant)
