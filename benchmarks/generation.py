@@ -144,13 +144,22 @@ class Direct:
         return ttft, n
 
 
+def use_admin_key(config) -> None:
+    """Makes the platform's admin key the one every client here sends."""
+    from hybridserve.tenancy.bootstrap import read_key_file
+
+    os.environ["HYBRIDSERVE_API_KEY"] = read_key_file(config.admin_key_path)
+
+
 class Platform:
     """The GenerationService of one Serve app of a running local platform (aio client)."""
 
-    def __init__(self, address: str, app: str = "generation"):
+    def __init__(self, address: str, app: str = "generation", api_key: str | None = None):
         from hybridserve.v1 import generation_pb2_grpc
 
         self.app = app
+        key = api_key or os.environ.get("HYBRIDSERVE_API_KEY", "")
+        self.auth = [("authorization", f"Bearer {key}")] if key else []
         self.channel = grpc.aio.insecure_channel(address)
         self.stub = generation_pb2_grpc.GenerationServiceStub(self.channel)
 
@@ -161,7 +170,8 @@ class Platform:
         req.messages.messages.append(common_pb2.ChatMessage(role="user", content=prompt))
         req.sampling.max_tokens = max_tokens
         req.sampling.temperature = 0
-        md = [("application", self.app)] + ([("multiplexed_model_id", adapter)] if adapter else [])
+        md = [("application", self.app), *self.auth] + (
+            [("multiplexed_model_id", adapter)] if adapter else [])
         t0 = time.perf_counter()
         ttft, n = None, 0
         async for msg in self.stub.Generate(req, metadata=md, timeout=600):
@@ -176,7 +186,7 @@ class Platform:
 
         reply = await self.stub.RegisterAdapter(
             generation_pb2.RegisterAdapterRequest(name=name, path=path, version=version),
-            metadata=[("application", self.app)], timeout=120,
+            metadata=[("application", self.app), *self.auth], timeout=120,
         )
         return reply.adapter.id
 
@@ -215,6 +225,7 @@ async def main_async(args) -> dict:
     print(f"[bench] model={args.model} base={base}", flush=True)
 
     running = local.start(config, progress=lambda m: print("[bench]", m, flush=True))
+    use_admin_key(config)
     print("[bench] platform up; starting the direct engine", flush=True)
     direct = Direct(config, base)
     plat = Platform(running.grpc_address)

@@ -43,7 +43,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
 
-from generation import Platform, _free_port, _summary, build_assets, run_load  # noqa: E402
+from generation import (  # noqa: E402
+    Platform,
+    _free_port,
+    _summary,
+    build_assets,
+    run_load,
+    use_admin_key,
+)
 
 APPS = {"metrics-on": True, "metrics-off": False}
 
@@ -117,6 +124,7 @@ async def main_async(args) -> dict:
                for app, on in APPS.items()}
     running = local.start(configs["metrics-on"], generation_apps=configs,
                           progress=lambda msg: print("[bench]", msg, flush=True))
+    use_admin_key(configs["metrics-on"])
     apps = {name: Platform(running.grpc_address, app=name) for name in APPS}
     try:
         ids = [await apps["metrics-on"].register(f"obs{i}", d.name, "v1")

@@ -38,7 +38,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
 
-from generation import _free_port, _pct  # noqa: E402
+from generation import _free_port, _pct, use_admin_key  # noqa: E402
 
 WORDS = (
     "harbour crane container vessel tide lighthouse keeper engine valve pressure pump filter "
@@ -82,6 +82,7 @@ def start_platform(work: Path, args):
         rerank={"max_batch_size": args.rerank_batch},
     )
     plat = local.start(cfg, progress=lambda m: print(m, file=sys.stderr, flush=True))
+    use_admin_key(cfg)
     one = cfg.model_copy(deep=True)
     one.rerank.max_batch_size = 1
     serve.run(build_rerank_app(one), name="rerank1", route_prefix="/rerank1")

@@ -70,7 +70,7 @@ for ID in "$PIRATE" "$JSONA"; do
 done
 
 say "a tenant's knowledge: create tenant 'demo' and ingest its articles (re-running is safe)"
-$HS tenants create --address "$ADDR" demo
+$HS admin tenants create --address "$ADDR" demo
 $HS ingest --address "$ADDR" tests/data/knowledge/corpus.jsonl --tenant demo
 
 QUESTION=${DEMO_QUESTION:-"How long can I wait before returning something I already opened?"}

@@ -369,14 +369,19 @@ class GenerationServicer:
                          describe(result) if describe else "")
         return result
 
-    async def check_credentials(self, token: str) -> dict:
-        """Serve handle only: authenticates `token` on this replica (tests of the
-        revocation bound across replicas)."""
+    async def check_credentials(self, token: str, admit: bool = False) -> dict:
+        """Serve handle only: authenticates `token` on this replica, and with `admit`
+        takes one request of its quota (tests of the revocation bound and of shared
+        quotas across replicas)."""
         try:
             p = await self.tenancy.authenticate_token(token)
+            if admit:
+                async with self.tenancy.admit(p):
+                    pass
             return {"replica_id": replica_id(), "code": "OK", "tenant": p.tenant_id}
         except HybridServeError as e:
-            return {"replica_id": replica_id(), "code": e.code, "reason": e.reason}
+            return {"replica_id": replica_id(), "code": e.code, "reason": e.reason,
+                    "retry_after": e.retry_after}
 
     @staticmethod
     async def _call(fn, *args, **kwargs):
