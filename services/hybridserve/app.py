@@ -24,6 +24,8 @@ RETRIEVAL_APP = "retrieval"
 RERANK_APP = "rerank"
 #: The control plane (AdminService); always deployed.
 ADMIN_APP = "admin"
+#: The RAG gateway (RagService), the applications' entry point.
+RAG_APP = "rag"
 
 #: The servicers Serve's gRPC proxy exposes. Server reflection is built into
 #: the proxy (gRPCOptions.enable_reflection); health is answered by our
@@ -33,6 +35,7 @@ GRPC_SERVICER_FUNCTIONS = [
     "hybridserve.v1.retrieval_pb2_grpc.add_RetrievalServiceServicer_to_server",
     "hybridserve.v1.rerank_pb2_grpc.add_RerankServiceServicer_to_server",
     "hybridserve.v1.admin_pb2_grpc.add_AdminServiceServicer_to_server",
+    "hybridserve.v1.rag_pb2_grpc.add_RagServiceServicer_to_server",
     "grpc_health.v1.health_pb2_grpc.add_HealthServicer_to_server",
 ]
 
@@ -248,6 +251,36 @@ def build_admin_app(config: HybridServeConfig) -> Any:
     return admin_deployment(config).bind(
         config.model_dump(mode="json"), RETRIEVAL_APP in config.serve.apps
     )
+
+
+def rag_deployment(config: HybridServeConfig):
+    """The RAG gateway: authenticates, then retrieve -> rerank -> prompt -> generate
+    through handles to the other apps."""
+    from hybridserve.rag.servicer import RagServicer
+
+    class RagDeployment(RagServicer):
+        def __init__(self, config: dict):  # type: ignore[override]
+            import torch
+
+            # One thread: the gateway embeds one query at a time.
+            torch.set_num_threads(1)
+            RagServicer.__init__(self, config)
+
+        async def __del__(self):
+            await self.shutdown()
+
+    return serve.deployment(
+        RagDeployment,
+        name="RagService",
+        num_replicas=config.rag.replicas,
+        max_ongoing_requests=config.serve.max_ongoing_requests,
+        ray_actor_options={"num_cpus": config.rag.cpus_per_replica},
+        graceful_shutdown_timeout_s=30,
+    )
+
+
+def build_rag_app(config: HybridServeConfig) -> Any:
+    return rag_deployment(config).bind(config.model_dump(mode="json"))
 
 
 def grpc_options(config: HybridServeConfig):

@@ -1,6 +1,7 @@
 """The `hybridserve` command.
 
   hybridserve up [--with-prometheus]     start the platform locally (Ctrl-C stops it)
+  hybridserve ask QUESTION               answer from the tenant's documents through its adapter
   hybridserve generate [--adapter ID] P  stream a generation
   hybridserve adapters list|register|unregister
   hybridserve models prepare             prepare the default model offline
@@ -89,6 +90,50 @@ def cmd_up(ns) -> int:
     stop.wait()
     print("shutting down ...", file=sys.stderr, flush=True)
     plat.stop()
+    return 0
+
+
+def cmd_ask(ns) -> int:
+    from hybridserve.answers import Final, Sources, Token
+
+    filters = [_parse_filter(f) for f in ns.filter or []]
+    kwargs = dict(tenant=ns.tenant, adapter=ns.adapter or "", top_k=ns.top_k, alpha=ns.alpha,
+                  filters=filters, rerank=False if ns.no_rerank else None,
+                  min_score=ns.min_score, max_tokens=ns.max_tokens,
+                  temperature=ns.temperature, json_schema=ns.json_schema or "",
+                  timeout=ns.timeout)
+    sources, final = [], None
+    with _client(ns) as client:
+        for event in client.ask_stream(ns.question, **kwargs):
+            if isinstance(event, Sources):
+                sources = event.citations
+            elif isinstance(event, Token):
+                sys.stdout.write(event.text)
+                sys.stdout.flush()
+            elif isinstance(event, Final):
+                final = event
+    print()
+    if final is None:
+        return _err("the answer ended without its final message")
+    cited = set(final.cited)
+    if sources:
+        print("\nSources:")
+        for c in sources:
+            mark = "*" if c.number in cited else " "
+            print(f" {mark}[{c.number}] {c.title or c.doc_id} ({c.source or c.doc_id}"
+                  f"#{c.chunk_index}) score={c.score:.3f}")
+    if final.invalid_citations:
+        print(f"warning: the answer cites [{'], ['.join(map(str, final.invalid_citations))}], "
+              "which match no source", file=sys.stderr)
+    print(f"[finish={final.finish_reason} adapter={final.adapter or '(base)'} "
+          f"tokens={final.usage.prompt_tokens}+{final.usage.completion_tokens} "
+          f"replica={final.replica_id or '-'} cited={sorted(cited) or '-'}]", file=sys.stderr)
+    if ns.show_timings:
+        t = final.timings
+        print("timings (ms): " + "  ".join(
+            f"{name}={getattr(t, name + '_ms'):.1f}" for name in
+            ("auth", "quota", "embed", "retrieve", "rerank", "prompt", "queue", "first_token",
+             "total")), file=sys.stderr)
     return 0
 
 
@@ -248,9 +293,16 @@ def cmd_search(ns) -> int:
         hits = client.search(ns.tenant, ns.query, top_k=ns.top_k, alpha=ns.alpha, filters=filters)
         rerank_scores: list[float | None] = [None] * len(hits)
         if ns.rerank and hits:
+            from hybridserve.rerank import fusion
+
+            # The same order RagService.Ask uses: retrieval fused with rerank.
             reply = client.rerank(ns.query, [h.text for h in hits])
-            hits = [hits[r.index] for r in reply.results]
-            rerank_scores = [r.score for r in reply.results]
+            scores = [0.0] * len(hits)
+            for r in reply.results:
+                scores[r.index] = r.score
+            order = fusion.order([h.score for h in hits], scores, _config(ns).rerank.fusion_weight)
+            hits = [hits[i] for i in order]
+            rerank_scores = [scores[i] for i in order]
         if ns.json:
             from google.protobuf.json_format import MessageToDict
 
@@ -303,6 +355,25 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--api-key-file", help="file holding the API key (default: "
                         "$HYBRIDSERVE_API_KEY, else <data_dir>/admin.key)")
         sp.add_argument("--tls", action="store_true", help="connect with TLS (through an ingress)")
+
+    q = sub.add_parser("ask", help="answer a question from the tenant's documents through its "
+                       "adapter, with cited sources")
+    client_args(q)
+    q.add_argument("question")
+    q.add_argument("--tenant", default="", help="default: the API key's tenant")
+    q.add_argument("--adapter", help="one of the tenant's adapters (default: its default adapter)")
+    q.add_argument("--top-k", type=int, help="candidates to retrieve (default: rag.top_k)")
+    q.add_argument("--alpha", type=float, help="0 keyword only ... 1 vector only")
+    q.add_argument("--filter", action="append", metavar="FIELD=VALUE",
+                   help="doc_id, source, title or metadata.KEY; = or !=; a|b for any of")
+    q.add_argument("--no-rerank", action="store_true", help="keep the retrieval order")
+    q.add_argument("--min-score", type=float, help="least relevance a passage needs")
+    q.add_argument("--max-tokens", type=int)
+    q.add_argument("--temperature", type=float)
+    q.add_argument("--json-schema", help="constrain the answer to this JSON schema")
+    q.add_argument("--show-timings", action="store_true", help="print each stage's time")
+    q.add_argument("--timeout", type=float, default=300, help="deadline in seconds (default 300)")
+    q.set_defaults(func=cmd_ask)
 
     g = sub.add_parser("generate", help="stream a generation")
     client_args(g)

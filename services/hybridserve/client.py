@@ -1,10 +1,12 @@
-"""Python client SDK over the generated gRPC stubs.
+"""Python client SDK over the generated gRPC stubs: `HybridServeClient` (blocking) and
+`AsyncHybridServeClient` (asyncio), with the same methods.
 
     from hybridserve.client import HybridServeClient
 
     with HybridServeClient("127.0.0.1:50051", api_key="hst_...") as client:
-        hits = client.search("refund policy")            # the key's own tenant
-        text, ids, final = client.generate("Hi", adapter="support-formal@3f2a1b9c0d4e")
+        answer = client.ask("How long does a refund take?")   # the key's tenant and adapter
+        print(answer.text, [c.source for c in answer.cited])
+        hits = client.search("", "refund policy")            # "" = the key's own tenant
 
 Credentials: `api_key=`, else `$HYBRIDSERVE_API_KEY`, else `api_key_file=`. Pass
 `tls=True` (and `root_certificates=` for a private CA) to reach the platform
@@ -17,18 +19,21 @@ which are `grpc.RpcError`s too.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
 
 import grpc
 
-from hybridserve.exceptions import HybridServeAPIError, from_rpc_error
+from hybridserve.answers import Answer, Final, Sources, Token, collect, event_of
+from hybridserve.exceptions import HybridServeAPIError, from_aio_error, from_rpc_error
 from hybridserve.v1 import (
     admin_pb2,
     admin_pb2_grpc,
     common_pb2,
     generation_pb2,
     generation_pb2_grpc,
+    rag_pb2,
+    rag_pb2_grpc,
     rerank_pb2,
     rerank_pb2_grpc,
     retrieval_pb2,
@@ -41,6 +46,7 @@ GENERATION_APP = "generation"
 RETRIEVAL_APP = "retrieval"
 RERANK_APP = "rerank"
 ADMIN_APP = "admin"
+RAG_APP = "rag"
 #: Environment variable the SDK and the CLI read the key from.
 API_KEY_ENV = "HYBRIDSERVE_API_KEY"
 
@@ -52,9 +58,12 @@ _FILTER_OPS = {
 
 __all__ = [
     "API_KEY_ENV",
+    "Answer",
+    "AsyncHybridServeClient",
     "HybridServeAPIError",
     "HybridServeClient",
     "Stream",
+    "ask_request",
     "resolve_api_key",
 ]
 
@@ -103,14 +112,16 @@ def sampling_params(max_tokens=None, temperature=None, top_p=None, stop=(), seed
     return sampling
 
 
-def generate_request(prompt=None, *, messages=None, adapter="", max_tokens=None,
-                     temperature=None, top_p=None, stop=(), seed=None, json_schema="",
-                     client_request_id="") -> generation_pb2.GenerateRequest:
+def generate_request(prompt=None, *, messages=None, prompt_token_ids=None, adapter="",
+                     max_tokens=None, temperature=None, top_p=None, stop=(), seed=None,
+                     json_schema="", client_request_id="") -> generation_pb2.GenerateRequest:
     req = generation_pb2.GenerateRequest(
         adapter=adapter, json_schema=json_schema, client_request_id=client_request_id,
         sampling=sampling_params(max_tokens, temperature, top_p, stop, seed),
     )
-    if messages is not None:
+    if prompt_token_ids is not None:
+        req.prompt_token_ids.ids.extend(prompt_token_ids)
+    elif messages is not None:
         req.messages.messages.extend(common_pb2.ChatMessage(role=r, content=c) for r, c in messages)
     else:
         req.prompt = prompt or ""
@@ -125,6 +136,31 @@ def search_request(query, tenant="", top_k=0, alpha=None, filters=()) -> retriev
     )
     if alpha is not None:
         req.alpha = alpha
+    return req
+
+
+def ask_request(question: str = "", *, messages: Sequence[tuple[str, str]] | None = None,
+                tenant: str = "", adapter: str = "", top_k: int | None = None,
+                alpha: float | None = None, filters: Sequence[tuple[str, str, Sequence[str]]] = (),
+                rerank: bool | None = None, top_n: int | None = None,
+                min_score: float | None = None, max_tokens: int | None = None,
+                temperature: float | None = None, top_p: float | None = None,
+                stop: Sequence[str] = (), seed: int | None = None, json_schema: str = "",
+                client_request_id: str = "") -> rag_pb2.AskRequest:
+    """The AskRequest for these options (None: the server's default)."""
+    req = rag_pb2.AskRequest(
+        question=question, tenant=tenant, adapter=adapter, json_schema=json_schema,
+        client_request_id=client_request_id,
+        sampling=sampling_params(max_tokens, temperature, top_p, stop, seed),
+        messages=[common_pb2.ChatMessage(role=r, content=c) for r, c in messages or ()],
+    )
+    r = req.retrieval
+    r.filters.extend(retrieval_pb2.Filter(field=f, op=_FILTER_OPS.get(op, 0), values=list(v))
+                     for f, op, v in filters)
+    for name, value in (("top_k", top_k), ("alpha", alpha), ("rerank", rerank), ("top_n", top_n),
+                        ("min_score", min_score)):
+        if value is not None:
+            setattr(r, name, value)
     return req
 
 
@@ -161,100 +197,26 @@ class Stream:
         return self._call.trailing_metadata()
 
 
-class HybridServeClient:
-    """A blocking client for every service of the platform.
+class _Api:
+    """Every unary RPC, written once: each method builds its request and returns
+    `self._invoke(...)`, which the blocking client runs now and the asyncio client
+    returns as an awaitable. `post` turns the reply into what the method returns."""
 
-    Args:
-        address: host:port of the platform's gRPC endpoint.
-        api_key: the key to send (default: $HYBRIDSERVE_API_KEY, then api_key_file).
-        api_key_file: a file whose first non-comment line is the key.
-        tls: connect with TLS (through an ingress); root_certificates for a private CA.
-        application: the Serve app that serves GenerationService.
-        default_key_file: read when no key is given otherwise (the CLI passes the
-            local admin key file).
-    """
+    application: str = GENERATION_APP
+    retrieval_app: str = RETRIEVAL_APP
+    rerank_app: str = RERANK_APP
+    admin_app: str = ADMIN_APP
 
-    def __init__(self, address: str, *, api_key: str | None = None,
-                 api_key_file: str | Path | None = None, tls: bool = False,
-                 root_certificates: bytes | None = None, application: str = GENERATION_APP,
-                 default_key_file: Path | None = None):
-        self.address = address
-        self.application = application
-        self.api_key = resolve_api_key(api_key, api_key_file, default_key_file)
-        self._channel = make_channel(address, tls=tls, root_certificates=root_certificates)
-        self._gen = generation_pb2_grpc.GenerationServiceStub(self._channel)
-        self._ret = retrieval_pb2_grpc.RetrievalServiceStub(self._channel)
-        self._rerank = rerank_pb2_grpc.RerankServiceStub(self._channel)
-        self._admin = admin_pb2_grpc.AdminServiceStub(self._channel)
-        self.retrieval_app = RETRIEVAL_APP
-        self.rerank_app = RERANK_APP
-        self.admin_app = ADMIN_APP
-
-    def close(self) -> None:
-        self._channel.close()
-
-    def __enter__(self) -> HybridServeClient:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def _md(self, app: str, adapter: str = "") -> list[tuple[str, str]]:
-        md = [("application", app)]
-        if self.api_key:
-            md.append(("authorization", f"Bearer {self.api_key}"))
-        if adapter:
-            # The server routes on the body's adapter field too; the header is the
-            # standard Serve spelling of the same thing.
-            md.append(("multiplexed_model_id", adapter))
-        return md
-
-    def _unary(self, method, request, app: str, timeout: float | None):
-        try:
-            return method(request, timeout=timeout, metadata=self._md(app))
-        except grpc.RpcError as e:
-            raise from_rpc_error(e) from None
+    def _invoke(self, stub: str, method: str, request, app: str, timeout: float | None,
+                post=lambda r: r):
+        raise NotImplementedError
 
     # -- generation -------------------------------------------------------------------
 
-    def generate_stream(
-        self,
-        prompt: str | None = None,
-        *,
-        messages: Sequence[tuple[str, str]] | None = None,
-        adapter: str = "",
-        max_tokens: int | None = None,
-        temperature: float | None = None,
-        top_p: float | None = None,
-        stop: Sequence[str] = (),
-        seed: int | None = None,
-        json_schema: str = "",
-        client_request_id: str = "",
-        timeout: float | None = None,
-    ) -> Stream:
-        """Starts a Generate call: iterate the Stream for GenerateResponse messages."""
-        req = generate_request(prompt, messages=messages, adapter=adapter, max_tokens=max_tokens,
-                               temperature=temperature, top_p=top_p, stop=stop, seed=seed,
-                               json_schema=json_schema, client_request_id=client_request_id)
-        return Stream(self._gen.Generate(req, timeout=timeout,
-                                         metadata=self._md(self.application, adapter)))
-
-    def generate(self, prompt: str | None = None, **kwargs) -> tuple[str, list[int], generation_pb2.GenerationFinal]:
-        """Runs a generation to the end: (text, token ids, final message)."""
-        text, ids, final = [], [], None
-        for msg in self.generate_stream(prompt, **kwargs):
-            if msg.HasField("delta"):
-                text.append(msg.delta.text)
-                ids.extend(msg.delta.token_ids)
-            else:
-                final = msg.final
-        return "".join(text), ids, final
-
     def list_adapters(self, timeout: float = 30) -> list[generation_pb2.Adapter]:
         """Registered adapters (a tenant key sees only the ones it may use)."""
-        reply = self._unary(self._gen.ListAdapters, generation_pb2.ListAdaptersRequest(),
-                            self.application, timeout)
-        return list(reply.adapters)
+        return self._invoke("gen", "ListAdapters", generation_pb2.ListAdaptersRequest(),
+                            self.application, timeout, lambda r: list(r.adapters))
 
     def register_adapter(
         self, name: str, path: str, *, version: str = "", metadata: dict[str, str] | None = None,
@@ -263,34 +225,34 @@ class HybridServeClient:
         req = generation_pb2.RegisterAdapterRequest(
             name=name, path=path, version=version, metadata=metadata or {}
         )
-        return self._unary(self._gen.RegisterAdapter, req, self.application, timeout)
+        return self._invoke("gen", "RegisterAdapter", req, self.application, timeout)
 
     def unregister_adapter(self, adapter_id: str, timeout: float = 30) -> None:
-        self._unary(self._gen.UnregisterAdapter,
-                    generation_pb2.UnregisterAdapterRequest(id=adapter_id), self.application, timeout)
+        return self._invoke("gen", "UnregisterAdapter",
+                            generation_pb2.UnregisterAdapterRequest(id=adapter_id),
+                            self.application, timeout, lambda r: None)
 
     # -- knowledge: ingestion, search, rerank -----------------------------------------
 
     def knowledge_stats(self, timeout: float = 60) -> list[retrieval_pb2.TenantInfo]:
         """Chunks per tenant: every tenant for an admin key, its own for a tenant key."""
-        reply = self._unary(self._ret.ListTenants, retrieval_pb2.ListTenantsRequest(),
-                            self.retrieval_app, timeout)
-        return list(reply.tenants)
+        return self._invoke("ret", "ListTenants", retrieval_pb2.ListTenantsRequest(),
+                            self.retrieval_app, timeout, lambda r: list(r.tenants))
 
     def upsert(
         self, tenant: str, documents: Sequence[dict | retrieval_pb2.Document], timeout: float = 600
     ) -> retrieval_pb2.UpsertResponse:
         """Inserts or replaces documents (dicts with id, text, title, source, metadata).
         `tenant` may be "" with a tenant key (its own)."""
-        docs = [d if isinstance(d, retrieval_pb2.Document) else retrieval_pb2.Document(**d) for d in documents]
-        return self._unary(self._ret.Upsert, retrieval_pb2.UpsertRequest(tenant=tenant, documents=docs),
-                           self.retrieval_app, timeout)
+        docs = [d if isinstance(d, retrieval_pb2.Document) else retrieval_pb2.Document(**d)
+                for d in documents]
+        return self._invoke("ret", "Upsert", retrieval_pb2.UpsertRequest(tenant=tenant, documents=docs),
+                            self.retrieval_app, timeout)
 
     def delete_documents(self, tenant: str, doc_ids: Sequence[str], timeout: float = 120) -> int:
-        reply = self._unary(self._ret.Delete,
+        return self._invoke("ret", "Delete",
                             retrieval_pb2.DeleteRequest(tenant=tenant, doc_ids=list(doc_ids)),
-                            self.retrieval_app, timeout)
-        return reply.deleted_chunks
+                            self.retrieval_app, timeout, lambda r: r.deleted_chunks)
 
     def search(
         self,
@@ -304,21 +266,21 @@ class HybridServeClient:
     ) -> list[retrieval_pb2.Hit]:
         """Hybrid search. `filters`: (field, op, values) with op equal / not_equal / any_of."""
         req = search_request(query, tenant, top_k, alpha, filters)
-        return list(self._unary(self._ret.Search, req, self.retrieval_app, timeout).hits)
+        return self._invoke("ret", "Search", req, self.retrieval_app, timeout, lambda r: list(r.hits))
 
     def rerank(
         self, query: str, passages: Sequence[str], *, top_n: int = 0, timeout: float = 60
     ) -> rerank_pb2.RerankResponse:
-        return self._unary(
-            self._rerank.Rerank,
+        return self._invoke(
+            "rerank", "Rerank",
             rerank_pb2.RerankRequest(query=query, passages=list(passages), top_n=top_n),
             self.rerank_app, timeout,
         )
 
     # -- the control plane (admin key) ---------------------------------------------------
 
-    def _adm(self, method: str, request, timeout: float = 60):
-        return self._unary(getattr(self._admin, method), request, self.admin_app, timeout)
+    def _adm(self, method: str, request, timeout: float = 60, post=lambda r: r):
+        return self._invoke("admin", method, request, self.admin_app, timeout, post)
 
     def whoami(self, timeout: float = 30) -> admin_pb2.WhoAmIResponse:
         return self._adm("WhoAmI", admin_pb2.WhoAmIRequest(), timeout)
@@ -340,7 +302,8 @@ class HybridServeClient:
         return self._adm("GetTenant", admin_pb2.GetTenantRequest(id=tenant_id), timeout)
 
     def list_tenants(self, timeout: float = 30) -> list[admin_pb2.Tenant]:
-        return list(self._adm("ListTenants", admin_pb2.ListTenantsAdminRequest(), timeout).tenants)
+        return self._adm("ListTenants", admin_pb2.ListTenantsAdminRequest(), timeout,
+                         lambda r: list(r.tenants))
 
     def update_tenant(self, tenant_id: str, *, display_name: str | None = None,
                       allow_base: bool | None = None, system_prompt: str | None = None,
@@ -365,8 +328,8 @@ class HybridServeClient:
 
     def list_keys(self, tenant: str = "", *, include_revoked: bool = False,
                   timeout: float = 30) -> list[admin_pb2.ApiKey]:
-        return list(self._adm("ListKeys", admin_pb2.ListKeysRequest(
-            tenant=tenant, include_revoked=include_revoked), timeout).keys)
+        return self._adm("ListKeys", admin_pb2.ListKeysRequest(
+            tenant=tenant, include_revoked=include_revoked), timeout, lambda r: list(r.keys))
 
     def revoke_key(self, key_id: str, timeout: float = 30) -> admin_pb2.ApiKey:
         return self._adm("RevokeKey", admin_pb2.RevokeKeyRequest(key_id=key_id), timeout)
@@ -399,5 +362,210 @@ class HybridServeClient:
 
     def audit(self, *, limit: int = 100, tenant: str = "",
               timeout: float = 30) -> list[admin_pb2.AuditEntry]:
-        return list(self._adm("ListAudit", admin_pb2.ListAuditRequest(limit=limit, tenant=tenant),
-                              timeout).entries)
+        return self._adm("ListAudit", admin_pb2.ListAuditRequest(limit=limit, tenant=tenant),
+                         timeout, lambda r: list(r.entries))
+
+
+class _Base(_Api):
+    def _setup(self, address, api_key, api_key_file, tls, root_certificates, application,
+               default_key_file, aio: bool) -> None:
+        self.address = address
+        self.application = application
+        self.api_key = resolve_api_key(api_key, api_key_file, default_key_file)
+        self._channel = make_channel(address, tls=tls, root_certificates=root_certificates, aio=aio)
+        self._stubs = {
+            "gen": generation_pb2_grpc.GenerationServiceStub(self._channel),
+            "ret": retrieval_pb2_grpc.RetrievalServiceStub(self._channel),
+            "rerank": rerank_pb2_grpc.RerankServiceStub(self._channel),
+            "admin": admin_pb2_grpc.AdminServiceStub(self._channel),
+            "rag": rag_pb2_grpc.RagServiceStub(self._channel),
+        }
+
+    def _md(self, app: str, adapter: str = "", timeout: float | None = None) -> list[tuple[str, str]]:
+        md = [("application", app)]
+        if self.api_key:
+            md.append(("authorization", f"Bearer {self.api_key}"))
+        if adapter:
+            # The server routes on the body's adapter field too; the header is the
+            # standard Serve spelling of the same thing.
+            md.append(("multiplexed_model_id", adapter))
+        if timeout is not None:
+            # gRPC's own deadline stops at Serve's proxy; this one reaches the gateway.
+            md.append(("hybridserve-timeout-ms", str(int(timeout * 1000))))
+        return md
+
+
+class HybridServeClient(_Base):
+    """A blocking client for every service of the platform.
+
+    Args:
+        address: host:port of the platform's gRPC endpoint.
+        api_key: the key to send (default: $HYBRIDSERVE_API_KEY, then api_key_file).
+        api_key_file: a file whose first non-comment line is the key.
+        tls: connect with TLS (through an ingress); root_certificates for a private CA.
+        application: the Serve app that serves GenerationService.
+        default_key_file: read when no key is given otherwise (the CLI passes the
+            local admin key file).
+    """
+
+    def __init__(self, address: str, *, api_key: str | None = None,
+                 api_key_file: str | Path | None = None, tls: bool = False,
+                 root_certificates: bytes | None = None, application: str = GENERATION_APP,
+                 default_key_file: Path | None = None):
+        self._setup(address, api_key, api_key_file, tls, root_certificates, application,
+                    default_key_file, aio=False)
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> HybridServeClient:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _invoke(self, stub, method, request, app, timeout, post=lambda r: r):
+        try:
+            reply = getattr(self._stubs[stub], method)(request, timeout=timeout, metadata=self._md(app))
+        except grpc.RpcError as e:
+            raise from_rpc_error(e) from None
+        return post(reply)
+
+    def generate_stream(
+        self,
+        prompt: str | None = None,
+        *,
+        messages: Sequence[tuple[str, str]] | None = None,
+        prompt_token_ids: Sequence[int] | None = None,
+        adapter: str = "",
+        max_tokens: int | None = None,
+        temperature: float | None = None,
+        top_p: float | None = None,
+        stop: Sequence[str] = (),
+        seed: int | None = None,
+        json_schema: str = "",
+        client_request_id: str = "",
+        timeout: float | None = None,
+    ) -> Stream:
+        """Starts a Generate call: iterate the Stream for GenerateResponse messages."""
+        req = generate_request(prompt, messages=messages, prompt_token_ids=prompt_token_ids,
+                               adapter=adapter, max_tokens=max_tokens,
+                               temperature=temperature, top_p=top_p, stop=stop, seed=seed,
+                               json_schema=json_schema, client_request_id=client_request_id)
+        return Stream(self._stubs["gen"].Generate(req, timeout=timeout,
+                                                  metadata=self._md(self.application, adapter)))
+
+    def generate(self, prompt: str | None = None, **kwargs) -> tuple[str, list[int], generation_pb2.GenerationFinal]:
+        """Runs a generation to the end: (text, token ids, final message)."""
+        text, ids, final = [], [], None
+        for msg in self.generate_stream(prompt, **kwargs):
+            if msg.HasField("delta"):
+                text.append(msg.delta.text)
+                ids.extend(msg.delta.token_ids)
+            else:
+                final = msg.final
+        return "".join(text), ids, final
+
+    def ask_stream(self, question: str = "", *, timeout: float | None = 300,
+                   app: str = RAG_APP, **kwargs) -> Iterator[Sources | Token | Final]:
+        """Asks the tenant's documents through its adapter; yields Sources, then
+        Tokens, then one Final. Closing the iterator (or breaking out of the loop)
+        cancels the call, and the server aborts the generation. kwargs: see
+        `ask_request`."""
+        call = self._stubs["rag"].Ask(ask_request(question, **kwargs), timeout=timeout,
+                                      metadata=self._md(app, timeout=timeout))
+        try:
+            for msg in call:
+                event = event_of(msg)
+                if event is not None:
+                    yield event
+        except grpc.RpcError as e:
+            raise from_rpc_error(e) from None
+        finally:
+            call.cancel()
+
+    def ask(self, question: str = "", **kwargs) -> Answer:
+        """`ask_stream` to the end, as one Answer (text, citations, usage, timings)."""
+        return collect(self.ask_stream(question, **kwargs))
+
+
+class AsyncHybridServeClient(_Base):
+    """The asyncio client (grpc.aio): the same methods as HybridServeClient, each
+    awaitable; `generate_stream` and `ask_stream` are async iterators, and
+    cancelling the task that iterates one (or closing it) cancels the call.
+
+        async with AsyncHybridServeClient("127.0.0.1:50051", api_key="hst_...") as client:
+            answer = await client.ask("How long does a refund take?")
+    """
+
+    def __init__(self, address: str, *, api_key: str | None = None,
+                 api_key_file: str | Path | None = None, tls: bool = False,
+                 root_certificates: bytes | None = None, application: str = GENERATION_APP,
+                 default_key_file: Path | None = None):
+        self._setup(address, api_key, api_key_file, tls, root_certificates, application,
+                    default_key_file, aio=True)
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def __aenter__(self) -> AsyncHybridServeClient:
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
+
+    async def _call(self, stub, method, request, app, timeout, post):
+        try:
+            reply = await getattr(self._stubs[stub], method)(request, timeout=timeout,
+                                                             metadata=self._md(app))
+        except grpc.aio.AioRpcError as e:
+            raise await from_aio_error(e) from None
+        return post(reply)
+
+    def _invoke(self, stub, method, request, app, timeout, post=lambda r: r):
+        return self._call(stub, method, request, app, timeout, post)
+
+    async def generate_stream(self, prompt: str | None = None, *, adapter: str = "",
+                              timeout: float | None = None, **kwargs) -> AsyncIterator:
+        """GenerateResponse messages (deltas, then the final one)."""
+        call = self._stubs["gen"].Generate(generate_request(prompt, adapter=adapter, **kwargs),
+                                           timeout=timeout,
+                                           metadata=self._md(self.application, adapter))
+        try:
+            async for msg in call:
+                if _has_payload(msg):
+                    yield msg
+        except grpc.aio.AioRpcError as e:
+            raise await from_aio_error(e) from None
+        finally:
+            call.cancel()
+
+    async def generate(self, prompt: str | None = None, **kwargs):
+        """(text, token ids, final message)."""
+        text, ids, final = [], [], None
+        async for msg in self.generate_stream(prompt, **kwargs):
+            if msg.HasField("delta"):
+                text.append(msg.delta.text)
+                ids.extend(msg.delta.token_ids)
+            else:
+                final = msg.final
+        return "".join(text), ids, final
+
+    async def ask_stream(self, question: str = "", *, timeout: float | None = 300,
+                         app: str = RAG_APP, **kwargs) -> AsyncIterator[Sources | Token | Final]:
+        """See HybridServeClient.ask_stream."""
+        call = self._stubs["rag"].Ask(ask_request(question, **kwargs), timeout=timeout,
+                                      metadata=self._md(app, timeout=timeout))
+        try:
+            async for msg in call:
+                event = event_of(msg)
+                if event is not None:
+                    yield event
+        except grpc.aio.AioRpcError as e:
+            raise await from_aio_error(e) from None
+        finally:
+            call.cancel()
+
+    async def ask(self, question: str = "", **kwargs) -> Answer:
+        events = [ev async for ev in self.ask_stream(question, **kwargs)]
+        return collect(events)

@@ -134,11 +134,12 @@ class ServeConfig(_Strict):
         "(sets RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD=0).",
     )
     cpus_per_replica: float = Field(1.0, gt=0, description="Ray CPUs reserved per generation replica.")
-    apps: tuple[Literal["generation", "retrieval", "rerank"], ...] = Field(
-        ("generation", "retrieval", "rerank"),
+    apps: tuple[Literal["generation", "retrieval", "rerank", "rag"], ...] = Field(
+        ("generation", "retrieval", "rerank", "rag"),
         min_length=1,
-        description="Serve apps `hybridserve up` runs. `retrieval` also starts the local "
-        "weaviate-server unless weaviate.url names an external one.",
+        description="Serve apps `hybridserve up` runs (the control plane, `admin`, always "
+        "runs). `retrieval` also starts the local weaviate-server unless weaviate.url names "
+        "an external one; `rag` needs the other three.",
     )
 
 
@@ -299,6 +300,16 @@ class RerankConfig(_Strict):
         0, ge=0, description="Torch threads per replica. 0: one per CPU core of the machine."
     )
 
+    fusion_weight: float = Field(
+        5.0,
+        ge=0,
+        description="How the rerank stage orders passages: by retrieval score + fusion_weight "
+        "x rerank score. The reranker decides unless its scores are near-tied, and then hybrid "
+        "search's order (e.g. an exact model number matched by keyword) stands. 0 keeps the "
+        "retrieval order. For a cross-encoder (logits, not cosines) use about 0.5. "
+        "README \"Reranking\" has the figures.",
+    )
+
     @model_validator(mode="after")
     def _cross_encoder_needs_model(self) -> RerankConfig:
         if self.backend == "cross-encoder" and self.model is None:
@@ -397,6 +408,71 @@ class TenancyConfig(_Strict):
     )
 
 
+DEFAULT_RAG_INSTRUCTIONS = (
+    "Answer the question using only the numbered passages below. After each fact, cite "
+    "the passage it comes from by its number in square brackets, like [1]. If the "
+    "passages do not contain the answer, say that you do not know."
+)
+
+
+class RagConfig(_Strict):
+    generation_app: str = Field(
+        "generation", description="Serve app whose GenerationService writes the answers."
+    )
+    top_k: int = Field(8, ge=1, description="Candidates retrieved when a request does not set top_k.")
+    top_n: int = Field(
+        4, ge=1, description="Passages kept for the prompt (after reranking), best first, when a "
+        "request does not set top_n.",
+    )
+    rerank: bool = Field(True, description="Rerank the candidates when a request does not say.")
+    min_score: float = Field(
+        0.2,
+        description="The least relevance a passage needs to reach the prompt, when a request "
+        "does not set it: the reranker's score when reranking (the default bi-encoder's is a "
+        "cosine, -1..1), else the vector (cosine) score of hybrid search.",
+    )
+    no_context: Literal["refuse", "generate"] = Field(
+        "refuse",
+        description="When no passage reaches min_score: `refuse` answers with "
+        "`no_context_message` (finish reason NO_CONTEXT) without calling the engine; "
+        "`generate` still asks the model, telling it that nothing was found.",
+    )
+    no_context_message: str = Field(
+        "I could not find the answer in your documents.",
+        min_length=1,
+        description="The refusal `no_context: refuse` answers with.",
+    )
+    instructions: str = Field(
+        DEFAULT_RAG_INSTRUCTIONS,
+        description="How the model is told to use and cite the passages (after the tenant's "
+        "own system prompt).",
+    )
+    max_question_chars: int = Field(
+        4000, ge=1, le=4096, description="Longest question (or user turn) accepted, in characters."
+    )
+    max_messages: int = Field(32, ge=1, description="Most chat messages in one request.")
+    history_turns: int = Field(
+        2, ge=0, description="Earlier user turns added to the last one to form the search query.",
+    )
+    history_query_chars: int = Field(
+        1000, ge=1, description="Longest search query built from the history, in characters "
+        "(the last turn always comes first and whole; earlier turns are cut).",
+    )
+    snippet_chars: int = Field(300, ge=0, description="Characters of each passage in the sources event.")
+    embed_in_gateway: bool = Field(
+        True,
+        description="Embed the query inside the gateway replica (one model load per replica, "
+        "no hop) instead of through the retrieval app's batched Embedder deployment "
+        "(benchmarks/README.md: the figures behind the default).",
+    )
+    timeout_s: float = Field(
+        120.0, gt=0, description="Deadline of an Ask whose client sent none "
+        "(the SDK sends its own as `hybridserve-timeout-ms` metadata).",
+    )
+    replicas: int = Field(1, ge=1, description="Replicas of the gateway deployment.")
+    cpus_per_replica: float = Field(0.25, ge=0, description="Ray CPUs reserved per gateway replica.")
+
+
 class GenerationDefaults(_Strict):
     max_tokens: int = Field(256, ge=1, description="max_tokens when a request does not set it.")
     temperature: float = Field(1.0, ge=0, description="temperature when a request does not set it.")
@@ -424,6 +500,7 @@ class HybridServeConfig(_Strict):
     rerank: RerankConfig = Field(default_factory=RerankConfig)
     observability: ObservabilityConfig = Field(default_factory=ObservabilityConfig)
     tenancy: TenancyConfig = Field(default_factory=TenancyConfig)
+    rag: RagConfig = Field(default_factory=RagConfig)
 
     @field_validator("data_dir", "cache_dir", mode="after")
     @classmethod

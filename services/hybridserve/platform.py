@@ -176,6 +176,7 @@ def start(
     progress=print,
     health_timeout_s: float = 600,
     generation_apps: Mapping[str, HybridServeConfig] | None = None,
+    rag_apps: Mapping[str, HybridServeConfig] | None = None,
     with_prometheus: bool = False,
     prometheus_port: int | None = None,
 ) -> LocalPlatform:
@@ -186,6 +187,9 @@ def start(
             observability section the metrics export port.
         generation_apps: app name -> config, to run several generation apps side
             by side (e.g. differently sized pools). Default: one app, `generation`.
+        rag_apps: app name -> config of RAG gateways (each config's
+            rag.generation_app names the generation app it answers with).
+            Default: one app, `rag`, when serve.apps lists it.
         with_prometheus: also start a local Prometheus that scrapes the platform
             and evaluates the shipped alert rules (on `prometheus_port`, default
             observability.prometheus_port).
@@ -199,9 +203,11 @@ def start(
 
     from hybridserve.app import (
         ADMIN_APP,
+        RAG_APP,
         RERANK_APP,
         RETRIEVAL_APP,
         build_admin_app,
+        build_rag_app,
         build_rerank_app,
         build_retrieval_app,
     )
@@ -256,6 +262,9 @@ def start(
             targets.append(RunTarget(build_rerank_app(config), name=RERANK_APP,
                                      route_prefix=f"/{RERANK_APP}"))
             services[RERANK_APP] = "hybridserve.v1.RerankService"
+        for name, rag_config in (rag_apps or ({RAG_APP: config} if RAG_APP in wanted else {})).items():
+            targets.append(RunTarget(build_rag_app(rag_config), name=name, route_prefix=f"/{name}"))
+            services[name] = "hybridserve.v1.RagService"
         progress(f"deploying {', '.join(services)} (an engine takes ~30-60 s to start) ...")
         serve.run_many(targets)
         platform = LocalPlatform(config, weaviate, redis=redis, admin_key_created=admin_key_created)

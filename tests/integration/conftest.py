@@ -4,8 +4,12 @@ plus the knowledge apps against a real weaviate-server.
 Apps sharing one Serve gRPC proxy:
   - `generation`: 1 replica, max_loras=2 (correctness, mixed batches, errors);
   - `affinity`:   2 replicas, at most 1 adapter each (routing and eviction);
+  - `smol`:       1 replica of SmolLM2-135M-Instruct, the default model;
   - `retrieval`:  RetrievalService + Embedder (all-MiniLM-L6-v2 from its package);
-  - `rerank`:     RerankService (the default bi-encoder backend).
+  - `rerank`:     RerankService (the default bi-encoder backend);
+  - `admin`:      the control plane;
+  - `rag`, `rag-affinity`, `rag-smol`: RAG gateways answering with `generation`,
+    `affinity` and `smol`.
 
 The weaviate-server is the session fixture `weaviate`, passed to the platform as
 an external URL, so tests can stop, kill, pause and restart it. The platform runs
@@ -30,6 +34,13 @@ from hybridserve.retrieval.weaviate_server import WeaviateServer
 
 MAIN_APP = "generation"
 AFFINITY_APP = "affinity"
+#: SmolLM2-135M-Instruct, the default model (for the answer-quality test).
+SMOL_APP = "smol"
+#: RAG gateways: over the main app, over the 2-replica affinity app (retries), and
+#: over SmolLM2.
+RAG_APP = "rag"
+RAG_AFFINITY_APP = "rag-affinity"
+RAG_SMOL_APP = "rag-smol"
 ADAPTERS = ("alpha", "beta", "gamma")
 TINY_MODEL_NAME = "tiny-llama"
 
@@ -56,6 +67,7 @@ class Platform:
     weaviate: WeaviateServer
     main: HybridServeConfig
     affinity: HybridServeConfig
+    smol: HybridServeConfig
     assets: Assets
     #: adapter name -> registered id (name@version)
     ids: dict[str, str]
@@ -143,12 +155,23 @@ def platform(assets, weaviate) -> Platform:
     affinity = _config(assets, grpc_port, http_port, weaviate, metrics_port,
                        max_loras=1, max_cpu_loras=1)
     affinity.serve.generation_replicas = 2
+    # The default model, prepared once into the user's cache (shared by sessions).
+    smol = _config(assets, grpc_port, http_port, weaviate, metrics_port)
+    smol.model = type(smol.model)(max_model_len=2048)
+    smol.cache_dir = HybridServeConfig().cache_dir
+    smol.engine.enable_lora = False
+    rag = {}
+    for name, gen_app, cfg in ((RAG_APP, MAIN_APP, main), (RAG_AFFINITY_APP, AFFINITY_APP, affinity),
+                               (RAG_SMOL_APP, SMOL_APP, smol)):
+        rag[name] = cfg.model_copy(deep=True)
+        rag[name].rag.generation_app = gen_app
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     running = local.start(
         main,
         progress=lambda m: print(m, flush=True),
         health_timeout_s=900,
-        generation_apps={MAIN_APP: main, AFFINITY_APP: affinity},
+        generation_apps={MAIN_APP: main, AFFINITY_APP: affinity, SMOL_APP: smol},
+        rag_apps=rag,
     )
     from hybridserve.tenancy.bootstrap import read_key_file
 
@@ -160,7 +183,7 @@ def platform(assets, weaviate) -> Platform:
             ids = {
                 name: client.register_adapter(name, name).adapter.id for name in assets.adapters
             }
-        yield Platform(running.grpc_address, weaviate, main, affinity, assets, ids, admin_key)
+        yield Platform(running.grpc_address, weaviate, main, affinity, smol, assets, ids, admin_key)
     finally:
         if previous is None:
             os.environ.pop("HYBRIDSERVE_API_KEY", None)

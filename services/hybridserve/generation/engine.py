@@ -86,6 +86,11 @@ class Engine(abc.ABC):
     def max_model_len(self) -> int:
         """Context window: prompt plus output tokens."""
 
+    @property
+    def vocab_size(self) -> int | None:
+        """Token ids are below this (None: the backend cannot tell)."""
+        return None
+
     @abc.abstractmethod
     def tokenize(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
         """Token ids the engine would see for `text`."""

@@ -32,6 +32,9 @@ class GenerateInput:
 
     prompt: str | None = None
     messages: Sequence[tuple[str, str]] | None = None
+    #: Token ids of the served model's tokenizer, used as they are (the RAG
+    #: gateway tokenizes once and sends these).
+    prompt_token_ids: Sequence[int] | None = None
     adapter: str = ""
     temperature: float | None = None
     top_p: float | None = None
@@ -41,6 +44,21 @@ class GenerateInput:
     json_schema: str = ""
     #: The caller's own id: echoed and logged, never given to the engine.
     client_request_id: str = ""
+
+
+@dataclass(frozen=True)
+class GenerationDone:
+    """The end of a generation, as a replica reports it (after its last delta)."""
+
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+    replica_id: str
+    adapter: str
+    request_id: str
+    client_request_id: str = ""
+    #: Seconds from the replica receiving the request to its first token.
+    first_token_s: float | None = None
 
 
 @dataclass(frozen=True)
@@ -88,8 +106,28 @@ class GenerationService:
         return PreparedRequest(uuid.uuid4().hex, token_ids, options, adapter, client_id)
 
     def _tokenize_input(self, inp: GenerateInput) -> list[int]:
-        if inp.messages is not None and inp.prompt is not None:
-            raise InvalidArgument("send either a prompt or chat messages, not both")
+        given = [x is not None for x in (inp.prompt, inp.messages, inp.prompt_token_ids)]
+        if sum(given) > 1:
+            raise InvalidArgument("send one of a prompt, chat messages or prompt token ids")
+        limit = self.engine.max_model_len
+        if inp.prompt_token_ids is not None:
+            ids = list(inp.prompt_token_ids)
+            if not ids:
+                raise InvalidArgument("prompt_token_ids is empty")
+            vocab = self.engine.vocab_size
+            bad = [t for t in ids if not 0 <= t < (vocab or 2**31)]
+            if bad:
+                raise InvalidArgument(
+                    f"prompt_token_ids holds {len(bad)} ids outside the vocabulary "
+                    f"(0..{(vocab or 2**31) - 1}), e.g. {bad[0]}",
+                    field_violations=[("prompt_token_ids", "ids of the served model's tokenizer")],
+                )
+            if len(ids) >= limit:
+                raise InvalidArgument(
+                    f"the prompt has {len(ids)} tokens but the context window is {limit} tokens "
+                    "(prompt + output); shorten the prompt"
+                )
+            return ids
         if inp.messages is not None:
             if not inp.messages:
                 raise InvalidArgument("messages is empty; send at least one user message")

@@ -23,8 +23,9 @@ from hybridserve import observability as obs
 from hybridserve.config import HybridServeConfig
 from hybridserve.generation.adapters import AdapterRecord, AdapterRegistry
 from hybridserve.generation.engine import AdapterRef, Engine
-from hybridserve.generation.service import GenerateInput, GenerationService
-from hybridserve.errors import FailedPrecondition, HybridServeError
+from hybridserve.generation.engine import Delta
+from hybridserve.generation.service import GenerateInput, GenerationDone, GenerationService
+from hybridserve.errors import DeadlineExceeded, FailedPrecondition, HybridServeError
 from hybridserve.grpc_errors import grpc_stream, grpc_unary
 from hybridserve.tenancy.auth import Tenancy
 from hybridserve.v1 import common_pb2, generation_pb2
@@ -106,6 +107,7 @@ def _input_from_proto(req: generation_pb2.GenerateRequest) -> GenerateInput:
         messages=[(m.role, m.content) for m in req.messages.messages]
         if which == "messages"
         else None,
+        prompt_token_ids=list(req.prompt_token_ids.ids) if which == "prompt_token_ids" else None,
         adapter=req.adapter,
         temperature=s.temperature if s.HasField("temperature") else None,
         top_p=s.top_p if s.HasField("top_p") else None,
@@ -114,6 +116,18 @@ def _input_from_proto(req: generation_pb2.GenerateRequest) -> GenerateInput:
         seed=s.seed if s.HasField("seed") else None,
         json_schema=req.json_schema,
         client_request_id=req.client_request_id,
+    )
+
+
+def _final_to_proto(done: GenerationDone) -> generation_pb2.GenerationFinal:
+    return generation_pb2.GenerationFinal(
+        finish_reason=_FINISH.get(done.finish_reason, 0),
+        usage=common_pb2.Usage(prompt_tokens=done.prompt_tokens,
+                               completion_tokens=done.completion_tokens),
+        replica_id=done.replica_id,
+        adapter=done.adapter,
+        request_id=done.request_id,
+        client_request_id=done.client_request_id,
     )
 
 
@@ -240,15 +254,56 @@ class GenerationServicer:
         async with self.tenancy.admit(principal, stream=True) as lease:
             # NOTE: aclosing: a client going away must close the chain down to the
             # engine now (which aborts the request), not when it is collected.
-            async with contextlib.aclosing(self._generate(request, principal.tenant_id, lease)) as out:
-                async for message in out:
-                    yield message
+            run = self._run(_input_from_proto(request), principal.tenant_id, lease)
+            async with contextlib.aclosing(run) as out:
+                async for item in out:
+                    if isinstance(item, GenerationDone):
+                        yield generation_pb2.GenerateResponse(final=_final_to_proto(item))
+                    else:
+                        yield generation_pb2.GenerateResponse(
+                            delta=generation_pb2.TokenDelta(
+                                text=item.text, token_ids=list(item.token_ids))
+                        )
 
-    async def _generate(self, request, tenant: str | None, lease) -> AsyncIterator:
+    async def generate_for_gateway(
+        self, inp: GenerateInput, tenant: str | None, timeout_s: float | None = None
+    ) -> AsyncIterator[Delta | GenerationDone]:
+        """Serve handle only (`.options(stream=True, multiplexed_model_id=adapter)`):
+        the RAG gateway's generation, with plain dataclasses. The gateway has
+        authenticated the tenant, authorized the adapter and admitted the request
+        under its quotas. Yields token deltas, then one GenerationDone; raises
+        DeadlineExceeded when `timeout_s` passes first."""
+        run = self._run(inp, tenant, None)
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        async with contextlib.aclosing(run) as out:
+            while True:
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    raise DeadlineExceeded("the request's deadline passed during generation")
+                try:
+                    item = await asyncio.wait_for(out.__anext__(), remaining)
+                except StopAsyncIteration:
+                    return
+                except TimeoutError:
+                    raise DeadlineExceeded(
+                        "the request's deadline passed during generation") from None
+                yield item
+
+    async def prefetch_adapter(self, adapter_id: str) -> str:
+        """Serve handle only (`.options(multiplexed_model_id=adapter_id)`): makes the
+        adapter resident on the replica its requests will be routed to, before they
+        come (the RAG gateway calls it while retrieval runs). Returns the replica."""
+        if adapter_id:
+            await self.load_adapter(adapter_id)
+        return replica_id()
+
+    async def _run(self, inp: GenerateInput, tenant: str | None, lease) -> AsyncIterator:
+        """One generation: coalesced Deltas, then one GenerationDone. `lease` (the
+        caller's quota admission, if any) is debited with the tokens used."""
         start = time.perf_counter()
         resident = None
         try:
-            prepared = self.service.prepare(_input_from_proto(request))
+            prepared = self.service.prepare(inp)
             if prepared.client_request_id:
                 logger.info("request %s is the client's %r", prepared.request_id,
                             prepared.client_request_id)
@@ -258,47 +313,38 @@ class GenerationServicer:
             if prepared.adapter is not None:
                 resident = await self.load_adapter(prepared.adapter.id)
                 resident.acquire()
-            lease.tokens = len(prepared.prompt_token_ids)
-            first = True
+            if lease is not None:
+                lease.tokens = len(prepared.prompt_token_ids)
+            first_token_s = None
             # NOTE: aclosing, so that a client going away closes the whole chain
             # down to the engine (which then aborts the request) right now, not
             # whenever the garbage collector finalizes the inner generators.
             async with contextlib.aclosing(self.service.stream(prepared)) as stream:
                 async for d in stream:
-                    # Debited when the stream ends, however it ends (also on cancel).
-                    lease.tokens += len(d.token_ids)
+                    if lease is not None:
+                        # Debited when the stream ends, however it ends (also on cancel).
+                        lease.tokens += len(d.token_ids)
                     if d.text or d.token_ids:
-                        if first:
-                            first = False
-                            obs.observe_stage(
-                                "first_token", time.perf_counter() - start,
-                                service=self.metrics_service,
-                            )
-                        yield generation_pb2.GenerateResponse(
-                            delta=generation_pb2.TokenDelta(
-                                text=d.text, token_ids=list(d.token_ids)
-                            )
-                        )
+                        if first_token_s is None:
+                            first_token_s = time.perf_counter() - start
+                            obs.observe_stage("first_token", first_token_s,
+                                              service=self.metrics_service)
+                        yield Delta(text=d.text, token_ids=tuple(d.token_ids))
                     if d.finished:
-                        lease.tokens = d.prompt_tokens + d.completion_tokens
-                        obs.record_tokens(
-                            tenant,
-                            prepared.adapter.id if prepared.adapter else None,
-                            d.prompt_tokens,
-                            d.completion_tokens,
-                        )
-                        yield generation_pb2.GenerateResponse(
-                            final=generation_pb2.GenerationFinal(
-                                finish_reason=_FINISH.get(d.finish_reason or "", 0),
-                                usage=common_pb2.Usage(
-                                    prompt_tokens=d.prompt_tokens,
-                                    completion_tokens=d.completion_tokens,
-                                ),
-                                replica_id=replica_id(),
-                                adapter=request.adapter,
-                                request_id=prepared.request_id,
-                                client_request_id=prepared.client_request_id,
-                            )
+                        if lease is not None:
+                            lease.tokens = d.prompt_tokens + d.completion_tokens
+                        adapter_id = prepared.adapter.id if prepared.adapter else None
+                        obs.record_tokens(tenant, adapter_id, d.prompt_tokens,
+                                          d.completion_tokens)
+                        yield GenerationDone(
+                            finish_reason=d.finish_reason or "",
+                            prompt_tokens=d.prompt_tokens,
+                            completion_tokens=d.completion_tokens,
+                            replica_id=replica_id(),
+                            adapter=adapter_id or "",
+                            request_id=prepared.request_id,
+                            client_request_id=prepared.client_request_id,
+                            first_token_s=first_token_s,
                         )
         finally:
             if resident is not None:

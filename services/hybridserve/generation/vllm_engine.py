@@ -165,6 +165,10 @@ class VLLMEngine(Engine):
     def max_model_len(self) -> int:
         return self._config.model.max_model_len
 
+    @property
+    def vocab_size(self) -> int | None:
+        return len(self._tokenizer) if self._tokenizer is not None else None
+
     def tokenize(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
         # Matches vLLM's own completion path: encode(prompt) with special tokens.
         return list(self._tokenizer.encode(text, add_special_tokens=add_special_tokens))

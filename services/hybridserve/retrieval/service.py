@@ -14,6 +14,7 @@ import hashlib
 import json
 import logging
 import math
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Hashable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -325,15 +326,24 @@ class RetrievalService:
         return SearchQuery(tenant, query, top_k, alpha, tuple(filters))
 
     async def search(self, q: SearchQuery) -> list[Hit]:
-        vector = None
-        if q.alpha > 0:
+        return (await self.search_timed(q))[0]
+
+    async def search_timed(self, q: SearchQuery, vector=None) -> tuple[list[Hit], float, float]:
+        """(hits, seconds embedding the query, seconds searching). A `vector` given
+        by the caller (the RAG gateway embeds the query itself) is used as is."""
+        embed_s = 0.0
+        if vector is None and q.alpha > 0:
+            t0 = time.perf_counter()
             with obs.stage_timer("embed", service="retrieval"):
                 vector = (await self._embed([q.query]))[0]
+            embed_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
         with obs.stage_timer("retrieve", service="retrieval"):
             try:
-                return await self.store.search(q, vector)
+                hits = await self.store.search(q, vector)
             except NotFound:  # no knowledge space yet: nothing to find
-                return []
+                hits = []
+        return hits, embed_s, time.perf_counter() - t0
 
     async def check_health(self) -> None:
         await self.store.check_health()

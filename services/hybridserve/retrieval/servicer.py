@@ -154,6 +154,23 @@ class RetrievalServicer:
         """Deletes the tenant's knowledge space; the chunks it held (0 if none)."""
         return await self.service.delete_tenant(tenant)
 
+    async def retrieve_for_gateway(self, tenant: str, query: str, top_k: int,
+                                   alpha: float | None, filters, vector=None,
+                                   timeout_s: float | None = None):
+        """Serve handle only: the RAG gateway's search, with plain dataclasses. The
+        gateway has authenticated the tenant; the search is validated here as any
+        other (InvalidArgument names the bad field)."""
+        from hybridserve.errors import DeadlineExceeded
+        from hybridserve.rag.service import RetrievalResult
+
+        q = self.service.prepare_search(tenant, query, top_k, alpha, list(filters))
+        try:
+            hits, embed_s, retrieve_s = await asyncio.wait_for(
+                self.service.search_timed(q, vector), timeout_s)
+        except TimeoutError:
+            raise DeadlineExceeded("the request's deadline passed during retrieval") from None
+        return RetrievalResult(hits, embed_s, retrieve_s)
+
     # -- RetrievalService -------------------------------------------------------------
 
     @grpc_unary

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from hybridserve.v1 import common_pb2 as hybridserve_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fhybridserve/v1/generation.proto\x12\x0ehybridserve.v1\x1a\x1bhybridserve/v1/common.proto\"=\n\x0c\x43hatMessages\x12-\n\x08messages\x18\x01 \x03(\x0b\x32\x1b.hybridserve.v1.ChatMessage\"\xaa\x01\n\x0eSamplingParams\x12\x18\n\x0btemperature\x18\x01 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x17\n\nmax_tokens\x18\x03 \x01(\x05H\x02\x88\x01\x01\x12\x0c\n\x04stop\x18\x04 \x03(\t\x12\x11\n\x04seed\x18\x05 \x01(\x03H\x03\x88\x01\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\r\n\x0b_max_tokensB\x07\n\x05_seed\"\xd1\x01\n\x0fGenerateRequest\x12\x10\n\x06prompt\x18\x01 \x01(\tH\x00\x12\x30\n\x08messages\x18\x02 \x01(\x0b\x32\x1c.hybridserve.v1.ChatMessagesH\x00\x12\x0f\n\x07\x61\x64\x61pter\x18\x03 \x01(\t\x12\x30\n\x08sampling\x18\x04 \x01(\x0b\x32\x1e.hybridserve.v1.SamplingParams\x12\x13\n\x0bjson_schema\x18\x05 \x01(\t\x12\x19\n\x11\x63lient_request_id\x18\x06 \x01(\tB\x07\n\x05input\"-\n\nTokenDelta\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\"\xc0\x01\n\x0fGenerationFinal\x12\x33\n\rfinish_reason\x18\x01 \x01(\x0e\x32\x1c.hybridserve.v1.FinishReason\x12$\n\x05usage\x18\x02 \x01(\x0b\x32\x15.hybridserve.v1.Usage\x12\x12\n\nreplica_id\x18\x03 \x01(\t\x12\x0f\n\x07\x61\x64\x61pter\x18\x04 \x01(\t\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12\x19\n\x11\x63lient_request_id\x18\x06 \x01(\t\"|\n\x10GenerateResponse\x12+\n\x05\x64\x65lta\x18\x01 \x01(\x0b\x32\x1a.hybridserve.v1.TokenDeltaH\x00\x12\x30\n\x05\x66inal\x18\x02 \x01(\x0b\x32\x1f.hybridserve.v1.GenerationFinalH\x00\x42\t\n\x07payload\"\xb0\x02\n\x07\x41\x64\x61pter\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\t\x12\x16\n\x0e\x63ontent_sha256\x18\x04 \x01(\t\x12\x0c\n\x04rank\x18\x05 \x01(\r\x12\x16\n\x0etarget_modules\x18\x06 \x03(\t\x12\x12\n\nbase_model\x18\x07 \x01(\t\x12\x12\n\nsize_bytes\x18\x08 \x01(\x04\x12\x13\n\x0bsource_path\x18\t \x01(\t\x12\x15\n\rregistered_at\x18\n \x01(\t\x12\x37\n\x08metadata\x18\x0b \x03(\x0b\x32%.hybridserve.v1.Adapter.MetadataEntry\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x15\n\x13ListAdaptersRequest\"A\n\x14ListAdaptersResponse\x12)\n\x08\x61\x64\x61pters\x18\x01 \x03(\x0b\x32\x17.hybridserve.v1.Adapter\"\xbe\x01\n\x16RegisterAdapterRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\t\x12\x46\n\x08metadata\x18\x04 \x03(\x0b\x32\x34.hybridserve.v1.RegisterAdapterRequest.MetadataEntry\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"T\n\x17RegisterAdapterResponse\x12(\n\x07\x61\x64\x61pter\x18\x01 \x01(\x0b\x32\x17.hybridserve.v1.Adapter\x12\x0f\n\x07\x63reated\x18\x02 \x01(\x08\"&\n\x18UnregisterAdapterRequest\x12\n\n\x02id\x18\x01 \x01(\t\"\x1b\n\x19UnregisterAdapterResponse2\x8d\x03\n\x11GenerationService\x12O\n\x08Generate\x12\x1f.hybridserve.v1.GenerateRequest\x1a .hybridserve.v1.GenerateResponse0\x01\x12Y\n\x0cListAdapters\x12#.hybridserve.v1.ListAdaptersRequest\x1a$.hybridserve.v1.ListAdaptersResponse\x12\x62\n\x0fRegisterAdapter\x12&.hybridserve.v1.RegisterAdapterRequest\x1a\'.hybridserve.v1.RegisterAdapterResponse\x12h\n\x11UnregisterAdapter\x12(.hybridserve.v1.UnregisterAdapterRequest\x1a).hybridserve.v1.UnregisterAdapterResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fhybridserve/v1/generation.proto\x12\x0ehybridserve.v1\x1a\x1bhybridserve/v1/common.proto\"=\n\x0c\x43hatMessages\x12-\n\x08messages\x18\x01 \x03(\x0b\x32\x1b.hybridserve.v1.ChatMessage\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"\xaa\x01\n\x0eSamplingParams\x12\x18\n\x0btemperature\x18\x01 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x17\n\nmax_tokens\x18\x03 \x01(\x05H\x02\x88\x01\x01\x12\x0c\n\x04stop\x18\x04 \x03(\t\x12\x11\n\x04seed\x18\x05 \x01(\x03H\x03\x88\x01\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\r\n\x0b_max_tokensB\x07\n\x05_seed\"\x87\x02\n\x0fGenerateRequest\x12\x10\n\x06prompt\x18\x01 \x01(\tH\x00\x12\x30\n\x08messages\x18\x02 \x01(\x0b\x32\x1c.hybridserve.v1.ChatMessagesH\x00\x12\x34\n\x10prompt_token_ids\x18\x07 \x01(\x0b\x32\x18.hybridserve.v1.TokenIdsH\x00\x12\x0f\n\x07\x61\x64\x61pter\x18\x03 \x01(\t\x12\x30\n\x08sampling\x18\x04 \x01(\x0b\x32\x1e.hybridserve.v1.SamplingParams\x12\x13\n\x0bjson_schema\x18\x05 \x01(\t\x12\x19\n\x11\x63lient_request_id\x18\x06 \x01(\tB\x07\n\x05input\"-\n\nTokenDelta\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\"\xc0\x01\n\x0fGenerationFinal\x12\x33\n\rfinish_reason\x18\x01 \x01(\x0e\x32\x1c.hybridserve.v1.FinishReason\x12$\n\x05usage\x18\x02 \x01(\x0b\x32\x15.hybridserve.v1.Usage\x12\x12\n\nreplica_id\x18\x03 \x01(\t\x12\x0f\n\x07\x61\x64\x61pter\x18\x04 \x01(\t\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12\x19\n\x11\x63lient_request_id\x18\x06 \x01(\t\"|\n\x10GenerateResponse\x12+\n\x05\x64\x65lta\x18\x01 \x01(\x0b\x32\x1a.hybridserve.v1.TokenDeltaH\x00\x12\x30\n\x05\x66inal\x18\x02 \x01(\x0b\x32\x1f.hybridserve.v1.GenerationFinalH\x00\x42\t\n\x07payload\"\xb0\x02\n\x07\x41\x64\x61pter\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\t\x12\x16\n\x0e\x63ontent_sha256\x18\x04 \x01(\t\x12\x0c\n\x04rank\x18\x05 \x01(\r\x12\x16\n\x0etarget_modules\x18\x06 \x03(\t\x12\x12\n\nbase_model\x18\x07 \x01(\t\x12\x12\n\nsize_bytes\x18\x08 \x01(\x04\x12\x13\n\x0bsource_path\x18\t \x01(\t\x12\x15\n\rregistered_at\x18\n \x01(\t\x12\x37\n\x08metadata\x18\x0b \x03(\x0b\x32%.hybridserve.v1.Adapter.MetadataEntry\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x15\n\x13ListAdaptersRequest\"A\n\x14ListAdaptersResponse\x12)\n\x08\x61\x64\x61pters\x18\x01 \x03(\x0b\x32\x17.hybridserve.v1.Adapter\"\xbe\x01\n\x16RegisterAdapterRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\t\x12\x46\n\x08metadata\x18\x04 \x03(\x0b\x32\x34.hybridserve.v1.RegisterAdapterRequest.MetadataEntry\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"T\n\x17RegisterAdapterResponse\x12(\n\x07\x61\x64\x61pter\x18\x01 \x01(\x0b\x32\x17.hybridserve.v1.Adapter\x12\x0f\n\x07\x63reated\x18\x02 \x01(\x08\"&\n\x18UnregisterAdapterRequest\x12\n\n\x02id\x18\x01 \x01(\t\"\x1b\n\x19UnregisterAdapterResponse2\x8d\x03\n\x11GenerationService\x12O\n\x08Generate\x12\x1f.hybridserve.v1.GenerateRequest\x1a .hybridserve.v1.GenerateResponse0\x01\x12Y\n\x0cListAdapters\x12#.hybridserve.v1.ListAdaptersRequest\x1a$.hybridserve.v1.ListAdaptersResponse\x12\x62\n\x0fRegisterAdapter\x12&.hybridserve.v1.RegisterAdapterRequest\x1a\'.hybridserve.v1.RegisterAdapterResponse\x12h\n\x11UnregisterAdapter\x12(.hybridserve.v1.UnregisterAdapterRequest\x1a).hybridserve.v1.UnregisterAdapterResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,34 +38,36 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_REGISTERADAPTERREQUEST_METADATAENTRY']._serialized_options = b'8\001'
   _globals['_CHATMESSAGES']._serialized_start=80
   _globals['_CHATMESSAGES']._serialized_end=141
-  _globals['_SAMPLINGPARAMS']._serialized_start=144
-  _globals['_SAMPLINGPARAMS']._serialized_end=314
-  _globals['_GENERATEREQUEST']._serialized_start=317
-  _globals['_GENERATEREQUEST']._serialized_end=526
-  _globals['_TOKENDELTA']._serialized_start=528
-  _globals['_TOKENDELTA']._serialized_end=573
-  _globals['_GENERATIONFINAL']._serialized_start=576
-  _globals['_GENERATIONFINAL']._serialized_end=768
-  _globals['_GENERATERESPONSE']._serialized_start=770
-  _globals['_GENERATERESPONSE']._serialized_end=894
-  _globals['_ADAPTER']._serialized_start=897
-  _globals['_ADAPTER']._serialized_end=1201
-  _globals['_ADAPTER_METADATAENTRY']._serialized_start=1154
-  _globals['_ADAPTER_METADATAENTRY']._serialized_end=1201
-  _globals['_LISTADAPTERSREQUEST']._serialized_start=1203
-  _globals['_LISTADAPTERSREQUEST']._serialized_end=1224
-  _globals['_LISTADAPTERSRESPONSE']._serialized_start=1226
-  _globals['_LISTADAPTERSRESPONSE']._serialized_end=1291
-  _globals['_REGISTERADAPTERREQUEST']._serialized_start=1294
-  _globals['_REGISTERADAPTERREQUEST']._serialized_end=1484
-  _globals['_REGISTERADAPTERREQUEST_METADATAENTRY']._serialized_start=1154
-  _globals['_REGISTERADAPTERREQUEST_METADATAENTRY']._serialized_end=1201
-  _globals['_REGISTERADAPTERRESPONSE']._serialized_start=1486
-  _globals['_REGISTERADAPTERRESPONSE']._serialized_end=1570
-  _globals['_UNREGISTERADAPTERREQUEST']._serialized_start=1572
-  _globals['_UNREGISTERADAPTERREQUEST']._serialized_end=1610
-  _globals['_UNREGISTERADAPTERRESPONSE']._serialized_start=1612
-  _globals['_UNREGISTERADAPTERRESPONSE']._serialized_end=1639
-  _globals['_GENERATIONSERVICE']._serialized_start=1642
-  _globals['_GENERATIONSERVICE']._serialized_end=2039
+  _globals['_TOKENIDS']._serialized_start=143
+  _globals['_TOKENIDS']._serialized_end=166
+  _globals['_SAMPLINGPARAMS']._serialized_start=169
+  _globals['_SAMPLINGPARAMS']._serialized_end=339
+  _globals['_GENERATEREQUEST']._serialized_start=342
+  _globals['_GENERATEREQUEST']._serialized_end=605
+  _globals['_TOKENDELTA']._serialized_start=607
+  _globals['_TOKENDELTA']._serialized_end=652
+  _globals['_GENERATIONFINAL']._serialized_start=655
+  _globals['_GENERATIONFINAL']._serialized_end=847
+  _globals['_GENERATERESPONSE']._serialized_start=849
+  _globals['_GENERATERESPONSE']._serialized_end=973
+  _globals['_ADAPTER']._serialized_start=976
+  _globals['_ADAPTER']._serialized_end=1280
+  _globals['_ADAPTER_METADATAENTRY']._serialized_start=1233
+  _globals['_ADAPTER_METADATAENTRY']._serialized_end=1280
+  _globals['_LISTADAPTERSREQUEST']._serialized_start=1282
+  _globals['_LISTADAPTERSREQUEST']._serialized_end=1303
+  _globals['_LISTADAPTERSRESPONSE']._serialized_start=1305
+  _globals['_LISTADAPTERSRESPONSE']._serialized_end=1370
+  _globals['_REGISTERADAPTERREQUEST']._serialized_start=1373
+  _globals['_REGISTERADAPTERREQUEST']._serialized_end=1563
+  _globals['_REGISTERADAPTERREQUEST_METADATAENTRY']._serialized_start=1233
+  _globals['_REGISTERADAPTERREQUEST_METADATAENTRY']._serialized_end=1280
+  _globals['_REGISTERADAPTERRESPONSE']._serialized_start=1565
+  _globals['_REGISTERADAPTERRESPONSE']._serialized_end=1649
+  _globals['_UNREGISTERADAPTERREQUEST']._serialized_start=1651
+  _globals['_UNREGISTERADAPTERREQUEST']._serialized_end=1689
+  _globals['_UNREGISTERADAPTERRESPONSE']._serialized_start=1691
+  _globals['_UNREGISTERADAPTERRESPONSE']._serialized_end=1718
+  _globals['_GENERATIONSERVICE']._serialized_start=1721
+  _globals['_GENERATIONSERVICE']._serialized_end=2118
 # @@protoc_insertion_point(module_scope)

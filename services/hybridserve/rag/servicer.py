@@ -1,0 +1,204 @@
+"""The RagService gRPC servicer: authentication, tenant and adapter resolution,
+quotas; then protobuf <-> the `RagService` pipeline.
+
+A plain class; `hybridserve.app` deploys it as the `rag` Serve app.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+from grpc_health.v1 import health_pb2
+
+from hybridserve import observability as obs
+from hybridserve.config import HybridServeConfig
+from hybridserve.errors import InvalidArgument, NotFound
+from hybridserve.generation.engine import Delta
+from hybridserve.grpc_errors import grpc_stream
+from hybridserve.rag.service import AskDone, AskInput, RagService, SourcesEvent, Timings
+from hybridserve.retrieval.servicer import filters_from_proto
+from hybridserve.tenancy.auth import Tenancy
+from hybridserve.tenancy.domain import Principal, Tenant
+from hybridserve.v1 import common_pb2, generation_pb2, rag_pb2
+
+logger = logging.getLogger(__name__)
+
+SERVICE_NAME = "hybridserve.v1.RagService"
+#: Metadata the SDK sends with its deadline (gRPC's own deadline does not reach
+#: a Serve replica).
+TIMEOUT_HEADER = "hybridserve-timeout-ms"
+_FINISH = {
+    "stop": common_pb2.FINISH_REASON_STOP,
+    "length": common_pb2.FINISH_REASON_LENGTH,
+    "abort": common_pb2.FINISH_REASON_ABORT,
+    "no_context": common_pb2.FINISH_REASON_NO_CONTEXT,
+}
+
+
+def ask_input_from_proto(req: rag_pb2.AskRequest) -> AskInput:
+    r, s = req.retrieval, req.sampling
+
+    def opt(msg, name):
+        return getattr(msg, name) if msg.HasField(name) else None
+
+    return AskInput(
+        question=req.question,
+        messages=[(m.role, m.content) for m in req.messages],
+        adapter=req.adapter,
+        top_k=opt(r, "top_k"), alpha=opt(r, "alpha"), filters=filters_from_proto(r.filters),
+        rerank=opt(r, "rerank"), top_n=opt(r, "top_n"), min_score=opt(r, "min_score"),
+        max_tokens=opt(s, "max_tokens"), temperature=opt(s, "temperature"), top_p=opt(s, "top_p"),
+        stop=tuple(s.stop), seed=opt(s, "seed"), json_schema=req.json_schema,
+        client_request_id=req.client_request_id,
+    )
+
+
+def _citation(src, snippet_chars: int) -> rag_pb2.Citation:
+    h = src.passage.hit
+    c = rag_pb2.Citation(
+        number=src.number, chunk_id=h.chunk_id, doc_id=h.doc_id, chunk_index=h.chunk_index,
+        title=h.title, source=h.source, snippet=src.text[:snippet_chars],
+        score=src.passage.score, retrieval_score=h.score, metadata=dict(h.metadata),
+    )
+    if h.keyword_score is not None:
+        c.keyword_score = h.keyword_score
+    if h.vector_score is not None:
+        c.vector_score = h.vector_score
+    if src.passage.rerank_score is not None:
+        c.rerank_score = src.passage.rerank_score
+    return c
+
+
+def _timings(t: Timings) -> rag_pb2.StageTimings:
+    ms = {k: max(0.0, v) * 1e3 for k, v in vars(t).items() if k != "generation_started"}
+    return rag_pb2.StageTimings(**{f"{k}_ms": v for k, v in ms.items()})
+
+
+def _deadline_s(grpc_context, default_s: float) -> float:
+    for key, value in (grpc_context.invocation_metadata() if grpc_context else ()):
+        if key == TIMEOUT_HEADER:
+            try:
+                return max(0.001, min(float(value) / 1000.0, 3600.0))
+            except ValueError:
+                raise InvalidArgument(f"{TIMEOUT_HEADER} must be a number of milliseconds") from None
+    return default_s
+
+
+class RagServicer:
+    """Implements hybridserve.v1.RagService and grpc.health.v1.Health.
+
+    Args:
+        config: platform config (a dict is accepted, as Serve passes it).
+        service: the pipeline; default: Serve handles to the platform's apps.
+        tenancy: authentication and quotas; default: as the config names them.
+        adapter_exists: checks an admin-named adapter before anything streams.
+    """
+
+    metrics_service = "rag"
+    grpc_service = SERVICE_NAME
+
+    def __init__(self, config: HybridServeConfig | dict, service: RagService | None = None,
+                 tenancy: Tenancy | None = None, adapter_exists=None):
+        cfg = config if isinstance(config, HybridServeConfig) else HybridServeConfig.model_validate(config)
+        obs.set_enabled(cfg.observability.metrics_enabled)
+        self.config = cfg
+        self.tenancy = tenancy or Tenancy.from_config(cfg, metrics_service=self.metrics_service)
+        if service is None or adapter_exists is None:
+            from hybridserve.generation.adapters import AdapterRegistry
+            from hybridserve.tenancy.servicer import _adapter_exists
+
+            adapter_exists = adapter_exists or _adapter_exists(AdapterRegistry.from_config(cfg))
+        self.adapter_exists = adapter_exists
+        self.service = service or self._default_service(cfg)
+
+    @staticmethod
+    def _default_service(cfg: HybridServeConfig) -> RagService:
+        from hybridserve.app import RERANK_APP, RETRIEVAL_APP
+        from hybridserve.generation.servicer import model_dir_for
+        from hybridserve.rag.handles import ServeGenerator, ServeReranker, ServeRetriever
+        from hybridserve.rag.prompt import HFChatTokenizer, PromptBuilder
+
+        embed = None
+        if cfg.rag.embed_in_gateway:
+            from hybridserve.retrieval.embedding import SentenceTransformerEmbedder
+
+            embedder = SentenceTransformerEmbedder(cfg.retrieval.embedding_model, threads=1)
+
+            async def embed(text: str):
+                return (await asyncio.to_thread(embedder.embed, [text]))[0]
+
+        prompts = PromptBuilder(HFChatTokenizer(model_dir_for(cfg)), cfg.model.max_model_len,
+                                cfg.rag.instructions)
+        return RagService(cfg, ServeRetriever(RETRIEVAL_APP, embed), ServeReranker(RERANK_APP),
+                          ServeGenerator(cfg.rag.generation_app), prompts)
+
+    async def shutdown(self) -> None:
+        await self.tenancy.close()
+
+    async def _tenant_and_adapter(self, p: Principal, req: rag_pb2.AskRequest) -> tuple[Tenant, str]:
+        if not p.is_admin:
+            p.own_tenant(req.tenant)
+            return p.tenant, p.choose_adapter(req.adapter)
+        tenant_id = await self.tenancy.resolve_tenant(p, req.tenant)
+        tenant = await asyncio.to_thread(self.tenancy.store.get_tenant, tenant_id)
+        adapter = req.adapter or tenant.default_adapter
+        if adapter and not await asyncio.to_thread(self.adapter_exists, adapter):
+            raise NotFound(f"unknown adapter {adapter!r}; see `hybridserve adapters list`",
+                           reason="ADAPTER_NOT_FOUND")
+        return tenant, adapter
+
+    @grpc_stream(timed=True)
+    async def Ask(self, request: rag_pb2.AskRequest, grpc_context: Any = None):
+        started = time.perf_counter()
+        timings = Timings()
+        deadline = started + _deadline_s(grpc_context, self.config.rag.timeout_s)
+        principal = await self.tenancy.authenticate(grpc_context)
+        timings.auth = time.perf_counter() - started
+        tenant, adapter = await self._tenant_and_adapter(principal, request)
+        inp = ask_input_from_proto(request)
+        self.service.plan(inp)  # bad input fails before any quota is spent
+        t0 = time.perf_counter()
+        async with self.tenancy.admit(principal, stream=True) as lease:
+            timings.quota = time.perf_counter() - t0
+            usage = [0, 0]
+            try:
+                async for event in self.service.ask(tenant, adapter, inp, timings=timings,
+                                                    started=started, deadline=deadline,
+                                                    usage=usage):
+                    if isinstance(event, SourcesEvent):
+                        snip = self.config.rag.snippet_chars
+                        yield rag_pb2.AskResponse(sources=rag_pb2.Sources(
+                            citations=[_citation(s, snip) for s in event.sources]))
+                    elif isinstance(event, Delta):
+                        yield rag_pb2.AskResponse(delta=generation_pb2.TokenDelta(
+                            text=event.text, token_ids=list(event.token_ids)))
+                    elif isinstance(event, AskDone):
+                        self._observe(event.timings)
+                        yield rag_pb2.AskResponse(final=rag_pb2.AskFinal(
+                            finish_reason=_FINISH.get(event.finish_reason, 0),
+                            usage=common_pb2.Usage(prompt_tokens=event.prompt_tokens,
+                                                   completion_tokens=event.completion_tokens),
+                            adapter=event.adapter, replica_id=event.replica_id,
+                            cited=event.cited, invalid_citations=event.invalid_citations,
+                            timings=_timings(event.timings), request_id=event.request_id,
+                            client_request_id=event.client_request_id, tenant=event.tenant,
+                            passage_token_budget=event.passage_token_budget,
+                            passage_tokens=event.passage_tokens,
+                        ))
+            finally:
+                # Tokens per minute: the real usage, also of a cancelled answer.
+                lease.tokens = usage[0] + usage[1]
+
+    def _observe(self, t: Timings) -> None:
+        for stage in ("embed", "retrieve", "rerank", "prompt", "first_token"):
+            value = getattr(t, stage)
+            if value:
+                obs.observe_stage(stage, value, service=self.metrics_service)
+
+    async def Check(self, request, grpc_context: Any = None):
+        if request.service not in ("", SERVICE_NAME):
+            return health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.SERVICE_UNKNOWN)
+        return health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.SERVING)
