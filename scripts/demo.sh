@@ -1,15 +1,18 @@
 #!/usr/bin/env bash
-# The main job, end to end on this machine: fine-tune two LoRA adapters (a
-# persona and an output format, two tenants' "skills"), start the platform
-# (Ray Serve + vLLM + a local weaviate-server), register them, and stream the
-# same question through the base model and through each adapter; then give a
-# tenant its knowledge: ingest a folder of articles and answer a question from
-# it with hybrid search and reranking; last, what the platform measured (tokens
-# per adapter, requests by status, adapter residency per replica) from the
-# metrics endpoint Prometheus scrapes. Run via `make demo` (which installs first).
+# The main job, end to end on this machine: two tenants, each with its own documents
+# (its knowledge) and its own LoRA adapter (its skill), ask a question that only their
+# own documents answer, and get a streamed, cited answer written through their own
+# adapter, with the time each stage took. Then tenant B tries tenant A's adapter and
+# A's documents, and gets PERMISSION_DENIED and no hit.
+#
+# Steps: prepare the default model and fine-tune the two demo adapters (cached after
+# the first run); start the platform (Ray Serve + vLLM + weaviate-server + Redis);
+# register the adapters; apply the tenants file (tenants, grants, defaults, quotas);
+# create a key per tenant; ingest each tenant's folder with its own key; ask; show
+# the isolation; last, what the platform measured. Run via `make demo`.
 #
 # Env: HYBRIDSERVE_DATA_DIR (default ~/.local/share/hybridserve),
-#      HYBRIDSERVE_GRPC_PORT (default 50051), DEMO_PROMPT.
+#      HYBRIDSERVE_GRPC_PORT (default 50051).
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -18,21 +21,22 @@ HS=.venv/bin/hybridserve
 PY=.venv/bin/python
 export HF_HUB_OFFLINE=1
 export HYBRIDSERVE_DATA_DIR=${HYBRIDSERVE_DATA_DIR:-$HOME/.local/share/hybridserve}
-PROMPT=${DEMO_PROMPT:-"How do I keep my houseplants alive?"}
 WORK=$(mktemp -d)
 READY="$WORK/ready"
 LOG="$WORK/up.log"
+QUESTION_A=${DEMO_QUESTION_A:-"What is the heaviest payload I can fly on a Kestrel rideshare?"}
+QUESTION_B=${DEMO_QUESTION_B:-"How long are your plants guaranteed?"}
 
 say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 
 say "preparing the default model (SmolLM2-135M-Instruct, offline, once)"
 $HS models prepare
 
-say "building the demo adapters (short CPU fine-tunes, ~30 s each, cached after the first run)"
+say "building the two tenants' adapters (short CPU fine-tunes, cached after the first run)"
 $PY -m hybridserve.demo "$HYBRIDSERVE_DATA_DIR/adapters/pirate-tone"
 $PY -m hybridserve.demo --format "$HYBRIDSERVE_DATA_DIR/adapters/json-answer"
 
-say "starting the platform (Ray Serve + vLLM + weaviate-server; the engine takes ~30-60 s)"
+say "starting the platform (Ray Serve + vLLM + weaviate-server + Redis; the engine takes ~30-60 s)"
 $HS up --ready-file "$READY" >"$LOG" 2>&1 &
 UP_PID=$!
 cleanup() {
@@ -53,7 +57,7 @@ for _ in $(seq 1 600); do
 done
 [ -s "$READY" ] || { echo "the platform did not become healthy in 600 s; log: $LOG" >&2; tail -40 "$LOG" >&2; exit 1; }
 ADDR=$(cat "$READY")
-echo "gRPC on $ADDR"
+echo "gRPC on $ADDR; the admin key is in $HYBRIDSERVE_DATA_DIR/admin.key (the CLI uses it)"
 
 say "registering the adapters (validated, snapshotted, immutable ids)"
 register() { $HS adapters register --address "$ADDR" "$1" "$1" | $PY -c 'import json,sys; print(json.load(sys.stdin)["id"])'; }
@@ -61,21 +65,44 @@ PIRATE=$(register pirate-tone)
 JSONA=$(register json-answer)
 $HS adapters list --address "$ADDR"
 
-say "base model, streamed: $PROMPT"
-$HS generate --address "$ADDR" --chat --temperature 0 --max-tokens 80 "$PROMPT"
+say "applying the tenants file: acme gets $PIRATE, globex gets $JSONA (idempotent)"
+sed -e "s/@PIRATE@/$PIRATE/g" -e "s/@JSON@/$JSONA/g" examples/tenants/tenants.yaml.in > "$WORK/tenants.yaml"
+$HS admin apply --address "$ADDR" -f "$WORK/tenants.yaml"
 
-for ID in "$PIRATE" "$JSONA"; do
-  say "adapter $ID, streamed: $PROMPT"
-  $HS generate --address "$ADDR" --chat --temperature 0 --max-tokens 80 --adapter "$ID" "$PROMPT"
-done
+say "one API key per tenant (shown once; only its digest is stored)"
+KEY_A=$($HS admin keys create acme --name demo --address "$ADDR")
+KEY_B=$($HS admin keys create globex --name demo --address "$ADDR")
+as_a() { HYBRIDSERVE_API_KEY=$KEY_A "$@"; }
+as_b() { HYBRIDSERVE_API_KEY=$KEY_B "$@"; }
 
-say "a tenant's knowledge: create tenant 'demo' and ingest its articles (re-running is safe)"
-$HS admin tenants create --address "$ADDR" demo
-$HS ingest --address "$ADDR" tests/data/knowledge/corpus.jsonl --tenant demo
+say "each tenant ingests its own documents with its own key"
+as_a $HS ingest --address "$ADDR" examples/tenants/acme
+as_b $HS ingest --address "$ADDR" examples/tenants/globex
 
-QUESTION=${DEMO_QUESTION:-"How long can I wait before returning something I already opened?"}
-say "hybrid search + rerank in tenant 'demo': $QUESTION"
-$HS search --address "$ADDR" --tenant demo --top-k 3 --rerank "$QUESTION"
+say "acme asks (its documents, its adapter $PIRATE): $QUESTION_A"
+as_a $HS ask --address "$ADDR" --temperature 0 --max-tokens 96 --show-timings "$QUESTION_A"
+
+say "globex asks (its documents, its adapter $JSONA): $QUESTION_B"
+as_b $HS ask --address "$ADDR" --temperature 0 --max-tokens 96 --show-timings "$QUESTION_B"
+
+say "isolation: globex tries acme's adapter"
+if as_b $HS ask --address "$ADDR" --adapter "$PIRATE" --max-tokens 8 "$QUESTION_A" 2>"$WORK/denied"; then
+  echo "globex could use acme's adapter: that must not happen" >&2; exit 1
+fi
+grep -q PERMISSION_DENIED "$WORK/denied" || { cat "$WORK/denied" >&2; exit 1; }
+sed 's/^/  /' "$WORK/denied"
+
+say "isolation: globex searches for acme's payload rules"
+HITS=$(as_b $HS search --address "$ADDR" --json --top-k 10 "Kestrel rideshare payload 250 kilograms")
+echo "$HITS" | $PY -c '
+import json, sys
+hits = json.load(sys.stdin)
+leaked = [h for h in hits if "rideshare" in h["text"].lower() or "kestrel" in h["text"].lower()]
+print(f"  {len(hits)} hits, all from globex documents ({sorted({h[\"docId\"] for h in hits})}); "
+      f"{len(leaked)} from acme")
+sys.exit(1 if leaked else 0)'
+echo "  and asking acme's question gets globex's own (irrelevant) documents or a refusal:"
+as_b $HS ask --address "$ADDR" --temperature 0 --max-tokens 48 "$QUESTION_A"
 
 METRICS=$(sed -n 's/^  metrics: //p' "$LOG" | head -1)
 say "what the platform measured ($METRICS, what Prometheus scrapes; Ray reports every 10 s)"
@@ -91,15 +118,13 @@ while True:
     for family in text_string_to_metric_families(urllib.request.urlopen(url, timeout=30).read().decode()):
         for s in family.samples:
             if s.name == "ray_hybridserve_completion_tokens_total":
-                sums[("completion tokens", "adapter=" + s.labels["adapter"])] += s.value
+                sums[("completion tokens", f"tenant={s.labels['tenant']} adapter={s.labels['adapter']}")] += s.value
             elif s.name == "ray_hybridserve_requests_total":
                 sums[("requests", f"{s.labels['service']}.{s.labels['method']} {s.labels['code']}")] += s.value
-            elif s.name == "ray_hybridserve_adapter_resident" and s.value:
-                sums[("resident adapters", f"replica={s.labels['replica']} adapter={s.labels['adapter']}")] = 1
-    seen = {k.split("=", 1)[1] for what, k in sums if what == "completion tokens"}
+    seen = {k.split("adapter=", 1)[1] for what, k in sums if what == "completion tokens"}
     if adapters <= seen or time.monotonic() > deadline:
         break
     time.sleep(2)
 for (what, key), value in sorted(sums.items()):
-    print(f"  {what:18} {key:55} {value:g}")
+    print(f"  {what:18} {key:60} {value:g}")
 PYEOF

@@ -465,6 +465,12 @@ class RagConfig(_Strict):
         "no hop) instead of through the retrieval app's batched Embedder deployment "
         "(benchmarks/README.md: the figures behind the default).",
     )
+    prefetch_adapter: bool = Field(
+        True,
+        description="While retrieval and rerank run, have the generation replica that will "
+        "answer load the tenant's adapter, so a cold adapter costs max(retrieval, load) "
+        "instead of their sum.",
+    )
     timeout_s: float = Field(
         120.0, gt=0, description="Deadline of an Ask whose client sent none "
         "(the SDK sends its own as `hybridserve-timeout-ms` metadata).",

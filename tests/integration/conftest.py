@@ -136,7 +136,9 @@ def _config(assets: Assets, grpc_port: int, http_port: int, weaviate: WeaviateSe
         cache_dir=assets.root / "cache",
         model={"path": str(assets.base_dir), "name": TINY_MODEL_NAME, "max_model_len": 1024},
         engine={"max_lora_rank": 8, "max_num_seqs": 16, "kv_cache_space_gib": 1, **engine},
-        serve={"grpc_port": grpc_port, "http_port": http_port, "cpus_per_replica": 0.5},
+        # Ray's logical CPUs (2 here) must hold every replica of the session.
+        serve={"grpc_port": grpc_port, "http_port": http_port, "cpus_per_replica": 0.25},
+        rag={"cpus_per_replica": 0},
         weaviate={"url": weaviate.url, "grpc_port": weaviate.grpc_port,
                   "query_timeout_s": 3, "write_timeout_s": 10},
         observability={"metrics_export_port": metrics_port},
@@ -160,6 +162,7 @@ def platform(assets, weaviate) -> Platform:
     smol.model = type(smol.model)(max_model_len=2048)
     smol.cache_dir = HybridServeConfig().cache_dir
     smol.engine.enable_lora = False
+    smol.engine.enforce_eager = True  # no torch.compile: minutes of startup on 2 cores
     rag = {}
     for name, gen_app, cfg in ((RAG_APP, MAIN_APP, main), (RAG_AFFINITY_APP, AFFINITY_APP, affinity),
                                (RAG_SMOL_APP, SMOL_APP, smol)):

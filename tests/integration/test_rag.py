@@ -221,7 +221,10 @@ def test_b_never_gets_a_s_content_or_sources(platform, pair):
         assert all(SECRET not in c.snippet for c in sources), kwargs
         text = "".join(e.text for e in events if isinstance(e, Token))
         assert SECRET not in text, kwargs
-        assert events[-1].tenant == pair.b and events[-1].adapter == pair.adapter_b
+        final = events[-1]
+        assert final.tenant == pair.b, kwargs
+        # B's own adapter answered, or nothing did (no passage of B's matched).
+        assert final.adapter == pair.adapter_b or final.finish_reason == "no_context", kwargs
 
 
 # -- bad input -------------------------------------------------------------------------------

@@ -289,7 +289,7 @@ class RagService:
             return left
 
         prefetch = None
-        if adapter:
+        if adapter and self.cfg.prefetch_adapter:
             prefetch = asyncio.ensure_future(self._prefetch(adapter, remaining()))
         try:
             result = await self.retriever.retrieve(

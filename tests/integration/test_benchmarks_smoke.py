@@ -1,0 +1,38 @@
+"""Every benchmark's --smoke mode runs in the test suite, so none can rot unnoticed.
+A smoke run asserts only that the benchmark completes and writes its result file,
+never a speed."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.integration
+
+BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
+
+
+def _smoke(script: str, *args: str, timeout: float = 900) -> dict:
+    out = subprocess.run([sys.executable, str(BENCH / script), "--smoke", *args],
+                         capture_output=True, text=True, timeout=timeout)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    name = script.removesuffix(".py") + "-smoke.json"
+    return json.loads((BENCH / "results" / name).read_text())
+
+
+def test_tenancy_benchmark_smoke():
+    result = _smoke("tenancy.py")
+    assert {r["store"] for r in result["overhead"]} == {"sqlite", "postgresql"}
+    assert result["rate"]["admitted"] > 0
+
+
+def test_rag_benchmark_smoke(platform):
+    result = _smoke("rag.py", "--address", platform.address,
+                    "--api-key-file", str(platform.main.admin_key_path),
+                    "--model-dir", str(platform.main.model.path),
+                    "--max-model-len", str(platform.main.model.max_model_len))
+    assert result["overhead"]["asks"] > 0 and result["throughput"]["mixed_tok_s"] > 0
