@@ -10,6 +10,10 @@ retrieval + weaviate-server, rerank, vLLM generation).
                one that does not, interleaved.
   throughput : Asks/s and tokens/s of 2 tenants x 2 adapters mixed vs 1 tenant with 1
                adapter, same concurrency, interleaved.
+  embed      : where the query is embedded: in the gateway replica (no hop) vs through
+               the retrieval app's batched Embedder deployment (a handle hop from the
+               retrieval replica), same questions interleaved, sequential and at the
+               throughput concurrency.
 
 Usage:
   .venv/bin/python benchmarks/rag.py [--model tiny|smollm2] [--rounds 4]
@@ -145,6 +149,30 @@ def bench_prefetch(address, admin, store_dir, base_dir, base_name, corpus, quest
     }
 
 
+def bench_embed(address, key, questions, rounds, concurrency, apps):
+    """embed + retrieve time of Asks, gateway-embedded vs Embedder-embedded."""
+    from hybridserve.client import HybridServeClient
+
+    def one(app, q):
+        with HybridServeClient(address, api_key=key) as c:
+            t = c.ask(q, app=app, max_tokens=1, temperature=0).timings
+            return t.embed_ms + t.retrieve_ms, t.first_token_ms
+
+    out = {side: {"seq": [], "conc": [], "ttft": []} for side in apps}
+    for r in range(rounds):
+        for side in (list(apps) if r % 2 == 0 else list(reversed(apps))):
+            for q in questions:
+                er, ttft = one(apps[side], q)
+                out[side]["seq"].append(er)
+                out[side]["ttft"].append(ttft)
+            with ThreadPoolExecutor(concurrency) as pool:
+                out[side]["conc"].extend(er for er, _ in pool.map(
+                    lambda q, side=side: one(apps[side], q), questions * 2))
+    return {side: {"embed_retrieve_p50_ms": _pct(v["seq"], 50),
+                   "embed_retrieve_p50_ms_concurrent": _pct(v["conc"], 50),
+                   "first_token_p50_ms": _pct(v["ttft"], 50)} for side, v in out.items()}
+
+
 def bench_throughput(address, keys_mixed, key_single, questions, rounds, concurrency, max_tokens,
                      app):
     from hybridserve.client import HybridServeClient
@@ -213,8 +241,11 @@ def start_platform(model: str, work: Path):
         build_lora_adapter(base_dir, store / f"a{i}", seed=200 + i, rank=8, base_model_name=base_name)
     no_prefetch = cfg.model_copy(deep=True)
     no_prefetch.rag.prefetch_adapter = False
+    via_embedder = cfg.model_copy(deep=True)
+    via_embedder.rag.embed_in_gateway = False
     running = local.start(cfg, progress=lambda m: print("[bench]", m, flush=True),
-                          rag_apps={"rag": cfg, "rag-noprefetch": no_prefetch})
+                          rag_apps={"rag": cfg, "rag-noprefetch": no_prefetch,
+                                    "rag-embedder": via_embedder})
     use_admin_key(cfg)
     return running, cfg, base_dir, base_name
 
@@ -281,6 +312,11 @@ def main(argv: list[str] | None = None) -> int:
                     address, admin, cfg.adapter_store, base_dir, base_name, corpus, questions,
                     max(args.rounds * 2, 2), {"prefetch": "rag", "no_prefetch": "rag-noprefetch"})
                 print(json.dumps(results["prefetch"]), flush=True)
+            if cfg is not None:
+                results["embed"] = bench_embed(
+                    address, key_single, questions, args.rounds, args.concurrency,
+                    {"gateway": "rag", "embedder": "rag-embedder"})
+                print(json.dumps(results["embed"]), flush=True)
             results["throughput"] = bench_throughput(
                 address, keys_mixed, key_single, questions, args.rounds, args.concurrency,
                 args.max_tokens, "rag")

@@ -408,22 +408,19 @@ def test_the_concurrency_cap_holds_under_parallel_streams(platform):
         with ThreadPoolExecutor(6) as pool:
             return list(pool.map(stream, range(6)))
 
-    async def hold_two():
+    async def with_two_held() -> list[str]:
+        # NOTE: one event loop for the client: acquire, burst, release.
         other = RedisQuotas(url)
         leases = [await other.acquire(tenant, Quotas(concurrent_streams=2), stream=True)
                   for _ in range(2)]
-        return other, leases
-
-    other, leases = asyncio.run(hold_two())
-    try:
-        assert burst() == ["concurrency"] * 6
-    finally:
-        async def release():
+        try:
+            return await asyncio.to_thread(burst)
+        finally:
             for lease in leases:
                 await other.release(lease)
             await other.close()
 
-        asyncio.run(release())
+    assert asyncio.run(with_two_held()) == ["concurrency"] * 6
 
     sock = url.removeprefix("unix://")
     r = redis.Redis(unix_socket_path=sock)
@@ -441,9 +438,15 @@ def test_the_concurrency_cap_holds_under_parallel_streams(platform):
         stop.set()
         sampler.join(30)
     print(f"parallel streams: {outcomes}; most slots held at once: {peak[0]}")
-    assert 1 <= outcomes.count("OK") and set(outcomes) <= {"OK", "concurrency"}
+    assert outcomes.count("OK") >= 2 and set(outcomes) <= {"OK", "concurrency"}
     assert peak[0] <= 2
-    assert r.zcard(f"hybridserve:quota:{{{tenant}}}:streams") == 0  # every slot released
+    # Every slot is released once the streams' replicas finish them (bounded wait:
+    # the client may see a stream's end a moment before its replica releases it).
+    for _ in range(100):
+        if r.zcard(f"hybridserve:quota:{{{tenant}}}:streams") == 0:
+            break
+        time.sleep(0.1)
+    assert r.zcard(f"hybridserve:quota:{{{tenant}}}:streams") == 0
 
 
 def test_two_replicas_share_one_quota(platform):

@@ -136,6 +136,7 @@ class FakeGenerator:
         self.mid_fail = mid_fail
         self.calls = []
         self.prefetched = []
+        self.closed_early = 0
 
     async def prefetch(self, adapter, timeout_s):
         self.prefetched.append(adapter)
@@ -145,10 +146,14 @@ class FakeGenerator:
         if self.fail:
             raise self.fail.pop(0)
         words = self.text.split(" ")
-        for i, w in enumerate(words):
-            if self.mid_fail and i == 1:
-                raise ReplicaFailed("ActorDiedError")
-            yield Delta(text=w + (" " if i < len(words) - 1 else ""), token_ids=(i,))
+        try:
+            for i, w in enumerate(words):
+                if self.mid_fail and i == 1:
+                    raise ReplicaFailed("ActorDiedError")
+                yield Delta(text=w + (" " if i < len(words) - 1 else ""), token_ids=(i,))
+        except GeneratorExit:
+            self.closed_early += 1  # what cancels the replica's stream under Serve
+            raise
         yield GenerationDone("stop", len(inp.prompt_token_ids), len(words), "replica-1", adapter,
                              "rid", first_token_s=0.001)
 
@@ -263,4 +268,6 @@ async def test_a_cancelled_answer_reports_its_usage_so_far():
             break
     await stream.aclose()
     assert usage[0] > 0 and usage[1] == 3
+    # Closing the answer closed the generation stream at once (not at GC time).
+    assert gen.closed_early == 1
     await asyncio.sleep(0)

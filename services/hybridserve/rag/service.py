@@ -322,14 +322,18 @@ class RagService:
                                     **plan.gen)
             text: list[str] = []
             done = None
-            async for item in self._generate(adapter, gen_inp, tenant.id, remaining, timings,
-                                             started):
-                if isinstance(item, GenerationDone):
-                    done = item
-                    continue
-                text.append(item.text)
-                usage[1] += len(item.token_ids)
-                yield item
+            # NOTE: aclosing at every level: a client going away must close the chain
+            # down to the handle stream now (which cancels the engine request), not
+            # whenever the garbage collector finalizes it.
+            generation = self._generate(adapter, gen_inp, tenant.id, remaining, timings, started)
+            async with contextlib.aclosing(generation):
+                async for item in generation:
+                    if isinstance(item, GenerationDone):
+                        done = item
+                        continue
+                    text.append(item.text)
+                    usage[1] += len(item.token_ids)
+                    yield item
             assert done is not None
             usage[:] = [done.prompt_tokens, done.completion_tokens]
             if done.first_token_s is not None:

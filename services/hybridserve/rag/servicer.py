@@ -7,6 +7,7 @@ A plain class; `hybridserve.app` deploys it as the `rag` Serve app.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from typing import Any
@@ -164,33 +165,39 @@ class RagServicer:
         async with self.tenancy.admit(principal, stream=True) as lease:
             timings.quota = time.perf_counter() - t0
             usage = [0, 0]
+            answer = self.service.ask(tenant, adapter, inp, timings=timings, started=started,
+                                      deadline=deadline, usage=usage)
+            # NOTE: aclosing: a client going away closes the pipeline down to the
+            # generation replica at once (the engine aborts the request).
             try:
-                async for event in self.service.ask(tenant, adapter, inp, timings=timings,
-                                                    started=started, deadline=deadline,
-                                                    usage=usage):
-                    if isinstance(event, SourcesEvent):
-                        snip = self.config.rag.snippet_chars
-                        yield rag_pb2.AskResponse(sources=rag_pb2.Sources(
-                            citations=[_citation(s, snip) for s in event.sources]))
-                    elif isinstance(event, Delta):
-                        yield rag_pb2.AskResponse(delta=generation_pb2.TokenDelta(
-                            text=event.text, token_ids=list(event.token_ids)))
-                    elif isinstance(event, AskDone):
-                        self._observe(event.timings)
-                        yield rag_pb2.AskResponse(final=rag_pb2.AskFinal(
-                            finish_reason=_FINISH.get(event.finish_reason, 0),
-                            usage=common_pb2.Usage(prompt_tokens=event.prompt_tokens,
-                                                   completion_tokens=event.completion_tokens),
-                            adapter=event.adapter, replica_id=event.replica_id,
-                            cited=event.cited, invalid_citations=event.invalid_citations,
-                            timings=_timings(event.timings), request_id=event.request_id,
-                            client_request_id=event.client_request_id, tenant=event.tenant,
-                            passage_token_budget=event.passage_token_budget,
-                            passage_tokens=event.passage_tokens,
-                        ))
+                async with contextlib.aclosing(answer):
+                    async for event in answer:
+                        yield self._to_proto(event)
             finally:
                 # Tokens per minute: the real usage, also of a cancelled answer.
                 lease.tokens = usage[0] + usage[1]
+
+    def _to_proto(self, event) -> rag_pb2.AskResponse:
+        if isinstance(event, SourcesEvent):
+            snip = self.config.rag.snippet_chars
+            return rag_pb2.AskResponse(sources=rag_pb2.Sources(
+                citations=[_citation(s, snip) for s in event.sources]))
+        if isinstance(event, Delta):
+            return rag_pb2.AskResponse(delta=generation_pb2.TokenDelta(
+                text=event.text, token_ids=list(event.token_ids)))
+        assert isinstance(event, AskDone), event
+        self._observe(event.timings)
+        return rag_pb2.AskResponse(final=rag_pb2.AskFinal(
+            finish_reason=_FINISH.get(event.finish_reason, 0),
+            usage=common_pb2.Usage(prompt_tokens=event.prompt_tokens,
+                                   completion_tokens=event.completion_tokens),
+            adapter=event.adapter, replica_id=event.replica_id,
+            cited=event.cited, invalid_citations=event.invalid_citations,
+            timings=_timings(event.timings), request_id=event.request_id,
+            client_request_id=event.client_request_id, tenant=event.tenant,
+            passage_token_budget=event.passage_token_budget,
+            passage_tokens=event.passage_tokens,
+        ))
 
     def _observe(self, t: Timings) -> None:
         for stage in ("embed", "retrieve", "rerank", "prompt", "first_token"):

@@ -133,26 +133,33 @@ class FieldFilter:
 
 
 def validate_filters(filters: Sequence[FieldFilter]) -> None:
+    """Raises InvalidArgument (with a BadRequest field violation) for a bad filter."""
+
+    def bad(i: int, message: str, what: str) -> InvalidArgument:
+        return InvalidArgument(message, field_violations=[(f"filters[{i}]", what)])
+
     if len(filters) > MAX_FILTERS:
-        raise InvalidArgument(f"{len(filters)} filters; the limit is {MAX_FILTERS}")
+        raise InvalidArgument(f"{len(filters)} filters; the limit is {MAX_FILTERS}",
+                              field_violations=[("filters", f"at most {MAX_FILTERS}")])
     for i, f in enumerate(filters):
         where = f"filter {i} ({f.field[:80]!r})"
         key = f.metadata_key
         if key is not None:
             if not METADATA_KEY_RE.match(key):
-                raise InvalidArgument(f"{where}: invalid metadata key {key[:80]!r}")
+                raise bad(i, f"{where}: invalid metadata key {key[:80]!r}", "invalid metadata key")
         elif f.field not in FILTER_FIELDS:
-            raise InvalidArgument(
-                f"{where}: unknown field; use one of {', '.join(FILTER_FIELDS)} or metadata.<key>"
+            raise bad(
+                i, f"{where}: unknown field; use one of {', '.join(FILTER_FIELDS)} or metadata.<key>",
+                f"field must be one of {', '.join(FILTER_FIELDS)} or metadata.<key>",
             )
         if f.op not in ("equal", "not_equal", "any_of"):
-            raise InvalidArgument(f"{where}: set op to EQUAL, NOT_EQUAL or ANY_OF")
+            raise bad(i, f"{where}: set op to EQUAL, NOT_EQUAL or ANY_OF", "op is unset")
         if f.op == "any_of":
             if not 1 <= len(f.values) <= MAX_FILTER_VALUES:
-                raise InvalidArgument(f"{where}: ANY_OF takes 1-{MAX_FILTER_VALUES} values")
+                raise bad(i, f"{where}: ANY_OF takes 1-{MAX_FILTER_VALUES} values",
+                          f"1-{MAX_FILTER_VALUES} values")
         elif len(f.values) != 1:
-            raise InvalidArgument(f"{where}: {f.op.upper()} takes exactly one value")
-
+            raise bad(i, f"{where}: {f.op.upper()} takes exactly one value", "exactly one value")
 
 def metadata_terms(metadata: Mapping[str, str]) -> list[str]:
     """The filterable index terms of a chunk's metadata: `key=value` strings."""
