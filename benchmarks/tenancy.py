@@ -6,7 +6,7 @@ and how accurately two replicas hold one shared rate limit.
              Tenancy (key parsed, digest compared, tenant context from the
              per-replica cache refreshed every auth_cache_ttl_s, one Redis
              round trip for the tenant's requests/min quota) vs a test build with
-             authentication off. Interleaved in rounds, on SQLite and on a real
+             authentication off; and a tenant without quotas (no Redis call). Interleaved in rounds, on SQLite and on a real
              PostgreSQL (temp dir, loopback), against a real redis-server.
              Reports p50/p99 of each side and of the added latency.
   rate     : two replica processes, each with its own quota client on the same
@@ -94,26 +94,31 @@ async def _overhead(store_url: str, redis_url: str, calls: int, rounds: int) -> 
     # A quota that is never hit, so every request makes its Redis round trip.
     await admin.set_quotas(root, tenant, requests_per_minute=10**8)
     _, key = await admin.create_key(root, tenant=tenant, name="bench")
+    # A tenant without quotas: authentication and authorization only, no Redis.
+    await admin.create_tenant(root, Tenant(f"{tenant}-free"))
+    _, free_key = await admin.create_key(root, tenant=f"{tenant}-free", name="bench")
     cfg = HybridServeConfig(data_dir=tempfile.mkdtemp(prefix="hs-bench-"))
     real = Tenancy(store, RedisQuotas(redis_url), cache_ttl_s=cfg.tenancy.auth_cache_ttl_s,
                    metrics_service="rerank")
     off = _auth_off_tenancy(real)
     off._principal = await real.authenticate_token(key)
+    with_auth = RerankServicer(cfg, backend=Backend(), tenancy=real)
     sides = {
-        "auth": RerankServicer(cfg, backend=Backend(), tenancy=real),
-        "off": RerankServicer(cfg, backend=Backend(), tenancy=off),
+        "auth": (with_auth, key),
+        "auth_no_quota": (with_auth, free_key),
+        "off": (RerankServicer(cfg, backend=Backend(), tenancy=off), key),
     }
     request = rerank_pb2.RerankRequest(query="q", passages=["a", "bb"])
-    lat: dict[str, list[float]] = {"auth": [], "off": []}
+    lat: dict[str, list[float]] = {side: [] for side in sides}
     per_round = []
     for r in range(rounds):
-        order = ("auth", "off") if r % 2 == 0 else ("off", "auth")
+        order = list(sides) if r % 2 == 0 else list(reversed(sides))
         medians = {}
         for side in order:
-            servicer = sides[side]
+            servicer, side_key = sides[side]
             got = []
             for _ in range(calls):
-                ctx = FakeContext(key)
+                ctx = FakeContext(side_key)
                 t0 = time.perf_counter()
                 await servicer.Rerank(request, ctx)
                 got.append(time.perf_counter() - t0)
@@ -129,6 +134,8 @@ async def _overhead(store_url: str, redis_url: str, calls: int, rounds: int) -> 
         "off_p50_ms": _pct(lat["off"], 50) * 1e3, "off_p99_ms": _pct(lat["off"], 99) * 1e3,
         "added_p50_ms": (_pct(lat["auth"], 50) - _pct(lat["off"], 50)) * 1e3,
         "added_p99_ms": (_pct(lat["auth"], 99) - _pct(lat["off"], 99)) * 1e3,
+        "auth_only_added_p50_ms": (_pct(lat["auth_no_quota"], 50) - _pct(lat["off"], 50)) * 1e3,
+        "auth_only_added_p99_ms": (_pct(lat["auth_no_quota"], 99) - _pct(lat["off"], 99)) * 1e3,
         "added_p50_ms_per_round": per_round,
     }
 
