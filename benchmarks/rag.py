@@ -120,18 +120,49 @@ def bench_overhead(address, key, questions, rounds, max_tokens, app, gen_app, mo
     }
 
 
+def make_loras(base_dir: Path, folders: list[Path], base_name: str, seed: int = 0) -> None:
+    """Random rank-8 LoRA adapters (non-zero B, so each changes the output) for any
+    Llama-style base: tiny test models through the cached builder, others with PEFT."""
+    from hybridserve.testing.tiny import _TINY_MARKER, build_lora_adapter
+
+    todo = [f for f in folders if not (f / "adapter_config.json").is_file()]
+    if not todo:
+        return
+    if (Path(base_dir) / _TINY_MARKER).is_file():
+        for i, folder in enumerate(todo):
+            build_lora_adapter(base_dir, folder, seed=seed + i, rank=8, base_model_name=base_name)
+        return
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32)
+    peft = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=[
+        "q_proj", "k_proj", "v_proj", "o_proj"]))
+    gen = torch.Generator().manual_seed(seed)
+    for folder in todo:
+        with torch.no_grad():
+            for name, param in peft.named_parameters():
+                if "lora_B" in name:
+                    param.copy_(torch.empty_like(param).uniform_(-0.02, 0.02, generator=gen))
+        peft.save_pretrained(str(folder))
+        cfg_path = folder / "adapter_config.json"
+        cfg = json.loads(cfg_path.read_text())
+        cfg["base_model_name_or_path"] = base_name
+        cfg_path.write_text(json.dumps(cfg, indent=2))
+
+
 def bench_prefetch(address, admin, store_dir, base_dir, base_name, corpus, questions, rounds,
                    apps):
     """Cold-adapter TTFT with and without prefetch: each Ask uses a new adapter."""
     from hybridserve.client import HybridServeClient
-    from hybridserve.testing.tiny import build_lora_adapter
 
+    names = [f"cold-{uuid.uuid4().hex[:8]}" for _ in range(rounds * len(apps))]
+    make_loras(base_dir, [store_dir / n for n in names], base_name, seed=1000)
     out = {side: [] for side in apps}
     for r in range(rounds):
         for side in (list(apps) if r % 2 == 0 else list(reversed(apps))):
-            name = f"cold-{uuid.uuid4().hex[:8]}"
-            build_lora_adapter(base_dir, store_dir / name, seed=r + 1000, rank=8,
-                               base_model_name=base_name)
+            name = names.pop()
             adapter = admin.register_adapter(name, name).adapter.id
             tenant = f"pf-{uuid.uuid4().hex[:6]}"
             key = _tenant(admin, address, [adapter], corpus[:6], tenant)
@@ -210,7 +241,7 @@ def start_platform(model: str, work: Path):
     from generation import _free_port, use_admin_key
     from hybridserve import platform as local
     from hybridserve.config import HybridServeConfig
-    from hybridserve.testing.tiny import build_lora_adapter, build_tiny_llama
+    from hybridserve.testing.tiny import build_tiny_llama
 
     data = work / "data"
     ports = [_free_port() for _ in range(5)]
@@ -237,8 +268,7 @@ def start_platform(model: str, work: Path):
         base_dir = ensure_model(cfg)
         base_name = cfg.model.name
     store = cfg.adapter_store
-    for i in range(4):
-        build_lora_adapter(base_dir, store / f"a{i}", seed=200 + i, rank=8, base_model_name=base_name)
+    make_loras(base_dir, [store / f"a{i}" for i in range(4)], base_name, seed=200)
     no_prefetch = cfg.model_copy(deep=True)
     no_prefetch.rag.prefetch_adapter = False
     via_embedder = cfg.model_copy(deep=True)
@@ -286,7 +316,11 @@ def main(argv: list[str] | None = None) -> int:
     results: dict = {"model": args.model, "args": vars(args)}
     try:
         with HybridServeClient(address, api_key=admin_key) as admin:
+            if cfg is not None:
+                for i in range(4):
+                    admin.register_adapter(f"a{i}", f"a{i}")
             adapters = sorted(a.id for a in admin.list_adapters())[:4]
+            assert len(adapters) >= 2, f"the platform has too few adapters: {adapters}"
             run = uuid.uuid4().hex[:6]
             key_single = _tenant(admin, address, adapters[:1], corpus, f"bench-single-{run}")
             keys_mixed = [
@@ -307,7 +341,7 @@ def main(argv: list[str] | None = None) -> int:
                     address, key_single, questions, args.rounds, args.max_tokens, "rag",
                     "generation", model_dir, max_model_len, instructions)
                 print(json.dumps(results["overhead"]), flush=True)
-            if cfg is not None and args.model == "tiny":
+            if cfg is not None:
                 results["prefetch"] = bench_prefetch(
                     address, admin, cfg.adapter_store, base_dir, base_name, corpus, questions,
                     max(args.rounds * 2, 2), {"prefetch": "rag", "no_prefetch": "rag-noprefetch"})

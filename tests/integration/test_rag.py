@@ -87,6 +87,16 @@ def test_sources_then_tokens_then_final_with_every_timing(platform, pair):
     assert "refund-policy" in {c.doc_id for c in sources.citations}
     top = sources.citations[0]
     assert top.rerank_score is not None and top.retrieval_score > 0 and top.snippet
+    # The default reranker is retrieval's own embedder: its score is the vector score
+    # hybrid search returned, so the gateway reuses it instead of a rerank call; the
+    # rerank service itself gives the same number.
+    assert top.rerank_score == pytest.approx(top.vector_score, abs=1e-5)
+    with HybridServeClient(platform.address, api_key=pair.key_a) as c:
+        chunks = c.search("", top.snippet, alpha=0.0, top_k=50,
+                          filters=[("doc_id", "equal", [top.doc_id])])
+        text = next(h.text for h in chunks if h.chunk_id == top.chunk_id)
+        (ranked,) = c.rerank("How long do I have to return an opened item?", [text]).results
+    assert ranked.score == pytest.approx(top.rerank_score, abs=1e-4)
     t = final.timings
     for name in ("auth", "quota", "embed", "retrieve", "rerank", "prompt", "queue",
                  "first_token", "total"):

@@ -124,8 +124,10 @@ class FakeRetriever:
 class FakeReranker:
     def __init__(self, scores):
         self.scores_ = scores
+        self.calls = 0
 
     async def scores(self, query, passages, timeout_s):
+        self.calls += 1
         return self.scores_[: len(passages)]
 
 
@@ -271,3 +273,25 @@ async def test_a_cancelled_answer_reports_its_usage_so_far():
     # Closing the answer closed the generation stream at once (not at GC time).
     assert gen.closed_early == 1
     await asyncio.sleep(0)
+
+
+async def test_the_default_bi_encoder_rerank_reuses_the_vector_scores():
+    """The default reranker is retrieval's own embedder: its score of a chunk is the
+    vector score hybrid search returned, so no rerank call is made. A keyword-only
+    search (no vector scores) or another rerank model still calls the reranker."""
+    hits = [_hit(1, "Refunds take 14 days.", 0.6, vector=0.3),
+            _hit(2, "Shipping is fast.", 0.9, vector=0.1)]
+    svc = _service(hits, [0.0, 0.0], FakeGenerator())
+    assert svc.rerank_is_the_embedder
+    events = await _run(svc, AskInput(question="refunds?"))
+    assert svc.reranker.calls == 0
+    top = events[0].sources[0].passage
+    assert top.hit.doc_id == "d1" and top.rerank_score == 0.3  # 0.6 + 5*0.3 > 0.9 + 5*0.1
+    keyword_only = _service([_hit(1, "Refunds.", 0.6)], [0.5], FakeGenerator())
+    await _run(keyword_only, AskInput(question="refunds?", alpha=0.0))
+    assert keyword_only.reranker.calls == 1
+    cross = RagService(HybridServeConfig(rerank={"backend": "cross-encoder", "model": "/m"}),
+                       FakeRetriever(hits), FakeReranker([0.9, 0.1]), FakeGenerator(), _builder(600))
+    assert not cross.rerank_is_the_embedder
+    await _run(cross, AskInput(question="refunds?"))
+    assert cross.reranker.calls == 1
