@@ -2,8 +2,8 @@
 retrieval + weaviate-server, rerank, vLLM generation).
 
   overhead   : Ask end to end vs the same work called stage by stage from the client
-               (Search, Rerank, Generate with the prompt's token ids), interleaved per
-               question; and the gateway's own share from the server-side timings.
+               (Search, the fused order, the prompt built client-side, Generate with its
+               token ids), interleaved per question; and the server-side stage timings.
   ttft       : the median time of each stage of an Ask, up to the first token.
   prefetch   : TTFT of an Ask whose adapter is cold (registered just before, never
                loaded), on a gateway that prefetches the adapter during retrieval vs
@@ -95,9 +95,9 @@ def bench_overhead(address, key, questions, rounds, max_tokens, app, gen_app, mo
                         assert any(isinstance(e, Token) for e in events)
                         continue
                     hits = c.search("", q, top_k=8)
-                    scores = [0.0] * len(hits)
-                    for rr in c.rerank(q, [h.text for h in hits]).results:
-                        scores[rr.index] = rr.score
+                    # As the gateway does: the default reranker's score is the vector
+                    # score search returned (no rerank call).
+                    scores = [h.vector_score for h in hits]
                     kept = [hits[j] for j in fusion.order([h.score for h in hits], scores, 5.0)[:4]]
                     built = builder.build(question=q, max_tokens=max_tokens,
                                           passages=[(h.title, h.text) for h in kept],

@@ -409,3 +409,29 @@ def test_answer_quality_on_the_shipped_corpus_with_smollm2(platform):
           f"citation precision {cited_gold / cited if cited else float('nan'):.2f} "
           f"({cited} citations)")
     assert gold_in_sources / n >= 0.9
+
+
+def test_the_adapter_is_prefetched_on_the_replica_that_answers(platform, pair):
+    """While retrieval runs, the gateway has the answering replica load the adapter:
+    after an Ask with a never-loaded adapter, that replica loaded it exactly once (the
+    prefetch; the generation found it resident), and it answered."""
+    from hybridserve.testing.tiny import build_lora_adapter
+    from ray import serve
+
+    name = f"cold-{uuid.uuid4().hex[:6]}"
+    build_lora_adapter(platform.assets.base_dir, platform.assets.store / name, seed=777, rank=8,
+                       base_model_name="tiny-llama")
+    with HybridServeClient(platform.address, api_key=platform.admin_key) as admin:
+        adapter = admin.register_adapter(name, name).adapter.id
+        admin.grant_adapter(pair.a, adapter)
+    replica = serve.get_app_handle(MAIN_APP).options(
+        multiplexed_model_id=adapter).prefetch_adapter.remote("").result(timeout_s=60)
+    before = replica_stats(MAIN_APP, replica_id=replica)
+    assert adapter not in before["resident_adapters"]
+    answer = HybridServeClient(platform.address, api_key=pair.key_a).ask(
+        "refunds", adapter=adapter, max_tokens=2)
+    assert answer.final.adapter == adapter and answer.final.replica_id == replica
+    after = replica_stats(MAIN_APP, replica_id=replica)
+    assert adapter in after["resident_adapters"]
+    assert after["adapter_loads"] == before["adapter_loads"] + 1
+    assert after["prefetches"] == before["prefetches"] + 1

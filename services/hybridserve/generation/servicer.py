@@ -178,6 +178,7 @@ class GenerationServicer:
         self.service = GenerationService(cfg, engine, AdapterRegistry.from_config(cfg, model_dir))
         self.tenancy = tenancy or Tenancy.from_config(cfg, metrics_service=self.metrics_service)
         self._evictions = 0
+        self._prefetches = 0
         self._sampler: asyncio.Task | None = None
         #: client_request_id -> the server's request id, for the last requests
         #: that sent one (introspection: `stats()`).
@@ -294,6 +295,7 @@ class GenerationServicer:
         adapter resident on the replica its requests will be routed to, before they
         come (the RAG gateway calls it while retrieval runs). Returns the replica."""
         if adapter_id:
+            self._prefetches += 1
             await self.load_adapter(adapter_id)
         return replica_id()
 
@@ -470,6 +472,7 @@ class GenerationServicer:
         return {
             "replica_id": replica_id(),
             "evictions": self._evictions,
+            "prefetches": self._prefetches,
             "request_ids": dict(self._recent_ids),
             **asdict(self.service.engine.stats()),
         }
