@@ -98,8 +98,8 @@ echo "$HITS" | $PY -c '
 import json, sys
 hits = json.load(sys.stdin)
 leaked = [h for h in hits if "rideshare" in h["text"].lower() or "kestrel" in h["text"].lower()]
-print(f"  {len(hits)} hits, all from globex documents ({sorted({h[\"docId\"] for h in hits})}); "
-      f"{len(leaked)} from acme")
+docs = sorted({h["docId"] for h in hits})
+print(f"  {len(hits)} hits, all from globex documents {docs}; {len(leaked)} from acme")
 sys.exit(1 if leaked else 0)'
 echo "  and asking acme's question gets globex's own (irrelevant) documents or a refusal:"
 as_b $HS ask --address "$ADDR" --temperature 0 --max-tokens 48 "$QUESTION_A"
