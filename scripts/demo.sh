@@ -122,7 +122,8 @@ while True:
             elif s.name == "ray_hybridserve_requests_total":
                 sums[("requests", f"{s.labels['service']}.{s.labels['method']} {s.labels['code']}")] += s.value
     seen = {k.split("adapter=", 1)[1] for what, k in sums if what == "completion tokens"}
-    if adapters <= seen or time.monotonic() > deadline:
+    asks = {k for what, k in sums if what == "requests" and k.startswith("rag.Ask")}
+    if (adapters <= seen and "rag.Ask PERMISSION_DENIED" in asks) or time.monotonic() > deadline:
         break
     time.sleep(2)
 for (what, key), value in sorted(sums.items()):

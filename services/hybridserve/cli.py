@@ -125,7 +125,8 @@ def cmd_ask(ns) -> int:
     if final.invalid_citations:
         print(f"warning: the answer cites [{'], ['.join(map(str, final.invalid_citations))}], "
               "which match no source", file=sys.stderr)
-    print(f"[finish={final.finish_reason} adapter={final.adapter or '(base)'} "
+    adapter = "-" if final.finish_reason == "no_context" else (final.adapter or "(base)")
+    print(f"[finish={final.finish_reason} adapter={adapter} "
           f"tokens={final.usage.prompt_tokens}+{final.usage.completion_tokens} "
           f"replica={final.replica_id or '-'} cited={sorted(cited) or '-'}]", file=sys.stderr)
     if ns.show_timings:
