@@ -293,9 +293,12 @@ def main(argv: list[str] | None = None) -> int:
                    "overhead part, which rebuilds the prompt client-side)")
     p.add_argument("--max-model-len", type=int, default=2048, help="with --address")
     p.add_argument("--smoke", action="store_true", help="one short round of each part")
+    p.add_argument("--parts", default="overhead,prefetch,embed,throughput",
+                   help="comma-separated parts to run (default: all)")
     args = p.parse_args(argv)
     if args.smoke:
         args.rounds, args.questions, args.concurrency, args.max_tokens = 1, 2, 2, 4
+    parts = set(args.parts.split(","))
 
     from hybridserve.client import HybridServeClient
 
@@ -336,30 +339,33 @@ def main(argv: list[str] | None = None) -> int:
                 defaults = HybridServeConfig()
                 model_dir, max_model_len = args.model_dir, args.max_model_len
                 instructions = defaults.rag.instructions
-            if model_dir is not None:
+            if model_dir is not None and "overhead" in parts:
                 results["overhead"] = bench_overhead(
                     address, key_single, questions, args.rounds, args.max_tokens, "rag",
                     "generation", model_dir, max_model_len, instructions)
                 print(json.dumps(results["overhead"]), flush=True)
-            if cfg is not None:
+            if cfg is not None and "prefetch" in parts:
                 results["prefetch"] = bench_prefetch(
                     address, admin, cfg.adapter_store, base_dir, base_name, corpus, questions,
                     max(args.rounds * 2, 2), {"prefetch": "rag", "no_prefetch": "rag-noprefetch"})
                 print(json.dumps(results["prefetch"]), flush=True)
-            if cfg is not None:
+            if cfg is not None and "embed" in parts:
                 results["embed"] = bench_embed(
                     address, key_single, questions, args.rounds, args.concurrency,
                     {"gateway": "rag", "embedder": "rag-embedder"})
                 print(json.dumps(results["embed"]), flush=True)
-            results["throughput"] = bench_throughput(
-                address, keys_mixed, key_single, questions, args.rounds, args.concurrency,
-                args.max_tokens, "rag")
-            print(json.dumps(results["throughput"]), flush=True)
+            if "throughput" in parts:
+                results["throughput"] = bench_throughput(
+                    address, keys_mixed, key_single, questions, args.rounds, args.concurrency,
+                    args.max_tokens, "rag")
+                print(json.dumps(results["throughput"]), flush=True)
     finally:
         if running is not None:
             running.stop()
     RESULTS.mkdir(exist_ok=True)
     name = "rag-smoke.json" if args.smoke else f"rag-{args.model}.json"
+    if not args.smoke and parts != {"overhead", "prefetch", "embed", "throughput"}:
+        name = f"rag-{args.model}-{'-'.join(sorted(parts))}.json"
     (RESULTS / name).write_text(json.dumps(results, indent=2) + "\n")
     print(f"wrote {RESULTS / name}")
     return 0

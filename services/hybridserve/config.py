@@ -471,6 +471,11 @@ class RagConfig(_Strict):
         "answer load the tenant's adapter, so a cold adapter costs max(retrieval, load) "
         "instead of their sum.",
     )
+    prefetch_skip_s: float = Field(
+        30.0, ge=0,
+        description="No prefetch for an adapter this gateway answered with within this many "
+        "seconds: it is almost surely still resident (if not, generation loads it). 0: always.",
+    )
     timeout_s: float = Field(
         120.0, gt=0, description="Deadline of an Ask whose client sent none "
         "(the SDK sends its own as `hybridserve-timeout-ms` metadata).",

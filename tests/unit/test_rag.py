@@ -295,3 +295,16 @@ async def test_the_default_bi_encoder_rerank_reuses_the_vector_scores():
     assert not cross.rerank_is_the_embedder
     await _run(cross, AskInput(question="refunds?"))
     assert cross.reranker.calls == 1
+
+
+async def test_a_recently_used_adapter_is_not_prefetched_again():
+    gen = FakeGenerator()
+    svc = _service([_hit(1, "Refunds take 14 days.", 0.9, 0.5)], [0.6], gen)
+    clock = [100.0]
+    svc.clock = lambda: clock[0]
+    for _ in range(3):
+        await _run(svc, AskInput(question="r?"))
+    assert gen.prefetched == ["tone@v1"]  # warm after the first answer
+    clock[0] += svc.cfg.prefetch_skip_s + 1
+    await _run(svc, AskInput(question="r?"))
+    assert gen.prefetched == ["tone@v1", "tone@v1"]

@@ -18,6 +18,7 @@ import logging
 import math
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -185,6 +186,7 @@ class RagService:
         self.generator = generator
         self.prompts = prompts
         self.clock = clock
+        self._last_used: OrderedDict[str, float] = OrderedDict()
 
     # -- validation -------------------------------------------------------------------
 
@@ -289,7 +291,7 @@ class RagService:
             return left
 
         prefetch = None
-        if adapter and self.cfg.prefetch_adapter:
+        if adapter and self.cfg.prefetch_adapter and not self._recently_used(adapter):
             prefetch = asyncio.ensure_future(self._prefetch(adapter, remaining()))
         try:
             result = await self.retriever.retrieve(
@@ -349,6 +351,18 @@ class RagService:
         finally:
             if prefetch is not None and not prefetch.done():
                 prefetch.cancel()
+
+    def _recently_used(self, adapter: str) -> bool:
+        """Whether this gateway answered with `adapter` within rag.prefetch_skip_s: then
+        it is almost surely resident, and a prefetch would be a wasted call (if it was
+        evicted meanwhile, generation loads it, as without prefetch)."""
+        now = self.clock()
+        last = self._last_used.get(adapter)
+        self._last_used[adapter] = now
+        self._last_used.move_to_end(adapter)
+        while len(self._last_used) > 4096:
+            self._last_used.popitem(last=False)
+        return last is not None and now - last < self.cfg.prefetch_skip_s
 
     async def _prefetch(self, adapter: str, timeout_s: float) -> None:
         try:
