@@ -135,3 +135,30 @@ async def test_tenants_without_quotas_never_touch_redis(tmp_path):
         await q.release(lease)
     finally:
         await q.close()
+
+
+async def test_a_replica_with_a_slow_clock_cannot_refill_twice(replicas):
+    (a, b), clock, tenant = replicas
+    quotas = Quotas(requests_per_minute=60)  # 1/s, bucket of 10
+    assert await _admitted(a, tenant, quotas, 5) == 5  # level 5 at T
+    slow = Clock(clock.now - 4)  # b's clock is 4 s behind
+    b.clock = slow
+    await b.acquire(tenant, quotas, stream=False)  # level 4; time stays at T
+    b.clock = clock
+    # Had b stored its own (earlier) time, a would now refill those 4 s again.
+    assert await _admitted(a, tenant, quotas, 10) == 4
+
+
+async def test_token_debt_outlives_the_default_expiry(replicas, redis_server):
+    import redis as sync_redis
+
+    (a, _), clock, tenant = replicas
+    quotas = Quotas(tokens_per_minute=60)  # 1 token/s, bucket of 10
+    lease = await a.acquire(tenant, quotas, stream=True)
+    lease.tokens = 1000  # 990 below zero: 990 s to refill
+    await a.release(lease)
+    r = sync_redis.Redis(unix_socket_path=str(redis_server.socket_path))
+    assert r.ttl(f"hybridserve:quota:{{{tenant}}}:tokens") >= 990
+    with pytest.raises(ResourceExhausted) as e:
+        await a.acquire(tenant, quotas, stream=True)
+    assert e.value.retry_after == pytest.approx(991.0)

@@ -308,3 +308,41 @@ async def test_a_recently_used_adapter_is_not_prefetched_again():
     clock[0] += svc.cfg.prefetch_skip_s + 1
     await _run(svc, AskInput(question="r?"))
     assert gen.prefetched == ["tone@v1", "tone@v1"]
+
+
+def test_a_passage_without_sentence_ends_is_cut_at_a_word():
+    table = " ".join(f"cell{i}" for i in range(400))  # no sentence end at all
+    built = _builder(200).build(question="q", max_tokens=20, passages=[("T", table), ("U", "x.")])
+    assert len(built.passages) == 1 and built.passages[0].text.endswith(" …")
+    assert len(built.token_ids) <= 180
+
+
+async def test_passages_that_cannot_fit_at_all_are_no_context():
+    gen = FakeGenerator()
+    svc = RagService(HybridServeConfig(), FakeRetriever([_hit(1, "fact.", 0.9, 0.9)]),
+                     FakeReranker([0.9]), gen, PromptBuilder(WordTokenizer(), 40, "Cite."))
+    # The question and instructions leave no room for even one word of the passage.
+    events = await _run(svc, AskInput(question=" ".join(["word"] * 21), max_tokens=10))
+    assert events[-1].finish_reason == "no_context" and gen.calls == []
+
+
+async def test_bad_sampling_fails_before_retrieval():
+    svc = _service([_hit(1, "x.", 0.9)], [0.6], FakeGenerator())
+    for inp in (AskInput(question="q", temperature=-1), AskInput(question="q", top_p=0.0),
+                AskInput(question="q", json_schema="{nope")):
+        with pytest.raises(InvalidArgument):
+            await _run(svc, inp)
+    assert svc.retriever.calls == []
+
+
+def test_a_history_the_chat_template_refuses_is_invalid_argument(tmp_path):
+    from hybridserve.rag.prompt import HFChatTokenizer
+    from hybridserve.testing.tiny import build_tiny_llama
+
+    tok = HFChatTokenizer(build_tiny_llama(tmp_path / "tiny"))
+    tok._tok.chat_template = (
+        "{% for m in messages %}{% if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+        "{{ raise_exception('roles must alternate') }}{% endif %}{{ m['content'] }}{% endfor %}")
+    with pytest.raises(InvalidArgument) as e:
+        tok.render([("user", "a"), ("user", "b")])
+    assert "roles must alternate" in e.value.message

@@ -370,3 +370,31 @@ def test_sdk_exceptions_parse_the_rich_details():
 def test_unregister_refusal_names_the_tenants():
     err = FailedPrecondition("adapter 'x@1' is still granted to acme, beta", reason="ADAPTER_IN_USE")
     assert rich_status(err).message.endswith("acme, beta")
+
+
+async def test_a_new_tenant_never_inherits_a_deleted_one_s_documents(store):
+    """A deleted tenant's straggling write (a request admitted on a stale cache entry)
+    could leave a knowledge space under its id: creating the id again clears it."""
+    calls = []
+
+    class Knowledge:
+        async def create(self, tenant):
+            calls.append(("create", tenant))
+
+        async def delete(self, tenant):
+            calls.append(("delete", tenant))
+            return 0
+
+    forgotten = []
+
+    async def forget(tenant):
+        forgotten.append(tenant)
+
+    admin = AdminService(store, lambda a: True, Knowledge(), settle_s=0, forget_quotas=forget)
+    await admin.create_tenant(ADMIN, Tenant("acme"))
+    await admin.create_tenant(ADMIN, Tenant("acme"))  # exists: nothing is purged
+    await admin.delete_tenant(ADMIN, "acme")
+    await admin.apply(ADMIN, "tenants:\n  - id: acme\n", dry_run=False)
+    assert calls == [("delete", "acme"), ("create", "acme"), ("create", "acme"),
+                     ("delete", "acme"), ("delete", "acme"), ("create", "acme")]
+    assert forgotten == ["acme"]

@@ -170,28 +170,16 @@ class GenerationService:
             max_tokens = inp.max_tokens
 
         temperature = defaults.temperature if inp.temperature is None else inp.temperature
-        if not math.isfinite(temperature) or temperature < 0:
-            raise InvalidArgument(f"temperature must be >= 0 (0 is greedy), got {temperature}")
         top_p = defaults.top_p if inp.top_p is None else inp.top_p
-        if not math.isfinite(top_p) or not 0 < top_p <= 1:
-            raise InvalidArgument(f"top_p must be in (0, 1], got {top_p}")
-
         stop = tuple(inp.stop)
-        if len(stop) > MAX_STOP_STRINGS:
-            raise InvalidArgument(f"at most {MAX_STOP_STRINGS} stop strings, got {len(stop)}")
-        for s in stop:
-            if not s or len(s) > MAX_STOP_CHARS:
-                raise InvalidArgument(
-                    f"each stop string must have 1 to {MAX_STOP_CHARS} characters"
-                )
-
+        schema = validate_sampling(temperature, top_p, stop, inp.json_schema)
         return SamplingOptions(
             max_tokens=max_tokens,
             temperature=temperature,
             top_p=top_p,
             stop=stop,
             seed=inp.seed,
-            json_schema=parse_json_schema(inp.json_schema) if inp.json_schema else None,
+            json_schema=schema,
         )
 
     # -- adapters -----------------------------------------------------------
@@ -237,6 +225,25 @@ class GenerationService:
                     texts.clear()
                     ids.clear()
                     last_sent = now
+
+
+def validate_sampling(temperature: float | None, top_p: float | None, stop: Sequence[str],
+                      json_schema: str) -> dict | None:
+    """Checks sampling values (None: the server's default); returns the parsed schema."""
+    if temperature is not None and (not math.isfinite(temperature) or temperature < 0):
+        raise InvalidArgument(f"temperature must be >= 0 (0 is greedy), got {temperature}",
+                              field_violations=[("sampling.temperature", ">= 0")])
+    if top_p is not None and (not math.isfinite(top_p) or not 0 < top_p <= 1):
+        raise InvalidArgument(f"top_p must be in (0, 1], got {top_p}",
+                              field_violations=[("sampling.top_p", "in (0, 1]")])
+    if len(stop) > MAX_STOP_STRINGS:
+        raise InvalidArgument(f"at most {MAX_STOP_STRINGS} stop strings, got {len(stop)}",
+                              field_violations=[("sampling.stop", f"at most {MAX_STOP_STRINGS}")])
+    for s in stop:
+        if not s or len(s) > MAX_STOP_CHARS:
+            raise InvalidArgument(f"each stop string must have 1 to {MAX_STOP_CHARS} characters",
+                                  field_violations=[("sampling.stop", f"1-{MAX_STOP_CHARS} characters")])
+    return parse_json_schema(json_schema) if json_schema else None
 
 
 def parse_json_schema(text: str) -> dict:

@@ -275,14 +275,15 @@ class GenerationServicer:
         under its quotas. Yields token deltas, then one GenerationDone; raises
         DeadlineExceeded when `timeout_s` passes first."""
         run = self._run(inp, tenant, None)
-        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout_s is None else loop.time() + timeout_s
         async with contextlib.aclosing(run) as out:
             while True:
-                remaining = None if deadline is None else deadline - time.monotonic()
-                if remaining is not None and remaining <= 0:
-                    raise DeadlineExceeded("the request's deadline passed during generation")
                 try:
-                    item = await asyncio.wait_for(out.__anext__(), remaining)
+                    # NOTE: a timeout per item (no task per delta, unlike wait_for), and
+                    # never one spanning a yield, which would fire in the consumer.
+                    async with asyncio.timeout_at(deadline):
+                        item = await out.__anext__()
                 except StopAsyncIteration:
                     return
                 except TimeoutError:

@@ -43,10 +43,18 @@ class HFChatTokenizer:
         self._tok = AutoTokenizer.from_pretrained(str(model_dir))
 
     def render(self, messages):
-        return self._tok.apply_chat_template(
-            [{"role": r, "content": c} for r, c in messages], tokenize=False,
-            add_generation_prompt=True,
-        )
+        try:
+            return self._tok.apply_chat_template(
+                [{"role": r, "content": c} for r, c in messages], tokenize=False,
+                add_generation_prompt=True,
+            )
+        except Exception as e:  # noqa: BLE001 - jinja's TemplateError and its kin
+            # Some templates demand alternating user/assistant turns, or no system turn.
+            raise InvalidArgument(
+                f"the model's chat template does not accept this history ({e}); "
+                "alternate user and assistant turns",
+                field_violations=[("messages", str(e)[:200])],
+            ) from None
 
     def encode(self, text):
         # The chat template already holds its special tokens.
@@ -146,14 +154,21 @@ class PromptBuilder:
         return BuiltPrompt(ids, kept, max(0, budget), max(0, len(ids) - overhead))
 
     def _cut(self, p: PromptPassage, room: int) -> PromptPassage | None:
-        """The passage cut to its longest sentence prefix whose block fits `room` tokens."""
+        """The passage cut to its longest sentence prefix whose block fits `room` tokens;
+        if not even its first sentence fits (a table, code, one long sentence), to its
+        longest word prefix, marked with an ellipsis."""
         if room <= 0:
             return None
-        sentences = _SENTENCE_END.split(p.text.strip())
-        lo, hi, best = 1, len(sentences), None
+        best = self._longest(p, _SENTENCE_END.split(p.text.strip()), room, "")
+        if best is None:
+            best = self._longest(p, p.text.split(), room, " …")
+        return best
+
+    def _longest(self, p: PromptPassage, pieces: list[str], room: int, tail: str):
+        lo, hi, best = 1, len(pieces), None
         while lo <= hi:  # the longest prefix that fits: token counts grow with it
             mid = (lo + hi) // 2
-            cand = replace(p, text=" ".join(sentences[:mid]))
+            cand = replace(p, text=" ".join(pieces[:mid]) + (tail if mid < len(pieces) else ""))
             if len(self.tok.encode(_block(cand))) <= room:
                 best, lo = cand, mid + 1
             else:

@@ -31,7 +31,7 @@ from hybridserve.errors import (
     Unavailable,
 )
 from hybridserve.generation.engine import Delta
-from hybridserve.generation.service import GenerateInput, GenerationDone
+from hybridserve.generation.service import GenerateInput, GenerationDone, validate_sampling
 from hybridserve.rag import citations
 from hybridserve.rag.prompt import BuiltPrompt, PromptBuilder
 from hybridserve.rerank import fusion
@@ -265,6 +265,9 @@ class RagService:
                 f"max_tokens is {max_tokens} but the model's context window is "
                 f"{self.prompts.max_model_len} tokens (prompt + answer); lower max_tokens",
                 field_violations=[("sampling.max_tokens", f"below {self.prompts.max_model_len}")])
+        # The generation replica checks these again; here so that bad input fails
+        # before retrieval, quotas and the sources event.
+        validate_sampling(inp.temperature, inp.top_p, tuple(inp.stop), inp.json_schema)
         gen = dict(temperature=inp.temperature, top_p=inp.top_p, stop=tuple(inp.stop),
                    seed=inp.seed, json_schema=inp.json_schema)
         return _Plan(query, question, history, top_k, min(top_n, top_k),
@@ -313,6 +316,15 @@ class RagService:
                 passages=[(p.hit.title, p.hit.text) for p in kept], max_tokens=plan.max_tokens,
                 system_prompt=tenant.system_prompt, history=plan.history, no_context=not kept)
             timings.prompt = self.clock() - t0
+            if kept and not built.passages and self.cfg.no_context == "refuse":
+                # Passages passed min_score, but none fits the context next to the
+                # question and max_tokens: that is no context too.
+                yield SourcesEvent([])
+                yield Delta(text=self.cfg.no_context_message, token_ids=())
+                timings.total = self.clock() - started
+                yield AskDone("no_context", 0, 0, "", "", [], [], timings, request_id,
+                              inp.client_request_id, tenant.id, built.passage_budget, 0)
+                return
             sources = [Source(pp.number, kept[pp.number - 1], pp.text) for pp in built.passages]
             yield SourcesEvent(sources)
             usage[0] = len(built.token_ids)

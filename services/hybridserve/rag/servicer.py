@@ -155,7 +155,9 @@ class RagServicer:
     async def Ask(self, request: rag_pb2.AskRequest, grpc_context: Any = None):
         started = time.perf_counter()
         timings = Timings()
-        deadline = started + _deadline_s(grpc_context, self.config.rag.timeout_s)
+        # NOTE: at most the quota lease's life, so a stream never outlives its slot.
+        deadline = started + min(_deadline_s(grpc_context, self.config.rag.timeout_s),
+                                 self.config.tenancy.stream_lease_s)
         principal = await self.tenancy.authenticate(grpc_context)
         timings.auth = time.perf_counter() - started
         tenant, adapter = await self._tenant_and_adapter(principal, request)

@@ -74,8 +74,10 @@ class AdminService:
         knowledge: creates / deletes a tenant's knowledge space; None when the
             retrieval service does not run.
         settle_s: how long a deletion waits, after the tenant is gone from the
-            store, before its documents are deleted: the replicas' auth cache TTL,
-            so no request admitted on a stale cache can write after the deletion.
+            store, before its documents are deleted: twice the replicas' auth cache
+            TTL plus a second, so a request admitted on a stale cache entry has
+            landed first.
+        forget_quotas: drops a tenant's quota counters (on deletion).
     """
 
     def __init__(
@@ -85,11 +87,13 @@ class AdminService:
         knowledge: Knowledge | None = None,
         *,
         settle_s: float = 0.5,
+        forget_quotas: Callable[[str], Any] | None = None,
     ):
         self.store = store
         self.adapter_exists = adapter_exists
         self.knowledge = knowledge
         self.settle_s = settle_s
+        self.forget_quotas = forget_quotas
 
     async def _run(self, p: Principal, action: str, target: str, fn: Callable[[], Any],
                    tenant: str | None = None) -> Any:
@@ -136,14 +140,22 @@ class AdminService:
             return self.store.create_tenant(t, actor=p.actor)
 
         tenant, created = await self._run(p, "CreateTenant", f"tenant/{t.id}", create, t.id)
-        if self.knowledge is not None:
-            # Also for an existing tenant: converges after a failed earlier attempt.
-            # Upsert creates the space too, so a failure here only delays it.
-            try:
-                await self.knowledge.create(tenant.id)
-            except Exception as e:  # noqa: BLE001
-                logger.warning("tenant %s: knowledge space not created yet (%s)", tenant.id, e)
+        await self._new_knowledge(tenant.id, fresh=created)
         return tenant, created
+
+    async def _new_knowledge(self, tenant_id: str, *, fresh: bool) -> None:
+        """Creates the tenant's knowledge space. For a new tenant, anything left under
+        its id (a deleted tenant's straggling write) is removed first, so a new tenant
+        never sees an old one's documents. Upsert creates the space too, so a failure
+        here only delays it."""
+        if self.knowledge is None:
+            return
+        try:
+            if fresh:
+                await self.knowledge.delete(tenant_id)
+            await self.knowledge.create(tenant_id)
+        except Exception as e:  # noqa: BLE001
+            logger.warning("tenant %s: knowledge space not created yet (%s)", tenant_id, e)
 
     async def get_tenant(self, p: Principal, tenant_id: str) -> Tenant:
         p.require_admin("GetTenant")
@@ -172,9 +184,15 @@ class AdminService:
             lambda: self.store.delete_tenant(tenant_id, actor=p.actor), tenant_id,
         )
         chunks = 0
+        if self.forget_quotas is not None:
+            try:
+                await self.forget_quotas(tenant_id)
+            except Exception as e:  # noqa: BLE001 - counters expire by themselves
+                logger.warning("tenant %s: quota counters not reset (%s)", tenant_id, e)
         if self.knowledge is not None:
-            # NOTE: after the cache TTL: a replica that authenticated the tenant's key
-            # just before the deletion cannot write once its documents are gone.
+            # NOTE: after the settle time, so a request a replica admitted on a stale
+            # cache entry just before the deletion has written before the documents go
+            # (and a straggler after it is removed when the id is created again).
             await asyncio.sleep(self.settle_s)
             chunks = await self.knowledge.delete(tenant_id)
         return chunks, n_keys
@@ -265,7 +283,12 @@ class AdminService:
                                         f"dry run: {len(changes)} change(s) planned, none made")
             return changes
 
-        return await self._run(p, "Apply", "tenants-file", apply)
+        changes = await self._run(p, "Apply", "tenants-file", apply)
+        if not dry_run:
+            for c in changes:
+                if c.action == "create":
+                    await self._new_knowledge(c.tenant, fresh=True)
+        return changes
 
     def _plan_and_apply(self, conn, p: Principal, wanted: list[Tenant], dry_run: bool) -> list[Change]:
         changes: list[Change] = []

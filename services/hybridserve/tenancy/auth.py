@@ -87,6 +87,21 @@ def bearer_token(metadata) -> str:
     return token.strip()
 
 
+def store_call(fn, *args):
+    """Runs a store read; a store that cannot be reached (SQLite locked past its busy
+    timeout, PostgreSQL down) is UNAVAILABLE, which clients retry, not INTERNAL."""
+    from sqlalchemy.exc import DBAPIError, OperationalError
+
+    try:
+        return fn(*args)
+    except (OperationalError, DBAPIError) as e:
+        from hybridserve.errors import Unavailable
+
+        logger.warning("the tenancy store failed: %s", type(e).__name__)
+        raise Unavailable("the tenancy store cannot be reached right now; retry shortly",
+                          reason="TENANCY_STORE_UNAVAILABLE", retry_after=1.0) from None
+
+
 class Tenancy:
     """Turns credentials into principals, resolves tenants, admits under quotas.
 
@@ -183,11 +198,12 @@ class Tenancy:
         entry = self._cache.get(key_id)
         now = self.monotonic()
         if entry is not None and now - entry.fetched_at < self.cache_ttl_s:
+            self._cache.move_to_end(key_id)  # LRU: busy keys stay cached
             return entry
         # One read per key id at a time: concurrent misses share it.
         pending = self._inflight.get(key_id)
         if pending is None:
-            pending = asyncio.ensure_future(asyncio.to_thread(self._fetch, key_id))
+            pending = asyncio.ensure_future(asyncio.to_thread(store_call, self._fetch, key_id))
             self._inflight[key_id] = pending
             pending.add_done_callback(lambda _f: self._inflight.pop(key_id, None))
         entry = await asyncio.shield(pending)
@@ -268,7 +284,7 @@ class Tenancy:
         now = self.monotonic()
         if cached is not None and now - cached[0] < self.cache_ttl_s:
             return cached[1]
-        exists = await asyncio.to_thread(self.store.tenant_exists, tenant)
+        exists = await asyncio.to_thread(store_call, self.store.tenant_exists, tenant)
         self._tenants[tenant] = (now, exists)
         while len(self._tenants) > _CACHE_SIZE:
             self._tenants.popitem(last=False)

@@ -30,11 +30,13 @@ hosts need synchronised clocks (NTP), which Kubernetes nodes have.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import time
 import uuid
 from dataclasses import dataclass
+from urllib.parse import urlsplit, urlunsplit
 
 from hybridserve.errors import ResourceExhausted
 from hybridserve.tenancy.domain import Quotas
@@ -51,23 +53,25 @@ local tpm, tpm_cap = tonumber(ARGV[4]), tonumber(ARGV[5])
 local streams = tonumber(ARGV[6])
 local ttl = tonumber(ARGV[9])
 
+-- The bucket's level now, and the time to store with it: never earlier than the
+-- stored one, so a replica whose clock is behind cannot refill the same time twice.
 local function refill(key, rate, cap)
   local v = redis.call('HMGET', key, 'level', 'at')
   local level, at = tonumber(v[1]), tonumber(v[2])
-  if level == nil then return cap end
-  if now > at then level = math.min(cap, level + (now - at) * rate) end
-  return level
+  if level == nil then return cap, now end
+  if now > at then return math.min(cap, level + (now - at) * rate), now end
+  return level, at
 end
 
-local r_level, t_level
+local r_level, t_level, r_at, t_at
 if rpm > 0 then
-  r_level = refill(KEYS[1], rpm / 60.0, rpm_cap)
+  r_level, r_at = refill(KEYS[1], rpm / 60.0, rpm_cap)
   if r_level < 1 then
     return {0, 'requests', tostring((1 - r_level) / (rpm / 60.0))}
   end
 end
 if tpm > 0 then
-  t_level = refill(KEYS[2], tpm / 60.0, tpm_cap)
+  t_level, t_at = refill(KEYS[2], tpm / 60.0, tpm_cap)
   if t_level <= 0 then
     return {0, 'tokens', tostring((1 - t_level) / (tpm / 60.0))}
   end
@@ -82,12 +86,13 @@ if streams > 0 then
   redis.call('EXPIRE', KEYS[3], ttl)
 end
 if rpm > 0 then
-  redis.call('HSET', KEYS[1], 'level', tostring(r_level - 1), 'at', tostring(now))
+  redis.call('HSET', KEYS[1], 'level', tostring(r_level - 1), 'at', tostring(r_at))
   redis.call('EXPIRE', KEYS[1], ttl)
 end
 if tpm > 0 then
-  redis.call('HSET', KEYS[2], 'level', tostring(t_level), 'at', tostring(now))
-  redis.call('EXPIRE', KEYS[2], ttl)
+  redis.call('HSET', KEYS[2], 'level', tostring(t_level), 'at', tostring(t_at))
+  -- A bucket in debt lives until it has refilled, so the debt is never forgiven.
+  redis.call('EXPIRE', KEYS[2], math.max(ttl, math.ceil((tpm_cap - t_level) / (tpm / 60.0)) + 60))
 end
 return {1}
 """
@@ -102,11 +107,24 @@ if tpm > 0 and tokens > 0 then
   local level, at = tonumber(v[1]), tonumber(v[2])
   if level == nil then level, at = cap, now end
   if now > at then level = math.min(cap, level + (now - at) * tpm / 60.0) end
-  redis.call('HSET', KEYS[1], 'level', tostring(level - tokens), 'at', tostring(math.max(now, at)))
-  redis.call('EXPIRE', KEYS[1], tonumber(ARGV[6]))
+  level = level - tokens
+  redis.call('HSET', KEYS[1], 'level', tostring(level), 'at', tostring(math.max(now, at)))
+  -- A bucket in debt lives until it has refilled, so the debt is never forgiven.
+  redis.call('EXPIRE', KEYS[1], math.max(tonumber(ARGV[6]), math.ceil((cap - level) / (tpm / 60.0)) + 60))
 end
 return 1
 """
+
+
+def redact_url(url: str) -> str:
+    """`url` without its user and password (safe to log or show)."""
+    parts = urlsplit(url)
+    if parts.password is None and parts.username is None:
+        return url
+    host = parts.hostname or ""
+    if parts.port:
+        host = f"{host}:{parts.port}"
+    return urlunsplit((parts.scheme, f"***@{host}", parts.path, parts.query, parts.fragment))
 
 
 @dataclass
@@ -159,6 +177,7 @@ class RedisQuotas:
         self._admit = self._redis.register_script(_ADMIT)
         self._release = self._redis.register_script(_RELEASE)
         self._last_warning = 0.0
+        self._tasks: set[asyncio.Task] = set()
 
     @staticmethod
     def _keys(tenant: str) -> tuple[str, str, str]:
@@ -198,7 +217,14 @@ class RedisQuotas:
                     self._ttl(quotas),
                 ],
             )
-        except Exception as e:  # noqa: BLE001 - Redis down: the documented failure mode decides
+        except BaseException as e:
+            # NOTE: the script may have taken the stream slot before the call was cut
+            # off (a cancel, a timeout): give it back in the background (never delay
+            # the caller on a Redis that is down), or it stays taken for stream_lease_s.
+            if lease.lease_id:
+                self._background(self._drop_lease(tenant, lease.lease_id))
+            if not isinstance(e, Exception):
+                raise
             return self._unreachable(e, lease)
         if int(result[0]) == 1:
             return lease
@@ -218,17 +244,34 @@ class RedisQuotas:
                       max(0, int(lease.tokens)), lease.lease_id, self._ttl(q)],
             )
         except Exception as e:  # noqa: BLE001 - a lease expires by itself; never fail a reply over it
-            self._warn(f"could not release a quota lease of {lease.tenant!r} ({e})")
+            self._warn(f"could not release a quota lease of {lease.tenant!r} ({type(e).__name__})")
+
+    def _background(self, coro) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _drop_lease(self, tenant: str, lease_id: str) -> None:
+        try:
+            await self._redis.zrem(self._keys(tenant)[2], lease_id)
+        except Exception:  # noqa: BLE001 - the lease expires by itself
+            pass
+
+    @property
+    def where(self) -> str:
+        """The Redis URL without credentials (for messages and logs)."""
+        return redact_url(self.url)
 
     def _unreachable(self, err: Exception, lease: Lease) -> Lease:
         from hybridserve.errors import Unavailable
 
         if not self.fail_open:
             raise Unavailable(
-                f"the quota store at {self.url} cannot be reached ({type(err).__name__}); "
-                "retry shortly", reason="QUOTA_STORE_UNAVAILABLE", retry_after=1.0,
+                f"the quota store cannot be reached ({type(err).__name__}); retry shortly",
+                reason="QUOTA_STORE_UNAVAILABLE", retry_after=1.0,
             ) from err
-        self._warn(f"quota store {self.url} unreachable ({err}); admitting without quotas")
+        self._warn(f"quota store {self.where} unreachable ({type(err).__name__}); "
+                   "admitting without quotas")
         lease.lease_id = ""
         return lease
 

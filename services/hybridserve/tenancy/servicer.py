@@ -13,7 +13,7 @@ from grpc_health.v1 import health_pb2
 
 from hybridserve import observability as obs
 from hybridserve.config import HybridServeConfig
-from hybridserve.errors import NotFound
+from hybridserve.errors import InvalidArgument, NotFound
 from hybridserve.grpc_errors import grpc_unary
 from hybridserve.tenancy.admin import AdminService, Knowledge
 from hybridserve.tenancy.auth import Tenancy
@@ -62,9 +62,7 @@ def _adapter_exists(registry):
         try:
             registry.get(adapter_id)
             return True
-        except NotFound:
-            return False
-        except Exception:  # noqa: BLE001 - a malformed id is simply not registered
+        except (NotFound, InvalidArgument):  # unknown, or not an adapter id at all
             return False
 
     return exists
@@ -91,9 +89,11 @@ class AdminServicer:
         obs.set_enabled(cfg.observability.metrics_enabled)
         self.config = cfg
         self.tenancy = tenancy or Tenancy.from_config(cfg, metrics_service=self.metrics_service)
+        quotas = self.tenancy.quotas
         self.admin = AdminService(
             self.tenancy.store, _adapter_exists(AdapterRegistry.from_config(cfg)), knowledge,
-            settle_s=cfg.tenancy.auth_cache_ttl_s,
+            settle_s=2 * cfg.tenancy.auth_cache_ttl_s + 1.0,
+            forget_quotas=quotas.reset if quotas is not None else None,
         )
 
     async def shutdown(self) -> None:

@@ -78,9 +78,18 @@ class _Lines:
     def __init__(self) -> None:
         self.lines: dict[tuple, int] = {}
         self.problems: list[tuple[str, int, str]] = []
+        self._seen: set[int] = set()
 
     def value(self, node: yaml.Node, path: tuple) -> Any:
         self.lines[path] = node.start_mark.line + 1
+        # NOTE: an alias is the same node object again: refusing them stops both
+        # recursive documents and exponential expansion ("billion laughs").
+        if isinstance(node, (yaml.MappingNode, yaml.SequenceNode)):
+            if id(node) in self._seen:
+                self.problems.append((_dotted(path), node.start_mark.line + 1,
+                                      "YAML anchors and aliases are not allowed"))
+                return None
+            self._seen.add(id(node))
         if isinstance(node, yaml.MappingNode):
             out: dict = {}
             for key_node, value_node in node.value:
