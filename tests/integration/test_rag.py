@@ -7,14 +7,12 @@ from __future__ import annotations
 
 import json
 import re
-import threading
 import time
 import urllib.request
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-import grpc
 import pytest
 from hybridserve.answers import Final, Sources, Token
 from hybridserve.client import HybridServeClient

@@ -9,7 +9,7 @@ import json
 import numpy as np
 import pytest
 from hybridserve.config import HybridServeConfig
-from hybridserve.errors import InvalidArgument, NotFound
+from hybridserve.errors import InvalidArgument
 from hybridserve.retrieval.chunking import chunk_spans, chunk_text
 from hybridserve.retrieval.documents import (
     Document,
