@@ -181,6 +181,14 @@ class AdapterRegistry:
             raise NotFound(f"unknown adapter {adapter_id!r}; {_NOT_FOUND_HINT}")
         return record
 
+    def exists(self, adapter_id: str) -> bool:
+        """Whether `adapter_id` is registered (False for a string that is no adapter id)."""
+        try:
+            self.get(adapter_id)
+        except (NotFound, InvalidArgument):
+            return False
+        return True
+
     def list(self) -> list[AdapterRecord]:
         """All registered adapters, sorted by id."""
         records = []

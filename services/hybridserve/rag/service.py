@@ -277,13 +277,14 @@ class RagService:
 
     async def ask(self, tenant: Tenant, adapter: str, inp: AskInput, *, timings: Timings,
                   started: float, deadline: float, usage: list[int] | None = None,
-                  ) -> AsyncIterator[SourcesEvent | Delta | AskDone]:
+                  plan: _Plan | None = None) -> AsyncIterator[SourcesEvent | Delta | AskDone]:
         """Answers `inp` for `tenant` (authenticated) with `adapter` (authorized).
 
         `usage` (prompt, completion tokens so far) is kept current for the caller's
-        quota debit, also when the stream is cancelled.
+        quota debit, also when the stream is cancelled. `plan`: `self.plan(inp)`, when
+        the caller has validated the input already.
         """
-        plan = self.plan(inp)
+        plan = plan or self.plan(inp)
         request_id = uuid.uuid4().hex
         usage = usage if usage is not None else [0, 0]
 

@@ -107,11 +107,10 @@ class RagServicer:
         obs.set_enabled(cfg.observability.metrics_enabled)
         self.config = cfg
         self.tenancy = tenancy or Tenancy.from_config(cfg, metrics_service=self.metrics_service)
-        if service is None or adapter_exists is None:
+        if adapter_exists is None:
             from hybridserve.generation.adapters import AdapterRegistry
-            from hybridserve.tenancy.servicer import _adapter_exists
 
-            adapter_exists = adapter_exists or _adapter_exists(AdapterRegistry.from_config(cfg))
+            adapter_exists = AdapterRegistry.from_config(cfg).exists
         self.adapter_exists = adapter_exists
         self.service = service or self._default_service(cfg)
 
@@ -162,13 +161,13 @@ class RagServicer:
         timings.auth = time.perf_counter() - started
         tenant, adapter = await self._tenant_and_adapter(principal, request)
         inp = ask_input_from_proto(request)
-        self.service.plan(inp)  # bad input fails before any quota is spent
+        plan = self.service.plan(inp)  # bad input fails before any quota is spent
         t0 = time.perf_counter()
         async with self.tenancy.admit(principal, stream=True) as lease:
             timings.quota = time.perf_counter() - t0
             usage = [0, 0]
             answer = self.service.ask(tenant, adapter, inp, timings=timings, started=started,
-                                      deadline=deadline, usage=usage)
+                                      deadline=deadline, usage=usage, plan=plan)
             # NOTE: aclosing: a client going away closes the pipeline down to the
             # generation replica at once (the engine aborts the request).
             try:

@@ -20,6 +20,7 @@ from hybridserve.tenancy.domain import (
     MAX_DISPLAY_NAME_CHARS,
     MAX_KEY_NAME_CHARS,
     MAX_SYSTEM_PROMPT_CHARS,
+    TENANT_ID_RE,
     ApiKeyInfo,
     AuditEntry,
     Principal,
@@ -27,6 +28,7 @@ from hybridserve.tenancy.domain import (
     Tenant,
     validate_tenant_id,
 )
+from hybridserve.tenancy.auth import store_call
 from hybridserve.tenancy.store import TenancyStore, tenant_diff
 
 logger = logging.getLogger(__name__)
@@ -101,7 +103,7 @@ class AdminService:
         audited here (successful ones audit themselves in their transaction)."""
         try:
             p.require_admin(action)
-            return await asyncio.to_thread(fn)
+            return await asyncio.to_thread(store_call, fn)
         except HybridServeError as e:
             await self._audit_failure(p, action, target, e.code, e.message, tenant)
             raise
@@ -112,7 +114,7 @@ class AdminService:
     async def _audit_failure(self, p, action, target, code, message, tenant) -> None:
         try:
             await asyncio.to_thread(self.store.record_audit, p.actor, action, target, code,
-                                    message, tenant if tenant and _is_tenant_id(tenant) else None)
+                                    message, tenant if tenant and TENANT_ID_RE.match(tenant) else None)
         except Exception:  # noqa: BLE001 - the original error matters more
             logger.warning("could not audit a failed %s", action, exc_info=True)
 
@@ -338,10 +340,3 @@ class AdminService:
             raise InvalidArgument(f"limit must be 1..{MAX_AUDIT_LIMIT}",
                                   field_violations=[("limit", f"1..{MAX_AUDIT_LIMIT}")])
         return await asyncio.to_thread(self.store.list_audit, limit, tenant)
-
-
-def _is_tenant_id(value: str) -> bool:
-    from hybridserve.tenancy.domain import TENANT_ID_RE
-
-    return bool(TENANT_ID_RE.match(value))
-

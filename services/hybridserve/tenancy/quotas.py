@@ -178,6 +178,9 @@ class RedisQuotas:
         self._release = self._redis.register_script(_RELEASE)
         self._last_warning = 0.0
         self._tasks: set[asyncio.Task] = set()
+        # How long counters live unused: long enough for a full bucket to refill and
+        # for any lease (a bucket in debt lives longer; see the scripts).
+        self._ttl_s = int(max(120.0, stream_lease_s, burst_s) + 60)
 
     @staticmethod
     def _keys(tenant: str) -> tuple[str, str, str]:
@@ -186,9 +189,6 @@ class RedisQuotas:
         base = f"hybridserve:quota:{{{tenant}}}"
         return f"{base}:requests", f"{base}:tokens", f"{base}:streams"
 
-    def _ttl(self, q: Quotas) -> int:
-        # Long enough for a bucket to refill completely, and for any lease.
-        return int(max(120.0, self.stream_lease_s, self.burst_s) + 60)
 
     async def acquire(self, tenant: str, quotas: Quotas, *, stream: bool,
                       lease_s: float | None = None) -> Lease:
@@ -214,7 +214,7 @@ class RedisQuotas:
                     streams,
                     lease.lease_id,
                     repr(expiry),
-                    self._ttl(quotas),
+                    self._ttl_s,
                 ],
             )
         except BaseException as e:
@@ -241,7 +241,7 @@ class RedisQuotas:
                 keys=[tokens_key, streams_key],
                 args=[repr(self.clock()), q.tokens_per_minute,
                       bucket_capacity(q.tokens_per_minute, self.burst_s),
-                      max(0, int(lease.tokens)), lease.lease_id, self._ttl(q)],
+                      max(0, int(lease.tokens)), lease.lease_id, self._ttl_s],
             )
         except Exception as e:  # noqa: BLE001 - a lease expires by itself; never fail a reply over it
             self._warn(f"could not release a quota lease of {lease.tenant!r} ({type(e).__name__})")

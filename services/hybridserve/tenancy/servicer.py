@@ -13,7 +13,6 @@ from grpc_health.v1 import health_pb2
 
 from hybridserve import observability as obs
 from hybridserve.config import HybridServeConfig
-from hybridserve.errors import InvalidArgument, NotFound
 from hybridserve.grpc_errors import grpc_unary
 from hybridserve.tenancy.admin import AdminService, Knowledge
 from hybridserve.tenancy.auth import Tenancy
@@ -57,17 +56,6 @@ def audit_to_proto(e: AuditEntry) -> admin_pb2.AuditEntry:
                                 target=e.target, outcome=e.outcome, detail=e.detail)
 
 
-def _adapter_exists(registry):
-    def exists(adapter_id: str) -> bool:
-        try:
-            registry.get(adapter_id)
-            return True
-        except (NotFound, InvalidArgument):  # unknown, or not an adapter id at all
-            return False
-
-    return exists
-
-
 class AdminServicer:
     """Implements hybridserve.v1.AdminService and grpc.health.v1.Health.
 
@@ -91,7 +79,7 @@ class AdminServicer:
         self.tenancy = tenancy or Tenancy.from_config(cfg, metrics_service=self.metrics_service)
         quotas = self.tenancy.quotas
         self.admin = AdminService(
-            self.tenancy.store, _adapter_exists(AdapterRegistry.from_config(cfg)), knowledge,
+            self.tenancy.store, AdapterRegistry.from_config(cfg).exists, knowledge,
             settle_s=2 * cfg.tenancy.auth_cache_ttl_s + 1.0,
             forget_quotas=quotas.reset if quotas is not None else None,
         )
