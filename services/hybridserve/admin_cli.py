@@ -39,6 +39,13 @@ def _print_tenant(t) -> None:
 
 
 def cmd_admin(ns) -> int:
+    if ns.admin_cmd == "generate-key":
+        # Offline: a key for a Kubernetes Secret (the platform registers its digest at
+        # start). Printed to stdout only, for `kubectl create secret ... --from-file`.
+        from hybridserve.tenancy import keys
+
+        print(keys.generate("admin").key)
+        return 0
     with _client(ns) as c:
         what, action = ns.admin_cmd, getattr(ns, "admin_action", None)
         if what == "whoami":
@@ -137,6 +144,8 @@ def add_admin_parser(sub, client_args) -> None:
     a.set_defaults(func=cmd_admin)
 
     client_args(asub.add_parser("whoami", help="which key you are using"))
+    asub.add_parser("generate-key", help="print a new admin key, offline (for the Helm chart's "
+                    "admin Secret; the platform registers it at start)")
 
     t = asub.add_parser("tenants", help="manage tenants")
     tsub = t.add_subparsers(dest="admin_action", required=True)

@@ -14,7 +14,7 @@ from typing import Any
 from ray import serve
 from ray.serve.config import RequestRouterConfig
 
-from hybridserve.config import HybridServeConfig
+from hybridserve.config import HybridServeConfig, replica_options
 from hybridserve.generation.servicer import GenerationServicer
 from hybridserve.generation.vllm_engine import engine_environment
 
@@ -65,7 +65,7 @@ def generation_deployment(config: HybridServeConfig):
     return serve.deployment(
         GenerationDeployment,
         name="GenerationService",
-        num_replicas=config.serve.generation_replicas,
+        **replica_options(config.serve.generation_replicas, config.serve.generation_autoscaling),
         max_ongoing_requests=config.serve.max_ongoing_requests,
         ray_actor_options={
             "num_cpus": config.serve.cpus_per_replica,
@@ -166,7 +166,7 @@ def retrieval_deployment(config: HybridServeConfig):
     return serve.deployment(
         RetrievalDeployment,
         name="RetrievalService",
-        num_replicas=config.retrieval.replicas,
+        **replica_options(config.retrieval.replicas, config.retrieval.autoscaling),
         max_ongoing_requests=config.serve.max_ongoing_requests,
         health_check_timeout_s=HEALTH_CHECK_TIMEOUT_S,
         ray_actor_options={"num_cpus": 0},
@@ -202,7 +202,7 @@ def rerank_deployment(config: HybridServeConfig):
     return serve.deployment(
         RerankDeployment,
         name="RerankService",
-        num_replicas=rc.replicas,
+        **replica_options(rc.replicas, rc.autoscaling),
         max_ongoing_requests=config.serve.max_ongoing_requests,
         ray_actor_options={"num_cpus": rc.cpus_per_replica},
     )
@@ -235,6 +235,7 @@ def admin_deployment(config: HybridServeConfig):
 
     class AdminDeployment(AdminServicer):
         def __init__(self, config: dict, with_retrieval: bool):  # type: ignore[override]
+            _register_env_admin_key(HybridServeConfig.model_validate(config))
             knowledge = _RetrievalKnowledge(RETRIEVAL_APP) if with_retrieval else None
             AdminServicer.__init__(self, config, knowledge=knowledge)
 
@@ -245,6 +246,24 @@ def admin_deployment(config: HybridServeConfig):
         max_ongoing_requests=config.serve.max_ongoing_requests,
         ray_actor_options={"num_cpus": 0},
     )
+
+
+def _register_env_admin_key(config: HybridServeConfig) -> None:
+    """On a cluster nothing runs `hybridserve up`: the control plane registers the
+    admin key of its environment (a Kubernetes Secret) itself, at start."""
+    import os
+
+    from hybridserve.tenancy.bootstrap import register_env_admin_key
+    from hybridserve.tenancy.store import TenancyStore
+
+    if not os.environ.get(config.tenancy.admin_key_env, "").strip():
+        return
+    store = TenancyStore(config.tenancy_database_url)
+    try:
+        store.migrate()
+        register_env_admin_key(store, config.tenancy.admin_key_env)
+    finally:
+        store.close()
 
 
 def build_admin_app(config: HybridServeConfig) -> Any:
@@ -272,7 +291,7 @@ def rag_deployment(config: HybridServeConfig):
     return serve.deployment(
         RagDeployment,
         name="RagService",
-        num_replicas=config.rag.replicas,
+        **replica_options(config.rag.replicas, config.rag.autoscaling),
         max_ongoing_requests=config.serve.max_ongoing_requests,
         ray_actor_options={"num_cpus": config.rag.cpus_per_replica},
         graceful_shutdown_timeout_s=30,
@@ -287,3 +306,32 @@ def grpc_options(config: HybridServeConfig):
     from ray.serve.config import gRPCOptions
 
     return gRPCOptions(port=config.serve.grpc_port, grpc_servicer_functions=GRPC_SERVICER_FUNCTIONS)
+
+
+# Application builders: the `import_path`s of a Serve config file (KubeRay's
+# serveConfigV2, printed by `hybridserve serve-config`). Serve passes each the
+# application's `args`, {"config": <the typed config, as set>}.
+
+
+def _from_args(args: dict) -> HybridServeConfig:
+    return HybridServeConfig.model_validate((args or {}).get("config") or {})
+
+
+def admin_app(args: dict) -> Any:
+    return build_admin_app(_from_args(args))
+
+
+def generation_app(args: dict) -> Any:
+    return build_generation_app(_from_args(args))
+
+
+def retrieval_app(args: dict) -> Any:
+    return build_retrieval_app(_from_args(args))
+
+
+def rerank_app(args: dict) -> Any:
+    return build_rerank_app(_from_args(args))
+
+
+def rag_app(args: dict) -> Any:
+    return build_rag_app(_from_args(args))

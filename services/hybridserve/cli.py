@@ -11,6 +11,8 @@
   hybridserve delete [--tenant T] ID...  delete documents
   hybridserve rerank QUERY PASSAGE...    score and order passages
   hybridserve admin ...                  tenants, keys, grants, quotas, apply, audit
+  hybridserve serve-config               print the Serve config (KubeRay serveConfigV2) of a config
+  hybridserve-controller                 the LoRAAdapter controller (Kubernetes)
 
 Every command that talks to the platform sends an API key: $HYBRIDSERVE_API_KEY,
 else --api-key-file, else the local admin key <data_dir>/admin.key that the first
@@ -90,6 +92,19 @@ def cmd_up(ns) -> int:
     stop.wait()
     print("shutting down ...", file=sys.stderr, flush=True)
     plat.stop()
+    return 0
+
+
+def cmd_serve_config(ns) -> int:
+    from hybridserve.serve_config import render
+
+    cfg = _config(ns)
+    text = render(cfg)
+    if ns.output:
+        with open(ns.output, "w") as f:
+            f.write(text)
+    else:
+        sys.stdout.write(text)
     return 0
 
 
@@ -350,6 +365,11 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--prometheus-port", type=int,
                     help="its port (default: observability.prometheus_port, 9090)")
     up.set_defaults(func=cmd_up)
+
+    sc = sub.add_parser("serve-config", help="print the Ray Serve config file (KubeRay's "
+                        "serveConfigV2) that runs this config's apps on a cluster")
+    sc.add_argument("-o", "--output", help="write it to this file instead of stdout")
+    sc.set_defaults(func=cmd_serve_config)
 
     def client_args(sp):
         sp.add_argument("--address", help="host:port of the platform (default: from config)")

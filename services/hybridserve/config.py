@@ -7,6 +7,7 @@ defaults below, and environment-derived defaults come from `constants`.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Literal
 
@@ -101,6 +102,40 @@ class AdapterStoreConfig(_Strict):
     )
 
 
+class AutoscalingConfig(_Strict):
+    """Serve's `autoscaling_config` of one deployment: replicas follow the requests in
+    flight. On Kubernetes, KubeRay's autoscaler adds the pods the new replicas need."""
+
+    min_replicas: int = Field(1, ge=0, description="Fewest replicas (0 lets an idle deployment "
+                              "scale to zero; its first request then waits for a cold start).")
+    max_replicas: int = Field(2, ge=1, description="Most replicas.")
+    target_ongoing_requests: float = Field(
+        16, gt=0, description="Requests in flight per replica that Serve scales towards.")
+    upscale_delay_s: float = Field(10, ge=0, description="Load must stay above the target this "
+                                   "long before a replica is added.")
+    downscale_delay_s: float = Field(120, ge=0, description="Load must stay below the target "
+                                     "this long before a replica is removed.")
+
+    @model_validator(mode="after")
+    def _bounds(self):
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas {self.min_replicas} > max_replicas {self.max_replicas}")
+        return self
+
+    def serve_options(self) -> dict:
+        return {"autoscaling_config": {
+            "min_replicas": self.min_replicas, "max_replicas": self.max_replicas,
+            "initial_replicas": self.min_replicas or None,
+            "target_ongoing_requests": self.target_ongoing_requests,
+            "upscale_delay_s": self.upscale_delay_s, "downscale_delay_s": self.downscale_delay_s,
+        }}
+
+
+def replica_options(replicas: int, autoscaling: AutoscalingConfig | None) -> dict:
+    """Serve deployment options: a fixed replica count, or autoscaling when configured."""
+    return autoscaling.serve_options() if autoscaling else {"num_replicas": replicas}
+
+
 class ServeConfig(_Strict):
     grpc_host: str = Field("127.0.0.1", description="Address Serve's gRPC proxy binds.")
     grpc_port: int = Field(constants.DEFAULT_GRPC_PORT, ge=1, le=65535, description="gRPC port.")
@@ -108,6 +143,9 @@ class ServeConfig(_Strict):
         constants.DEFAULT_HTTP_PORT, ge=1, le=65535, description="Serve's HTTP proxy port."
     )
     generation_replicas: int = Field(1, ge=1, description="Replicas of the generation deployment.")
+    generation_autoscaling: AutoscalingConfig | None = Field(
+        None, description="Autoscale the generation deployment instead of "
+        "`generation_replicas` (min/max replicas, target ongoing requests, delays).")
     max_ongoing_requests: int = Field(
         64,
         ge=1,
@@ -247,6 +285,8 @@ class RetrievalConfig(_Strict):
         0.005, ge=0, description="How long Serve waits to fill an embedding batch."
     )
     replicas: int = Field(1, ge=1, description="Replicas of the retrieval deployment.")
+    autoscaling: AutoscalingConfig | None = Field(
+        None, description="Autoscale the retrieval deployment instead of `replicas`.")
     embedder_replicas: int = Field(1, ge=1, description="Replicas of the embedding deployment.")
     cpus_per_embedder: float = Field(
         0.25, ge=0, description="Ray CPUs reserved per embedding replica."
@@ -295,6 +335,8 @@ class RerankConfig(_Strict):
         0.01, ge=0, description="How long Serve waits to fill a rerank batch."
     )
     replicas: int = Field(1, ge=1, description="Replicas of the rerank deployment.")
+    autoscaling: AutoscalingConfig | None = Field(
+        None, description="Autoscale the rerank deployment instead of `replicas`.")
     cpus_per_replica: float = Field(0.25, ge=0, description="Ray CPUs reserved per rerank replica.")
     torch_threads: int = Field(
         0, ge=0, description="Torch threads per replica. 0: one per CPU core of the machine."
@@ -365,11 +407,22 @@ class TenancyConfig(_Strict):
         "quotas, audit): `postgresql://user:pass@host/db` for clusters with several replicas. "
         "Unset: SQLite (WAL) at <data_dir>/tenancy.db.",
     )
+    database_url_env: str = Field(
+        "HYBRIDSERVE_DATABASE_URL",
+        description="Environment variable that may hold the store's URL instead (e.g. from a "
+        "Kubernetes Secret, so the password is not in the Serve config); used when "
+        "`database_url` is unset.",
+    )
     redis_url: str | None = Field(
         None,
         description="Redis that holds the quota counters every replica shares "
         "(`redis://host:6379/0` or `unix:///path`). Unset: `hybridserve up` runs a local "
         "redis-server on the Unix socket <data_dir>/run/redis.sock.",
+    )
+    redis_url_env: str = Field(
+        "HYBRIDSERVE_REDIS_URL",
+        description="Environment variable that may hold the Redis URL instead; used when "
+        "`redis_url` is unset.",
     )
     auth_cache_ttl_s: float = Field(
         0.5,
@@ -481,6 +534,8 @@ class RagConfig(_Strict):
         "(the SDK sends its own as `hybridserve-timeout-ms` metadata).",
     )
     replicas: int = Field(1, ge=1, description="Replicas of the gateway deployment.")
+    autoscaling: AutoscalingConfig | None = Field(
+        None, description="Autoscale the gateway deployment instead of `replicas`.")
     cpus_per_replica: float = Field(0.25, ge=0, description="Ray CPUs reserved per gateway replica.")
 
 
@@ -488,6 +543,10 @@ class GenerationDefaults(_Strict):
     max_tokens: int = Field(256, ge=1, description="max_tokens when a request does not set it.")
     temperature: float = Field(1.0, ge=0, description="temperature when a request does not set it.")
     top_p: float = Field(1.0, gt=0, le=1, description="top_p when a request does not set it.")
+
+
+def _env(name: str) -> str | None:
+    return os.environ.get(name, "").strip() or None if name else None
 
 
 class HybridServeConfig(_Strict):
@@ -538,8 +597,10 @@ class HybridServeConfig(_Strict):
 
     @property
     def tenancy_database_url(self) -> str:
-        """The tenancy store: `tenancy.database_url`, or SQLite under the data dir."""
-        return self.tenancy.database_url or f"sqlite:///{self.data_dir / 'tenancy.db'}"
+        """The tenancy store: `tenancy.database_url`, `$tenancy.database_url_env`, or
+        SQLite under the data dir."""
+        return (self.tenancy.database_url or _env(self.tenancy.database_url_env)
+                or f"sqlite:///{self.data_dir / 'tenancy.db'}")
 
     @property
     def redis_socket(self) -> Path:
@@ -548,8 +609,10 @@ class HybridServeConfig(_Strict):
 
     @property
     def tenancy_redis_url(self) -> str:
-        """The quota counters' Redis: `tenancy.redis_url`, or the local one."""
-        return self.tenancy.redis_url or f"unix://{self.redis_socket}"
+        """The quota counters' Redis: `tenancy.redis_url`, `$tenancy.redis_url_env`, or
+        the local one."""
+        return (self.tenancy.redis_url or _env(self.tenancy.redis_url_env)
+                or f"unix://{self.redis_socket}")
 
     @property
     def admin_key_path(self) -> Path:

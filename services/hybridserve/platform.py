@@ -114,10 +114,10 @@ def start_weaviate(config: HybridServeConfig, progress=print) -> WeaviateServer 
 def start_redis(config: HybridServeConfig, progress=print) -> RedisServer | None:
     """Starts the local redis-server for the quota counters unless
     `tenancy.redis_url` names an external Redis."""
-    if config.tenancy.redis_url:
+    if config.tenancy_redis_url != f"unix://{config.redis_socket}":
         from hybridserve.tenancy.quotas import redact_url
 
-        progress(f"using the external Redis at {redact_url(config.tenancy.redis_url)} for quotas")
+        progress(f"using the external Redis at {redact_url(config.tenancy_redis_url)} for quotas")
         return None
     server = RedisServer(config.redis_socket.parent)
     progress(f"starting redis-server on {server.socket_path} (quota counters) ...")

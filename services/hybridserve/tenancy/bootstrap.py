@@ -55,8 +55,9 @@ def read_key_file(path: Path) -> str:
     raise InvalidArgument(f"{path} holds no key")
 
 
-def ensure_admin_key(store: TenancyStore, key_file: Path, env_var: str = "") -> Bootstrap:
-    """Makes sure an admin key exists (see the module docstring)."""
+def register_env_admin_key(store: TenancyStore, env_var: str) -> str | None:
+    """Registers the admin key in `$env_var` by its digest (once); returns its key id,
+    or None when the variable is unset or empty."""
     from_env = None
     env_key = os.environ.get(env_var, "").strip() if env_var else ""
     if env_key:
@@ -75,6 +76,12 @@ def ensure_admin_key(store: TenancyStore, key_file: Path, env_var: str = "") -> 
                 f"${env_var} names key id {parsed.key_id}, which exists with a different secret"
             )
         from_env = parsed.key_id
+    return from_env
+
+
+def ensure_admin_key(store: TenancyStore, key_file: Path, env_var: str = "") -> Bootstrap:
+    """Makes sure an admin key exists (see the module docstring)."""
+    from_env = register_env_admin_key(store, env_var)
     if store.has_admin_key():
         return Bootstrap(None, from_env)
     key = keys.generate("admin")

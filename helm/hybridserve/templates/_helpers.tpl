@@ -1,0 +1,125 @@
+{{/* Standard names and labels. */}}
+{{- define "hybridserve.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "hybridserve.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "hybridserve.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "hybridserve.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "hybridserve.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{- define "hybridserve.labels" -}}
+helm.sh/chart: {{ include "hybridserve.chart" . }}
+{{ include "hybridserve.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: hybridserve
+{{- end }}
+
+{{/* Labels of one component: hybridserve.componentLabels (dict "ctx" . "component" "x") */}}
+{{- define "hybridserve.componentLabels" -}}
+{{ include "hybridserve.labels" .ctx }}
+app.kubernetes.io/component: {{ .component }}
+{{- end }}
+
+{{- define "hybridserve.componentSelector" -}}
+{{ include "hybridserve.selectorLabels" .ctx }}
+app.kubernetes.io/component: {{ .component }}
+{{- end }}
+
+{{- define "hybridserve.image" -}}
+{{- $flavor := ternary "gpu" "cpu" .Values.ray.gpuWorkers.enabled -}}
+{{- printf "%s:%s" .Values.image.repository (default (printf "%s-%s" .Chart.AppVersion $flavor) .Values.image.tag) }}
+{{- end }}
+
+{{- define "hybridserve.adminSecret" -}}
+{{- if .Values.admin.existingSecret }}{{ .Values.admin.existingSecret }}
+{{- else if .Values.admin.key }}{{ include "hybridserve.fullname" . }}-admin
+{{- else }}{{ required "admin.existingSecret (a Secret with the admin key under `admin-key`; make a key with `hybridserve admin generate-key`) or admin.key is required" "" }}
+{{- end }}
+{{- end }}
+
+{{- define "hybridserve.databaseSecret" -}}
+{{- if .Values.postgresql.enabled }}{{ include "hybridserve.fullname" . }}-database
+{{- else }}{{ required "postgresql.externalSecret (a Secret with the tenancy store's URL under `url`) is required when postgresql.enabled is false" .Values.postgresql.externalSecret }}
+{{- end }}
+{{- end }}
+
+{{- define "hybridserve.grpcAddress" -}}
+{{ include "hybridserve.fullname" . }}-grpc:{{ .Values.service.port }}
+{{- end }}
+
+{{/* The platform config the Serve apps receive: .Values.config plus what the chart runs. */}}
+{{- define "hybridserve.config" -}}
+{{- $cfg := deepCopy .Values.config -}}
+{{- $w := deepCopy (default (dict) $cfg.weaviate) -}}
+{{- if not $w.url -}}
+{{- if .Values.weaviate.enabled -}}
+{{- $_ := set $w "url" (printf "http://%s-weaviate:8080" (include "hybridserve.fullname" .)) -}}
+{{- else -}}
+{{- $_ := set $w "url" (required "weaviate.externalUrl is required when weaviate.enabled is false" .Values.weaviate.externalUrl) -}}
+{{- end -}}
+{{- end -}}
+{{- $_ := set $cfg "weaviate" $w -}}
+{{- $t := deepCopy (default (dict) $cfg.tenancy) -}}
+{{- if and (not $t.redis_url) (or .Values.redis.enabled .Values.redis.externalUrl) -}}
+{{- $_ := set $t "redis_url" (ternary (printf "redis://%s-redis:6379/0" (include "hybridserve.fullname" .)) .Values.redis.externalUrl .Values.redis.enabled) -}}
+{{- end -}}
+{{- if $t -}}{{- $_ := set $cfg "tenancy" $t -}}{{- end -}}
+{{- toJson $cfg -}}
+{{- end }}
+
+{{/* serveConfigV2: what `hybridserve serve-config` prints for the same config. */}}
+{{- define "hybridserve.serveConfig" -}}
+{{- $cfg := include "hybridserve.config" . | fromJson -}}
+{{- $serve := default (dict) $cfg.serve -}}
+{{- $apps := prepend (required "config.serve.apps is required" $serve.apps) "admin" -}}
+{{- $out := dict
+  "proxy_location" "EveryNode"
+  "http_options" (dict "host" $serve.grpc_host "port" $serve.http_port)
+  "grpc_options" (dict "port" $serve.grpc_port "grpc_servicer_functions" (list
+    "hybridserve.v1.generation_pb2_grpc.add_GenerationServiceServicer_to_server"
+    "hybridserve.v1.retrieval_pb2_grpc.add_RetrievalServiceServicer_to_server"
+    "hybridserve.v1.rerank_pb2_grpc.add_RerankServiceServicer_to_server"
+    "hybridserve.v1.admin_pb2_grpc.add_AdminServiceServicer_to_server"
+    "hybridserve.v1.rag_pb2_grpc.add_RagServiceServicer_to_server"
+    "grpc_health.v1.health_pb2_grpc.add_HealthServicer_to_server"))
+-}}
+{{- $list := list -}}
+{{- range $apps -}}
+{{- $list = append $list (dict "name" . "route_prefix" (printf "/%s" .) "import_path" (printf "hybridserve.app:%s_app" .) "args" (dict "config" $cfg)) -}}
+{{- end -}}
+{{- $_ := set $out "applications" $list -}}
+{{- toYaml $out -}}
+{{- end }}
+
+{{/* Env every platform pod gets: the admin key, the store's URL. */}}
+{{- define "hybridserve.platformEnv" -}}
+- name: HYBRIDSERVE_ADMIN_KEY
+  valueFrom:
+    secretKeyRef: {name: {{ include "hybridserve.adminSecret" . }}, key: admin-key}
+- name: HYBRIDSERVE_DATABASE_URL
+  valueFrom:
+    secretKeyRef: {name: {{ include "hybridserve.databaseSecret" . }}, key: url}
+- name: RAY_SERVE_PROXY_USE_GRPC
+  value: {{ ternary "1" "0" (ne (dig "serve" "proxy_grpc_transport" true .Values.config) false) | quote }}
+- name: RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD
+  value: {{ ternary "0" "1" (ne (dig "serve" "user_code_on_replica_loop" true .Values.config) false) | quote }}
+{{- end }}

@@ -1,0 +1,60 @@
+"""The Ray Serve config (`serveConfigV2`) of a cluster, from the typed config.
+
+`hybridserve up` builds its apps in-process from a `HybridServeConfig`; on a
+cluster, KubeRay's RayService hands Serve a config file instead. Both go
+through the same builders in `hybridserve.app`: each application's
+`import_path` names a builder that receives the typed config as its `args`.
+`hybridserve serve-config -c hybridserve.yaml` prints this file, and the Helm
+chart renders the same one from its `config` value (a test compares them).
+
+Only the settings the config file sets travel in `args` (the platform's own
+defaults fill in the rest where it runs), so the printed file is stable across
+releases that only change a default.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from hybridserve.config import HybridServeConfig
+
+#: The control plane always runs, first (the name `hybridserve.app` uses).
+ADMIN_APP = "admin"
+
+
+def app_names(config: HybridServeConfig) -> list[str]:
+    """The Serve applications a config deploys, in deployment order."""
+    return [ADMIN_APP, *config.serve.apps]
+
+
+def serve_config(config: HybridServeConfig) -> dict[str, Any]:
+    """The Serve config file (schema `ray.serve.schema.ServeDeploySchema`)."""
+    from hybridserve.app import GRPC_SERVICER_FUNCTIONS
+
+    given = config.model_dump(mode="json", exclude_unset=True)
+    return {
+        # A proxy on every node, so that a client may reach any node.
+        "proxy_location": "EveryNode",
+        "http_options": {"host": config.serve.grpc_host, "port": config.serve.http_port},
+        "grpc_options": {
+            "port": config.serve.grpc_port,
+            "grpc_servicer_functions": list(GRPC_SERVICER_FUNCTIONS),
+        },
+        "applications": [
+            {
+                "name": name,
+                # NOTE: Serve's gRPC proxy routes only to apps with a route prefix.
+                "route_prefix": f"/{name}",
+                "import_path": f"hybridserve.app:{name}_app",
+                "args": {"config": copy.deepcopy(given)},
+            }
+            for name in app_names(config)
+        ],
+    }
+
+
+def render(config: HybridServeConfig) -> str:
+    import yaml
+
+    return yaml.safe_dump(serve_config(config), sort_keys=False)
