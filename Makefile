@@ -4,21 +4,25 @@
 
 PY := .venv/bin/python
 
-.PHONY: install demo test unit integration protos bench
+.PHONY: install install-k8s demo test unit integration protos bench
 
 install:
 	bash scripts/install.sh
 
+# kube-apiserver, etcd and helm for the chart and controller tests (built once per machine)
+install-k8s:
+	bash scripts/install_k8s.sh
+
 demo: install
 	bash scripts/demo.sh
 
-test: install
+test: install install-k8s
 	$(PY) -m pytest -q tests
 
 unit: install
 	$(PY) -m pytest -q tests/unit
 
-integration: install
+integration: install install-k8s
 	$(PY) -m pytest -q tests/integration
 
 protos: install

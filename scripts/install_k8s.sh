@@ -99,4 +99,26 @@ if ! built helm "helm.sh/helm/v3@$HELM_VERSION"; then
   echo "helm.sh/helm/v3@$HELM_VERSION" > "$BIN/.helm.version"
 fi
 
-log "ready: $BIN/{kube-apiserver,etcd,helm}"
+# The CRDs the chart's objects are validated against in the tests, from the
+# projects' Go modules: KubeRay's RayService and the Prometheus Operator's
+# PodMonitor/ServiceMonitor/PrometheusRule (the tests prefer ../shared/ when it
+# holds newer copies).
+KUBERAY_VERSION=v1.5.0
+PROMETHEUS_OPERATOR_VERSION=v0.93.0
+CRDS="$CACHE/crds"
+stamp="$KUBERAY_VERSION $PROMETHEUS_OPERATOR_VERSION"
+if [ "$(cat "$CRDS/.version" 2>/dev/null)" != "$stamp" ]; then
+  log "fetching the KubeRay $KUBERAY_VERSION and Prometheus Operator $PROMETHEUS_OPERATOR_VERSION CRDs"
+  moddir() { GOFLAGS=-mod=mod go mod download -json "$1" | sed -n 's/^[[:space:]]*"Dir": "\(.*\)",$/\1/p'; }
+  kuberay=$(moddir "github.com/ray-project/kuberay/ray-operator@$KUBERAY_VERSION")
+  promop=$(moddir "github.com/prometheus-operator/prometheus-operator@$PROMETHEUS_OPERATOR_VERSION")
+  rm -rf "$CRDS.partial" && mkdir -p "$CRDS.partial/kuberay" "$CRDS.partial/prometheus-operator"
+  cp "$kuberay/config/crd/bases/ray.io_rayservices.yaml" "$CRDS.partial/kuberay/"
+  for crd in podmonitors servicemonitors prometheusrules; do
+    cp "$promop/example/prometheus-operator-crd/monitoring.coreos.com_$crd.yaml" "$CRDS.partial/prometheus-operator/"
+  done
+  chmod -R u+w "$CRDS.partial" && echo "$stamp" > "$CRDS.partial/.version"
+  rm -rf "$CRDS" && mv "$CRDS.partial" "$CRDS"
+fi
+
+log "ready: $BIN/{kube-apiserver,etcd,helm}, $CRDS"

@@ -66,7 +66,7 @@ def cmd_admin(ns) -> int:
                                        tokens_per_minute=ns.tpm, concurrent_streams=ns.concurrency))
         elif what == "apply":
             document = sys.stdin.read() if ns.file == "-" else Path(ns.file).read_text()
-            reply = c.apply(document, dry_run=ns.dry_run)
+            reply = c.apply(document, dry_run=ns.dry_run, keep_grants=ns.keep_grants)
             verb = "would change" if ns.dry_run else "changed"
             if not reply.changes:
                 print("nothing to change: the platform already matches the file")
@@ -208,6 +208,9 @@ def add_admin_parser(sub, client_args) -> None:
     ap = asub.add_parser("apply", help="make tenants match a tenants file (idempotent)")
     ap.add_argument("-f", "--file", required=True, help="the YAML tenants file, or - for stdin")
     ap.add_argument("--dry-run", action="store_true", help="print what would change; change nothing")
+    ap.add_argument("--keep-grants", action="store_true",
+                    help="never remove a grant the file does not list, nor a default it does not "
+                    "name (grants managed by LoRAAdapter resources on Kubernetes)")
     client_args(ap)
 
     au = asub.add_parser("audit", help="who did what, when, with what outcome")

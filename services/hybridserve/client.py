@@ -355,10 +355,12 @@ class _Api:
                 setattr(req, name, value)
         return self._adm("SetQuotas", req, timeout)
 
-    def apply(self, document: str, *, dry_run: bool = False,
+    def apply(self, document: str, *, dry_run: bool = False, keep_grants: bool = False,
               timeout: float = 120) -> admin_pb2.ApplyResponse:
-        """Applies a tenants file (YAML text)."""
-        return self._adm("Apply", admin_pb2.ApplyRequest(document=document, dry_run=dry_run), timeout)
+        """Applies a tenants file (YAML text). `keep_grants`: never remove a grant the
+        file does not list (grants managed by LoRAAdapter resources)."""
+        return self._adm("Apply", admin_pb2.ApplyRequest(
+            document=document, dry_run=dry_run, keep_grants=keep_grants), timeout)
 
     def audit(self, *, limit: int = 100, tenant: str = "",
               timeout: float = 30) -> list[admin_pb2.AuditEntry]:

@@ -269,14 +269,17 @@ class AdminService:
 
     # -- the tenants file -----------------------------------------------------------
 
-    async def apply(self, p: Principal, document: str, dry_run: bool) -> list[Change]:
-        """Makes the file's tenants exist exactly as described, in one transaction."""
+    async def apply(self, p: Principal, document: str, dry_run: bool,
+                    keep_grants: bool = False) -> list[Change]:
+        """Makes the file's tenants exist exactly as described, in one transaction.
+        `keep_grants`: grants are only added, never removed, and the default adapter
+        changes only where the file names one (grants managed elsewhere survive)."""
 
         def apply():
             wanted = tenants_file.parse(document, self.adapter_exists)
             try:
                 with self.store.write() as conn:
-                    changes = self._plan_and_apply(conn, p, wanted, dry_run)
+                    changes = self._plan_and_apply(conn, p, wanted, dry_run, keep_grants)
                     if dry_run:
                         raise _RollBack(changes)
             except _RollBack as planned:
@@ -292,7 +295,8 @@ class AdminService:
                     await self._new_knowledge(c.tenant, fresh=True)
         return changes
 
-    def _plan_and_apply(self, conn, p: Principal, wanted: list[Tenant], dry_run: bool) -> list[Change]:
+    def _plan_and_apply(self, conn, p: Principal, wanted: list[Tenant], dry_run: bool,
+                        keep_grants: bool = False) -> list[Change]:
         changes: list[Change] = []
         store = self.store
         # NOTE: changes are made inside the caller's transaction; a dry run rolls
@@ -315,14 +319,15 @@ class AdminService:
                 after = store.update_tenant(t.id, actor=p.actor, conn=conn, action="Apply", **fields)
                 if exists is not None:
                     changes.append(Change("update", t.id, tenant_diff(before, after)))
-            for adapter in sorted(set(before.adapters) - set(t.adapters)):
+            for adapter in sorted(set(before.adapters) - set(t.adapters)) if not keep_grants else ():
                 store.revoke_grant(t.id, adapter, actor=p.actor, conn=conn)
                 changes.append(Change("revoke", t.id, f"adapter {adapter}"))
             for adapter in sorted(set(t.adapters) - set(before.adapters)):
                 store.grant(t.id, adapter, make_default=False, actor=p.actor, conn=conn)
                 changes.append(Change("grant", t.id, f"adapter {adapter}"))
             current = store._get_tenant(conn, t.id)
-            if current.default_adapter != t.default_adapter:
+            if current.default_adapter != t.default_adapter and not (
+                    keep_grants and not t.default_adapter):
                 store.set_default(t.id, t.default_adapter, actor=p.actor, conn=conn)
                 changes.append(Change(
                     "default", t.id, f"{current.default_adapter or '-'} -> {t.default_adapter or '-'}"))

