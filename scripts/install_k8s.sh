@@ -93,10 +93,18 @@ if ! built kube-apiserver "k8s.io/kubernetes@$KUBE_VERSION"; then
     "$ldflags" "${staging[@]}"
 fi
 
-if ! built helm "helm.sh/helm/v3@$HELM_VERSION"; then
+# NOTE: helm's own Makefile sets these: the Kubernetes version `helm template`
+# and `helm lint` assume (else 1.20, which fails every kubeVersion >= 1.21),
+# from the client-go it is built with (v0.37 -> 1.37), and its own version.
+HELM_LDFLAGS="-s -w -X helm.sh/helm/v3/internal/version.version=$HELM_VERSION -X helm.sh/helm/v3/internal/version.gitTreeState=clean"
+for pkg in helm.sh/helm/v3/pkg/lint/rules helm.sh/helm/v3/pkg/chartutil; do
+  HELM_LDFLAGS+=" -X $pkg.k8sVersionMajor=1 -X $pkg.k8sVersionMinor=37"
+done
+if ! built helm "helm.sh/helm/v3@$HELM_VERSION k8s-1.37"; then
   log "building helm $HELM_VERSION (about 2.5 min)"
-  GOBIN="$BIN" GOFLAGS=-mod=mod CGO_ENABLED=0 go install "helm.sh/helm/v3/cmd/helm@$HELM_VERSION"
-  echo "helm.sh/helm/v3@$HELM_VERSION" > "$BIN/.helm.version"
+  GOBIN="$BIN" GOFLAGS=-mod=mod CGO_ENABLED=0 go install -trimpath -ldflags "$HELM_LDFLAGS" \
+    "helm.sh/helm/v3/cmd/helm@$HELM_VERSION"
+  echo "helm.sh/helm/v3@$HELM_VERSION k8s-1.37" > "$BIN/.helm.version"
 fi
 
 # The CRDs the chart's objects are validated against in the tests, from the

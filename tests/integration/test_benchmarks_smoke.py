@@ -36,3 +36,13 @@ def test_rag_benchmark_smoke(platform):
                     "--model-dir", str(platform.main.model.path),
                     "--max-model-len", str(platform.main.model.max_model_len))
     assert result["overhead"]["asks"] > 0 and result["throughput"]["mixed_tok_s"] > 0
+
+
+def test_k8s_benchmark_smoke(platform):
+    result = _smoke("k8s.py", "--address", platform.address,
+                    "--api-key-file", str(platform.main.admin_key_path),
+                    "--store-dir", str(platform.assets.store),
+                    "--base-dir", str(platform.assets.base_dir), "--base-name", "tiny-llama")
+    assert set(result["render"]) >= {"minimal-cpu", "tenants"}
+    assert result["controller"]["adapters"] == 1
+    assert result["controller"]["create_to_ready_ms"]["p50"] > 0

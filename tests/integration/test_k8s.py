@@ -117,7 +117,7 @@ def test_the_scenarios_cover_what_users_run():
 
 BAD_VALUES = [
     (["--set", "config.serve.grpc_port=70000"], "maximum"),
-    (["--set", "config.serve.apps={generation,search}"], "search"),
+    (["--set", "config.serve.apps={generation,search}"], "/config/serve/apps/1"),
     (["--set", "config.no_such_setting=1"], "no_such_setting"),
     (["--set", "config.engine.max_loras=0"], "max_loras"),
     (["--set", "ray.cpuWorkers.minReplicas=-1"], "minReplicas"),
@@ -551,6 +551,7 @@ def test_controller_lifecycle(kube, platform, lora, tmp_path):
     """Create -> Ready and usable by the granted tenant; a spec change -> a new version;
     a bad source -> Failed with a reason; delete -> the finalizer unregisters."""
     from hybridserve.client import HybridServeClient
+    from hybridserve.exceptions import PermissionDeniedError
 
     ns, tenant_key, folders = lora
     ctl = ControllerProcess(kube, platform, ns, tmp_path / "controller.log").start()
@@ -565,9 +566,10 @@ def test_controller_lifecycle(kube, platform, lora, tmp_path):
         assert "hybridserve.dev/unregister-adapter" in obj["metadata"]["finalizers"]
         with HybridServeClient(platform.address, api_key=tenant_key) as tenant:
             assert [a.id for a in tenant.list_adapters()] == [v1]
-            # The default: no adapter named, the granted one answers.
-            text, ids, final = tenant.generate("Hello", max_tokens=4, temperature=0)
+            _, ids, final = tenant.generate("Hello", adapter=v1, max_tokens=4, temperature=0)
             assert final.adapter == v1 and len(ids) == 4
+        with HybridServeClient(platform.address, api_key=platform.admin_key) as admin:
+            assert admin.get_tenant("k8s-tenant").default_adapter == v1  # spec.default
 
         # A new spec (new bytes) is a new version; the old one is retired.
         obj["spec"]["source"] = folders["k8s-formal-v2"]
@@ -577,8 +579,10 @@ def test_controller_lifecycle(kube, platform, lora, tmp_path):
         assert v2 != v1 and v2.startswith("support-formal@")
         assert v2 in _registered(platform) and v1 not in _registered(platform)
         with HybridServeClient(platform.address, api_key=tenant_key) as tenant:
-            _, _, final = tenant.generate("Hello", max_tokens=2, temperature=0)
+            _, _, final = tenant.generate("Hello", adapter=v2, max_tokens=2, temperature=0)
             assert final.adapter == v2
+            with pytest.raises(PermissionDeniedError):  # the old version is no longer granted
+                tenant.generate("Hello", adapter=v1, max_tokens=2)
 
         # A bad source: Failed, with the platform's reason and message.
         _create(kube, ns, "broken", {"source": "no/such/folder", "tenants": ["k8s-tenant"]})

@@ -305,6 +305,25 @@ async def test_apply_is_idempotent_and_dry_run_changes_nothing(admin, store):
         ("update", "display_name: 'Acme Orbital' -> 'Acme'"), ("revoke", "adapter tone@v1")]
 
 
+async def test_apply_with_keep_grants_leaves_grants_made_elsewhere(admin, store):
+    """What the chart's tenants Job runs: grants from LoRAAdapter resources survive."""
+    bare = "tenants:\n  - id: acme\n    display_name: Acme\n"
+    await admin.apply(ADMIN, bare, dry_run=False)
+    await admin.grant(ADMIN, "acme", "tone@v1", True)  # as the controller does
+    assert await admin.apply(ADMIN, bare, dry_run=False, keep_grants=True) == []
+    acme = store.get_tenant("acme")
+    assert acme.adapters == ("tone@v1",) and acme.default_adapter == "tone@v1"
+    # Listed grants are still added; without the flag the file is the truth again.
+    listed = bare + "    adapters: [json@v2]\n"
+    changes = await admin.apply(ADMIN, listed, dry_run=False, keep_grants=True)
+    assert [(c.action, c.detail) for c in changes] == [("grant", "adapter json@v2")]
+    assert set(store.get_tenant("acme").adapters) == {"tone@v1", "json@v2"}
+    changes = await admin.apply(ADMIN, listed, dry_run=False)
+    assert [(c.action, c.detail) for c in changes] == [("revoke", "adapter tone@v1")]
+    acme = store.get_tenant("acme")
+    assert acme.adapters == ("json@v2",) and acme.default_adapter == ""
+
+
 async def test_a_bad_file_is_rejected_whole_with_line_numbers(admin, store):
     bad = FILE + """\
   - id: bad id
