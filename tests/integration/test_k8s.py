@@ -578,6 +578,8 @@ def test_controller_lifecycle(kube, platform, lora, tmp_path):
         v2 = obj["status"]["adapterId"]
         assert v2 != v1 and v2.startswith("support-formal@")
         assert v2 in _registered(platform) and v1 not in _registered(platform)
+        # Ready means stored; replicas trust what they read for auth_cache_ttl_s.
+        time.sleep(platform.main.tenancy.auth_cache_ttl_s + 0.1)
         with HybridServeClient(platform.address, api_key=tenant_key) as tenant:
             _, _, final = tenant.generate("Hello", adapter=v2, max_tokens=2, temperature=0)
             assert final.adapter == v2

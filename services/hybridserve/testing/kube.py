@@ -9,6 +9,7 @@ stay Pending, Jobs never run and namespaces never finish terminating.
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import secrets
@@ -168,7 +169,10 @@ class KubeTestCluster:
                                          headers={"Content-Type": "application/json"})
             return json.loads(urllib.request.urlopen(req, timeout=10).read())
 
-        rev = int(post("/v3/kv/range", {"key": "AA=="})["header"]["revision"])  # key "\0"
+        # NOTE: a compaction at revision R keeps R itself; one write outside the API
+        # server's keys first, so that the last real change is compacted away too.
+        key = base64.b64encode(b"/hybridserve-test/compaction").decode()
+        rev = int(post("/v3/kv/put", {"key": key, "value": "AA=="})["header"]["revision"])
         post("/v3/kv/compaction", {"revision": str(rev), "physical": True})
         return rev
 
