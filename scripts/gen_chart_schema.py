@@ -128,6 +128,7 @@ def build() -> dict:
             "networkPolicy": obj({
                 "enabled": BOOL,
                 "metricsFrom": {"type": "object", "additionalProperties": STR},
+                "operatorFrom": {"type": "object", "additionalProperties": STR, "minProperties": 1},
             }),
             "podDisruptionBudget": obj({"enabled": BOOL}),
         }, ["image", "config", "ray", "admin"]),

@@ -21,7 +21,8 @@ ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "helm" / "hybridserve"
 #: Values documented as a whole: their keys are free-form (Kubernetes objects, the
 #: platform's typed config, the tenants file), documented by the parent's comment.
-WHOLE = {"config", "tenants.file", "monitoring.labels", "networkPolicy.metricsFrom"}
+WHOLE = {"config", "tenants.file", "monitoring.labels", "networkPolicy.metricsFrom",
+         "networkPolicy.operatorFrom"}
 
 
 def test_values_schema_is_generated_from_the_config():

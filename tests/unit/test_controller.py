@@ -287,3 +287,32 @@ def test_delay_queue_wakes_a_waiting_worker():
     assert got == [("ns", "b")]
     q.close()
     assert q.get(timeout=1) is None
+
+
+def test_the_watch_echo_of_our_own_writes_costs_no_reconcile(world):
+    """Our finalizer patch comes back as a MODIFIED event older than our status write;
+    reconciling it again would register and grant a second time."""
+    from hybridserve.controller.main import Controller, Metrics
+
+    kube, platform, _ = world
+    metrics = Metrics()
+    ctl = Controller(kube, platform, metrics)
+    obj = kube.create("a", {"source": "formal/v1", "tenants": ["acme"]})
+    obj["metadata"]["uid"] = "u1"
+    ctl._store(obj)
+    assert ctl.queue.get(timeout=0) == ("ns", "a")
+    ctl.process(("ns", "a"), obj)
+    calls = list(platform.calls)
+    echo = copy.deepcopy(obj)  # the finalizer patch's event: finalizer, no status yet
+    echo["metadata"]["finalizers"] = [FINALIZER]
+    ctl._store(echo)
+    assert len(ctl.queue) == 0 and platform.calls == calls
+    # A new generation, or a deletion, is work again.
+    changed = copy.deepcopy(echo)
+    changed["metadata"]["generation"] = 2
+    ctl._store(changed)
+    assert ctl.queue.get(timeout=0) == ("ns", "a")
+    deleting = copy.deepcopy(echo)
+    deleting["metadata"]["deletionTimestamp"] = "2026-01-01T00:00:00Z"
+    ctl._store(deleting)
+    assert ctl.queue.get(timeout=0) == ("ns", "a")

@@ -218,6 +218,9 @@ class Controller:
         self.cache: dict[Key, dict] = {}
         self._lock = threading.Lock()
         self._first_seen: dict[tuple[Key, int], float] = {}
+        # (uid, generation) of each resource this process made Ready: the watch then
+        # echoes our own finalizer and status writes back, and those need no reconcile.
+        self._done: dict[Key, tuple[str, int]] = {}
         self.watch_timeout_s = watch_timeout_s
         self.backoff_max_s = backoff_max_s
         self.stop = threading.Event()
@@ -235,8 +238,13 @@ class Controller:
             self.cache[key] = obj
             gen = obj["metadata"].get("generation", 0)
             self._first_seen.setdefault((key, gen), time.monotonic())
-        if not is_converged(obj):
+        if not is_converged(obj) and not self._is_done(key, obj):
             self.queue.add(key)
+
+    def _is_done(self, key: Key, obj: dict) -> bool:
+        meta = obj["metadata"]
+        return (not meta.get("deletionTimestamp")
+                and self._done.get(key) == (meta.get("uid"), meta.get("generation")))
 
     def _relist(self) -> None:
         items, rv = self.kube.list()
@@ -313,8 +321,12 @@ class Controller:
                 continue
             with self._lock:
                 obj = self.cache.get(key)
-            if obj is not None:
-                self.process(key, obj)
+            if obj is None:
+                continue
+            if self._is_done(key, obj):  # queued before its reconcile finished
+                self.metrics.reconciles.labels("skipped").inc()
+                continue
+            self.process(key, obj)
 
     def process(self, key: Key, obj: dict) -> None:
         from kubernetes.client.exceptions import ApiException
@@ -330,8 +342,11 @@ class Controller:
                         type(e).__name__, str(e).splitlines()[0][:300] if str(e) else "", delay)
             return
         self.metrics.reconciles.labels(outcome.kind).inc()
+        if outcome.kind == "deleted":
+            self._done.pop(key, None)
         if outcome.kind == "ready":
             gen = obj["metadata"].get("generation", 0)
+            self._done[key] = (obj["metadata"].get("uid"), gen)
             with self._lock:
                 seen = self._first_seen.pop((key, gen), None)
             if seen is not None:
