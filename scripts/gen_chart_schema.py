@@ -77,6 +77,7 @@ def build() -> dict:
                 "autoscaling": BOOL,
                 "idleTimeoutSeconds": INT0,
                 "terminationGracePeriodSeconds": {"type": "integer", "minimum": 30},
+                "adapterCacheSize": SIZE,
                 "head": obj({"resources": RESOURCES, "numCpus": INT0}),
                 "cpuWorkers": obj(workers),
                 "gpuWorkers": obj({

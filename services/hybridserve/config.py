@@ -97,6 +97,12 @@ class AdapterStoreConfig(_Strict):
     max_size_bytes: int = Field(
         512 * 1024 * 1024, ge=1, description="Largest adapter folder accepted, in bytes."
     )
+    node_cache_dir: Path | None = Field(
+        None,
+        description="Local-disk folder where each node keeps a verified copy of the adapter "
+        "snapshots it loads, so loads after the first read local disk instead of the shared "
+        "volume (the Helm chart sets it). Unset: the engine loads from the registry itself.",
+    )
     supported_target_modules: tuple[str, ...] = Field(
         LLAMA_LORA_MODULES, description="LoRA target modules the engine can serve."
     )

@@ -157,6 +157,8 @@ def platform(assets, weaviate) -> Platform:
     affinity = _config(assets, grpc_port, http_port, weaviate, metrics_port,
                        max_loras=1, max_cpu_loras=1)
     affinity.serve.generation_replicas = 2
+    # Its replicas load adapters from node-local copies, as the Helm chart sets up.
+    affinity.adapters.node_cache_dir = assets.root / "node-cache"
     # The default model, prepared once into the user's cache (shared by sessions).
     smol = _config(assets, grpc_port, http_port, weaviate, metrics_port)
     smol.model = type(smol.model)(max_model_len=2048)

@@ -716,3 +716,24 @@ def test_steady_state_makes_no_calls_between_events(kube, platform, lora, tmp_pa
         _delete(kube, ns, "steady")
     finally:
         ctl.stop()
+
+
+def test_the_node_cache_serves_loads_from_verified_local_copies(platform):
+    """The chart's adapters.node_cache_dir: the `affinity` app loads adapters from
+    node-local copies of the snapshots; its outputs equal those of the `generation` app,
+    which loads from the registry itself."""
+    from hybridserve.client import HybridServeClient
+
+    from .conftest import AFFINITY_APP, MAIN_APP
+
+    adapter = platform.ids["beta"]
+    outputs = {}
+    for app in (AFFINITY_APP, MAIN_APP):
+        with HybridServeClient(platform.address, api_key=platform.admin_key, application=app) as c:
+            _, outputs[app], _ = c.generate("The sky over the", adapter=adapter, max_tokens=8,
+                                            temperature=0)
+    assert outputs[AFFINITY_APP] == outputs[MAIN_APP] and len(outputs[MAIN_APP]) == 8
+    name, version = adapter.split("@")
+    copies = list((platform.affinity.adapters.node_cache_dir / name).glob(f"{version}-*"))
+    assert len(copies) == 1 and (copies[0] / "adapter_config.json").is_file()
+    assert not (platform.main.adapters.node_cache_dir or platform.assets.root / "none").exists()

@@ -146,7 +146,7 @@ class KubeObjects:
         self.namespace = namespace
         self.metrics = metrics
 
-    def _count(self, call: str) -> None:
+    def count(self, call: str) -> None:
         self.metrics.api_calls.labels("kubernetes", call).inc()
 
     def list_fn(self) -> Callable[..., Any]:
@@ -156,12 +156,12 @@ class KubeObjects:
         return lambda **kw: self.api.list_cluster_custom_object(GROUP, VERSION, PLURAL, **kw)
 
     def list(self) -> tuple[list[dict], str]:
-        self._count("list")
+        self.count("list")
         out = self.list_fn()(_request_timeout=30)
         return out.get("items", []), out["metadata"]["resourceVersion"]
 
     def set_finalizers(self, obj: dict, finalizers: list[str]) -> dict:
-        self._count("patch")
+        self.count("patch")
         meta = obj["metadata"]
         # NOTE: the resourceVersion makes this a compare-and-swap: a finalizer list
         # someone else changed in between is a 409, and the key is retried.
@@ -171,7 +171,7 @@ class KubeObjects:
             _request_timeout=30)
 
     def patch_status(self, obj: dict, status: dict) -> dict:
-        self._count("patch_status")
+        self.count("patch_status")
         meta = obj["metadata"]
         return self.api.patch_namespaced_custom_object_status(
             GROUP, VERSION, meta["namespace"], PLURAL, meta["name"], {"status": status},
@@ -234,6 +234,9 @@ class Controller:
         with self._lock:
             if deleted:
                 self.cache.pop(key, None)
+                self._done.pop(key, None)
+                for seen in [k for k in self._first_seen if k[0] == key]:
+                    del self._first_seen[seen]
                 return
             self.cache[key] = obj
             gen = obj["metadata"].get("generation", 0)
@@ -270,7 +273,7 @@ class Controller:
                     self._relist()
                     need_list = False
                 w = watch.Watch()
-                self.kube._count("watch")
+                self.kube.count("watch")
                 for event in w.stream(self.kube.list_fn(), resource_version=self.resource_version,
                                       timeout_seconds=self.watch_timeout_s,
                                       allow_watch_bookmarks=True,

@@ -13,7 +13,7 @@ import os
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -224,12 +224,19 @@ class GenerationServicer:
         """Loads an adapter into this replica. Under Serve this is wrapped in
         `serve.multiplexed`, which keeps at most `engine.max_cpu_loras` per
         replica and evicts the least recently used."""
-        ref = self.service.adapter_ref(self.service.registry.get(adapter_id))
+        record = self.service.registry.get(adapter_id)
+        ref = self.service.adapter_ref(record)
         engine = self.service.engine
         # Outside Serve this runs for every request; only a real load is measured.
         if ref.adapter_id not in engine.stats().resident_adapters:
             start = time.perf_counter()
             try:
+                if self.config.adapters.node_cache_dir is not None:
+                    from hybridserve.generation.node_cache import local_copy
+
+                    local = await asyncio.to_thread(
+                        local_copy, record, self.config.adapters.node_cache_dir)
+                    ref = replace(ref, path=str(local))
                 await engine.load_adapter(ref)
             except BaseException:
                 obs.adapter_loaded(ref.adapter_id, time.perf_counter() - start, ok=False)
