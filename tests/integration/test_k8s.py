@@ -736,4 +736,4 @@ def test_the_node_cache_serves_loads_from_verified_local_copies(platform):
     name, version = adapter.split("@")
     copies = list((platform.affinity.adapters.node_cache_dir / name).glob(f"{version}-*"))
     assert len(copies) == 1 and (copies[0] / "adapter_config.json").is_file()
-    assert not (platform.main.adapters.node_cache_dir or platform.assets.root / "none").exists()
+    assert platform.main.adapters.node_cache_dir is None
