@@ -666,8 +666,9 @@ def test_watch_relists_after_410_gone_and_rides_out_an_api_outage(kube, platform
     ctl = ControllerProcess(kube, platform, ns, tmp_path / "controller.log",
                             "--watch-timeout", "2").start()
     try:
-        _wait("the first list", lambda: ctl.metrics().get(
-            'hybridserve_controller_api_calls_total{call="list",target="kubernetes"}') == 1)
+        # The first watch is counted once the list has returned (its resourceVersion is set).
+        _wait("the first watch", lambda: ctl.metrics().get(
+            'hybridserve_controller_api_calls_total{call="watch",target="kubernetes"}', 0) >= 1)
         # Frozen past its watch's timeout, the controller's resourceVersion is
         # compacted away while a resource is created: its next watch gets 410 Gone.
         ctl.proc.send_signal(signal.SIGSTOP)

@@ -66,6 +66,11 @@ NOT_PRODUCED = {
     "rule HybridServeAdapterLoadFailures": (
         "every adapter loads: no ray_hybridserve_adapter_loads_total{outcome=\"error\"} series"
     ),
+    "rule HybridServeAdapterReconcileFailing": (
+        "the LoRAAdapter controller runs on Kubernetes only; this Prometheus scrapes Ray. "
+        "Its series and rule are tested by promtool (deploy/prometheus/rules/tests) and "
+        "its metrics against a real controller in tests/integration/test_k8s.py"
+    ),
     "hybridserve-engine.json: Preemptions/s": (
         "the KV cache never fills with this load, so vLLM preempts nothing, and its Ray "
         "counter does not export zero increments"
