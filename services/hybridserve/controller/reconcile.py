@@ -27,6 +27,9 @@ from typing import Any, Protocol
 from hybridserve import exceptions as exc
 from hybridserve.controller import FINALIZER
 
+#: Adapter metadata naming the LoRAAdapter that owns a registered adapter.
+OWNER_KEY = "kubernetes"
+
 #: The registry's rule for adapter names (a Kubernetes name may be longer or hold dots).
 _NAME_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
 
@@ -60,11 +63,12 @@ _SPEC_ERRORS = (exc.InvalidArgumentError, exc.NotFoundError, exc.AlreadyExistsEr
                 exc.FailedPreconditionError, exc.PermissionDeniedError)
 
 
-def _reason(e: exc.HybridServeAPIError, default: str) -> str:
-    """A CamelCase condition reason from the platform's ErrorInfo reason."""
+def _reason(e: exc.HybridServeAPIError) -> str:
+    """A CamelCase condition reason: the platform's ErrorInfo reason, else its status
+    code (`InvalidArgument`, `NotFound`, ...)."""
     if e.reason:
         return "".join(p.capitalize() for p in e.reason.lower().split("_"))
-    return default
+    return type(e).__name__.removesuffix("Error")
 
 
 def _now() -> str:
@@ -100,22 +104,28 @@ class Reconciler:
             return self._delete(obj)
         if is_converged(obj):
             return Outcome("skipped", adapter_id=(obj.get("status") or {}).get("adapterId", ""))
-        try:
-            return self._apply(obj)
-        except _SPEC_ERRORS as e:
-            self._status(obj, "False", _reason(e, "Failed"), e.message)
-            return Outcome("failed", retry=True, message=e.message)
+        return self._apply(obj)
 
     # -- create / update --------------------------------------------------------------
 
     def _apply(self, obj: dict) -> Outcome:
-        meta, spec = obj["metadata"], obj.get("spec") or {}
-        status = obj.get("status") or {}
+        meta = obj["metadata"]
         finalizers = list(meta.get("finalizers") or [])
         if FINALIZER not in finalizers:
             # NOTE: before anything is registered: an object deleted from here on
             # always passes through the finalizer.
             obj = self.kube.set_finalizers(obj, [*finalizers, FINALIZER])
+        try:
+            return self._register_and_grant(obj)
+        except _SPEC_ERRORS as e:
+            # `obj` is the latest version this reconcile wrote (status writes carry
+            # its resourceVersion: a stale one is a conflict, retried on fresh data).
+            self._status(obj, "False", _reason(e), e.message)
+            return Outcome("failed", retry=True, message=e.message)
+
+    def _register_and_grant(self, obj: dict) -> Outcome:
+        meta, spec = obj["metadata"], obj.get("spec") or {}
+        status = obj.get("status") or {}
         name = spec.get("name") or meta["name"]
         if not _NAME_RE.fullmatch(name):
             msg = (f"adapter name {name!r} does not match [a-z0-9][a-z0-9._-]{{0,63}}; "
@@ -123,14 +133,30 @@ class Reconciler:
             self._status(obj, "False", "InvalidName", msg)
             return Outcome("failed", message=msg)
         tenants = list(dict.fromkeys(spec.get("tenants") or []))
+        owner = f"{meta.get('namespace', '')}/{meta['name']}"
         registered = self.platform.register_adapter(
             name, spec["source"], version=spec.get("version", ""),
-            metadata={"kubernetes": f"{meta.get('namespace', '')}/{meta['name']}",
-                      **(spec.get("metadata") or {})},
+            metadata={**(spec.get("metadata") or {}), OWNER_KEY: owner},
         )
         adapter_id = registered.adapter.id
-        for tenant in tenants:
-            self.platform.grant_adapter(tenant, adapter_id, make_default=bool(spec.get("default")))
+        other = dict(getattr(registered.adapter, "metadata", None) or {}).get(OWNER_KEY, owner)
+        if other != owner:
+            # Deleting either resource would take the adapter from the other.
+            msg = (f"adapter {adapter_id} belongs to the LoRAAdapter {other}; give this one "
+                   "another spec.name or spec.version")
+            self._status(obj, "False", "OwnedElsewhere", msg)
+            return Outcome("failed", message=msg)
+        granted: list[str] = []
+        try:
+            for tenant in tenants:
+                # Before the call: a grant whose reply was lost may still have happened.
+                granted.append(tenant)
+                self.platform.grant_adapter(tenant, adapter_id,
+                                            make_default=bool(spec.get("default")))
+        except BaseException:
+            # Half-way: remember what exists, so that a deletion cleans it up too.
+            self._remember_pending(obj, adapter_id, granted)
+            raise
         notes = []
         old_id, old_tenants = status.get("adapterId"), list(status.get("grantedTenants") or [])
         if old_id and old_id != adapter_id:
@@ -151,8 +177,18 @@ class Reconciler:
         granted = ", ".join(tenants) or "no tenant"
         message = f"{adapter_id} registered, granted to {granted}" + "".join(f"; {n}" for n in notes)
         self._status(obj, "True", "Registered", message, adapterId=adapter_id,
-                     grantedTenants=tenants)
+                     grantedTenants=tenants, pendingAdapterId=None, pendingTenants=None)
         return Outcome("ready", adapter_id=adapter_id, message=message)
+
+    def _remember_pending(self, obj: dict, adapter_id: str, granted: list[str]) -> None:
+        status = obj.get("status") or {}
+        if status.get("adapterId") == adapter_id and set(granted) <= set(
+                status.get("grantedTenants") or []):
+            return  # nothing new to remember
+        try:
+            self._write_status(obj, {"pendingAdapterId": adapter_id, "pendingTenants": granted})
+        except Exception:  # noqa: BLE001 - best effort; the original error is raised
+            pass
 
     def _revoke(self, tenant: str, adapter_id: str) -> None:
         try:
@@ -168,18 +204,22 @@ class Reconciler:
         if FINALIZER not in finalizers:
             return Outcome("skipped")
         adapter_id = status.get("adapterId")
-        if adapter_id:
+        # What a reconcile that failed half-way may have left, too.
+        ids = list(dict.fromkeys(i for i in (adapter_id, status.get("pendingAdapterId")) if i))
+        tenants = list(dict.fromkeys([*(status.get("grantedTenants") or []),
+                                      *(status.get("pendingTenants") or [])]))
+        for one in ids:
             try:
-                for tenant in status.get("grantedTenants") or []:
-                    self._revoke(tenant, adapter_id)
-                self.platform.unregister_adapter(adapter_id)
+                for tenant in tenants:
+                    self._revoke(tenant, one)
+                self.platform.unregister_adapter(one)
             except exc.NotFoundError:
                 pass
             except exc.FailedPreconditionError as e:
                 # Someone granted it by hand (or by a tenants file): the adapter stays
                 # until they revoke, and the resource waits, saying why.
                 self._status(obj, "False", "DeletionBlocked", e.message)
-                return Outcome("blocked", retry=True, adapter_id=adapter_id, message=e.message)
+                return Outcome("blocked", retry=True, adapter_id=one, message=e.message)
         self.kube.set_finalizers(obj, [f for f in finalizers if f != FINALIZER])
         return Outcome("deleted", adapter_id=adapter_id or "")
 
@@ -196,4 +236,11 @@ class Reconciler:
             else before["lastTransitionTime"],
         }
         status = {"observedGeneration": meta.get("generation"), "conditions": [condition], **fields}
-        self.kube.patch_status(obj, status)
+        self._write_status(obj, status)
+
+    def _write_status(self, obj: dict, status: dict) -> None:
+        """Patches the status; `obj` then holds what the server has (its new
+        resourceVersion and status), so a later write in this reconcile is not stale."""
+        written = self.kube.patch_status(obj, status)
+        obj["metadata"]["resourceVersion"] = written["metadata"]["resourceVersion"]
+        obj["status"] = written.get("status") or {}
