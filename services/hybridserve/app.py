@@ -236,9 +236,14 @@ def admin_deployment(config: HybridServeConfig):
 
     class AdminDeployment(AdminServicer):
         def __init__(self, config: dict, with_retrieval: bool):  # type: ignore[override]
-            _register_env_admin_key(HybridServeConfig.model_validate(config))
+            from hybridserve.tenancy.bootstrap import register_env_admin_key
+
             knowledge = _RetrievalKnowledge(RETRIEVAL_APP) if with_retrieval else None
             AdminServicer.__init__(self, config, knowledge=knowledge)
+            # On a cluster nothing runs `hybridserve up`: the control plane registers
+            # the admin key of its environment (a Kubernetes Secret) itself, in the
+            # store its servicer has just migrated.
+            register_env_admin_key(self.tenancy.store, self.config.tenancy.admin_key_env)
 
     return serve.deployment(
         AdminDeployment,
@@ -247,24 +252,6 @@ def admin_deployment(config: HybridServeConfig):
         max_ongoing_requests=config.serve.max_ongoing_requests,
         ray_actor_options={"num_cpus": 0},
     )
-
-
-def _register_env_admin_key(config: HybridServeConfig) -> None:
-    """On a cluster nothing runs `hybridserve up`: the control plane registers the
-    admin key of its environment (a Kubernetes Secret) itself, at start."""
-    import os
-
-    from hybridserve.tenancy.bootstrap import register_env_admin_key
-    from hybridserve.tenancy.store import TenancyStore
-
-    if not os.environ.get(config.tenancy.admin_key_env, "").strip():
-        return
-    store = TenancyStore(config.tenancy_database_url)
-    try:
-        store.migrate()
-        register_env_admin_key(store, config.tenancy.admin_key_env)
-    finally:
-        store.close()
 
 
 def build_admin_app(config: HybridServeConfig) -> Any:

@@ -19,12 +19,11 @@ from typing import Any
 
 from hybridserve.config import HybridServeConfig
 
-#: The control plane always runs, first (the name `hybridserve.app` uses).
-ADMIN_APP = "admin"
-
-
 def app_names(config: HybridServeConfig) -> list[str]:
-    """The Serve applications a config deploys, in deployment order."""
+    """The Serve applications a config deploys, in deployment order (the control
+    plane always runs, first)."""
+    from hybridserve.app import ADMIN_APP
+
     return [ADMIN_APP, *config.serve.apps]
 
 

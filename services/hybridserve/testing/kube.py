@@ -16,11 +16,10 @@ import secrets
 import socket
 import ssl
 import subprocess
-import time
 import urllib.request
 from pathlib import Path
 
-from hybridserve import constants
+from hybridserve import constants, localproc
 
 TOOLS = ("etcd", "kube-apiserver", "helm")
 
@@ -97,27 +96,19 @@ class KubeTestCluster:
         return self
 
     def start_etcd(self) -> None:
-        log = open(self.root / "etcd.log", "ab")
-        self._etcd = subprocess.Popen(
+        log = self.root / "etcd.log"
+        self._etcd = localproc.launch(
             [str(tool("etcd")), "--data-dir", str(self.root / "etcd"),
              "--listen-client-urls", self.etcd_url, "--advertise-client-urls", self.etcd_url,
              "--listen-peer-urls", f"http://127.0.0.1:{self.etcd_peer_port}",
              "--initial-advertise-peer-urls", f"http://127.0.0.1:{self.etcd_peer_port}",
              "--initial-cluster", f"default=http://127.0.0.1:{self.etcd_peer_port}",
-             "--quota-backend-bytes", str(1 << 30), "--log-level", "warn"],
-            stdout=log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            try:
-                urllib.request.urlopen(f"{self.etcd_url}/health", timeout=1).read()
-                return
-            except OSError:
-                time.sleep(0.2)
-        raise RuntimeError(f"etcd did not start; see {self.root / 'etcd.log'}")
+             "--quota-backend-bytes", str(1 << 30), "--log-level", "warn"], log, {})
+        localproc.await_ready(self._etcd, f"{self.etcd_url}/health", 30, "etcd", log)
 
     def start_apiserver(self, timeout_s: float = 120) -> None:
         pki = self.root / "pki"
-        log = open(self.root / "kube-apiserver.log", "ab")
+        log = self.root / "kube-apiserver.log"
         args = [
             str(tool("kube-apiserver")), "--etcd-servers", self.etcd_url,
             "--bind-address", "127.0.0.1", "--advertise-address", "127.0.0.1",
@@ -135,30 +126,21 @@ class KubeTestCluster:
             "--enable-priority-and-fairness=false",
             f"--watch-cache={'true' if self.watch_cache else 'false'}",
         ]
-        self._apiserver = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
+        self._apiserver = localproc.launch(args, log, {})
         ctx = ssl.create_default_context(cafile=str(pki / "ca.crt"))
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self._apiserver.poll() is not None:
-                raise RuntimeError(f"kube-apiserver exited; see {self.root / 'kube-apiserver.log'}")
+
+        def ready() -> bool:
+            req = urllib.request.Request(f"{self.url}/readyz",
+                                         headers={"Authorization": f"Bearer {self.token}"})
             try:
-                req = urllib.request.Request(f"{self.url}/readyz",
-                                             headers={"Authorization": f"Bearer {self.token}"})
-                if urllib.request.urlopen(req, context=ctx, timeout=2).read() == b"ok":
-                    return
+                return urllib.request.urlopen(req, context=ctx, timeout=2).read() == b"ok"
             except OSError:
-                pass
-            time.sleep(0.3)
-        raise RuntimeError(f"kube-apiserver not ready in {timeout_s} s; see {self.root / 'kube-apiserver.log'}")
+                return False
+
+        localproc.await_ready(self._apiserver, ready, timeout_s, "kube-apiserver", log)
 
     def stop_apiserver(self) -> None:
-        if self._apiserver is not None and self._apiserver.poll() is None:
-            self._apiserver.terminate()
-            try:
-                self._apiserver.wait(30)
-            except subprocess.TimeoutExpired:
-                self._apiserver.kill()
-                self._apiserver.wait()
+        localproc.terminate(self._apiserver)
         self._apiserver = None
 
     def compact_etcd(self) -> int:
@@ -178,12 +160,7 @@ class KubeTestCluster:
 
     def stop(self) -> None:
         self.stop_apiserver()
-        if self._etcd is not None and self._etcd.poll() is None:
-            self._etcd.terminate()
-            try:
-                self._etcd.wait(30)
-            except subprocess.TimeoutExpired:
-                self._etcd.kill()
+        localproc.terminate(self._etcd)
         self._etcd = None
 
     def helm(self, *args: str, check: bool = True, timeout: float = 300) -> subprocess.CompletedProcess:
