@@ -59,9 +59,10 @@ class EngineConfig(_Strict):
     max_cpu_loras: int = Field(
         8,
         ge=1,
-        description="Adapters a replica keeps loaded (vLLM `max_cpu_loras`). This is also "
-        "Serve's `max_num_models_per_replica`: beyond it the least recently used "
-        "adapter is evicted from the replica.",
+        description="Adapters a replica's engine holds in memory (vLLM `max_cpu_loras`): the "
+        "`max_loras` that routing places on it, plus evicted ones that still finish their "
+        "requests. Serve's `max_num_models_per_replica` is `max_loras`, so that routing "
+        "never sends a replica more adapters than it can batch.",
     )
     max_num_seqs: int = Field(32, ge=1, description="Requests the engine batches at once.")
     kv_cache_space_gib: float = Field(
@@ -105,6 +106,13 @@ class AdapterStoreConfig(_Strict):
     )
     supported_target_modules: tuple[str, ...] = Field(
         LLAMA_LORA_MODULES, description="LoRA target modules the engine can serve."
+    )
+    snapshot_retention_s: float = Field(
+        3600.0,
+        ge=0,
+        description="How long an unregistered adapter's snapshot stays on disk, for the "
+        "requests admitted before the unregister (keep it above serve.request_timeout_s). "
+        "Its id is never reused for other bytes, whatever this is.",
     )
 
 
@@ -157,6 +165,28 @@ class ServeConfig(_Strict):
         ge=1,
         description="Requests Serve sends one replica at once. Serve's default (5) throttles "
         "streaming hard; size it at or above engine.max_num_seqs.",
+    )
+    max_queued_requests: int = Field(
+        128,
+        ge=-1,
+        description="Requests each caller (a proxy, a gateway replica) queues for a "
+        "deployment while all its replicas are at max_ongoing_requests. Past it, calls are "
+        "refused at once with RESOURCE_EXHAUSTED and a retry delay, instead of waiting "
+        "without bound. -1: no limit.",
+    )
+    request_timeout_s: float = Field(
+        300.0,
+        gt=0,
+        description="Longest a request may take end to end, queueing included, when the "
+        "client sets no shorter deadline; past it the call ends with DEADLINE_EXCEEDED and "
+        "the engine request is aborted.",
+    )
+    health_watch_s: float = Field(
+        30.0,
+        gt=0,
+        description="How long one grpc.health.v1 `Watch` stream stays open (it holds one of "
+        "the replica's max_ongoing_requests). It then ends with OK and the client watches "
+        "again; status changes within it are streamed at once.",
     )
     stream_interval_ms: float = Field(
         50.0,

@@ -8,6 +8,7 @@ import os
 import shutil
 import stat
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -456,17 +457,58 @@ def test_list_is_sorted_by_id(registry, make_adapter):
     assert [r.id for r in registry.list()] == ["alpha@v10", "alpha@v2", "mid@a", "zeta@v1"]
 
 
-def test_unregister_removes_record_and_snapshot(registry, make_adapter):
+def test_unregister_removes_the_record_and_keeps_the_snapshot_for_a_while(registry, make_adapter):
     make_adapter("a")
     record, _ = registry.register("bot", "a", version="v1")
-    registry.unregister("bot@v1")
+    registry.unregister("bot@v1", now=1000.0)
 
-    assert not Path(record.snapshot_dir).exists()
     with pytest.raises(NotFound):
         registry.get("bot@v1")
-    assert_nothing_registered(registry)
-    # The id is free again, for any content.
-    assert registry.register("bot", "a", version="v1")[1]
+    assert registry.list() == []
+    assert list((registry.registry_dir / "adapters").iterdir()) == []
+    # A request admitted before the unregister may still make a replica load it.
+    assert Path(record.snapshot_dir).is_dir()
+    assert registry.collect(now=1000.0 + registry.snapshot_retention_s - 1) == []
+    assert Path(record.snapshot_dir).is_dir()
+    assert registry.collect(now=1000.0 + registry.snapshot_retention_s) == ["bot@v1"]
+    assert not Path(record.snapshot_dir).exists()
+
+
+def test_an_unregistered_id_never_names_other_bytes(registry, make_adapter, store):
+    make_adapter("a")
+    first, _ = registry.register("bot", "a", version="v1")
+    registry.unregister("bot@v1")
+    (store / "a" / "README.md").write_text("other bytes under the same name@version")
+    with pytest.raises(AlreadyExists) as err:
+        registry.register("bot", "a", version="v1")
+    assert err.value.reason == "ADAPTER_ID_RETIRED"
+    assert "never reused" in err.value.message and "new version" in err.value.message
+    assert registry.list() == []
+    # Its snapshot is untouched: it still holds the first bytes.
+    assert expected_sha256(Path(first.snapshot_dir)) == first.content_sha256
+    # Even after the snapshot is collected, the tombstone stays.
+    registry.collect(now=time.time() + registry.snapshot_retention_s + 1)
+    with pytest.raises(AlreadyExists):
+        registry.register("bot", "a", version="v1")
+    # A new version is fine.
+    assert registry.register("bot", "a", version="v2")[1]
+
+
+def test_the_same_bytes_may_come_back_under_their_id(registry, make_adapter):
+    make_adapter("a")
+    first, _ = registry.register("bot", "a", version="v1")
+    registry.unregister("bot@v1")
+    again, created = registry.register("bot", "a", version="v1")
+    assert created and again.content_sha256 == first.content_sha256
+    assert again.snapshot_dir == first.snapshot_dir and Path(again.snapshot_dir).is_dir()
+    # Registered again, its snapshot is live: collecting never takes it.
+    assert registry.collect(now=time.time() + registry.snapshot_retention_s + 1) == []
+    assert Path(again.snapshot_dir).is_dir()
+    # And after a collected snapshot, the same bytes are staged afresh.
+    registry.unregister("bot@v1")
+    registry.collect(now=time.time() + registry.snapshot_retention_s + 1)
+    third, created = registry.register("bot", "a", version="v1")
+    assert created and Path(third.snapshot_dir).is_dir()
 
 
 def test_registry_is_shared_between_instances(store, registry_dir, make_adapter):
@@ -505,10 +547,9 @@ def test_get_is_served_from_cache_until_the_record_changes(registry, make_adapte
     # Another process replaces the record (unregister + register): the cache notices.
     other = _registry(registry.store_dir, registry.registry_dir)
     other.unregister("bot@v1")
-    (registry.store_dir / "a" / "README.md").write_text("v1 again, different bytes")
-    fresh, _ = other.register("bot", "a", version="v1")
+    fresh, _ = other.register("bot", "a", version="v1", metadata={"again": "yes"})
     reads.clear()
-    assert registry.get("bot@v1").content_sha256 == fresh.content_sha256 != record.content_sha256
+    assert registry.get("bot@v1").metadata == fresh.metadata == {"again": "yes"}
     assert reads == [registry.registry_dir / "adapters" / "bot@v1.json"]
 
 

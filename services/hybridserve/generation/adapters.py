@@ -12,11 +12,19 @@ adapters (Serve replicas, the CLI, the admin service):
 
     <registry_dir>/.lock                         flock held by register/unregister
     <registry_dir>/adapters/<name>@<version>.json  one record per adapter
+    <registry_dir>/tombstones/<name>@<version>.json  one per unregistered adapter, forever
     <registry_dir>/snapshots/<name>/<version>/   the read-only copy the engine loads
     <registry_dir>/.tmp/                         staging; same filesystem as snapshots
 
 Writers stage everything and publish with `os.replace`, so a reader sees either
 nothing or a complete adapter. Transport-free: raises `hybridserve.errors`.
+
+Ids are never reused. Unregistering leaves a tombstone with the content hash, so
+the id can later name those same bytes again but never other ones: a replica
+that still holds the old weights under it can never serve them for a new
+adapter. The snapshot outlives the record by `snapshot_retention_s` (at least
+the longest request), because a request admitted before the unregister may still
+make its replica load it.
 """
 
 from __future__ import annotations
@@ -30,6 +38,7 @@ import re
 import shutil
 import stat
 import tempfile
+import time
 from collections.abc import Collection, Iterator, Mapping
 from datetime import UTC, datetime
 from pathlib import Path, PurePath
@@ -121,6 +130,7 @@ class AdapterRegistry:
         max_rank: the engine's `max_lora_rank`.
         supported_target_modules: LoRA target modules the engine can serve.
         max_size_bytes: largest adapter folder accepted.
+        snapshot_retention_s: how long an unregistered adapter's snapshot is kept.
     """
 
     def __init__(
@@ -132,6 +142,7 @@ class AdapterRegistry:
         max_rank: int,
         supported_target_modules: Collection[str],
         max_size_bytes: int,
+        snapshot_retention_s: float = 3600.0,
     ):
         self.store_dir = Path(store_dir).expanduser().resolve()
         self.registry_dir = Path(registry_dir).expanduser().resolve()
@@ -139,13 +150,16 @@ class AdapterRegistry:
         self.max_rank = max_rank
         self.supported_target_modules = frozenset(supported_target_modules)
         self.max_size_bytes = max_size_bytes
+        self.snapshot_retention_s = snapshot_retention_s
         self._records_dir = self.registry_dir / "adapters"
+        self._tombstones_dir = self.registry_dir / "tombstones"
         self._snapshots_dir = self.registry_dir / "snapshots"
         self._staging_dir = self.registry_dir / ".tmp"
         self._lock_path = self.registry_dir / ".lock"
         # id -> ((st_mtime_ns, st_ino) of its record file, record)
         self._cache: dict[str, tuple[tuple[int, int], AdapterRecord]] = {}
-        for directory in (self.store_dir, self._records_dir, self._snapshots_dir, self._staging_dir):
+        for directory in (self.store_dir, self._records_dir, self._tombstones_dir,
+                          self._snapshots_dir, self._staging_dir):
             directory.mkdir(parents=True, exist_ok=True)
 
     @classmethod
@@ -169,6 +183,7 @@ class AdapterRegistry:
             max_rank=cfg.engine.max_lora_rank,
             supported_target_modules=cfg.adapters.supported_target_modules,
             max_size_bytes=cfg.adapters.max_size_bytes,
+            snapshot_retention_s=cfg.adapters.snapshot_retention_s,
         )
 
     # ------------------------------------------------------------------ lookups
@@ -297,23 +312,62 @@ class AdapterRegistry:
         finally:
             _rmtree(staged)
 
-    def unregister(self, adapter_id: str) -> None:
-        """Removes an adapter's record and snapshot.
-
-        Replicas that already loaded it keep serving it until they evict it; new
-        requests for the id get NOT_FOUND.
+    def unregister(self, adapter_id: str, *, now: float | None = None) -> None:
+        """Removes an adapter's record and leaves a tombstone (the id is never free for
+        other bytes). New requests for the id get NOT_FOUND; replicas that hold it
+        finish their requests with it and then unload it. The snapshot is deleted
+        `snapshot_retention_s` later, by a later unregister (see `collect`).
         """
         name, version = parse_adapter_id(adapter_id)
         record_path = self._record_path(name, version)
         with self._locked():
-            try:
-                record_path.unlink()
-            except FileNotFoundError:
-                raise NotFound(f"unknown adapter {adapter_id!r}; {_NOT_FOUND_HINT}") from None
+            record = self._load(record_path)
+            if record is None:
+                raise NotFound(f"unknown adapter {adapter_id!r}; {_NOT_FOUND_HINT}")
+            _write_json_atomic(self._tombstone_path(name, version), {
+                "id": record.id,
+                "content_sha256": record.content_sha256,
+                "unregistered_at": time.time() if now is None else now,
+            })
+            record_path.unlink()
             self._cache.pop(adapter_id, None)
-            _rmtree(self._snapshot_path(name, version))
-            with contextlib.suppress(OSError):  # only succeeds when no version is left
-                self._snapshot_path(name, version).parent.rmdir()
+            self._collect(time.time() if now is None else now)
+
+    def collect(self, now: float | None = None) -> list[str]:
+        """Deletes the snapshots of adapters unregistered more than
+        `snapshot_retention_s` ago; returns their ids. Unregister runs it too."""
+        with self._locked():
+            return self._collect(time.time() if now is None else now)
+
+    def _collect(self, now: float) -> list[str]:
+        removed = []
+        for path in sorted(self._tombstones_dir.glob("*.json")):
+            match = _ID_RE.fullmatch(path.stem)
+            if match is None or self._record_path(*match.groups()).exists():
+                continue  # registered again with the same bytes: the snapshot is live
+            snapshot = self._snapshot_path(*match.groups())
+            if not snapshot.exists():
+                continue
+            try:
+                tomb = json.loads(path.read_text())
+                expired = now - float(tomb["unregistered_at"]) >= self.snapshot_retention_s
+            except (OSError, ValueError, KeyError, TypeError):
+                continue  # unreadable: keep the snapshot (disk is cheaper than a failed load)
+            if expired:
+                _rmtree(snapshot)
+                with contextlib.suppress(OSError):  # only succeeds when no version is left
+                    snapshot.parent.rmdir()
+                removed.append(path.stem)
+        return removed
+
+    def _tombstone(self, name: str, version: str) -> dict | None:
+        path = self._tombstone_path(name, version)
+        try:
+            return json.loads(path.read_text())
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as exc:
+            raise Internal(f"adapter tombstone {path} is unreadable: {exc}") from exc
 
     def _publish(self, record: AdapterRecord, staged: Path) -> tuple[AdapterRecord, bool]:
         """Makes a staged snapshot visible. Caller holds the registry lock."""
@@ -326,14 +380,29 @@ class AdapterRegistry:
                 f"adapter {record.id} is already registered with different content; "
                 "versions are immutable — register it under a new version"
             )
+        tomb = self._tombstone(record.name, record.version)
+        if tomb is not None and tomb.get("content_sha256") != record.content_sha256:
+            raise AlreadyExists(
+                f"adapter {record.id} was registered before with different content and then "
+                "unregistered; ids are never reused, because replicas may still hold the old "
+                "weights under it — register it under a new version",
+                reason="ADAPTER_ID_RETIRED", metadata={"adapter": record.id},
+            )
         snapshot = self._snapshot_path(record.name, record.version)
         snapshot.parent.mkdir(parents=True, exist_ok=True)
-        _rmtree(snapshot)  # orphan of a crashed register or unregister; no record points at it
-        os.replace(staged, snapshot)
+        if tomb is not None and snapshot.is_dir():
+            # The same bytes again, and the retained snapshot is theirs: keep it, so a
+            # replica reading it now is not disturbed.
+            fresh_snapshot = False
+        else:
+            _rmtree(snapshot)  # orphan of a crashed register; no record points at it
+            os.replace(staged, snapshot)
+            fresh_snapshot = True
         try:
             _write_json_atomic(record_path, record.model_dump(mode="json", exclude={"snapshot_dir"}))
         except BaseException:
-            _rmtree(snapshot)
+            if fresh_snapshot:
+                _rmtree(snapshot)
             raise
         return self._load(record_path) or record, True
 
@@ -548,6 +617,9 @@ class AdapterRegistry:
 
     def _record_path(self, name: str, version: str) -> Path:
         return self._records_dir / f"{name}@{version}.json"
+
+    def _tombstone_path(self, name: str, version: str) -> Path:
+        return self._tombstones_dir / f"{name}@{version}.json"
 
     def _snapshot_path(self, name: str, version: str) -> Path:
         return self._snapshots_dir / name / version

@@ -6,13 +6,16 @@ about gRPC or Ray Serve.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import math
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import TypeVar
 
 from hybridserve.config import HybridServeConfig
 from hybridserve.errors import InvalidArgument
@@ -24,6 +27,8 @@ MAX_STOP_STRINGS = 8
 MAX_STOP_CHARS = 256
 MAX_REQUEST_ID_CHARS = 128
 MAX_SCHEMA_CHARS = 64 * 1024
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -86,7 +91,20 @@ class GenerationService:
         self.config = config
         self.engine = engine
         self.registry = registry
-        self._int_ids: dict[str, int] = {}
+        self._int_ids: dict[tuple[str, str], int] = {}
+        # NOTE: one thread: a Hugging Face fast tokenizer is not safe to call from
+        # several threads at once ("Already borrowed"), and one thread keeps the
+        # event loop free, which is what matters.
+        self._blocking = ThreadPoolExecutor(1, thread_name_prefix="hybridserve-prepare")
+
+    async def run_blocking(self, fn: Callable[..., T], *args) -> T:
+        """Runs `fn(*args)` off the event loop: tokenizing, chat templates, schema
+        checks and registry reads, which would otherwise stall every stream this
+        replica serves (AsyncLLM's output handler runs on the same loop)."""
+        return await asyncio.get_running_loop().run_in_executor(self._blocking, fn, *args)
+
+    def close(self) -> None:
+        self._blocking.shutdown(wait=False, cancel_futures=True)
 
     # -- validation ---------------------------------------------------------
 
@@ -185,11 +203,13 @@ class GenerationService:
     # -- adapters -----------------------------------------------------------
 
     def adapter_ref(self, record: AdapterRecord) -> AdapterRef:
-        """The engine's view of an adapter. Integer ids are never reused, so a
-        slot can never serve a stale adapter under a recycled number."""
-        int_id = self._int_ids.get(record.id)
+        """The engine's view of an adapter. Integer ids are never reused, and are
+        keyed by the content too, so a slot can never serve stale weights under a
+        recycled number (the registry never reuses an id for other bytes either)."""
+        key = (record.id, record.content_sha256)
+        int_id = self._int_ids.get(key)
         if int_id is None:
-            int_id = self._int_ids[record.id] = len(self._int_ids) + 1
+            int_id = self._int_ids[key] = len(self._int_ids) + 1
         return AdapterRef(record.id, int_id, record.snapshot_dir)
 
     # -- streaming ----------------------------------------------------------

@@ -27,6 +27,7 @@ from hybridserve.generation.engine import Delta
 from hybridserve.generation.service import GenerateInput, GenerationDone, GenerationService
 from hybridserve.errors import DeadlineExceeded, FailedPrecondition, HybridServeError
 from hybridserve.grpc_errors import grpc_stream, grpc_unary
+from hybridserve.health import watch_health
 from hybridserve.tenancy.auth import Tenancy
 from hybridserve.v1 import common_pb2, generation_pb2
 
@@ -38,8 +39,6 @@ _FINISH = {
     "length": common_pb2.FINISH_REASON_LENGTH,
     "abort": common_pb2.FINISH_REASON_ABORT,
 }
-#: How long an evicted adapter waits for its in-flight requests before unloading.
-_EVICT_DRAIN_S = 60.0
 #: client_request_id -> request id pairs a replica remembers for `stats()`.
 _RECENT_IDS = 256
 
@@ -66,37 +65,36 @@ def model_dir_for(config: HybridServeConfig) -> Path:
 class ResidentAdapter:
     """An adapter loaded into this replica's engine; the multiplexed "model".
 
-    Counts in-flight requests so that eviction waits for them to finish.
+    Counts the requests using it. Evicting it returns at once: Serve awaits
+    `model.__del__` while it holds the replica's model-cache lock, so waiting there
+    would stall every other adapter's load. The servicer unloads it from the engine
+    once its last request has ended, unless it is loaded again first.
     """
 
-    def __init__(self, engine: Engine, ref: AdapterRef, on_unload):
+    def __init__(self, ref: AdapterRef, on_evict):
         self.ref = ref
-        self._engine = engine
-        self._users = 0
-        self._idle = asyncio.Event()
-        self._idle.set()
-        self._on_unload = on_unload
+        self.users = 0
+        self.idle = asyncio.Event()
+        self.idle.set()
+        #: Set when Serve evicted it; cleared when it is loaded again before unloading.
+        self.evicted = False
+        self._on_evict = on_evict
         # NOTE: an instance attribute, not a method: Serve awaits `model.__del__`
         # on LRU eviction, while the garbage collector only ever calls the
         # class's __del__ (which must not be a coroutine).
-        self.__del__ = self._unload
+        self.__del__ = self._evict
 
     def acquire(self) -> None:
-        self._users += 1
-        self._idle.clear()
+        self.users += 1
+        self.idle.clear()
 
     def release(self) -> None:
-        self._users -= 1
-        if self._users == 0:
-            self._idle.set()
+        self.users -= 1
+        if self.users == 0:
+            self.idle.set()
 
-    async def _unload(self) -> None:
-        try:
-            await asyncio.wait_for(self._idle.wait(), _EVICT_DRAIN_S)
-        except TimeoutError:
-            logger.warning("evicting %s with requests still running", self.ref.adapter_id)
-        await self._engine.unload_adapter(self.ref)
-        self._on_unload(self.ref.adapter_id)
+    async def _evict(self) -> None:
+        self._on_evict(self)
 
 
 def _input_from_proto(req: generation_pb2.GenerateRequest) -> GenerateInput:
@@ -179,6 +177,13 @@ class GenerationServicer:
         self.tenancy = tenancy or Tenancy.from_config(cfg, metrics_service=self.metrics_service)
         self._evictions = 0
         self._prefetches = 0
+        #: adapter id -> the ResidentAdapter loaded in this replica's engine (also
+        #: while it drains after an eviction)
+        self._residents: dict[str, ResidentAdapter] = {}
+        #: adapter id -> the task that unloads it once its requests have ended
+        self._unloads: dict[str, asyncio.Task] = {}
+        #: serializes loading and unloading one adapter
+        self._adapter_locks: dict[str, asyncio.Lock] = {}
         self._sampler: asyncio.Task | None = None
         #: client_request_id -> the server's request id, for the last requests
         #: that sent one (introspection: `stats()`).
@@ -193,6 +198,9 @@ class GenerationServicer:
         if self._sampler is not None:
             self._sampler.cancel()
             self._sampler = None
+        for task in list(self._unloads.values()):
+            task.cancel()
+        self.service.close()
         obs.release_replica(replica_id())
         await self.service.engine.shutdown()
         await self.tenancy.close()
@@ -222,13 +230,19 @@ class GenerationServicer:
 
     async def load_adapter(self, adapter_id: str) -> ResidentAdapter:
         """Loads an adapter into this replica. Under Serve this is wrapped in
-        `serve.multiplexed`, which keeps at most `engine.max_cpu_loras` per
-        replica and evicts the least recently used."""
-        record = self.service.registry.get(adapter_id)
+        `serve.multiplexed`, which keeps at most `engine.max_loras` per replica (what
+        one batch can hold) and evicts the least recently used."""
+        # The registry stats (and may read) its record: off the loop.
+        record = await self.service.run_blocking(self.service.registry.get, adapter_id)
         ref = self.service.adapter_ref(record)
-        engine = self.service.engine
-        # Outside Serve this runs for every request; only a real load is measured.
-        if ref.adapter_id not in engine.stats().resident_adapters:
+        lock = self._adapter_locks.setdefault(ref.adapter_id, asyncio.Lock())
+        async with lock:
+            resident = self._residents.get(ref.adapter_id)
+            if resident is not None and resident.ref.int_id == ref.int_id:
+                # Still in the engine (evicted and draining, or outside Serve, where
+                # this runs for every request): use it, and keep it.
+                resident.evicted = False
+                return resident
             start = time.perf_counter()
             try:
                 if self.config.adapters.node_cache_dir is not None:
@@ -237,13 +251,41 @@ class GenerationServicer:
                     local = await asyncio.to_thread(
                         local_copy, record, self.config.adapters.node_cache_dir)
                     ref = replace(ref, path=str(local))
-                await engine.load_adapter(ref)
+                await self.service.engine.load_adapter(ref)
             except BaseException:
                 obs.adapter_loaded(ref.adapter_id, time.perf_counter() - start, ok=False)
                 raise
             obs.adapter_loaded(ref.adapter_id, time.perf_counter() - start, ok=True)
             obs.set_resident(replica_id(), ref.adapter_id, True)
-        return ResidentAdapter(engine, ref, self._evicted)
+            resident = self._residents[ref.adapter_id] = ResidentAdapter(ref, self._evict)
+            return resident
+
+    def _evict(self, resident: ResidentAdapter) -> None:
+        """Serve evicted `resident`: unload it once its requests have ended."""
+        resident.evicted = True
+        adapter_id = resident.ref.adapter_id
+        if adapter_id not in self._unloads:
+            self._unloads[adapter_id] = asyncio.create_task(self._unload_when_idle(resident))
+
+    async def _unload_when_idle(self, resident: ResidentAdapter) -> None:
+        adapter_id = resident.ref.adapter_id
+        try:
+            # NOTE: no timeout: every request ends by its deadline
+            # (serve.request_timeout_s), and unloading under a live request would
+            # only make vLLM load it again from disk.
+            await resident.idle.wait()
+            async with self._adapter_locks.setdefault(adapter_id, asyncio.Lock()):
+                if not resident.evicted or self._residents.get(adapter_id) is not resident:
+                    return  # loaded again while it drained
+                del self._residents[adapter_id]
+                await self.service.engine.unload_adapter(resident.ref)
+        except Exception:  # noqa: BLE001 - a background task: log, never raise into nothing
+            logger.warning("unloading adapter %s failed", adapter_id, exc_info=True)
+            return
+        finally:
+            if self._unloads.get(adapter_id) is asyncio.current_task():
+                del self._unloads[adapter_id]
+        self._evicted(adapter_id)
 
     def _evicted(self, adapter_id: str) -> None:
         self._evictions += 1
@@ -313,7 +355,9 @@ class GenerationServicer:
         start = time.perf_counter()
         resident = None
         try:
-            prepared = self.service.prepare(inp)
+            # Tokenizing, the chat template and schema checks: off the event loop
+            # that AsyncLLM's output handler shares.
+            prepared = await self.service.run_blocking(self.service.prepare, inp)
             if prepared.client_request_id:
                 logger.info("request %s is the client's %r", prepared.request_id,
                             prepared.client_request_id)
@@ -464,13 +508,13 @@ class GenerationServicer:
     async def Watch(
         self, request: health_pb2.HealthCheckRequest, grpc_context: Any = None
     ) -> AsyncIterator[health_pb2.HealthCheckResponse]:
-        last = None
-        while True:  # ends when the client cancels
-            status = await self._health(request.service)
-            if status != last:
-                yield health_pb2.HealthCheckResponse(status=status)
-                last = status
-            await asyncio.sleep(2.0)
+        """The current status at once, then each change, for `serve.health_watch_s`.
+        The stream then ends with OK, and the client watches again: an open stream
+        holds one of this replica's `max_ongoing_requests`, so it must not be held
+        forever."""
+        async for status in watch_health(self._health, request.service,
+                                         self.config.serve.health_watch_s):
+            yield health_pb2.HealthCheckResponse(status=status)
 
     # -- introspection (Serve handle only, not on the gRPC API) -----------
 

