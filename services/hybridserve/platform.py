@@ -245,7 +245,8 @@ def start(
                 log_to_driver=False,
             )
         serve.start(
-            http_options=HTTPOptions(host=config.serve.grpc_host, port=config.serve.http_port),
+            http_options=HTTPOptions(host=config.serve.grpc_host, port=config.serve.http_port,
+                                     request_timeout_s=config.serve.request_timeout_s),
             grpc_options=grpc_options(config),
         )
         # NOTE: a route prefix is required: Serve's gRPC proxy only routes to apps

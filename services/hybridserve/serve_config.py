@@ -35,10 +35,12 @@ def serve_config(config: HybridServeConfig) -> dict[str, Any]:
     return {
         # A proxy on every node, so that a client may reach any node.
         "proxy_location": "EveryNode",
-        "http_options": {"host": config.serve.grpc_host, "port": config.serve.http_port},
+        "http_options": {"host": config.serve.grpc_host, "port": config.serve.http_port,
+                         "request_timeout_s": config.serve.request_timeout_s},
         "grpc_options": {
             "port": config.serve.grpc_port,
             "grpc_servicer_functions": list(GRPC_SERVICER_FUNCTIONS),
+            "request_timeout_s": config.serve.request_timeout_s,
         },
         "applications": [
             {

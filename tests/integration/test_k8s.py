@@ -203,7 +203,12 @@ def test_gpu_group_requests_gpus_and_autoscales(kube):
     app = generation_app(serve["applications"][1]["args"])
     assert app._bound_deployment._deployment_config.autoscaling_config.max_replicas == 4
     # Replicas ask for the GPUs the group offers: that places them there and scales it.
-    assert app._bound_deployment.ray_actor_options["num_gpus"] == 2
+    # Tensor parallel over 2: the replica's placement group holds a bundle for itself
+    # and one GPU per vLLM worker, packed on one pod.
+    deployment = app._bound_deployment
+    assert deployment.ray_actor_options["num_gpus"] == 0
+    assert deployment._replica_config.placement_group_bundles[1:] == [{"GPU": 1}, {"GPU": 1}]
+    assert deployment._replica_config.placement_group_strategy == "STRICT_PACK"
 
 
 def test_dashboards_and_rules_in_the_chart_are_deploys(kube):

@@ -185,3 +185,39 @@ async def _collect(agen):
 async def _until(predicate, every=0.01):
     while not predicate():
         await asyncio.sleep(every)
+
+
+class _DeadLLM:
+    """AsyncLLM after its engine core died: every call raises vLLM's EngineDeadError."""
+
+    def __init__(self):
+        from vllm.v1.engine.exceptions import EngineDeadError
+
+        self.error = EngineDeadError
+
+    def generate(self, *a, **kw):
+        raise self.error()
+
+    async def add_lora(self, *a):
+        raise self.error()
+
+    async def check_health(self):
+        raise self.error()
+
+
+async def test_a_dead_vllm_engine_is_unavailable_not_internal(config):
+    from hybridserve.errors import Unavailable
+    from hybridserve.generation.engine import AdapterRef, SamplingOptions
+    from hybridserve.generation.vllm_engine import VLLMEngine
+    from hybridserve.grpc_errors import status_of
+
+    engine = VLLMEngine(config, config.model.path)
+    engine._llm = _DeadLLM()
+    with pytest.raises(Unavailable) as err:
+        _ = [d async for d in engine.generate("r1", [1, 2], SamplingOptions(max_tokens=2))]
+    assert err.value.reason == "ENGINE_DEAD" and err.value.retry_after > 0
+    assert status_of(err.value)[0].name == "UNAVAILABLE"
+    with pytest.raises(Unavailable):
+        await engine.load_adapter(AdapterRef("a@v1", 1, "/nowhere"))
+    with pytest.raises(Unavailable):
+        await engine.check_health()

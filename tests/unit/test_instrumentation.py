@@ -181,6 +181,7 @@ async def test_adapter_loads_residency_and_eviction(fake, config, monkeypatch, a
 
     class Record:
         id = ref_id
+        content_sha256 = "0" * 64
         snapshot_dir = "/nowhere"
 
     monkeypatch.setattr(servicer.service.registry, "get", lambda adapter_id: Record)
@@ -195,7 +196,9 @@ async def test_adapter_loads_residency_and_eviction(fake, config, monkeypatch, a
     replica_id = resident[0][2]["replica"]
     assert replica_id == (await servicer.stats())["replica_id"]
 
-    await first._unload()  # what Serve does on LRU eviction
+    assert again is first
+    await first.__del__()  # what Serve does on LRU eviction
+    await servicer._unloads[ref_id]  # idle: it unloads at once, in the background
     assert [t for _, _, t in calls(fake, m.ADAPTER_EVICTIONS)] == [{"adapter": ref_id}]
     assert [v for _, v, _ in calls(fake, m.ADAPTER_RESIDENT, adapter=ref_id)] == [1.0, 0.0]
     # The evicted series is no longer refreshed, so Ray lets it age out.

@@ -104,6 +104,9 @@ class VLLMEngine(Engine):
             max_loras=eng.max_loras,
             max_lora_rank=eng.max_lora_rank,
             max_cpu_loras=eng.max_cpu_loras,
+            tensor_parallel_size=eng.tensor_parallel_size,
+            # Above 1, the GPU workers are Ray actors in the replica's placement group.
+            distributed_executor_backend="ray" if eng.tensor_parallel_size > 1 else None,
             # NOTE: keep stats on: vLLM's engine metrics and the scheduler
             # snapshot behind `stats()` come from them.
             disable_log_stats=False,

@@ -12,11 +12,15 @@ import asyncio
 import time
 from collections.abc import AsyncIterator, Sequence
 
-from hybridserve.errors import DeadlineExceeded, HybridServeError
+from hybridserve.errors import DeadlineExceeded, HybridServeError, ResourceExhausted
 from hybridserve.generation.service import GenerateInput
 from hybridserve.rag.service import ReplicaFailed, RetrievalResult
 from hybridserve.rerank.service import RerankInput
 from hybridserve.retrieval.documents import FieldFilter
+
+
+#: The retry delay an overloaded backend suggests (Serve gives none).
+_OVERLOAD_RETRY_S = 1.0
 
 
 def _domain_error(err: BaseException) -> BaseException:
@@ -31,6 +35,13 @@ def _domain_error(err: BaseException) -> BaseException:
         return err
     if isinstance(err, (RayActorError, ActorDiedError, ActorUnavailableError)):
         return ReplicaFailed(type(err).__name__)
+    from ray.serve.exceptions import BackPressureError
+
+    if isinstance(err, BackPressureError) or isinstance(cause, BackPressureError):
+        # Every replica is at max_ongoing_requests and this caller's queue is full.
+        return ResourceExhausted(
+            "the platform is at capacity (every replica busy and the queue full); retry "
+            "after the delay given", reason="OVERLOADED", retry_after=_OVERLOAD_RETRY_S)
     try:
         from ray.serve.exceptions import DeploymentUnavailableError
 
