@@ -11,6 +11,7 @@ includes them.
 Usage:
   python benchmarks/finetune.py                    # both models, 1 torch thread
   python benchmarks/finetune.py --model tiny --threads 2 --out benchmarks/results/finetune.json
+  python benchmarks/finetune.py --smoke            # tiny, 3 steps: writes results/finetune-smoke.json
 
 Prints one JSON object. Defaults: TrainConfig() (rank 8, q/k/v/o, all layers,
 batch 4); every run is bounded by --steps.
@@ -118,7 +119,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=2, help="steps left out of the steady rate")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     parser.add_argument("--out", type=Path, help="also write the JSON here")
+    parser.add_argument("--smoke", action="store_true",
+                        help="the tiny model, 3 steps (checks that the benchmark still runs)")
     args = parser.parse_args(argv)
+    if args.smoke:
+        args.model, args.steps, args.warmup = "tiny", 3, 1
+        args.out = args.out or Path(__file__).resolve().parent / "results" / "finetune-smoke.json"
 
     import peft
     import torch

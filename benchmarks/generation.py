@@ -10,9 +10,11 @@ ratio is taken per round pair; the median ratio is reported.
 Usage:
   python benchmarks/generation.py --model tiny      # tiny random Llama (built locally)
   python benchmarks/generation.py --model smollm2   # SmolLM2-135M-Instruct (prepared offline)
+  python benchmarks/generation.py --smoke --address HOST:PORT --api-key-file F \
+      --store-dir D --base-dir B                    # one short round against a running platform
 
-Writes benchmarks/results/generation-<model>.json and prints a table.
-Every load is bounded: rounds x streams x max_tokens.
+Writes benchmarks/results/generation-<model>.json (generation-smoke.json with --smoke)
+and prints a table. Every load is bounded: rounds x streams x max_tokens.
 """
 
 from __future__ import annotations
@@ -57,10 +59,15 @@ def _pct(values, q):
     return values[k]
 
 
-def build_assets(model: str, work: Path, n_adapters: int):
+def build_assets(model: str, work: Path, n_adapters: int, base_dir: Path | None = None,
+                 store: Path | None = None, base_name: str = "tiny-llama"):
+    """The base model and `n_adapters` adapters in the store (`store`: a running
+    platform's adapter store, `base_dir` its model)."""
     from hybridserve.testing.tiny import build_lora_adapter, build_tiny_llama
 
-    if model == "tiny":
+    if base_dir is not None:
+        base, name = base_dir, base_name
+    elif model == "tiny":
         base = build_tiny_llama(work / "models" / "tiny-llama")
         name = "tiny-llama"
     else:
@@ -69,7 +76,7 @@ def build_assets(model: str, work: Path, n_adapters: int):
 
         base = prepare_default_model(constants.CACHE_DIR)
         name = constants.DEFAULT_MODEL_NAME
-    store = work / "data" / "adapters"
+    store = store or work / "data" / "adapters"
     adapters = [
         build_lora_adapter(base, store / f"bench{i}", seed=1000 + i, rank=8, base_model_name=name,
                            scale=0.05 if model == "smollm2" else 0.5)
@@ -90,12 +97,16 @@ def make_config(base: Path, name: str, work: Path, args):
             "max_cpu_loras": max(args.max_loras, args.adapters + 8),
             "max_lora_rank": 8,
             "max_num_seqs": max(16, args.streams),
-            "kv_cache_space_gib": 2,
+            "kv_cache_space_gib": 1 if args.smoke else 2,
+            # A smoke run checks that the code runs: no minutes of torch.compile.
+            "enforce_eager": args.smoke,
         },
         serve={
             "grpc_port": _free_port(),
             "http_port": _free_port(),
             "cpus_per_replica": 0.5,
+            # Only generation: the knowledge apps would start a weaviate-server.
+            "apps": ["generation"],
             **({"stream_interval_ms": args.stream_interval_ms}
                if args.stream_interval_ms is not None else {}),
         },
@@ -216,21 +227,32 @@ def _summary(rounds):
 
 
 async def main_async(args) -> dict:
+    from contextlib import nullcontext
+
     from hybridserve import platform as local
     from vllm.lora.request import LoRARequest
 
     work = Path(args.work).resolve() / args.model
-    base, name, adapter_dirs = build_assets(args.model, work, args.adapters)
+    base, name, adapter_dirs = build_assets(
+        args.model, work, args.adapters, Path(args.base_dir) if args.base_dir else None,
+        Path(args.store_dir) if args.store_dir else None, args.base_name)
     config = make_config(base, name, work, args)
     print(f"[bench] model={args.model} base={base}", flush=True)
 
-    running = local.start(config, progress=lambda m: print("[bench]", m, flush=True))
-    use_admin_key(config)
+    if args.address:
+        from hybridserve.tenancy.bootstrap import read_key_file
+
+        os.environ["HYBRIDSERVE_API_KEY"] = read_key_file(Path(args.api_key_file))
+        address, running = args.address, nullcontext()
+    else:
+        running = local.start(config, progress=lambda m: print("[bench]", m, flush=True))
+        use_admin_key(config)
+        address = running.grpc_address
     print("[bench] platform up; starting the direct engine", flush=True)
     direct = Direct(config, base)
-    plat = Platform(running.grpc_address)
+    plat = Platform(address, app=args.app)
     try:
-        ids = [await plat.register(f"bench{i}", f"bench{i}", "v1") for i in range(args.adapters)]
+        ids = [await plat.register(d.name, d.name, "v1") for d in adapter_dirs]
         loras = [LoRARequest(f"bench{i}", i + 1, str(d)) for i, d in enumerate(adapter_dirs)]
         # Warm up both sides (first requests pay one-time costs), adapters loaded.
         await run_load(direct.one, args.streams, 8, [None] + loras)
@@ -266,7 +288,7 @@ async def main_async(args) -> dict:
         cold = []
         for i in range(args.cold):
             t0 = time.perf_counter()
-            new_id = await plat.register(f"cold{i}", "bench0", f"c{uuid.uuid4().hex[:8]}")
+            new_id = await plat.register(f"cold{i}", adapter_dirs[0].name, f"c{uuid.uuid4().hex[:8]}")
             ttft, _ = await plat.one(PROMPTS[0], 4, new_id)
             cold.append(time.perf_counter() - t0)
             _ = ttft
@@ -293,7 +315,8 @@ async def main_async(args) -> dict:
     finally:
         await plat.channel.close()
         direct.llm.shutdown()
-        running.stop()
+        if not args.address:
+            running.stop()
 
 
 def main() -> int:
@@ -309,11 +332,25 @@ def main() -> int:
                    help="default: the platform's (serve.stream_interval_ms)")
     p.add_argument("--tag", default="", help="suffix for the results file")
     p.add_argument("--work", default=str(Path.home() / ".cache" / "hybridserve" / "bench"))
+    p.add_argument("--address", help="use a running platform instead of starting one")
+    p.add_argument("--app", default="generation", help="its generation app (with --address)")
+    p.add_argument("--api-key-file", help="its admin key (with --address)")
+    p.add_argument("--store-dir", help="its adapter store (with --address)")
+    p.add_argument("--base-dir", help="its base model folder (with --address)")
+    p.add_argument("--base-name", default="tiny-llama", help="its served model name")
+    p.add_argument("--smoke", action="store_true",
+                   help="one short round of each part (checks that the benchmark still runs)")
     args = p.parse_args()
+    if args.address and not (args.api_key_file and args.store_dir and args.base_dir):
+        p.error("--address needs --api-key-file, --store-dir and --base-dir")
+    if args.smoke:
+        args.streams, args.max_tokens, args.rounds = 2, 4, 1
+        args.adapters, args.max_loras, args.cold = 2, 2, 1
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     out = asyncio.run(main_async(args))
     (ROOT / "results").mkdir(exist_ok=True)
-    path = ROOT / "results" / f"generation-{args.model}{'-' + args.tag if args.tag else ''}.json"
+    name = "smoke" if args.smoke else args.model + (f"-{args.tag}" if args.tag else "")
+    path = ROOT / "results" / f"generation-{name}.json"
     path.write_text(json.dumps(out, indent=2))
     print(json.dumps({k: v for k, v in out.items() if not isinstance(v, dict)}, indent=2))
     for k in ("direct_base", "platform_base", "platform_mixed", "platform_base2", "direct_mixed",

@@ -23,9 +23,15 @@ observe_stage), which is what the overhead is made of.
 
 Usage:
   python benchmarks/observability.py [--rounds 24] [--streams 16] [--max-tokens 128]
+  python benchmarks/observability.py --smoke --address HOST:PORT --api-key-file F \
+      --store-dir D --base-dir B --on-app A --off-app A
 
-Writes benchmarks/results/observability-tiny.json and prints a summary.
-Every load is bounded: rounds x 2 x streams x max_tokens.
+Writes benchmarks/results/observability-tiny.json (observability-smoke.json with
+--smoke) and prints a summary. Every load is bounded: rounds x 2 x streams x
+max_tokens. With --address, the two arms are the running platform's apps named by
+--on-app and --off-app (a smoke run may name one app twice: it checks that the
+benchmark runs, not what metrics cost), and this process joins its Ray cluster for
+the recording-cost part.
 """
 
 from __future__ import annotations
@@ -114,21 +120,35 @@ def recording_costs(n: int = 20000) -> dict[str, float]:
 
 
 async def main_async(args) -> dict:
+    from contextlib import nullcontext
+
     from hybridserve import platform as local
 
     work = Path(args.work).resolve()
-    base, name, adapter_dirs = build_assets("tiny", work, args.adapters)
-    ports = {"grpc_port": _free_port(), "http_port": _free_port()}
-    metrics_port = _free_port()
-    configs = {app: make_config(base, name, work, args, on, ports, metrics_port)
-               for app, on in APPS.items()}
-    running = local.start(configs["metrics-on"], generation_apps=configs,
-                          progress=lambda msg: print("[bench]", msg, flush=True))
-    use_admin_key(configs["metrics-on"])
-    apps = {name: Platform(running.grpc_address, app=name) for name in APPS}
+    base, name, adapter_dirs = build_assets(
+        "tiny", work, args.adapters, Path(args.base_dir) if args.base_dir else None,
+        Path(args.store_dir) if args.store_dir else None, args.base_name)
+    if args.address:
+        import ray
+        from hybridserve.tenancy.bootstrap import read_key_file
+
+        os.environ["HYBRIDSERVE_API_KEY"] = read_key_file(Path(args.api_key_file))
+        ray.init(address="auto", namespace="hybridserve", log_to_driver=False)
+        address, running = args.address, nullcontext()
+        app_of = {"metrics-on": args.on_app, "metrics-off": args.off_app}
+    else:
+        ports = {"grpc_port": _free_port(), "http_port": _free_port()}
+        metrics_port = _free_port()
+        configs = {app: make_config(base, name, work, args, on, ports, metrics_port)
+                   for app, on in APPS.items()}
+        running = local.start(configs["metrics-on"], generation_apps=configs,
+                              progress=lambda msg: print("[bench]", msg, flush=True))
+        use_admin_key(configs["metrics-on"])
+        address = running.grpc_address
+        app_of = {arm: arm for arm in APPS}
+    apps = {arm: Platform(address, app=app_of[arm]) for arm in APPS}
     try:
-        ids = [await apps["metrics-on"].register(f"obs{i}", d.name, "v1")
-               for i, d in enumerate(adapter_dirs)]
+        ids = [await apps["metrics-on"].register(d.name, d.name, "v1") for d in adapter_dirs]
         mix = [""] + ids  # the base model and every adapter, round robin
         for app in apps.values():  # warm up: first requests pay one-time costs
             await run_load(app.one, args.streams, 8, mix)
@@ -162,13 +182,15 @@ async def main_async(args) -> dict:
             "on_vs_off_ratio_quartiles": [round(quartiles[0], 3), round(quartiles[2], 3)],
             "on_vs_off_ratio_pooled": pooled(rounds["metrics-on"]) / pooled(rounds["metrics-off"]),
             "on_vs_off_ratios": [round(x, 3) for x in ratios],
-            "recording_cost_us": recording_costs(),
+            "apps": app_of,
+            "recording_cost_us": recording_costs(200 if args.smoke else 20000),
             **{name: _summary(rs) for name, rs in rounds.items()},
         }
     finally:
         for app in apps.values():
             await app.channel.close()
-        running.stop()
+        if not args.address:
+            running.stop()
 
 
 def main() -> int:
@@ -179,11 +201,25 @@ def main() -> int:
     p.add_argument("--pause-s", type=float, default=0.5)
     p.add_argument("--adapters", type=int, default=3)
     p.add_argument("--work", default=str(Path.home() / ".cache" / "hybridserve" / "bench-obs"))
+    p.add_argument("--address", help="use a running platform instead of starting one")
+    p.add_argument("--api-key-file", help="its admin key (with --address)")
+    p.add_argument("--store-dir", help="its adapter store (with --address)")
+    p.add_argument("--base-dir", help="its base model folder (with --address)")
+    p.add_argument("--base-name", default="tiny-llama", help="its served model name")
+    p.add_argument("--on-app", default="generation", help="its app with metrics on")
+    p.add_argument("--off-app", default="generation", help="its app with metrics off")
+    p.add_argument("--smoke", action="store_true",
+                   help="one short round (checks that the benchmark still runs)")
     args = p.parse_args()
+    if args.address and not (args.api_key_file and args.store_dir and args.base_dir):
+        p.error("--address needs --api-key-file, --store-dir and --base-dir")
+    if args.smoke:
+        args.rounds, args.streams, args.max_tokens, args.adapters = 2, 2, 4, 1
+        args.pause_s = 0
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     out = asyncio.run(main_async(args))
     (ROOT / "results").mkdir(exist_ok=True)
-    path = ROOT / "results" / "observability-tiny.json"
+    path = ROOT / "results" / ("observability-smoke.json" if args.smoke else "observability-tiny.json")
     path.write_text(json.dumps(out, indent=2) + "\n")
     print(json.dumps(out, indent=2))
     print(f"wrote {path}")

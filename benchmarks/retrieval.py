@@ -17,8 +17,13 @@ run and the median of the per-round ratios is reported (this machine drifts).
 
 Usage:
   .venv/bin/python benchmarks/retrieval.py [--rounds 3] [--search-chunks 20000]
+  .venv/bin/python benchmarks/retrieval.py --smoke --address HOST:PORT --api-key-file F \
+      --config C --metrics-url URL        # one short round against a running platform
 
-Writes benchmarks/results/retrieval.json. Every load is bounded in count.
+Writes benchmarks/results/retrieval.json (retrieval-smoke.json with --smoke). Every
+load is bounded in count. With --address, this process joins the platform's Ray
+cluster (`ray.init(address="auto")`) to deploy the one-at-a-time rerank app beside
+it, and removes that app afterwards.
 """
 
 from __future__ import annotations
@@ -66,9 +71,7 @@ def _text(rng: random.Random, words: int) -> str:
 
 def start_platform(work: Path, args):
     from hybridserve import platform as local
-    from hybridserve.app import build_rerank_app
     from hybridserve.config import HybridServeConfig
-    from ray import serve
 
     wport = _free_port()
     while wport > 55000:
@@ -83,10 +86,43 @@ def start_platform(work: Path, args):
     )
     plat = local.start(cfg, progress=lambda m: print(m, file=sys.stderr, flush=True))
     use_admin_key(cfg)
+    deploy_unbatched_rerank(cfg)
+    return plat, cfg
+
+
+def deploy_unbatched_rerank(cfg) -> None:
+    """The `rerank1` app: the rerank deployment with batches of one (the baseline)."""
+    from hybridserve.app import build_rerank_app
+    from ray import serve
+
     one = cfg.model_copy(deep=True)
     one.rerank.max_batch_size = 1
+    one.rerank.cpus_per_replica = 0  # beside a running platform whose CPUs are all taken
     serve.run(build_rerank_app(one), name="rerank1", route_prefix="/rerank1")
-    return plat, cfg
+
+
+class _Running:
+    """A platform this benchmark did not start: only its address and metrics URL."""
+
+    def __init__(self, address: str, metrics_url: str):
+        self.grpc_address, self.metrics_url = address, metrics_url
+
+    def stop(self) -> None:
+        from ray import serve
+
+        serve.delete("rerank1")
+
+
+def join_platform(args):
+    import ray
+    from hybridserve.config import HybridServeConfig
+    from hybridserve.tenancy.bootstrap import read_key_file
+
+    os.environ["HYBRIDSERVE_API_KEY"] = read_key_file(Path(args.api_key_file))
+    cfg = HybridServeConfig.load(args.config)
+    ray.init(address="auto", namespace="hybridserve", log_to_driver=False)
+    deploy_unbatched_rerank(cfg)
+    return _Running(args.address, args.metrics_url), cfg
 
 
 def bench_ingest(client, cfg, rounds: int, docs_per_round: int, words: int):
@@ -113,8 +149,9 @@ def bench_ingest(client, cfg, rounds: int, docs_per_round: int, words: int):
                 res["raw"] = len(chunks) / (time.perf_counter() - t0)
             else:
                 written = 0
-                for i in range(0, len(docs), 64):
-                    reply = client.upsert(tenant, docs[i : i + 64], timeout=600)
+                step = min(64, cfg.retrieval.max_documents_per_request)
+                for i in range(0, len(docs), step):
+                    reply = client.upsert(tenant, docs[i : i + step], timeout=600)
                     assert not reply.failures, reply.failures[:3]
                     written += reply.chunks_written
                 assert written == len(chunks), (written, len(chunks))
@@ -128,7 +165,7 @@ def bench_ingest(client, cfg, rounds: int, docs_per_round: int, words: int):
     return {"rounds": out, "median_ratio": statistics.median(x["ratio"] for x in out)}
 
 
-def load_search_corpus(client, n_chunks: int) -> str:
+def load_search_corpus(client, n_chunks: int, per_call: int = 256) -> str:
     tenant = f"search-{uuid.uuid4().hex[:6]}"
     client.create_tenant(tenant)
     rng = random.Random(2)
@@ -138,7 +175,7 @@ def load_search_corpus(client, n_chunks: int) -> str:
     for i in range(n_chunks):
         # ~40 words: one chunk per document.
         batch.append({"id": f"s{i}", "text": _text(rng, 40), "metadata": {"shard": str(i % 10)}})
-        if len(batch) == 256 or i == n_chunks - 1:
+        if len(batch) == per_call or i == n_chunks - 1:
             reply = client.upsert(tenant, batch, timeout=900)
             assert not reply.failures
             written += reply.chunks_written
@@ -282,21 +319,35 @@ def main() -> int:
     p.add_argument("--rerank-batch", type=int, default=16)
     p.add_argument("--skip", action="append", default=[], choices=["ingest", "search", "rerank"])
     p.add_argument("--tag", default="")
+    p.add_argument("--address", help="use a running platform (its retrieval and rerank apps)")
+    p.add_argument("--api-key-file", help="its admin key (with --address)")
+    p.add_argument("--config", help="its config file (with --address: chunking, limits)")
+    p.add_argument("--metrics-url", help="its Ray metrics endpoint (with --address)")
+    p.add_argument("--smoke", action="store_true",
+                   help="one short round of each part (checks that the benchmark still runs)")
     args = p.parse_args()
+    if args.address and not (args.api_key_file and args.config and args.metrics_url):
+        p.error("--address needs --api-key-file, --config and --metrics-url")
+    if args.smoke:
+        args.rounds, args.ingest_docs, args.ingest_words = 1, 4, 200
+        args.search_chunks, args.search_queries, args.search_concurrency = 64, 8, 2
+        args.rerank_calls, args.rerank_concurrency, args.rerank_passages = 4, 2, 4
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
     from hybridserve.client import HybridServeClient
 
     results = {"args": vars(args), "cpus": os.cpu_count(), "when": time.strftime("%Y-%m-%d %H:%M")}
     with tempfile.TemporaryDirectory(prefix="hs-bench-") as tmp:
-        plat, cfg = start_platform(Path(tmp), args)
+        plat, cfg = join_platform(args) if args.address else start_platform(Path(tmp), args)
         try:
             with HybridServeClient(plat.grpc_address) as client:
                 if "ingest" not in args.skip:
                     results["ingest"] = bench_ingest(client, cfg, args.rounds, args.ingest_docs,
                                                      args.ingest_words)
                 if "search" not in args.skip:
-                    tenant = load_search_corpus(client, args.search_chunks)
+                    tenant = load_search_corpus(
+                        client, args.search_chunks,
+                        min(256, cfg.retrieval.max_documents_per_request))
                     results["search"] = bench_search(client, tenant, args.search_queries,
                                                      args.search_concurrency, plat.metrics_url)
                     results["search"]["chunks"] = args.search_chunks
@@ -306,7 +357,8 @@ def main() -> int:
         finally:
             plat.stop()
     (ROOT / "results").mkdir(exist_ok=True)
-    path = ROOT / "results" / f"retrieval{'-' + args.tag if args.tag else ''}.json"
+    name = "smoke" if args.smoke else args.tag
+    path = ROOT / "results" / f"retrieval{'-' + name if name else ''}.json"
     path.write_text(json.dumps(results, indent=2) + "\n")
     print(f"wrote {path}")
     return 0

@@ -29,8 +29,10 @@ RAG_APP = "rag"
 
 #: The servicers Serve's gRPC proxy exposes. Server reflection is built into
 #: the proxy (gRPCOptions.enable_reflection); health is answered by our
-#: deployments (`Check` / `Watch`).
+#: deployments (`Check` / `Watch`). The first entry adds no service: it gives a
+#: dead replica and backpressure retryable codes (see `hybridserve.serve_patches`).
 GRPC_SERVICER_FUNCTIONS = [
+    "hybridserve.serve_patches.add_to_proxy",
     "hybridserve.v1.generation_pb2_grpc.add_GenerationServiceServicer_to_server",
     "hybridserve.v1.retrieval_pb2_grpc.add_RetrievalServiceServicer_to_server",
     "hybridserve.v1.rerank_pb2_grpc.add_RerankServiceServicer_to_server",

@@ -46,3 +46,38 @@ def test_k8s_benchmark_smoke(platform):
     assert set(result["render"]) >= {"minimal-cpu", "tenants"}
     assert result["controller"]["adapters"] == 1
     assert result["controller"]["create_to_ready_ms"]["p50"] > 0
+
+
+def test_finetune_benchmark_smoke():
+    result = _smoke("finetune.py")
+    assert result["results"][0]["model"] == "tiny" and result["results"][0]["steps"] == 3
+
+
+def _platform_args(platform) -> list[str]:
+    return ["--address", platform.address, "--api-key-file", str(platform.main.admin_key_path),
+            "--store-dir", str(platform.assets.store), "--base-dir", str(platform.assets.base_dir),
+            "--base-name", "tiny-llama"]
+
+
+def test_generation_benchmark_smoke(platform):
+    result = _smoke("generation.py", *_platform_args(platform))
+    assert result["platform_base"]["tokens_per_round"][0] > 0
+    assert result["direct_base"]["tokens_per_round"][0] > 0 and result["cold_load_all_ms"]
+
+
+def test_observability_benchmark_smoke(platform):
+    result = _smoke("observability.py", *_platform_args(platform))
+    assert result["metrics-on"]["tokens_per_round"][0] > 0
+    assert result["recording_cost_us"]["ray_counter_inc"] > 0
+
+
+def test_retrieval_benchmark_smoke(platform, tmp_path):
+    config = tmp_path / "platform.json"
+    config.write_text(platform.main.model_dump_json())
+    result = _smoke("retrieval.py", "--address", platform.address,
+                    "--api-key-file", str(platform.main.admin_key_path), "--config", str(config),
+                    "--metrics-url",
+                    f"http://127.0.0.1:{platform.main.observability.metrics_export_port}/metrics")
+    assert result["ingest"]["rounds"][0]["chunks"] > 0
+    assert result["search"]["hybrid"]["queries"] == 8
+    assert result["rerank"]["rounds"][0]["batched"] > 0

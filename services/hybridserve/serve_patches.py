@@ -1,0 +1,110 @@
+"""Retryable status codes from Serve's gRPC proxy for failures it calls INTERNAL.
+
+Serve 2.60's gRPC proxy maps a replica that died or cannot be reached
+(`RayActorError`: ActorDiedError, ActorUnavailableError) to INTERNAL, which tells
+a caller that retrying is pointless. It is the opposite: Serve replaces the
+replica and routes the retry to another one. Backpressure (`max_queued_requests`
+exceeded) becomes RESOURCE_EXHAUSTED but without a retry delay.
+
+The fix: in the proxy process, wrap the two functions the proxy uses for a
+failed call (`get_grpc_response_status`, `set_grpc_code_and_details`):
+
+- a dead or unreachable replica is UNAVAILABLE, with ErrorInfo reason
+  REPLICA_UNAVAILABLE and a RetryInfo;
+- backpressure stays RESOURCE_EXHAUSTED and gains ErrorInfo OVERLOADED and a
+  RetryInfo, in the standard `grpc-status-details-bin` trailer.
+
+Every other status is left as Serve made it.
+
+NOTE: Serve has no public hook for the proxy's status mapping, so this wraps
+private names of `ray.serve._private.proxy`. `register()` checks that they exist
+and does nothing (with a warning) if not; tests/integration/test_pressure.py kills
+a replica under load through the real proxy, so a Serve upgrade that breaks this
+fails there. It runs in the proxy because Serve imports every entry of
+`grpc_servicer_functions` there; `add_to_proxy` is one of them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+logger = logging.getLogger(__name__)
+
+_MARK = "__hybridserve_status_fix__"
+#: Seconds a caller may wait before retrying (RetryInfo).
+REPLICA_RETRY_S = 1.0
+OVERLOAD_RETRY_S = 1.0
+
+
+def mapped_error(exc: BaseException):
+    """The platform error for a proxy-side failure Serve maps badly, or None."""
+    from ray.exceptions import RayActorError
+    from ray.serve.exceptions import BackPressureError
+
+    from hybridserve.errors import ResourceExhausted, Unavailable
+
+    if isinstance(exc, RayActorError):
+        return Unavailable(
+            "the replica serving this request stopped or cannot be reached "
+            f"({type(exc).__name__}); retry: the platform replaces it and routes the retry "
+            "to another replica", reason="REPLICA_UNAVAILABLE", retry_after=REPLICA_RETRY_S)
+    if isinstance(exc, BackPressureError):
+        return ResourceExhausted(
+            "the platform is at capacity: every replica is busy and the queue is full "
+            "(serve.max_queued_requests); retry after the delay given",
+            reason="OVERLOADED", retry_after=OVERLOAD_RETRY_S)
+    return None
+
+
+def register() -> bool:
+    """Applies the wrappers in this process (idempotent). False if Serve lacks them."""
+    try:
+        from ray.serve._private import proxy
+        from ray.serve._private.proxy_request_response import ResponseStatus
+    except ImportError:
+        logger.warning("hybridserve: Serve's proxy module moved; status codes stay Serve's")
+        return False
+    get_status = getattr(proxy, "get_grpc_response_status", None)
+    set_status = getattr(proxy, "set_grpc_code_and_details", None)
+    if get_status is None or set_status is None:
+        logger.warning("hybridserve: Serve's proxy lacks the status functions; codes stay Serve's")
+        return False
+    if getattr(get_status, _MARK, False):
+        return True
+
+    @dataclasses.dataclass(frozen=True)
+    class _Status(ResponseStatus):
+        #: the platform error whose rich details go in the trailer
+        error: BaseException | None = None
+
+    def get_grpc_response_status(exc, request_timeout_s, request_id):
+        status = get_status(exc, request_timeout_s, request_id)
+        err = mapped_error(exc)
+        if err is None:
+            return status
+        import grpc
+
+        return _Status(code=grpc.StatusCode[err.code], is_error=True, message=err.message,
+                       error=err)
+
+    def set_grpc_code_and_details(context, status):
+        set_status(context, status)
+        err = getattr(status, "error", None)
+        if err is not None:
+            from hybridserve.grpc_errors import STATUS_DETAILS_KEY, rich_status
+
+            context.set_trailing_metadata(
+                [(STATUS_DETAILS_KEY, rich_status(err).SerializeToString())])
+
+    for fn in (get_grpc_response_status, set_grpc_code_and_details):
+        setattr(fn, _MARK, True)
+    proxy.get_grpc_response_status = get_grpc_response_status
+    proxy.set_grpc_code_and_details = set_grpc_code_and_details
+    return True
+
+
+def add_to_proxy(servicer, server) -> None:
+    """A `grpc_servicer_functions` entry: adds no service, applies `register()` in
+    the proxy process that imports it."""
+    register()
