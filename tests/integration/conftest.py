@@ -226,3 +226,29 @@ def replica_stats(app: str, adapter_id: str = "", replica_id: str = "") -> dict:
             return stats
         time.sleep(0.2)
     raise AssertionError(f"no stats from replica {replica_id} holding {adapter_id}")
+
+
+def replica_actor(app: str, adapter_id: str):
+    """(the Ray actor, the replica id) of a replica of `app` that holds `adapter_id`."""
+    import ray
+
+    stats = replica_stats(app, adapter_id)
+    for actor in ray.util.list_named_actors(all_namespaces=True):
+        if stats["replica_id"] in actor["name"]:
+            return ray.get_actor(actor["name"], namespace=actor["namespace"]), stats["replica_id"]
+    raise AssertionError(f"no actor for replica {stats['replica_id']}")
+
+
+def wait_replicas(app: str, n: int, timeout_s: float = 600) -> None:
+    """Waits (bounded) until `app`'s generation deployment is healthy with n replicas."""
+    import time
+
+    from ray import serve
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        dep = serve.status().applications[app].deployments["GenerationService"]
+        if dep.status == "HEALTHY" and dep.replica_states.get("RUNNING", 0) == n:
+            return
+        time.sleep(2)
+    raise AssertionError(f"{app} did not come back to {n} healthy replicas")

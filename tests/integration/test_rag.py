@@ -23,7 +23,16 @@ from hybridserve.exceptions import (
     UnavailableError,
 )
 
-from .conftest import AFFINITY_APP, MAIN_APP, RAG_AFFINITY_APP, RAG_APP, RAG_SMOL_APP, replica_stats
+from .conftest import (
+    AFFINITY_APP,
+    MAIN_APP,
+    RAG_AFFINITY_APP,
+    RAG_APP,
+    RAG_SMOL_APP,
+    replica_actor,
+    replica_stats,
+    wait_replicas,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -318,30 +327,6 @@ def test_cancel_aborts_the_engine_request_and_debits_the_tokens(platform, pair):
             admin.set_quotas(pair.b, tokens_per_minute=0)
 
 
-def _replica_actor(adapter_id: str):
-    """The Ray actor of the affinity replica that holds `adapter_id`."""
-    import ray
-
-    stats = replica_stats(AFFINITY_APP, adapter_id)
-    for actor in ray.util.list_named_actors(all_namespaces=True):
-        if stats["replica_id"] in actor["name"]:
-            return ray.get_actor(actor["name"], namespace=actor["namespace"]), stats["replica_id"]
-    raise AssertionError(f"no actor for replica {stats['replica_id']}")
-
-
-def _wait_two_replicas(timeout_s: float = 600) -> None:
-    from ray import serve
-
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        app = serve.status().applications[AFFINITY_APP]
-        dep = app.deployments["GenerationService"]
-        if dep.status == "HEALTHY" and dep.replica_states.get("RUNNING", 0) == 2:
-            return
-        time.sleep(2)
-    raise AssertionError("the affinity app did not come back to 2 healthy replicas")
-
-
 def test_a_replica_killed_before_the_first_token_is_retried_elsewhere(platform, pair):
     import ray
 
@@ -349,7 +334,7 @@ def test_a_replica_killed_before_the_first_token_is_retried_elsewhere(platform, 
         admin.grant_adapter(pair.a, platform.ids["gamma"])
     _ask(platform, pair.key_a, "refunds", app=RAG_AFFINITY_APP, adapter=platform.ids["gamma"],
          max_tokens=2)
-    actor, dead = _replica_actor(platform.ids["gamma"])
+    actor, dead = replica_actor(AFFINITY_APP, platform.ids["gamma"])
     try:
         ray.kill(actor, no_restart=False)
         answer = HybridServeClient(platform.address, api_key=pair.key_a).ask(
@@ -358,14 +343,14 @@ def test_a_replica_killed_before_the_first_token_is_retried_elsewhere(platform, 
         assert answer.final.finish_reason in ("stop", "length")
         assert answer.final.replica_id != dead
     finally:
-        _wait_two_replicas()
+        wait_replicas(AFFINITY_APP, 2)
 
 
 def test_a_replica_killed_mid_answer_gives_unavailable_within_the_deadline(platform, pair):
     import ray
 
     adapter = platform.ids["gamma"]
-    actor, _ = _replica_actor(adapter)
+    actor, _ = replica_actor(AFFINITY_APP, adapter)
     try:
         with HybridServeClient(platform.address, api_key=pair.key_a) as c:
             start = time.monotonic()
@@ -378,7 +363,7 @@ def test_a_replica_killed_mid_answer_gives_unavailable_within_the_deadline(platf
             assert time.monotonic() - start < 120
             assert e.value.reason in ("GENERATION_REPLICA_FAILED", "")
     finally:
-        _wait_two_replicas()
+        wait_replicas(AFFINITY_APP, 2)
 
 
 # -- quality through the platform (SmolLM2) ----------------------------------------------------

@@ -61,6 +61,11 @@ class EngineStats:
     #: Requests in the engine's running batch.
     running_requests: int = 0
     aborted_request_ids: list[str] = field(default_factory=list)
+    #: [request id, finish reason, generated tokens] of the latest requests the engine
+    #: itself reported finished (an aborted request never appears here).
+    engine_finished: list[list] = field(default_factory=list)
+    #: The largest running batch the engine's scheduler reported (mixed batches).
+    engine_running_max: int = 0
     resident_adapters: list[str] = field(default_factory=list)
     adapter_loads: int = 0
     adapter_unloads: int = 0

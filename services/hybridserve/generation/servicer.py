@@ -518,13 +518,18 @@ class GenerationServicer:
 
     # -- introspection (Serve handle only, not on the gRPC API) -----------
 
-    async def stats(self) -> dict:
+    async def stats(self, reset_peak: bool = False) -> dict:
         """This replica's id, engine counters, resident adapters, evictions, and the
-        server request ids of the last requests that sent a client_request_id."""
-        return {
+        server request ids of the last requests that sent a client_request_id.
+        `reset_peak` starts a new window for `engine_running_max` after reading."""
+        engine = self.service.engine
+        out = {
             "replica_id": replica_id(),
             "evictions": self._evictions,
             "prefetches": self._prefetches,
             "request_ids": dict(self._recent_ids),
-            **asdict(self.service.engine.stats()),
+            **asdict(engine.stats()),
         }
+        if reset_peak and hasattr(engine, "reset_running_peak"):
+            engine.reset_running_peak()
+        return out

@@ -86,6 +86,11 @@ class VLLMEngine(Engine):
         self._unloads = 0
         # (running, waiting) from the scheduler's latest step, fed by `_SchedulerSnapshot`.
         self._scheduler = (0, 0)
+        # (request id, finish reason, generated tokens) of the requests vLLM itself
+        # reported finished (it reports no aborted request there), newest last.
+        self._finished: deque[tuple[str, str, int]] = deque(maxlen=_ABORT_HISTORY)
+        # The largest running batch since `reset_running_peak()`.
+        self._running_max = 0
 
     def engine_args(self):
         """The `AsyncEngineArgs` this engine starts vLLM with (benchmarks reuse them)."""
@@ -126,7 +131,8 @@ class VLLMEngine(Engine):
         engine = self
 
         class _SchedulerSnapshot(StatLoggerBase):
-            """Keeps the running/waiting counts of the scheduler's latest step."""
+            """Keeps the running/waiting counts of the scheduler's latest step, and
+            the requests vLLM reports finished."""
 
             def __init__(self, vllm_config, engine_index: int = 0):
                 pass
@@ -138,6 +144,11 @@ class VLLMEngine(Engine):
                         scheduler_stats.num_running_reqs,
                         scheduler_stats.num_waiting_reqs + scheduler_stats.num_skipped_waiting_reqs,
                     )
+                    engine._running_max = max(engine._running_max,
+                                              scheduler_stats.num_running_reqs)
+                for done in getattr(iteration_stats, "finished_requests", None) or ():
+                    engine._finished.append((str(done.request_id), str(done.finish_reason),
+                                             done.num_generation_tokens))
 
             def log_engine_initialized(self):
                 pass
@@ -292,6 +303,9 @@ class VLLMEngine(Engine):
                 raise
             raise mapped from e
 
+    def reset_running_peak(self) -> None:
+        self._running_max = 0
+
     def stats(self) -> EngineStats:
         unfinished = self._llm.get_num_unfinished_requests() if self._llm else 0
         # The scheduler's counts are as of its latest step, and nothing updates them
@@ -305,6 +319,8 @@ class VLLMEngine(Engine):
             waiting_requests=unfinished - running,
             running_requests=running,
             aborted_request_ids=list(self._aborted),
+            engine_finished=[list(f) for f in self._finished],
+            engine_running_max=self._running_max,
             resident_adapters=sorted(self._resident),
             adapter_loads=self._loads,
             adapter_unloads=self._unloads,
