@@ -7,6 +7,7 @@ Usage: python scripts/gen_config_doc.py [--check]
 from __future__ import annotations
 
 import sys
+import typing
 from pathlib import Path
 
 from hybridserve.config import HybridServeConfig
@@ -38,21 +39,33 @@ def render() -> str:
         "|---|---|---|",
     ]
 
-    def walk(model: type[BaseModel], prefix: str) -> None:
+    #: optional sections (`X | None`): model -> the keys that take one
+    optional: dict[type[BaseModel], list[str]] = {}
+
+    def walk(model: type[BaseModel], prefix: str, out: list[str]) -> None:
         for name, field in model.model_fields.items():
             key = f"{prefix}{name}"
             ann = field.annotation
             if isinstance(ann, type) and issubclass(ann, BaseModel):
-                walk(ann, key + ".")
+                walk(ann, key + ".", out)
                 continue
+            for arg in typing.get_args(ann):
+                if isinstance(arg, type) and issubclass(arg, BaseModel):
+                    optional.setdefault(arg, []).append(key)
             if name in ("data_dir", "cache_dir"):
                 default = "see description"
             else:
                 default = _default(field)
             desc = (field.description or "").replace("|", "\\|")
-            lines.append(f"| `{key}` | {default} | {desc} |")
+            out.append(f"| `{key}` | {default} | {desc} |")
 
-    walk(HybridServeConfig, "")
+    walk(HybridServeConfig, "", lines)
+    for model, keys in optional.items():
+        doc = " ".join((model.__doc__ or "").split())
+        lines += ["", f"## {model.__name__}", "",
+                  f"The value of {', '.join(f'`{k}`' for k in keys)} (unset by default). {doc}",
+                  "", "| key | default | description |", "|---|---|---|"]
+        walk(model, "", lines)
     lines.append("")
     return "\n".join(lines)
 

@@ -134,6 +134,8 @@ class AutoscalingConfig(_Strict):
                                    "long before a replica is added.")
     downscale_delay_s: float = Field(120, ge=0, description="Load must stay below the target "
                                      "this long before a replica is removed.")
+    look_back_period_s: float = Field(30, gt=0, description="Window the requests in flight "
+                                      "are averaged over. Replicas report every 10 s.")
 
     @model_validator(mode="after")
     def _bounds(self):
@@ -147,6 +149,7 @@ class AutoscalingConfig(_Strict):
             "initial_replicas": self.min_replicas or None,
             "target_ongoing_requests": self.target_ongoing_requests,
             "upscale_delay_s": self.upscale_delay_s, "downscale_delay_s": self.downscale_delay_s,
+            "look_back_period_s": self.look_back_period_s,
         }}
 
 

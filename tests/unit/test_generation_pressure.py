@@ -106,21 +106,34 @@ async def test_eviction_returns_at_once_and_unloads_after_the_last_request(confi
     assert (await servicer.stats())["evictions"] == 1
 
 
+async def _serve_evicts(model) -> None:
+    """What Serve's multiplex wrapper does to the model object it evicts."""
+    await model.__del__()
+    model.__del__ = lambda _: None
+
+
 async def test_an_adapter_loaded_again_while_draining_is_kept(config, adapters, admin):
     engine = FakeEngine(max_model_len=64, step_s=0.01)
     servicer = GenerationServicer(config, engine=engine, tenancy=admin[0])
     a = adapters["alpha"]
     stream = servicer.Generate(_request(adapter=a, max_tokens=20), FakeContext(admin[1]))
     await stream.__anext__()
-    resident = await servicer.load_adapter(a)
-    await resident.__del__()
-    # Serve routes `a` here again before the drain ends: the same resident comes back.
+    first = await servicer.load_adapter(a)
+    await _serve_evicts(first)
+    # Serve routes `a` here again before the drain ends: no new engine load. Serve gets
+    # a fresh object (it disarmed the one it evicted), over the same adapter state.
+    loads = engine.loaded[a]
     again = await servicer.load_adapter(a)
-    assert again is resident and not again.evicted
+    assert again is not first and again.ref == first.ref and not again.evicted
+    assert again.users == 1 and engine.loaded[a] is loads
     _ = [m async for m in stream]
     await asyncio.sleep(0.05)
     assert a in engine.loaded
     assert (await servicer.stats())["evictions"] == 0
+    # Evicted again, through the new object: now it unloads.
+    await _serve_evicts(again)
+    await asyncio.wait_for(_until(lambda: a not in engine.loaded), 10)
+    assert (await servicer.stats())["evictions"] == 1
 
 
 async def test_blocking_work_runs_off_the_event_loop(config, adapters, admin, monkeypatch):

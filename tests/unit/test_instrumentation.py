@@ -196,7 +196,7 @@ async def test_adapter_loads_residency_and_eviction(fake, config, monkeypatch, a
     replica_id = resident[0][2]["replica"]
     assert replica_id == (await servicer.stats())["replica_id"]
 
-    assert again is first
+    assert again.ref == first.ref
     await first.__del__()  # what Serve does on LRU eviction
     await servicer._unloads[ref_id]  # idle: it unloads at once, in the background
     assert [t for _, _, t in calls(fake, m.ADAPTER_EVICTIONS)] == [{"adapter": ref_id}]

@@ -62,39 +62,61 @@ def model_dir_for(config: HybridServeConfig) -> Path:
     return default_model_dir(config.cache_dir, config.model.dtype)
 
 
-class ResidentAdapter:
-    """An adapter loaded into this replica's engine; the multiplexed "model".
+class _AdapterState:
+    """One adapter in this replica's engine: the requests using it, and whether Serve
+    has evicted it (it then unloads once they have ended)."""
 
-    Counts the requests using it. Evicting it returns at once: Serve awaits
-    `model.__del__` while it holds the replica's model-cache lock, so waiting there
-    would stall every other adapter's load. The servicer unloads it from the engine
-    once its last request has ended, unless it is loaded again first.
-    """
-
-    def __init__(self, ref: AdapterRef, on_evict):
+    def __init__(self, ref: AdapterRef):
         self.ref = ref
         self.users = 0
         self.idle = asyncio.Event()
         self.idle.set()
         #: Set when Serve evicted it; cleared when it is loaded again before unloading.
         self.evicted = False
+
+
+class ResidentAdapter:
+    """The multiplexed "model" Serve caches for one load of an adapter.
+
+    Evicting it returns at once: Serve awaits `model.__del__` while it holds the
+    replica's model-cache lock, so waiting there would stall every other adapter's
+    load. The servicer unloads the adapter from the engine once its last request
+    has ended, unless it is loaded again first. A load returns a new object each
+    time (Serve disarms the `__del__` of the object it evicted) over one shared
+    state per adapter.
+    """
+
+    def __init__(self, state: _AdapterState, on_evict):
+        self._state = state
         self._on_evict = on_evict
         # NOTE: an instance attribute, not a method: Serve awaits `model.__del__`
         # on LRU eviction, while the garbage collector only ever calls the
         # class's __del__ (which must not be a coroutine).
         self.__del__ = self._evict
 
+    @property
+    def ref(self) -> AdapterRef:
+        return self._state.ref
+
+    @property
+    def users(self) -> int:
+        return self._state.users
+
+    @property
+    def evicted(self) -> bool:
+        return self._state.evicted
+
     def acquire(self) -> None:
-        self.users += 1
-        self.idle.clear()
+        self._state.users += 1
+        self._state.idle.clear()
 
     def release(self) -> None:
-        self.users -= 1
-        if self.users == 0:
-            self.idle.set()
+        self._state.users -= 1
+        if self._state.users == 0:
+            self._state.idle.set()
 
     async def _evict(self) -> None:
-        self._on_evict(self)
+        self._on_evict(self._state)
 
 
 def _input_from_proto(req: generation_pb2.GenerateRequest) -> GenerateInput:
@@ -177,9 +199,9 @@ class GenerationServicer:
         self.tenancy = tenancy or Tenancy.from_config(cfg, metrics_service=self.metrics_service)
         self._evictions = 0
         self._prefetches = 0
-        #: adapter id -> the ResidentAdapter loaded in this replica's engine (also
-        #: while it drains after an eviction)
-        self._residents: dict[str, ResidentAdapter] = {}
+        #: adapter id -> the state of an adapter loaded in this replica's engine
+        #: (also while it drains after an eviction)
+        self._residents: dict[str, _AdapterState] = {}
         #: adapter id -> the task that unloads it once its requests have ended
         self._unloads: dict[str, asyncio.Task] = {}
         #: serializes loading and unloading one adapter
@@ -237,12 +259,12 @@ class GenerationServicer:
         ref = self.service.adapter_ref(record)
         lock = self._adapter_locks.setdefault(ref.adapter_id, asyncio.Lock())
         async with lock:
-            resident = self._residents.get(ref.adapter_id)
-            if resident is not None and resident.ref.int_id == ref.int_id:
+            state = self._residents.get(ref.adapter_id)
+            if state is not None and state.ref.int_id == ref.int_id:
                 # Still in the engine (evicted and draining, or outside Serve, where
                 # this runs for every request): use it, and keep it.
-                resident.evicted = False
-                return resident
+                state.evicted = False
+                return ResidentAdapter(state, self._evict)
             start = time.perf_counter()
             try:
                 if self.config.adapters.node_cache_dir is not None:
@@ -257,28 +279,28 @@ class GenerationServicer:
                 raise
             obs.adapter_loaded(ref.adapter_id, time.perf_counter() - start, ok=True)
             obs.set_resident(replica_id(), ref.adapter_id, True)
-            resident = self._residents[ref.adapter_id] = ResidentAdapter(ref, self._evict)
-            return resident
+            state = self._residents[ref.adapter_id] = _AdapterState(ref)
+            return ResidentAdapter(state, self._evict)
 
-    def _evict(self, resident: ResidentAdapter) -> None:
-        """Serve evicted `resident`: unload it once its requests have ended."""
-        resident.evicted = True
-        adapter_id = resident.ref.adapter_id
+    def _evict(self, state: _AdapterState) -> None:
+        """Serve evicted the adapter: unload it once its requests have ended."""
+        state.evicted = True
+        adapter_id = state.ref.adapter_id
         if adapter_id not in self._unloads:
-            self._unloads[adapter_id] = asyncio.create_task(self._unload_when_idle(resident))
+            self._unloads[adapter_id] = asyncio.create_task(self._unload_when_idle(state))
 
-    async def _unload_when_idle(self, resident: ResidentAdapter) -> None:
-        adapter_id = resident.ref.adapter_id
+    async def _unload_when_idle(self, state: _AdapterState) -> None:
+        adapter_id = state.ref.adapter_id
         try:
             # NOTE: no timeout: every request ends by its deadline
             # (serve.request_timeout_s), and unloading under a live request would
             # only make vLLM load it again from disk.
-            await resident.idle.wait()
+            await state.idle.wait()
             async with self._adapter_locks.setdefault(adapter_id, asyncio.Lock()):
-                if not resident.evicted or self._residents.get(adapter_id) is not resident:
+                if not state.evicted or self._residents.get(adapter_id) is not state:
                     return  # loaded again while it drained
                 del self._residents[adapter_id]
-                await self.service.engine.unload_adapter(resident.ref)
+                await self.service.engine.unload_adapter(state.ref)
         except Exception:  # noqa: BLE001 - a background task: log, never raise into nothing
             logger.warning("unloading adapter %s failed", adapter_id, exc_info=True)
             return
