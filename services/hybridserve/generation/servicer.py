@@ -25,7 +25,7 @@ from hybridserve.generation.adapters import AdapterRecord, AdapterRegistry
 from hybridserve.generation.engine import AdapterRef, Engine
 from hybridserve.generation.engine import Delta
 from hybridserve.generation.service import GenerateInput, GenerationDone, GenerationService
-from hybridserve.errors import DeadlineExceeded, FailedPrecondition, HybridServeError
+from hybridserve.errors import DeadlineExceeded, FailedPrecondition, HybridServeError, Unavailable
 from hybridserve.grpc_errors import grpc_stream, grpc_unary
 from hybridserve.health import watch_health
 from hybridserve.tenancy.auth import Tenancy
@@ -51,6 +51,16 @@ def replica_id() -> str:
         return serve.get_replica_context().replica_id.unique_id
     except Exception:
         return f"local-{os.getpid()}"
+
+
+def replica_rank() -> int | None:
+    """The Serve replica's rank (0..N-1 in its deployment), or None outside Serve."""
+    try:
+        from ray import serve
+
+        return serve.get_replica_context().rank.rank
+    except Exception:
+        return None
 
 
 def model_dir_for(config: HybridServeConfig) -> Path:
@@ -190,6 +200,13 @@ class GenerationServicer:
         )
         obs.set_enabled(cfg.observability.metrics_enabled)
         model_dir = model_dir_for(cfg)
+        rank = replica_rank()
+        #: A base-pool replica: LoRA off, serves requests that name no adapter.
+        self.base_only = rank is not None and rank < cfg.serve.base_pool_replicas
+        if self.base_only:
+            cfg = cfg.model_copy(update={"engine": cfg.engine.model_copy(
+                update={"enable_lora": False})})
+            logger.info("replica rank %s is in the base pool: LoRA off", rank)
         if engine is None:
             from hybridserve.generation.vllm_engine import VLLMEngine
 
@@ -206,6 +223,8 @@ class GenerationServicer:
         self._unloads: dict[str, asyncio.Task] = {}
         #: serializes loading and unloading one adapter
         self._adapter_locks: dict[str, asyncio.Lock] = {}
+        #: requests in flight that name no adapter
+        self._base_users = 0
         self._sampler: asyncio.Task | None = None
         #: client_request_id -> the server's request id, for the last requests
         #: that sent one (introspection: `stats()`).
@@ -376,6 +395,7 @@ class GenerationServicer:
         caller's quota admission, if any) is debited with the tokens used."""
         start = time.perf_counter()
         resident = None
+        base = False
         try:
             # Tokenizing, the chat template and schema checks: off the event loop
             # that AsyncLLM's output handler shares.
@@ -387,8 +407,16 @@ class GenerationServicer:
                 while len(self._recent_ids) > _RECENT_IDS:
                     self._recent_ids.popitem(last=False)
             if prepared.adapter is not None:
+                if self.base_only:
+                    raise Unavailable(
+                        "this replica is in the base pool and serves no adapter; retry (the "
+                        "router sends adapter requests to the other replicas)",
+                        reason="BASE_POOL_REPLICA", retry_after=0.1)
                 resident = await self.load_adapter(prepared.adapter.id)
                 resident.acquire()
+            else:
+                self._base_users += 1
+                base = True
             if lease is not None:
                 lease.tokens = len(prepared.prompt_token_ids)
             first_token_s = None
@@ -425,6 +453,8 @@ class GenerationServicer:
         finally:
             if resident is not None:
                 resident.release()
+            if base:
+                self._base_users -= 1
 
     @grpc_unary
     async def ListAdapters(
@@ -538,6 +568,22 @@ class GenerationServicer:
                                          self.config.serve.health_watch_s):
             yield health_pb2.HealthCheckResponse(status=status)
 
+    def routing_stats(self) -> dict:
+        """What every router needs of this replica (Serve's `record_routing_stats`):
+        adapter slots (0 in the base pool), requests in flight per adapter ("" = none)
+        and in all, and when this was taken."""
+        active = {aid: st.users for aid, st in self._residents.items()
+                  if st.users and not st.evicted}
+        if self._base_users:
+            active[""] = self._base_users
+        return {
+            "at": time.time(),
+            "slots": 0 if self.base_only else self.config.engine.max_loras,
+            "active": active,
+            "ongoing": sum(active.values()) + sum(
+                st.users for st in self._residents.values() if st.evicted),
+        }
+
     # -- introspection (Serve handle only, not on the gRPC API) -----------
 
     async def stats(self, reset_peak: bool = False) -> dict:
@@ -547,6 +593,7 @@ class GenerationServicer:
         engine = self.service.engine
         out = {
             "replica_id": replica_id(),
+            "base_only": self.base_only,
             "evictions": self._evictions,
             "prefetches": self._prefetches,
             "request_ids": dict(self._recent_ids),
