@@ -73,6 +73,8 @@ go_tool() {  # name module@version
   echo "$mod" > "$stamp"
 }
 go_tool grpcurl github.com/fullstorydev/grpcurl/cmd/grpcurl@v1.9.4
+# ghz: the external gRPC load generator of benchmarks/routing.py (overload).
+go_tool ghz github.com/bojand/ghz/cmd/ghz@v0.93.0
 go_tool weaviate-server github.com/weaviate/weaviate/cmd/weaviate-server@v1.38.11
 
 # Debian packages, never started as services here (the platform and the tests

