@@ -81,3 +81,14 @@ def test_retrieval_benchmark_smoke(platform, tmp_path):
     assert result["ingest"]["rounds"][0]["chunks"] > 0
     assert result["search"]["hybrid"]["queries"] == 8
     assert result["rerank"]["rounds"][0]["batched"] > 0
+
+
+def test_routing_benchmark_smoke(platform):
+    from .conftest import AFFINITY_APP, MAIN_APP
+
+    result = _smoke("routing.py", *_platform_args(platform), "--app", MAIN_APP,
+                    "--two-replica-app", AFFINITY_APP)
+    assert result["base"]["ratio_median"] > 0 and result["slots"]["ratio_median"] > 0
+    assert result["mixed"]["ratio_median"] > 0
+    assert sum(result["overload"]["high"]["status_counts"].values()) == 8
+    assert result["many"]["adapters"] == 3 and result["many"]["errors"] == 0

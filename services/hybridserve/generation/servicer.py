@@ -63,6 +63,20 @@ def replica_rank() -> int | None:
         return None
 
 
+def _rss_bytes() -> int:
+    """Resident memory of this replica and its children (vLLM's engine process)."""
+    import psutil
+
+    total = 0
+    me = psutil.Process()
+    for proc in (me, *me.children(recursive=True)):
+        try:
+            total += proc.memory_info().rss
+        except psutil.Error:  # exited meanwhile
+            pass
+    return total
+
+
 def model_dir_for(config: HybridServeConfig) -> Path:
     """The base model folder: `model.path`, or the prepared default model."""
     if config.model.path is not None:
@@ -599,6 +613,7 @@ class GenerationServicer:
             "request_ids": dict(self._recent_ids),
             **asdict(engine.stats()),
         }
+        out["rss_bytes"] = _rss_bytes()
         if reset_peak and hasattr(engine, "reset_running_peak"):
             engine.reset_running_peak()
         return out
