@@ -134,8 +134,9 @@ class AutoscalingConfig(_Strict):
                                    "long before a replica is added.")
     downscale_delay_s: float = Field(120, ge=0, description="Load must stay below the target "
                                      "this long before a replica is removed.")
-    look_back_period_s: float = Field(30, gt=0, description="Window the requests in flight "
-                                      "are averaged over. Replicas report every 10 s.")
+    look_back_period_s: float = Field(30, gt=10, description="Window the requests in flight "
+                                      "are averaged over; above 10 s, the interval at which "
+                                      "replicas report them.")
 
     @model_validator(mode="after")
     def _bounds(self):

@@ -88,9 +88,11 @@ def test_generation_scales_up_under_load_and_back_down(platform):
 
     cfg = platform.main.model_copy(deep=True)
     cfg.engine.enforce_eager = True  # a new replica starts in seconds, not minutes
+    # The session's replicas hold every logical CPU of this 2-core machine.
+    cfg.serve.cpus_per_replica = 0.01
     cfg.serve.generation_autoscaling = AutoscalingConfig(
         min_replicas=1, max_replicas=2, target_ongoing_requests=2, upscale_delay_s=0,
-        downscale_delay_s=5, look_back_period_s=5)
+        downscale_delay_s=5, look_back_period_s=12)
     serve.run(build_generation_app(cfg), name=APP, route_prefix=f"/{APP}")
     timeline: list[tuple[float, int]] = []
     t0 = time.monotonic()

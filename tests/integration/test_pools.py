@@ -27,7 +27,8 @@ def pools(platform):
     cfg = platform.main.model_copy(deep=True)
     cfg.serve.generation_replicas = 2
     cfg.serve.base_pool_replicas = 1
-    cfg.serve.cpus_per_replica = 0.1
+    # The session's replicas hold every logical CPU of this 2-core machine.
+    cfg.serve.cpus_per_replica = 0.01
     cfg.engine.max_loras, cfg.engine.max_cpu_loras = 1, 2
     cfg.engine.enforce_eager = True  # no torch.compile of the LoRA-off engine: fast start
     serve.run(build_generation_app(type(cfg).model_validate(cfg.model_dump())), name=APP,

@@ -218,3 +218,8 @@ class SlotAwareRouter(RequestRouter):
 
     def on_request_completed(self, replica_id, internal_request_id: str) -> None:
         self._state().pop(internal_request_id, None)
+
+
+#: The router's earlier name: deployments recorded under it (a running cluster being
+#: upgraded) still resolve.
+AdapterRouter = SlotAwareRouter
