@@ -126,3 +126,14 @@ async def test_reports_from_the_replicas_are_the_shared_view(router):
     assert router.views(replicas)[1].active == {"b@v1": 1}
     router.on_request_completed(replicas[1].replica_id, "done")
     assert router.views(replicas)[1].active == {}
+
+
+async def test_ties_are_shuffled_so_idle_replicas_share_the_load(router):
+    """Serve takes the first of equally short queues: each rank comes shuffled."""
+    replicas = [_replica("r1", stats={"slots": 2}), _replica("r2", stats={"slots": 2})]
+    firsts = set()
+    for _ in range(64):
+        ranks = await router.choose_replicas(replicas, _pending(""))
+        assert len(ranks) == 1 and len(ranks[0]) == 2
+        firsts.add(ranks[0][0].replica_id.unique_id)
+    assert firsts == {"r1", "r2"}

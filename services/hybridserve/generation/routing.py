@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import logging
 import pickle
+import random
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -206,7 +207,14 @@ class SlotAwareRouter(RequestRouter):
         ranks = rank_replicas(adapter, self.views(candidate_replicas),
                               spread_at=self.spread_at, waited_s=waited,
                               max_wait_s=self.max_slot_wait_s)
-        return [[by_id[i] for i in rank] for rank in ranks]
+        out = []
+        for rank in ranks:
+            # Serve takes the shortest queue within a rank and the first on a tie:
+            # shuffled, ties (idle replicas) spread the load.
+            chosen = [by_id[i] for i in rank]
+            random.shuffle(chosen)
+            out.append(chosen)
+        return out
 
     def on_request_routed(self, pending_request, replica_id, result) -> None:
         routed = self._state()
