@@ -133,8 +133,9 @@ def generation_deployment(config: HybridServeConfig):
         async def check_health(self) -> None:
             await self.service.engine.check_health()
 
-        def record_routing_stats(self) -> dict:
+        async def record_routing_stats(self) -> dict:
             # Serve sends this to every router of the deployment (the slot-aware router).
+            # Async: it then runs on the loop that changes what it reads.
             return self.routing_stats()
 
     return serve.deployment(
