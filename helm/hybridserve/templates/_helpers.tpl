@@ -91,10 +91,12 @@ app.kubernetes.io/component: {{ .component }}
 {{- $cfg := include "hybridserve.config" . | fromJson -}}
 {{- $serve := default (dict) $cfg.serve -}}
 {{- $apps := prepend (required "config.serve.apps is required" $serve.apps) "admin" -}}
+{{- $timeout := default 300.0 $serve.request_timeout_s -}}
 {{- $out := dict
   "proxy_location" "EveryNode"
-  "http_options" (dict "host" $serve.grpc_host "port" $serve.http_port)
-  "grpc_options" (dict "port" $serve.grpc_port "grpc_servicer_functions" (list
+  "http_options" (dict "host" $serve.grpc_host "port" $serve.http_port "request_timeout_s" $timeout)
+  "grpc_options" (dict "port" $serve.grpc_port "request_timeout_s" $timeout "grpc_servicer_functions" (list
+    "hybridserve.serve_patches.add_to_proxy"
     "hybridserve.v1.generation_pb2_grpc.add_GenerationServiceServicer_to_server"
     "hybridserve.v1.retrieval_pb2_grpc.add_RetrievalServiceServicer_to_server"
     "hybridserve.v1.rerank_pb2_grpc.add_RerankServiceServicer_to_server"
