@@ -252,3 +252,18 @@ def wait_replicas(app: str, n: int, timeout_s: float = 600) -> None:
             return
         time.sleep(2)
     raise AssertionError(f"{app} did not come back to {n} healthy replicas")
+
+
+@pytest.fixture(scope="module")
+def room_for_two_engines(platform):
+    """Frees the memory of the SmolLM2 app for a module that deploys up to two more
+    vLLM engines beside the session's (this 24 GiB machine holds the session's five
+    and one or two more, not three), and puts it back afterwards."""
+    from hybridserve.app import build_generation_app
+    from ray import serve
+
+    serve.delete(SMOL_APP)
+    try:
+        yield
+    finally:
+        serve.run(build_generation_app(platform.smol), name=SMOL_APP, route_prefix=f"/{SMOL_APP}")

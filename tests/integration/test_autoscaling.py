@@ -81,7 +81,7 @@ def _wait(predicate, what: str, timeline: list, t0: float) -> None:
     raise AssertionError(f"timed out waiting for {what}; replicas over time: {timeline}")
 
 
-def test_generation_scales_up_under_load_and_back_down(platform):
+def test_generation_scales_up_under_load_and_back_down(platform, room_for_two_engines):
     from hybridserve.app import build_generation_app
     from hybridserve.config import AutoscalingConfig
     from ray import serve

@@ -20,7 +20,7 @@ MAX_TOKENS = 16
 
 
 @pytest.fixture(scope="module")
-def pools(platform):
+def pools(platform, room_for_two_engines):
     from hybridserve.app import build_generation_app
     from ray import serve
 
