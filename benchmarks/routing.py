@@ -197,16 +197,26 @@ def ghz_binary() -> str:
 
 
 def ghz(address: str, app: str, key: str, concurrency: int, total: int, max_tokens: int) -> dict:
-    """One ghz run of Generate (server streaming, found by reflection); per-status
-    counts and latencies (ms)."""
+    """One ghz run of Generate (server streaming); per-status counts and latencies (ms).
+
+    NOTE: ghz gets the API from a protoset compiled here: its reflection client does not
+    find the services through Serve's proxy, and its .proto parser refuses proto3
+    `optional`."""
     data = {"prompt": PROMPTS[0], "sampling": {"max_tokens": max_tokens, "temperature": 0}}
     md = {"application": app, "authorization": f"Bearer {key}"}
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "ghz.json"
-        cmd = [ghz_binary(), "--insecure", "--call", "hybridserve.v1.GenerationService.Generate",
+        protos, protoset = ROOT.parent / "protos", Path(tmp) / "generation.protoset"
+        subprocess.run([sys.executable, "-m", "grpc_tools.protoc", f"-I{protos}",
+                        "--include_imports", f"--descriptor_set_out={protoset}",
+                        str(protos / "hybridserve" / "v1" / "generation.proto")], check=True)
+        cmd = [ghz_binary(), "--insecure", "--protoset", str(protoset),
+               "--call", "hybridserve.v1.GenerationService.Generate",
                "-d", json.dumps(data), "-m", json.dumps(md), "-c", str(concurrency),
                "-n", str(total), "-t", "120s", "--format", "json", "-o", str(out), address]
-        subprocess.run(cmd, check=True, timeout=900, capture_output=True)
+        done = subprocess.run(cmd, timeout=900, capture_output=True, text=True)
+        if done.returncode != 0 or not out.is_file():
+            raise RuntimeError(f"ghz failed ({done.returncode}): {done.stderr[-2000:]}")
         report = json.loads(out.read_text())
     by_status: dict[str, list[float]] = {}
     for d in report.get("details") or []:

@@ -137,3 +137,23 @@ async def test_ties_are_shuffled_so_idle_replicas_share_the_load(router):
         assert len(ranks) == 1 and len(ranks[0]) == 2
         firsts.add(ranks[0][0].replica_id.unique_id)
     assert firsts == {"r1", "r2"}
+
+
+async def test_a_placement_outlives_its_request_until_a_later_report(router):
+    """The next request for an adapter finds it where it was loaded, although that
+    replica's report does not show it yet; a report taken well after the placement
+    is then the truth."""
+    t = time.time()
+    replicas = [_replica("r1", stats={"at": t - 0.5, "slots": 1}),
+                _replica("r2", stats={"at": t - 0.5, "slots": 1})]
+    pending = _pending("a@v1", "first")
+    router.on_request_routed(pending, replicas[0].replica_id, None)
+    router.on_request_completed(replicas[0].replica_id, "first")
+    for _ in range(10):
+        ranks = await router.choose_replicas(replicas, _pending("a@v1"))
+        assert [r.replica_id.unique_id for r in ranks[0]] == ["r1"]
+    # r1 reports it resident: still there. A report long after, without it: gone.
+    replicas[0].routing_stats = {"at": t + 0.1, "slots": 1, "resident": ["a@v1"]}
+    assert "a@v1" in router.views(replicas)[0].adapters
+    replicas[0].routing_stats = {"at": t + 5, "slots": 1, "resident": []}
+    assert "a@v1" not in router.views(replicas)[0].adapters

@@ -20,11 +20,14 @@ within its slots:
   adapter requests never go there.
 
 What a replica holds is shared knowledge: each replica reports its slots, its
-role and the requests in flight per adapter (`record_routing_stats`), and Serve
-sends those reports and the replicas' multiplexed model ids to every router (each
-proxy and each gateway replica). A router adds only what it routed itself since
-a replica's last report, to cover the report interval: so a burst for a new
-adapter through one router loads it on one replica.
+role, its resident adapters and the requests in flight per adapter
+(`record_routing_stats`), and Serve sends those reports and the replicas'
+multiplexed model ids to every router (each proxy and each gateway replica). A
+router adds only what it routed itself that the reports may not show yet: its
+requests in flight since a replica's last report, and where it placed each
+adapter until a report taken `_HINT_GRACE_S` after that placement arrives (the
+load itself takes a moment). So a burst for a new adapter through one router
+loads it on one replica, and the next request for it finds it there.
 
 Built on `ray.serve.request_router` (RequestRouter, PendingRequest,
 RunningReplica) and `RequestRouterConfig`. What the public API did not allow:
@@ -58,6 +61,11 @@ DEFAULT_SPREAD_AT = 8
 DEFAULT_MAX_SLOT_WAIT_S = 2.0
 #: In-flight requests a router remembers (the oldest are forgotten past it).
 _MAX_ROUTED = 10_000
+#: A router trusts its own placement of an adapter until the replica reports from at
+#: least this long after it (by then the load has finished and shows in the report).
+_HINT_GRACE_S = 2.0
+#: Placements a router remembers.
+_MAX_PLACED = 4096
 
 
 def adapter_from_args(args) -> str:
@@ -156,6 +164,8 @@ class SlotAwareRouter(RequestRouter):
         self.max_slot_wait_s = max_slot_wait_s
         #: internal request id -> what this router routed and is still in flight
         self._routed: dict[str, _Routed] = {}
+        #: (replica id, adapter) -> when this router last placed the adapter there
+        self._placed: dict[tuple[str, str], float] = {}
 
     def _state(self) -> dict[str, _Routed]:
         # initialize_state runs only with kwargs configured; default it here.
@@ -181,8 +191,12 @@ class SlotAwareRouter(RequestRouter):
             rid = r.replica_id.unique_id
             reported_at = float(stats.get("at", 0.0))
             active = dict(stats.get("active") or {})
-            adapters = set(r.multiplexed_model_ids) | {a for a in active if a}
+            adapters = (set(r.multiplexed_model_ids) | set(stats.get("resident") or ())
+                        | {a for a in active if a})
             ongoing = int(stats.get("ongoing", 0))
+            for (where, adapter), at in self._placed.items():
+                if where == rid and at + _HINT_GRACE_S > reported_at:
+                    adapters.add(adapter)
             for item in routed.values():
                 if item.replica_id == rid and item.at > reported_at:
                     active[item.adapter] = active.get(item.adapter, 0) + 1
@@ -219,10 +233,16 @@ class SlotAwareRouter(RequestRouter):
     def on_request_routed(self, pending_request, replica_id, result) -> None:
         routed = self._state()
         internal = pending_request.metadata.internal_request_id
-        routed[internal] = _Routed(replica_id.unique_id, self.adapter_of(pending_request),
-                                   time.time())
+        adapter, now = self.adapter_of(pending_request), time.time()
+        routed[internal] = _Routed(replica_id.unique_id, adapter, now)
         while len(routed) > _MAX_ROUTED:  # completions lost (a dead replica): forget the oldest
             routed.pop(next(iter(routed)))
+        if adapter:
+            placed = self._placed
+            placed.pop((replica_id.unique_id, adapter), None)
+            placed[(replica_id.unique_id, adapter)] = now
+            while len(placed) > _MAX_PLACED:
+                placed.pop(next(iter(placed)))
 
     def on_request_completed(self, replica_id, internal_request_id: str) -> None:
         self._state().pop(internal_request_id, None)

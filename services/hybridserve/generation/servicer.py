@@ -593,6 +593,7 @@ class GenerationServicer:
         return {
             "at": time.time(),
             "slots": 0 if self.base_only else self.config.engine.max_loras,
+            "resident": sorted(aid for aid, st in self._residents.items() if not st.evicted),
             "active": active,
             "ongoing": sum(active.values()) + sum(
                 st.users for st in self._residents.values() if st.evicted),
