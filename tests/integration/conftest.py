@@ -222,10 +222,11 @@ def replica_stats(app: str, adapter_id: str = "", replica_id: str = "") -> dict:
         handle = handle.options(multiplexed_model_id=adapter_id)
     for _ in range(100):
         stats = handle.stats.remote().result(timeout_s=60)
-        if not replica_id or stats["replica_id"] == replica_id:
+        holds = not adapter_id or adapter_id in stats["resident_adapters"]
+        if holds and (not replica_id or stats["replica_id"] == replica_id):
             return stats
         time.sleep(0.2)
-    raise AssertionError(f"no stats from replica {replica_id} holding {adapter_id}")
+    raise AssertionError(f"no stats from replica {replica_id or '(any)'} holding {adapter_id}")
 
 
 def replica_actor(app: str, adapter_id: str):

@@ -475,9 +475,14 @@ def test_adapter_residency_follows_the_replicas_that_served_them(prom, load, pla
     (main_replica,) = load.replicas(MAIN_APP)
     expected_affinity = {r: {a} for r, a in load.last_served(AFFINITY_APP).items()}
 
+    # The main replica keeps max_loras of the 3 adapters (what one batch can hold).
+    expected_main = set(replica_stats(MAIN_APP)["resident_adapters"])
+    assert expected_main <= set(platform.ids.values())
+    assert len(expected_main) == platform.main.engine.max_loras
+
     def matches():
         resident = _resident(prom)
-        ok = set(platform.ids.values()) <= resident.get(main_replica, set()) and all(
+        ok = resident.get(main_replica) == expected_main and all(
             resident.get(r) == adapters for r, adapters in expected_affinity.items()
         )
         return resident if ok else None

@@ -47,6 +47,8 @@ def _replicas(adapter: str) -> tuple[dict, dict]:
 
 def test_base_requests_go_to_the_base_pool_and_adapters_to_the_lora_pool(platform, pools):
     alpha = platform.ids["alpha"]
+    with HybridServeClient(platform.address, application=APP) as c:
+        c.generate("hi", adapter=alpha, max_tokens=2)  # a LoRA replica now holds it
     base_stats, lora_stats = _replicas(alpha)
     assert base_stats["base_only"] and not lora_stats["base_only"]
     base, lora = [base_stats["replica_id"]], [lora_stats["replica_id"]]

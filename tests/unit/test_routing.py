@@ -157,3 +157,16 @@ async def test_a_placement_outlives_its_request_until_a_later_report(router):
     assert "a@v1" in router.views(replicas)[0].adapters
     replicas[0].routing_stats = {"at": t + 5, "slots": 1, "resident": []}
     assert "a@v1" not in router.views(replicas)[0].adapters
+
+
+async def test_a_burst_routed_all_at_once_goes_to_one_replica(router):
+    """Requests for a new adapter all being routed before any has reached a replica
+    (no on_request_routed yet) still pick one replica first."""
+    reported = {"at": time.time(), "slots": 1}
+    replicas = [_replica("r1", stats=dict(reported)), _replica("r2", stats=dict(reported))]
+    firsts = set()
+    for i in range(8):
+        ranks = await router.choose_replicas(replicas, _pending("new@v1", f"q{i}"))
+        assert len(ranks[0]) == 1
+        firsts.add(ranks[0][0].replica_id.unique_id)
+    assert len(firsts) == 1

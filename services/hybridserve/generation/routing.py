@@ -218,11 +218,21 @@ class SlotAwareRouter(RequestRouter):
             pending_request.routing_context.should_backoff = True
         waited = time.time() - pending_request.created_at if pending_request else 0.0
         by_id = {r.replica_id.unique_id: r for r in candidate_replicas}
-        ranks = rank_replicas(adapter, self.views(candidate_replicas),
-                              spread_at=self.spread_at, waited_s=waited,
+        views = self.views(candidate_replicas)
+        ranks = rank_replicas(adapter, views, spread_at=self.spread_at, waited_s=waited,
                               max_wait_s=self.max_slot_wait_s)
+        if adapter and ranks and not any(adapter in v.adapters for v in views):
+            # A new adapter: one replica first, and remembered now. Requests for it
+            # being routed at the same moment (a burst) then see it placed there,
+            # instead of each picking its own replica before any has been routed.
+            first = ranks[0]
+            least = min(v.ongoing for v in views if v.replica_id in first)
+            chosen = random.choice([v.replica_id for v in views
+                                    if v.replica_id in first and v.ongoing == least])
+            ranks = [[chosen], [i for i in first if i != chosen], *ranks[1:]]
+            self._remember(chosen, adapter, time.time())
         out = []
-        for rank in ranks:
+        for rank in (r for r in ranks if r):
             # Serve takes the shortest queue within a rank and the first on a tie:
             # shuffled, ties (idle replicas) spread the load.
             chosen = [by_id[i] for i in rank]
@@ -238,11 +248,15 @@ class SlotAwareRouter(RequestRouter):
         while len(routed) > _MAX_ROUTED:  # completions lost (a dead replica): forget the oldest
             routed.pop(next(iter(routed)))
         if adapter:
-            placed = self._placed
-            placed.pop((replica_id.unique_id, adapter), None)
-            placed[(replica_id.unique_id, adapter)] = now
-            while len(placed) > _MAX_PLACED:
-                placed.pop(next(iter(placed)))
+            self._remember(replica_id.unique_id, adapter, now)
+
+    def _remember(self, replica: str, adapter: str, at: float) -> None:
+        self._state()  # initialized
+        placed = self._placed
+        placed.pop((replica, adapter), None)
+        placed[(replica, adapter)] = at
+        while len(placed) > _MAX_PLACED:
+            placed.pop(next(iter(placed)))
 
     def on_request_completed(self, replica_id, internal_request_id: str) -> None:
         self._state().pop(internal_request_id, None)
