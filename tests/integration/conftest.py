@@ -258,7 +258,7 @@ def wait_replicas(app: str, n: int, timeout_s: float = 600) -> None:
 @pytest.fixture(scope="module")
 def room_for_two_engines(platform):
     """Frees the memory of the SmolLM2 app for a module that deploys up to two more
-    vLLM engines beside the session's (this 24 GiB machine holds the session's five
+    vLLM engines beside the session's (this 24 GiB machine holds the session's four
     and one or two more, not three), and puts it back afterwards."""
     from hybridserve.app import build_generation_app
     from ray import serve
