@@ -19,27 +19,13 @@ import grpc
 import pytest
 from hybridserve.client import HybridServeClient
 from hybridserve.exceptions import HybridServeAPIError
-from hybridserve.testing.tiny import build_lora_adapter, hf_greedy
+from hybridserve.testing.tiny import build_lora_adapter
 
 from .conftest import AFFINITY_APP, MAIN_APP, replica_actor, replica_stats, wait_replicas
+# The same prompts and HF+PEFT reference as the generation tests (one definition).
+from .test_generation_serve import LONG_PROMPT, MAX_TOKENS, PROMPTS, reference  # noqa: F401
 
 pytestmark = pytest.mark.integration
-
-PROMPTS = ["the quick brown fox", "once upon a time there was", "in the beginning"]
-MAX_TOKENS = 24
-#: Greedy decoding of this prompt runs 1000 tokens without EOS on the tiny model.
-LONG_PROMPT = "once upon a time there was"
-
-
-@pytest.fixture(scope="module")
-def reference(platform):
-    """adapter name ('' = base) -> HF+PEFT greedy token ids for each prompt."""
-    base = platform.assets.base_dir
-    ref = {"": hf_greedy(base, PROMPTS, MAX_TOKENS)}
-    for name, folder in platform.assets.adapters.items():
-        ref[name] = hf_greedy(base, PROMPTS, MAX_TOKENS, adapter_dir=folder)
-    return ref
-
 
 def _run_jobs(platform, app: str, jobs):
     """jobs: (adapter name or '', prompt index) -> [(token ids, final)], all at once."""
