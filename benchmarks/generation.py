@@ -215,6 +215,68 @@ async def run_load(one, n_streams: int, max_tokens: int, adapters: list):
             "ttft": [t for t, _ in results if t is not None]}
 
 
+class CpuMeter:
+    """CPU seconds by process role over a span, read from every process on the machine:
+    where a side's CPU goes. Roles: client (this process: the gRPC client, or direct
+    AsyncLLM's output handling), proxy, replica, engine (vLLM's engine-core and worker
+    processes), ray (raylet, GCS, controller, agents), other."""
+
+    ROLES = (("ProxyActor", "proxy"), ("ServeReplica", "replica"), ("VLLM::", "engine"),
+             ("raylet", "ray"), ("gcs_server", "ray"), ("dashboard", "ray"),
+             ("ServeController", "ray"), ("log_monitor", "ray"), ("DashboardAgent", "ray"),
+             ("RuntimeEnvAgent", "ray"))
+
+    def __init__(self):
+        import psutil
+
+        self.psutil, self.me = psutil, os.getpid()
+        self.totals: dict[str, dict[str, float]] = {}
+
+    def _role(self, proc) -> str:
+        if proc.pid == self.me:
+            return "client"
+        try:
+            text = " ".join(proc.cmdline()) or proc.name()
+        except self.psutil.Error:
+            return "other"
+        return next((role for key, role in self.ROLES if key in text), "other")
+
+    def snapshot(self) -> dict[int, tuple[str, float]]:
+        snap = {}
+        for proc in self.psutil.process_iter():
+            try:
+                t = proc.cpu_times()
+                snap[proc.pid] = (self._role(proc), t.user + t.system)
+            except self.psutil.Error:
+                continue
+        return snap
+
+    async def measure(self, side: str, coro):
+        """Runs `coro`, adding the CPU seconds each role spent meanwhile to `side`."""
+        before = self.snapshot()
+        result = await coro
+        after = self.snapshot()
+        acc = self.totals.setdefault(side, {"wall_s": 0.0, "tokens": 0})
+        acc["wall_s"] += result["wall_s"]
+        acc["tokens"] += result["tokens"]
+        for pid, (role, cpu) in after.items():
+            acc[role] = acc.get(role, 0.0) + cpu - before.get(pid, (role, 0.0))[1]
+        return result
+
+    def report(self) -> dict:
+        """side -> CPU ms per 1,000 tokens by role, and the cores used on average."""
+        out = {}
+        for side, acc in self.totals.items():
+            k = max(acc["tokens"], 1) / 1000
+            roles = {r: round(1000 * v / k, 1) for r, v in acc.items()
+                     if r not in ("wall_s", "tokens")}
+            out[side] = {"cpu_ms_per_1k_tokens": roles,
+                         "cores_busy": round(sum(v for r, v in acc.items()
+                                                 if r not in ("wall_s", "tokens"))
+                                             / max(acc["wall_s"], 1e-9), 2)}
+        return out
+
+
 def _summary(rounds):
     ttft = [t for r in rounds for t in r["ttft"]]
     return {
@@ -257,13 +319,17 @@ async def main_async(args) -> dict:
         # Warm up both sides (first requests pay one-time costs), adapters loaded.
         await run_load(direct.one, args.streams, 8, [None] + loras)
         await run_load(plat.one, args.streams, 8, [""] + ids)
+        print("[bench] warmed up; measuring", flush=True)
 
         res = {k: [] for k in ("direct_base", "platform_base", "platform_mixed", "platform_base2",
                                "direct_mixed", "direct_base2")}
         ratios, mix_ratios, direct_mix_ratios = [], [], []
+        meter = CpuMeter()
         for r in range(args.rounds):
-            d = await run_load(direct.one, args.streams, args.max_tokens, [None])
-            p = await run_load(plat.one, args.streams, args.max_tokens, [""])
+            d = await meter.measure("direct", run_load(direct.one, args.streams, args.max_tokens,
+                                                       [None]))
+            p = await meter.measure("platform", run_load(plat.one, args.streams, args.max_tokens,
+                                                         [""]))
             res["direct_base"].append(d)
             res["platform_base"].append(p)
             ratios.append(p["tok_s"] / d["tok_s"])
@@ -308,6 +374,7 @@ async def main_async(args) -> dict:
             "direct_mixed_vs_base_ratio_median": statistics.median(direct_mix_ratios),
             "direct_mixed_vs_base_ratios": [round(x, 3) for x in direct_mix_ratios],
             "cold_load_p50_ms": 1000 * statistics.median(cold),
+            "cpu_by_role": meter.report(),
             "cold_load_all_ms": [round(1000 * c) for c in cold],
             **{k: _summary(v) for k, v in res.items()},
         }
@@ -357,6 +424,9 @@ def main() -> int:
               "direct_base2"):
         s = out[k]
         print(f"{k:16s} tok/s median {s['tok_s_median']:8.1f}  TTFT p50 {s['ttft_p50_ms']:7.1f} ms  p99 {s['ttft_p99_ms']:7.1f} ms")
+    for side, cpu in out.get("cpu_by_role", {}).items():
+        print(f"{side:16s} CPU ms per 1k tokens {cpu['cpu_ms_per_1k_tokens']}; "
+              f"cores busy {cpu['cores_busy']}")
     print(f"wrote {path}")
     return 0
 

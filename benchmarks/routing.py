@@ -277,10 +277,11 @@ async def part_many(apps: Apps, address: str, args, base: Path, store: Path, nam
 
     rss = None
     try:
-        stats = serve.get_app_handle(apps.name_of("many")).stats.remote().result(timeout_s=60)
+        # Awaited: a handle's blocking .result() refuses to run inside an event loop.
+        stats = await serve.get_app_handle(apps.name_of("many")).stats.remote()
         rss = stats.get("rss_bytes")
-    except Exception:  # noqa: BLE001 - memory is reported when this process can reach Serve
-        pass
+    except Exception as e:  # noqa: BLE001 - reported as missing, with the reason
+        print(f"[bench] many: no replica memory: {e!r}", flush=True)
     return {"adapters": args.many, "errors": errors, "sampled": args.many // sample_every,
             "sampled_wrong": wrong, "ttft_ms": {"p50": 1e3 * _pct(ttft, 50),
                                                 "p99": 1e3 * _pct(ttft, 99)},
@@ -381,6 +382,7 @@ def main() -> int:
     p.add_argument("--base-dir", help="its base model folder (with --address)")
     p.add_argument("--base-name", default="tiny-llama", help="its served model name")
     p.add_argument("--smoke", action="store_true", help="one short round of each part")
+    p.add_argument("--tag", default="", help="suffix for the results file")
     args = p.parse_args()
     args.parts = [x for x in args.parts.split(",") if x]
     if args.address and not (args.api_key_file and args.store_dir and args.base_dir):
@@ -392,7 +394,8 @@ def main() -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     out = asyncio.run(main_async(args))
     (ROOT / "results").mkdir(exist_ok=True)
-    path = ROOT / "results" / ("routing-smoke.json" if args.smoke else f"routing-{args.model}.json")
+    name = "smoke" if args.smoke else args.model + (f"-{args.tag}" if args.tag else "")
+    path = ROOT / "results" / f"routing-{name}.json"
     path.write_text(json.dumps(out, indent=2) + "\n")
     print(json.dumps(out, indent=2))
     print(f"wrote {path}")
