@@ -230,7 +230,8 @@ class CpuMeter:
         import psutil
 
         self.psutil, self.me = psutil, os.getpid()
-        self.totals: dict[str, dict[str, float]] = {}
+        self._roles: dict[int, str] = {}  # pid -> role; a process keeps its command line
+        self.totals: dict[str, dict] = {}  # side -> wall_s, tokens, cpu (role -> s)
 
     def _role(self, proc) -> str:
         if proc.pid == self.me:
@@ -246,9 +247,10 @@ class CpuMeter:
         for proc in self.psutil.process_iter():
             try:
                 t = proc.cpu_times()
-                snap[proc.pid] = (self._role(proc), t.user + t.system)
             except self.psutil.Error:
                 continue
+            role = self._roles.get(proc.pid) or self._roles.setdefault(proc.pid, self._role(proc))
+            snap[proc.pid] = (role, t.user + t.system)
         return snap
 
     async def measure(self, side: str, coro):
@@ -256,11 +258,11 @@ class CpuMeter:
         before = self.snapshot()
         result = await coro
         after = self.snapshot()
-        acc = self.totals.setdefault(side, {"wall_s": 0.0, "tokens": 0})
+        acc = self.totals.setdefault(side, {"wall_s": 0.0, "tokens": 0, "cpu": {}})
         acc["wall_s"] += result["wall_s"]
         acc["tokens"] += result["tokens"]
         for pid, (role, cpu) in after.items():
-            acc[role] = acc.get(role, 0.0) + cpu - before.get(pid, (role, 0.0))[1]
+            acc["cpu"][role] = acc["cpu"].get(role, 0.0) + cpu - before.get(pid, (role, 0.0))[1]
         return result
 
     def report(self) -> dict:
@@ -268,14 +270,11 @@ class CpuMeter:
         out = {}
         for side, acc in self.totals.items():
             k = max(acc["tokens"], 1) / 1000
-            roles = {r: round(1000 * v / k, 1) for r, v in acc.items()
-                     if r not in ("wall_s", "tokens")}
-            out[side] = {"cpu_ms_per_1k_tokens": roles,
-                         "cores_busy": round(sum(v for r, v in acc.items()
-                                                 if r not in ("wall_s", "tokens"))
-                                             / max(acc["wall_s"], 1e-9), 2)}
+            out[side] = {
+                "cpu_ms_per_1k_tokens": {r: round(1000 * v / k, 1) for r, v in acc["cpu"].items()},
+                "cores_busy": round(sum(acc["cpu"].values()) / max(acc["wall_s"], 1e-9), 2),
+            }
         return out
-
 
 def _summary(rounds):
     ttft = [t for r in rounds for t in r["ttft"]]
