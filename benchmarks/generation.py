@@ -85,6 +85,17 @@ def build_assets(model: str, work: Path, n_adapters: int, base_dir: Path | None 
     return base, name, adapters
 
 
+def _setting(text: str) -> tuple[str, object]:
+    """`key=value` (value as JSON, else a string) for a serve.* setting."""
+    key, sep, value = text.partition("=")
+    if not sep:
+        raise SystemExit(f"--serve-set wants key=value, got {text!r}")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
+
+
 def make_config(base: Path, name: str, work: Path, args):
     from hybridserve.config import HybridServeConfig
 
@@ -109,6 +120,7 @@ def make_config(base: Path, name: str, work: Path, args):
             "apps": ["generation"],
             **({"stream_interval_ms": args.stream_interval_ms}
                if args.stream_interval_ms is not None else {}),
+            **dict(_setting(x) for x in args.serve_set),
         },
     )
 
@@ -365,6 +377,7 @@ async def main_async(args) -> dict:
             "adapters": args.adapters,
             "max_loras": args.max_loras,
             "stream_interval_ms": config.serve.stream_interval_ms,
+            "serve_set": dict(_setting(x) for x in args.serve_set),
             "serve_env": {k: v for k, v in os.environ.items() if k.startswith("RAY_SERVE_")},
             "platform_vs_direct_ratio_median": statistics.median(ratios),
             "platform_vs_direct_ratios": [round(x, 3) for x in ratios],
@@ -396,6 +409,9 @@ def main() -> int:
     p.add_argument("--cold", type=int, default=8, help="cold-load samples")
     p.add_argument("--stream-interval-ms", type=float, default=None,
                    help="default: the platform's (serve.stream_interval_ms)")
+    p.add_argument("--serve-set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a serve.* setting of the platform side, e.g. access_log=false "
+                   "(repeatable)")
     p.add_argument("--tag", default="", help="suffix for the results file")
     p.add_argument("--work", default=str(Path.home() / ".cache" / "hybridserve" / "bench"))
     p.add_argument("--address", help="use a running platform instead of starting one")

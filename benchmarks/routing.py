@@ -7,19 +7,26 @@ the median is reported.
 
   base     : requests without an adapter, on a base-pool replica (LoRA off) vs on a
              LoRA-enabled replica (`pool` vs `lora`)
-  slots    : 8 adapters over 2 replicas with max_loras=2: the slot-aware router vs
-             Serve's default router (`slot` vs `p2c`); tokens/s and TTFT p99
+  slots    : 8 adapters over 2 replicas with max_loras=2: the slot-aware router (`slot`)
+             vs Serve's default router as Serve sets it up, multiplex cap =
+             max_cpu_loras (`serve`), and vs Serve's router with the platform's cap
+             (max_loras, `p2c`); tokens/s and TTFT p99
+  fit      : 4 adapters over 2 replicas with max_loras=2, a working set that fits the
+             slots only if each replica gets 2: slot-aware (`slot`) vs Serve's
+             default (`serve`); tokens/s and TTFT p99
   mixed    : 50% base, 50% over 4 adapters: base pool + slot-aware (`pool`) vs one LoRA
              pool of as many replicas (`lora2`)
   overload : ghz, an external gRPC load generator, on one replica with bounded queues:
-             16 concurrent streams (the baseline) vs 400; rejection codes and
-             latency, and the admitted requests' p99 against the baseline's
+             16 concurrent streams (the baseline) vs a burst of 400 at once (400 x
+             400); rejection codes and latency, and the admitted requests' p99
+             against the baseline's. Then a storm: 400 concurrent clients that call
+             again the moment they are refused (2,000 calls), reported.
   many     : N distinct adapters registered and served in rotation through the LRU;
              errors, sampled outputs vs the HF+PEFT reference, TTFT p50/p99 (each
              request loads its adapter), the replica's resident memory
 
 Usage:
-  python benchmarks/routing.py [--model tiny|smollm2] [--parts base,slots,mixed,overload,many]
+  python benchmarks/routing.py [--model tiny|smollm2] [--parts base,slots,fit,mixed,overload,many]
   python benchmarks/routing.py --smoke --address HOST:PORT --api-key-file F \\
       --store-dir D --base-dir B --app A --two-replica-app A2
       # one short round of each part against a running platform's apps (both sides
@@ -90,7 +97,12 @@ APPS = {
     "base": {"lora": {"serve__generation_replicas": 1},
              "pool": {"serve__generation_replicas": 2, "serve__base_pool_replicas": 1}},
     "slots": {"slot": {"serve__generation_replicas": 2},
+              "serve": {"serve__generation_replicas": 2, "serve__request_router": "power_of_two",
+                        "max_adapters": "max_cpu_loras"},
               "p2c": {"serve__generation_replicas": 2, "serve__request_router": "power_of_two"}},
+    "fit": {"slot": {"serve__generation_replicas": 2},
+            "serve": {"serve__generation_replicas": 2, "serve__request_router": "power_of_two",
+                      "max_adapters": "max_cpu_loras"}},
     "mixed": {"pool": {"serve__generation_replicas": 2, "serve__base_pool_replicas": 1},
               "lora2": {"serve__generation_replicas": 2}},
     "overload": {"ovl": {"serve__generation_replicas": 1, "serve__max_ongoing_requests": 16,
@@ -110,7 +122,7 @@ class Apps:
     def name_of(self, app: str) -> str:
         if not self.args.address:
             return app
-        two = {"pool", "slot", "p2c", "lora2"}
+        two = {"pool", "slot", "serve", "p2c", "lora2"}
         return self.args.two_replica_app if app in two else self.args.app
 
     def deploy(self, part: str) -> None:
@@ -121,8 +133,13 @@ class Apps:
 
         for app, changes in APPS[part].items():
             print(f"[bench] deploying {app} ({changes}) ...", flush=True)
-            serve.run(build_generation_app(variant(self.cfg, **changes)), name=app,
-                      route_prefix=f"/{app}")
+            changes = dict(changes)
+            # Serve's multiplex cap, named by the engine setting it takes (default: the
+            # platform's, max_loras)
+            cap = changes.pop("max_adapters", None)
+            cfg = variant(self.cfg, **changes)
+            serve.run(build_generation_app(cfg, getattr(cfg.engine, cap) if cap else None),
+                      name=app, route_prefix=f"/{app}")
 
     def remove(self, part: str) -> None:
         if self.args.address:
@@ -135,21 +152,27 @@ class Apps:
 
 async def interleaved(sides: dict, rounds: int, streams: int, max_tokens: int,
                       adapters: dict[str, list]) -> dict:
-    """Rounds of `streams` concurrent requests per side (ABBA), side -> summary, and the
-    per-round tokens/s ratio of the first side over the second."""
+    """Rounds of `streams` concurrent requests per side (ABBA...), side -> summary, and
+    the per-round tokens/s ratio of the first side over each other side
+    (`ratio_median`/`ratios`: over the second; `vs`: over each)."""
     names = list(sides)
     results = {n: [] for n in names}
-    ratios = []
+    ratios: dict[str, list[float]] = {n: [] for n in names[1:]}
     for r in range(rounds):
         order = names if r % 2 == 0 else names[::-1]
         got = {}
         for n in order:
             got[n] = await run_load(sides[n].one, streams, max_tokens, adapters[n])
             results[n].append(got[n])
-        ratios.append(got[names[0]]["tok_s"] / got[names[1]]["tok_s"])
-        print(f"[bench] round {r}: {names[0]}/{names[1]} {ratios[-1]:.3f} (" + ", ".join(
+        for n in names[1:]:
+            ratios[n].append(got[names[0]]["tok_s"] / got[n]["tok_s"])
+        print(f"[bench] round {r}: " + ", ".join(
+            f"{names[0]}/{n} {v[-1]:.3f}" for n, v in ratios.items()) + " (" + ", ".join(
             f"{n} {got[n]['tok_s']:.0f} tok/s" for n in names) + ")", flush=True)
-    return {"ratio_median": statistics.median(ratios), "ratios": [round(x, 3) for x in ratios],
+    second = ratios[names[1]]
+    return {"ratio_median": statistics.median(second), "ratios": [round(x, 3) for x in second],
+            "vs": {n: {"ratio_median": statistics.median(v), "ratios": [round(x, 3) for x in v]}
+                   for n, v in ratios.items()},
             **{n: _summary(v) for n, v in results.items()}}
 
 
@@ -165,10 +188,10 @@ async def part_base(apps: Apps, address: str, args) -> dict:
                              {"pool": [""], "lora": [""]})
 
 
-async def part_slots(apps: Apps, address: str, args, adapter_dirs) -> dict:
-    sides = {"slot": Platform(address, apps.name_of("slot")),
-             "p2c": Platform(address, apps.name_of("p2c"))}
-    ids = {n: [await s.register(d.name, d.name, "v1") for d in adapter_dirs[:8]]
+async def part_slots(apps: Apps, address: str, args, adapter_dirs, part: str = "slots",
+                     adapters: int = 8) -> dict:
+    sides = {n: Platform(address, apps.name_of(n)) for n in APPS[part]}
+    ids = {n: [await s.register(d.name, d.name, "v1") for d in adapter_dirs[:adapters]]
            for n, s in sides.items()}
     for n, s in sides.items():
         await run_load(s.one, args.streams, 8, ids[n])
@@ -233,15 +256,20 @@ async def part_overload(apps: Apps, address: str, args) -> dict:
     key = os.environ["HYBRIDSERVE_API_KEY"]
     app = apps.name_of("ovl")
     low = ghz(address, app, key, args.ghz_low, args.ghz_low_total, args.max_tokens)
-    high = ghz(address, app, key, args.ghz_high, args.ghz_high_total, args.max_tokens)
+    high = ghz(address, app, key, args.ghz_high, args.ghz_high, args.max_tokens)
+    storm = ghz(address, app, key, args.ghz_high, args.ghz_storm_total, args.max_tokens)
     ok_low = low["latency_ms"].get("OK", {}).get("p99")
-    ok_high = high["latency_ms"].get("OK", {}).get("p99")
-    rejected = {k: v for k, v in high["latency_ms"].items() if k != "OK"}
-    print(f"[bench] overload: {args.ghz_low} concurrent p99 {ok_low} ms; {args.ghz_high} "
-          f"concurrent admitted p99 {ok_high} ms, statuses {high['status_counts']}", flush=True)
-    return {"low": low, "high": high,
-            "admitted_p99_vs_low_p99": (ok_high / ok_low) if ok_low and ok_high else None,
-            "rejected_latency_ms": rejected}
+    out = {"low": low}
+    for name, run in (("high", high), ("storm", storm)):
+        ok = run["latency_ms"].get("OK", {}).get("p99")
+        print(f"[bench] overload {name}: {args.ghz_low} concurrent p99 {ok_low} ms; "
+              f"{run['concurrency']} concurrent x {run['total']}: admitted p99 {ok} ms, "
+              f"statuses {run['status_counts']}", flush=True)
+        out[name] = run
+        out[f"{name}_admitted_p99_vs_low_p99"] = ok / ok_low if ok_low and ok else None
+        out[f"{name}_rejected_latency_ms"] = {k: v for k, v in run["latency_ms"].items()
+                                              if k != "OK"}
+    return out
 
 
 async def part_many(apps: Apps, address: str, args, base: Path, store: Path, name: str) -> dict:
@@ -345,6 +373,8 @@ async def main_async(args) -> dict:
                     out[part] = await part_base(apps, address, args)
                 elif part == "slots":
                     out[part] = await part_slots(apps, address, args, adapter_dirs)
+                elif part == "fit":
+                    out[part] = await part_slots(apps, address, args, adapter_dirs, "fit", 4)
                 elif part == "mixed":
                     out[part] = await part_mixed(apps, address, args, adapter_dirs)
                 elif part == "overload":
@@ -362,14 +392,15 @@ async def main_async(args) -> dict:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", choices=["tiny", "smollm2"], default="tiny")
-    p.add_argument("--parts", default="base,slots,mixed,overload,many")
+    p.add_argument("--parts", default="base,slots,fit,mixed,overload,many")
     p.add_argument("--rounds", type=int, default=6)
     p.add_argument("--streams", type=int, default=16)
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--ghz-low", type=int, default=16)
     p.add_argument("--ghz-low-total", type=int, default=300)
     p.add_argument("--ghz-high", type=int, default=400)
-    p.add_argument("--ghz-high-total", type=int, default=2000)
+    p.add_argument("--ghz-storm-total", type=int, default=2000,
+                   help="calls of the storm (at --ghz-high concurrent)")
     p.add_argument("--many", type=int, default=1000, help="distinct adapters in the many part")
     p.add_argument("--many-samples", type=int, default=20, help="outputs checked against PEFT")
     p.add_argument("--work", default=str(Path.home() / ".cache" / "hybridserve" / "bench-routing"))
@@ -389,7 +420,7 @@ def main() -> int:
         p.error("--address needs --api-key-file, --store-dir and --base-dir")
     if args.smoke:
         args.rounds, args.streams, args.max_tokens = 2, 2, 4
-        args.ghz_low, args.ghz_low_total, args.ghz_high, args.ghz_high_total = 2, 4, 4, 8
+        args.ghz_low, args.ghz_low_total, args.ghz_high, args.ghz_storm_total = 2, 4, 4, 8
         args.many, args.many_samples = 3, 1
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     out = asyncio.run(main_async(args))

@@ -113,10 +113,15 @@ def queue_options(config: HybridServeConfig) -> dict:
     }
 
 
-def generation_deployment(config: HybridServeConfig):
+def generation_deployment(config: HybridServeConfig, max_adapters: int | None = None):
     """The generation deployment: a GenerationServicer per replica, with Serve
-    multiplexing (model id = adapter id) and adapter-affine routing."""
-    max_adapters = adapters_per_replica(config)
+    multiplexing (model id = adapter id) and adapter-affine routing.
+
+    `max_adapters` overrides Serve's multiplex cap (`adapters_per_replica`); the
+    routing benchmark sets `max_cpu_loras` to measure Serve's own default.
+    """
+    if max_adapters is None:
+        max_adapters = adapters_per_replica(config)
 
     class GenerationDeployment(GenerationServicer):
         # Serve awaits an async constructor: the replica reports ready only
@@ -151,9 +156,10 @@ def generation_deployment(config: HybridServeConfig):
     )
 
 
-def build_generation_app(config: HybridServeConfig) -> Any:
-    """The bound generation application, ready for `serve.run`."""
-    return generation_deployment(config).bind(config.model_dump(mode="json"))
+def build_generation_app(config: HybridServeConfig, max_adapters: int | None = None) -> Any:
+    """The bound generation application, ready for `serve.run` (`max_adapters`: see
+    `generation_deployment`)."""
+    return generation_deployment(config, max_adapters).bind(config.model_dump(mode="json"))
 
 
 def _torch_threads(requested: int) -> int:

@@ -89,6 +89,8 @@ def test_routing_benchmark_smoke(platform):
     result = _smoke("routing.py", *_platform_args(platform), "--app", MAIN_APP,
                     "--two-replica-app", AFFINITY_APP)
     assert result["base"]["ratio_median"] > 0 and result["slots"]["ratio_median"] > 0
-    assert result["mixed"]["ratio_median"] > 0
-    assert sum(result["overload"]["high"]["status_counts"].values()) == 8
+    assert result["mixed"]["ratio_median"] > 0 and result["fit"]["ratio_median"] > 0
+    assert sum(result["overload"]["high"]["status_counts"].values()) == 4
+    assert sum(result["overload"]["storm"]["status_counts"].values()) == 8
+    assert set(result["slots"]["vs"]) == {"serve", "p2c"}
     assert result["many"]["adapters"] == 3 and result["many"]["errors"] == 0

@@ -57,6 +57,9 @@ def test_routing_sees_the_adapters_a_batch_can_hold_not_the_engine_cache(monkeyp
     monkeypatch.setattr(app.serve, "multiplexed", multiplexed)
     app.generation_deployment(_cfg(engine={"max_loras": 2, "max_cpu_loras": 6}))
     assert seen["cap"] == 2
+    # the routing benchmark's plain side: Serve's cap as Serve would set it
+    app.generation_deployment(_cfg(engine={"max_loras": 2, "max_cpu_loras": 6}), max_adapters=6)
+    assert seen["cap"] == 6
 
 
 def test_no_deployment_class_has_a_coroutine_destructor():
