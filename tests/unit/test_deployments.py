@@ -47,6 +47,18 @@ def test_requests_have_an_end_to_end_timeout():
     assert printed["http_options"]["request_timeout_s"] == 42
 
 
+def test_serve_transport_settings_become_serves_environment():
+    env = HybridServeConfig().serve.ray_env()
+    assert env == {"RAY_SERVE_PROXY_USE_GRPC": "1",
+                   "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
+                   "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0"}
+    off = _cfg(serve={"proxy_grpc_transport": False, "user_code_on_replica_loop": False,
+                      "router_on_caller_loop": False}).serve.ray_env()
+    assert off == {"RAY_SERVE_PROXY_USE_GRPC": "0",
+                   "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "1",
+                   "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "1"}
+
+
 def test_routing_sees_the_adapters_a_batch_can_hold_not_the_engine_cache(monkeypatch):
     seen = {}
 

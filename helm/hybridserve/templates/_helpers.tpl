@@ -124,4 +124,6 @@ app.kubernetes.io/component: {{ .component }}
   value: {{ ternary "1" "0" (ne (dig "serve" "proxy_grpc_transport" true .Values.config) false) | quote }}
 - name: RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD
   value: {{ ternary "0" "1" (ne (dig "serve" "user_code_on_replica_loop" true .Values.config) false) | quote }}
+- name: RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP
+  value: {{ ternary "0" "1" (ne (dig "serve" "router_on_caller_loop" true .Values.config) false) | quote }}
 {{- end }}
