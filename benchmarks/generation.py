@@ -378,7 +378,9 @@ async def main_async(args) -> dict:
             "max_loras": args.max_loras,
             "stream_interval_ms": config.serve.stream_interval_ms,
             "serve_set": dict(_setting(x) for x in args.serve_set),
-            "serve_env": {k: v for k, v in os.environ.items() if k.startswith("RAY_SERVE_")},
+            # what Serve's processes got: the platform's settings, unless set here
+            "serve_env": {**config.serve.ray_env(),
+                          **{k: v for k, v in os.environ.items() if k.startswith("RAY_SERVE_")}},
             "platform_vs_direct_ratio_median": statistics.median(ratios),
             "platform_vs_direct_ratios": [round(x, 3) for x in ratios],
             "mixed_vs_base_ratio_median": statistics.median(mix_ratios),

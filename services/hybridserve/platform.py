@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -172,6 +173,26 @@ def wait_healthy(address: str, service: str, timeout_s: float, application: str 
     )
 
 
+@contextlib.contextmanager
+def cluster_environment(env: Mapping[str, str]) -> Iterator[None]:
+    """Sets `env` in this process while the local Ray cluster starts, then restores it.
+
+    Serve's proxy and replicas read their settings (`serve.ray_env()`) from the
+    environment they inherit from Ray's processes, which inherit it from this one
+    at `ray.init`. Afterwards this process's environment is as it was, so that its
+    later subprocesses (a CLI, a benchmark driver) do not get them: with
+    RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP=0 a driver's blocking handle calls
+    (`.result()`) would fail. A variable the caller has set already is kept.
+    """
+    added = {k: v for k, v in env.items() if k not in os.environ}
+    os.environ.update(added)
+    try:
+        yield
+    finally:
+        for key in added:
+            os.environ.pop(key, None)
+
+
 def start(
     config: HybridServeConfig,
     *,
@@ -229,21 +250,18 @@ def start(
     try:
         weaviate = start_weaviate(config, progress) if RETRIEVAL_APP in wanted else None
         if not ray.is_initialized():
-            # NOTE: before ray.init: Serve's proxy and replicas read these when
-            # they start, from the environment they inherit from this process.
-            for key, value in config.serve.ray_env().items():
-                os.environ.setdefault(key, value)
             progress("starting Ray ...")
-            ray.init(
-                namespace="hybridserve",
-                include_dashboard=False,
-                # Every metric of the platform (ours, Serve's, vLLM's, Ray's) is
-                # served here; Prometheus scrapes it.
-                _metrics_export_port=config.observability.metrics_export_port,
-                configure_logging=True,
-                logging_level=logging.WARNING,
-                log_to_driver=False,
-            )
+            with cluster_environment(config.serve.ray_env()):
+                ray.init(
+                    namespace="hybridserve",
+                    include_dashboard=False,
+                    # Every metric of the platform (ours, Serve's, vLLM's, Ray's) is
+                    # served here; Prometheus scrapes it.
+                    _metrics_export_port=config.observability.metrics_export_port,
+                    configure_logging=True,
+                    logging_level=logging.WARNING,
+                    log_to_driver=False,
+                )
         serve.start(
             http_options=HTTPOptions(host=config.serve.grpc_host, port=config.serve.http_port,
                                      request_timeout_s=config.serve.request_timeout_s),

@@ -264,3 +264,21 @@ def _split_json_stream(text: str) -> list[str]:
         while i < len(text) and text[i].isspace():
             i += 1
     return out
+
+
+def test_serves_settings_reach_the_cluster_and_not_the_driver(platform):
+    """Ray's workers (the proxy, the replicas) start with `serve.ray_env()`; the process
+    that started the platform, and what it spawns later, keep their own environment."""
+    import os
+
+    import ray
+    from hybridserve.config import HybridServeConfig
+
+    want = HybridServeConfig().serve.ray_env()
+
+    @ray.remote(num_cpus=0)
+    def worker_env(keys):
+        return {k: os.environ.get(k) for k in keys}
+
+    assert ray.get(worker_env.remote(list(want)), timeout=60) == want
+    assert all(k not in os.environ for k in want)

@@ -31,3 +31,17 @@ def test_free_ports_pass(tmp_path):
     cfg = HybridServeConfig(data_dir=tmp_path, serve={"grpc_port": ports[0], "http_port": ports[1]},
                             observability={"metrics_export_port": ports[2]})
     check_ports_free(cfg)
+
+
+def test_the_cluster_environment_is_set_only_while_ray_starts(monkeypatch):
+    from hybridserve.platform import cluster_environment
+
+    monkeypatch.delenv("HS_TEST_A", raising=False)
+    monkeypatch.setenv("HS_TEST_B", "callers")
+    with cluster_environment({"HS_TEST_A": "0", "HS_TEST_B": "ours"}):
+        import os
+
+        assert os.environ["HS_TEST_A"] == "0"  # what ray.init's processes inherit
+        assert os.environ["HS_TEST_B"] == "callers"  # the caller's own setting wins
+    assert "HS_TEST_A" not in os.environ  # later subprocesses of this one do not get it
+    assert os.environ["HS_TEST_B"] == "callers"
