@@ -120,7 +120,7 @@ def make_config(base: Path, name: str, work: Path, args):
             "apps": ["generation"],
             **({"stream_interval_ms": args.stream_interval_ms}
                if args.stream_interval_ms is not None else {}),
-            **dict(_setting(x) for x in args.serve_set),
+            **args.serve_set,
         },
     )
 
@@ -377,7 +377,7 @@ async def main_async(args) -> dict:
             "adapters": args.adapters,
             "max_loras": args.max_loras,
             "stream_interval_ms": config.serve.stream_interval_ms,
-            "serve_set": dict(_setting(x) for x in args.serve_set),
+            "serve_set": args.serve_set,
             # what Serve's processes got: the platform's settings, unless set here
             "serve_env": {**config.serve.ray_env(),
                           **{k: v for k, v in os.environ.items() if k.startswith("RAY_SERVE_")}},
@@ -412,8 +412,8 @@ def main() -> int:
     p.add_argument("--stream-interval-ms", type=float, default=None,
                    help="default: the platform's (serve.stream_interval_ms)")
     p.add_argument("--serve-set", action="append", default=[], metavar="KEY=VALUE",
-                   help="a serve.* setting of the platform side, e.g. access_log=false "
-                   "(repeatable)")
+                   help="a serve.* setting of the platform side, e.g. "
+                   "router_on_caller_loop=false (repeatable)")
     p.add_argument("--tag", default="", help="suffix for the results file")
     p.add_argument("--work", default=str(Path.home() / ".cache" / "hybridserve" / "bench"))
     p.add_argument("--address", help="use a running platform instead of starting one")
@@ -425,6 +425,7 @@ def main() -> int:
     p.add_argument("--smoke", action="store_true",
                    help="one short round of each part (checks that the benchmark still runs)")
     args = p.parse_args()
+    args.serve_set = dict(_setting(x) for x in args.serve_set)
     if args.address and not (args.api_key_file and args.store_dir and args.base_dir):
         p.error("--address needs --api-key-file, --store-dir and --base-dir")
     if args.smoke:
