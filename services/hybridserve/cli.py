@@ -221,6 +221,11 @@ def cmd_models(ns) -> int:
     return 0
 
 
+#: Bytes of document text per Upsert call: below the proxy's default message limit
+#: (serve.max_message_bytes, 4 MiB), with room for ids, titles and metadata.
+INGEST_BATCH_BYTES = 3 * 1024 * 1024
+
+
 def _batches(docs, max_docs: int, max_bytes: int):
     batch, size = [], 0
     for d in docs:
@@ -266,7 +271,7 @@ def cmd_ingest(ns) -> int:
         total=len(docs), unit="doc", desc=f"ingest -> {ns.tenant or 'my tenant'}", file=sys.stderr,
         disable=ns.quiet,
     ) as bar:
-        for batch in _batches(docs, ns.batch_docs, 8 * 1024 * 1024):
+        for batch in _batches(docs, ns.batch_docs, INGEST_BATCH_BYTES):
             reply = client.upsert(
                 ns.tenant,
                 [

@@ -286,17 +286,22 @@ class _Api:
         return self._adm("WhoAmI", admin_pb2.WhoAmIRequest(), timeout)
 
     def create_tenant(self, tenant_id: str, *, display_name: str = "", allow_base: bool = False,
-                      system_prompt: str = "", requests_per_minute: int = 0,
-                      tokens_per_minute: int = 0, concurrent_streams: int = 0,
+                      system_prompt: str = "", requests_per_minute: int | None = None,
+                      tokens_per_minute: int | None = None, concurrent_streams: int | None = None,
                       timeout: float = 60) -> admin_pb2.CreateTenantResponse:
-        """Creates a tenant and its knowledge space (`created` is False if it existed)."""
-        return self._adm("CreateTenant", admin_pb2.CreateTenantRequest(
+        """Creates a tenant and its knowledge space (`created` is False if it existed).
+
+        With no quota given the tenant gets the platform's default quotas
+        (`tenancy.default_quotas`); any quota given sets all three (unset ones 0 = no
+        limit)."""
+        req = admin_pb2.CreateTenantRequest(
             id=tenant_id, display_name=display_name, allow_base=allow_base,
-            system_prompt=system_prompt,
-            quotas=admin_pb2.Quotas(requests_per_minute=requests_per_minute,
-                                    tokens_per_minute=tokens_per_minute,
-                                    concurrent_streams=concurrent_streams),
-        ), timeout)
+            system_prompt=system_prompt)
+        if (requests_per_minute, tokens_per_minute, concurrent_streams) != (None, None, None):
+            req.quotas.CopyFrom(admin_pb2.Quotas(requests_per_minute=requests_per_minute or 0,
+                                                 tokens_per_minute=tokens_per_minute or 0,
+                                                 concurrent_streams=concurrent_streams or 0))
+        return self._adm("CreateTenant", req, timeout)
 
     def get_tenant(self, tenant_id: str, timeout: float = 30) -> admin_pb2.Tenant:
         return self._adm("GetTenant", admin_pb2.GetTenantRequest(id=tenant_id), timeout)
@@ -387,10 +392,6 @@ class _Base(_Api):
         md = [("application", app)]
         if self.api_key:
             md.append(("authorization", f"Bearer {self.api_key}"))
-        if adapter:
-            # The server routes on the body's adapter field too; the header is the
-            # standard Serve spelling of the same thing.
-            md.append(("multiplexed_model_id", adapter))
         if timeout is not None:
             # gRPC's own deadline stops at Serve's proxy; this one reaches the gateway.
             md.append(("hybridserve-timeout-ms", str(int(timeout * 1000))))

@@ -69,6 +69,14 @@ class EngineConfig(_Strict):
         1.0, gt=0, description="CPU KV-cache size in GiB (sets VLLM_CPU_KVCACHE_SPACE)."
     )
     seed: int = Field(0, description="Engine seed.")
+    prefix_cache_isolation: Literal["tenant", "shared"] = Field(
+        "tenant",
+        description="Who shares the engine's prefix cache. `tenant`: each tenant's requests "
+        "hit only blocks cached from its own prompts (vLLM's per-request cache salt), or from "
+        "those of its group in tenancy.prefix_cache_groups; another tenant's identical prompt "
+        "is computed afresh, so time to first token cannot tell one tenant what another "
+        "asked. `shared`: one cache for everyone (only for deployments whose tenants all "
+        "trust each other). See docs/security.md.")
     enforce_eager: bool = Field(False, description="Disable torch.compile / CUDA graphs.")
     tensor_parallel_size: int = Field(
         1, ge=1, description="GPUs one replica's model is split over (vLLM "
@@ -215,10 +223,29 @@ class ServeConfig(_Strict):
     health_watch_s: float = Field(
         30.0,
         gt=0,
-        description="How long one grpc.health.v1 `Watch` stream stays open (it holds one of "
-        "the replica's max_ongoing_requests). It then ends with OK and the client watches "
-        "again; status changes within it are streamed at once.",
+        description="How long one grpc.health.v1 `Watch` stream stays open. The proxy answers "
+        "it, asking the app's replica with one short `Check` every health_poll_s, so a "
+        "watcher holds no replica capacity. It then ends with OK and the client watches "
+        "again.",
     )
+    health_poll_s: float = Field(
+        2.0, gt=0, description="How often the proxy checks an app's health for its `Watch` "
+        "streams; a change is streamed within this time.")
+    max_message_bytes: int = Field(
+        4 * 1024 * 1024, ge=64 * 1024, le=2**31 - 1,
+        description="Largest gRPC message Serve's proxy accepts, in bytes. gRPC refuses a "
+        "larger one with RESOURCE_EXHAUSTED before any handler sees it, so no caller can make "
+        "the proxy hold more than this per call. It bounds an Upsert's size (`hybridserve "
+        "ingest` sends batches of at most 3 MiB); keep it above "
+        "retrieval.max_document_bytes. Sets Serve's RAY_SERVE_GRPC_MAX_MESSAGE_SIZE.")
+    max_keyless_requests: int = Field(
+        32, ge=1, description="Calls without an API key (grpc.health.v1 Check and Watch: every "
+        "other method needs a key and is refused at the proxy without one) that one proxy "
+        "serves at once; past it they get RESOURCE_EXHAUSTED (KEYLESS_LIMIT).")
+    max_requests_per_connection: int = Field(
+        256, ge=1, description="Calls one client connection may have in flight at the proxy; "
+        "past it they get RESOURCE_EXHAUSTED (CONNECTION_LIMIT). A client that needs more "
+        "opens more connections, each of which passes the same checks.")
     stream_interval_ms: float = Field(
         50.0,
         ge=0,
@@ -271,6 +298,12 @@ class ServeConfig(_Strict):
             "RAY_SERVE_PROXY_USE_GRPC": "1" if self.proxy_grpc_transport else "0",
             "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0" if self.user_code_on_replica_loop else "1",
             "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0" if self.router_on_caller_loop else "1",
+            "RAY_SERVE_GRPC_MAX_MESSAGE_SIZE": str(self.max_message_bytes),
+            # Read by hybridserve.proxy_guard in the proxy process.
+            "HYBRIDSERVE_PROXY_MAX_KEYLESS": str(self.max_keyless_requests),
+            "HYBRIDSERVE_PROXY_MAX_PER_CONNECTION": str(self.max_requests_per_connection),
+            "HYBRIDSERVE_HEALTH_WATCH_S": f"{self.health_watch_s:g}",
+            "HYBRIDSERVE_HEALTH_POLL_S": f"{self.health_poll_s:g}",
         }
 
 
@@ -485,6 +518,17 @@ class ObservabilityConfig(_Strict):
     )
 
 
+class DefaultQuotas(_Strict):
+    """The quotas of a tenant created without any (0 = no limit)."""
+
+    requests_per_minute: int = Field(600, ge=0, description="Requests per minute.")
+    tokens_per_minute: int = Field(
+        200_000, ge=0, description="Tokens per minute: prompt and completion tokens, plus the "
+        "embedding tokens of Upsert and Search and the rerank units of Rerank "
+        "(docs/security.md, what each call costs).")
+    concurrent_streams: int = Field(16, ge=0, description="Streams (Generate, Ask) open at once.")
+
+
 class TenancyConfig(_Strict):
     database_url: str | None = Field(
         None,
@@ -539,6 +583,31 @@ class TenancyConfig(_Strict):
         description="Where the first `hybridserve up` writes the admin key it creates (mode "
         "0600), and where the local CLI finds it. Unset: <data_dir>/admin.key.",
     )
+    prefix_cache_groups: dict[str, list[str]] = Field(
+        default_factory=dict,
+        description="Tenants that may share one prefix cache, by group name (e.g. "
+        "`{acme-group: [acme, acme-eu]}`): their requests reuse each other's cached prompt "
+        "blocks (a common system prompt is then computed once), so each can time the "
+        "others' prompts. Put only tenants that trust each other in a group. Every other "
+        "tenant has a cache of its own (engine.prefix_cache_isolation).")
+    default_quotas: DefaultQuotas = Field(
+        default_factory=lambda: DefaultQuotas(),
+        description="Quotas a tenant gets when it is created without any, so that an "
+        "unlimited tenant is an explicit choice (`hybridserve admin quotas set T --rpm 0 "
+        "--tpm 0 --concurrency 0`).")
+
+    @field_validator("prefix_cache_groups")
+    @classmethod
+    def _one_group_per_tenant(cls, groups: dict[str, list[str]]) -> dict[str, list[str]]:
+        seen: dict[str, str] = {}
+        for group, members in groups.items():
+            for tenant in members:
+                if tenant in seen and seen[tenant] != group:
+                    raise ValueError(f"tenant {tenant!r} is in two prefix cache groups "
+                                     f"({seen[tenant]!r} and {group!r}); keep it in one")
+                seen[tenant] = group
+        return groups
+
     admin_key_env: str = Field(
         "HYBRIDSERVE_ADMIN_KEY",
         description="Environment variable that may hold an admin key (e.g. from a Kubernetes "
@@ -626,8 +695,16 @@ class RagConfig(_Strict):
 
 class GenerationDefaults(_Strict):
     max_tokens: int = Field(256, ge=1, description="max_tokens when a request does not set it.")
-    temperature: float = Field(1.0, ge=0, description="temperature when a request does not set it.")
+    temperature: float = Field(1.0, ge=0, le=2, description="temperature when a request does not set it.")
     top_p: float = Field(1.0, gt=0, le=1, description="top_p when a request does not set it.")
+    max_prompt_chars: int = Field(
+        65536, ge=1,
+        description="Longest Generate prompt accepted, in characters (all chat messages "
+        "together), checked before anything is tokenized: tokenizing runs on the replica's "
+        "one preparation thread, which every request waits for. Keep it above what "
+        "model.max_model_len tokens can hold (about 4 characters a token in English).")
+    max_messages: int = Field(
+        256, ge=1, description="Most chat messages in one Generate request.")
 
 
 def _env(name: str) -> str | None:

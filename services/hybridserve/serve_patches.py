@@ -105,6 +105,13 @@ def register() -> bool:
 
 
 def add_to_proxy(servicer, server) -> None:
-    """A `grpc_servicer_functions` entry: adds no service, applies `register()` in
-    the proxy process that imports it."""
+    """A `grpc_servicer_functions` entry: adds no service; in the proxy process that
+    imports it, applies `register()` and puts the proxy guard
+    (`hybridserve.proxy_guard`) in front of every service registered after it.
+
+    NOTE: keep it the first hybridserve entry of `grpc_servicer_functions`: services
+    registered before it are not guarded."""
+    from hybridserve import proxy_guard
+
     register()
+    proxy_guard.install(server)

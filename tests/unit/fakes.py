@@ -19,6 +19,8 @@ class FakeEngine(Engine):
         self.loaded: dict[str, AdapterRef] = {}
         self.aborted: list[str] = []
         self.calls: list[tuple[str, list[int], SamplingOptions, AdapterRef | None]] = []
+        #: the cache salt of each call, in order
+        self.salts: list[str | None] = []
 
     async def start(self) -> None:
         self.started = True
@@ -48,9 +50,10 @@ class FakeEngine(Engine):
 
     async def generate(
         self, request_id: str, prompt_token_ids: list[int], options: SamplingOptions,
-        adapter: AdapterRef | None = None,
+        adapter: AdapterRef | None = None, cache_salt: str | None = None,
     ) -> AsyncIterator[Delta]:
         self.calls.append((request_id, prompt_token_ids, options, adapter))
+        self.salts.append(cache_salt)
         try:
             for i in range(options.max_tokens):
                 if self.step_s:

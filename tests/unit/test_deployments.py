@@ -51,12 +51,25 @@ def test_serve_transport_settings_become_serves_environment():
     env = HybridServeConfig().serve.ray_env()
     assert env == {"RAY_SERVE_PROXY_USE_GRPC": "1",
                    "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
-                   "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0"}
+                   "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0",
+                   "RAY_SERVE_GRPC_MAX_MESSAGE_SIZE": str(4 * 1024 * 1024),
+                   "HYBRIDSERVE_PROXY_MAX_KEYLESS": "32",
+                   "HYBRIDSERVE_PROXY_MAX_PER_CONNECTION": "256",
+                   "HYBRIDSERVE_HEALTH_WATCH_S": "30",
+                   "HYBRIDSERVE_HEALTH_POLL_S": "2"}
     off = _cfg(serve={"proxy_grpc_transport": False, "user_code_on_replica_loop": False,
-                      "router_on_caller_loop": False}).serve.ray_env()
-    assert off == {"RAY_SERVE_PROXY_USE_GRPC": "0",
-                   "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "1",
-                   "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "1"}
+                      "router_on_caller_loop": False, "max_message_bytes": 1 << 20,
+                      "health_poll_s": 0.5}).serve.ray_env()
+    assert off["RAY_SERVE_PROXY_USE_GRPC"] == "0"
+    assert off["RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD"] == "1"
+    assert off["RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP"] == "1"
+    assert off["RAY_SERVE_GRPC_MAX_MESSAGE_SIZE"] == str(1 << 20)
+    assert off["HYBRIDSERVE_HEALTH_POLL_S"] == "0.5"
+    from hybridserve.proxy_guard import GuardLimits
+
+    # What the proxy reads back is what the config set.
+    limits = GuardLimits.from_env(off)
+    assert (limits.max_keyless, limits.max_per_connection, limits.poll_s) == (32, 256, 0.5)
 
 
 def test_routing_sees_the_adapters_a_batch_can_hold_not_the_engine_cache(monkeypatch):

@@ -45,8 +45,21 @@ def service(config, engine):
         (GenerateInput(prompt="hi", max_tokens=-3), "max_tokens must be >= 1"),
         (GenerateInput(prompt="hi", max_tokens=64), "at most 63 can be generated"),
         (GenerateInput(prompt="w " * 64), "the prompt has 64 tokens but the context window is 64"),
-        (GenerateInput(prompt="hi", temperature=-0.1), "temperature must be >= 0"),
-        (GenerateInput(prompt="hi", temperature=float("nan")), "temperature must be >= 0"),
+        (GenerateInput(prompt="hi", temperature=-0.1), "temperature must be in [0, 2]"),
+        (GenerateInput(prompt="hi", temperature=float("nan")), "temperature must be in [0, 2]"),
+        # Values vLLM's own SamplingParams refuses are refused here first.
+        (GenerateInput(prompt="hi", temperature=1e30), "temperature must be in [0, 2]"),
+        (GenerateInput(prompt="hi", temperature=2.5), "temperature must be in [0, 2]"),
+        (GenerateInput(prompt="hi", top_p=float("inf")), "top_p must be in (0, 1]"),
+        # Sizes are bounded before anything is tokenized.
+        (GenerateInput(prompt="x" * 70_000), "at most 65536 are accepted"),
+        (GenerateInput(messages=[("user", "hi")] * 257), "at most 256 are accepted"),
+        (GenerateInput(messages=[("user", "x" * 40_000)] * 2), "at most 65536 are accepted"),
+        (GenerateInput(prompt_token_ids=[1] * 64), "the prompt has 64 tokens"),
+        (GenerateInput(prompt="hi", json_schema="[" * 5000 + "]" * 5000), "nests"),
+        (GenerateInput(prompt="hi", json_schema='{"a":' * 40 + "1" + "}" * 40), "too complex"),
+        (GenerateInput(prompt="hi", json_schema=
+                       '{"enum": [' + ",".join(["1"] * 5000) + "]}"), "too complex"),
         (GenerateInput(prompt="hi", top_p=0.0), "top_p must be in (0, 1]"),
         (GenerateInput(prompt="hi", stop=[""]), "each stop string"),
         (GenerateInput(prompt="hi", json_schema="{bad"), "json_schema is not valid JSON"),
@@ -59,6 +72,46 @@ def test_bad_input_is_invalid_argument_with_a_useful_message(service, inp, messa
     with pytest.raises(InvalidArgument) as e:
         service.prepare(inp)
     assert message in e.value.message
+
+
+def test_size_checks_run_before_the_tokenizer(service, engine, monkeypatch):
+    calls = []
+    monkeypatch.setattr(engine, "tokenize", lambda text, **kw: calls.append(text) or [1])
+    with pytest.raises(InvalidArgument):
+        service.prepare(GenerateInput(prompt="x" * 70_000))
+    with pytest.raises(InvalidArgument):
+        service.prepare(GenerateInput(prompt="x", temperature=9.0))
+    assert calls == []
+
+
+def test_a_prompt_refused_after_tokenizing_reports_its_tokens(service):
+    charged = []
+    with pytest.raises(InvalidArgument, match="context window"):
+        service.prepare(GenerateInput(prompt="w " * 64), charged.append)
+    assert charged == [64]
+
+
+def test_seed_minus_one_is_no_seed(service):
+    assert service.prepare(GenerateInput(prompt="hi", seed=-1)).options.seed is None
+    assert service.prepare(GenerateInput(prompt="hi", seed=-7)).options.seed == -7
+
+
+def test_the_cache_salt_is_the_tenant_or_its_group(config):
+    from hybridserve.generation.service import prefix_cache_salt
+
+    assert prefix_cache_salt("acme", config) == "tenant:acme"
+    assert prefix_cache_salt("globex", config) != prefix_cache_salt("acme", config)
+    assert prefix_cache_salt(None, config) == "admin"
+    config.tenancy.prefix_cache_groups = {"west": ["acme", "initech"]}
+    assert prefix_cache_salt("acme", config) == prefix_cache_salt("initech", config) == "group:west"
+    assert prefix_cache_salt("globex", config) == "tenant:globex"
+    config.engine.prefix_cache_isolation = "shared"
+    assert prefix_cache_salt("acme", config) is None
+
+
+def test_a_tenant_cannot_be_in_two_cache_groups():
+    with pytest.raises(ValueError, match="two prefix cache groups"):
+        HybridServeConfig(tenancy={"prefix_cache_groups": {"a": ["acme"], "b": ["acme"]}})
 
 
 def test_unknown_adapter_is_not_found(service):

@@ -170,3 +170,21 @@ async def test_a_burst_routed_all_at_once_goes_to_one_replica(router):
         assert len(ranks[0]) == 1
         firsts.add(ranks[0][0].replica_id.unique_id)
     assert len(firsts) == 1
+
+
+def test_a_grpc_client_routes_by_its_body_never_by_its_header():
+    """The `multiplexed_model_id` header is read before the key is checked: a client
+    with no key could otherwise place (and evict) adapters. The body's adapter is the
+    one the replica loads, after authorizing it."""
+    body = generation_pb2.GenerateRequest(prompt="hi", adapter="mine@v1")
+    pending = SimpleNamespace(
+        args=(pickle.dumps(gRPCRequest(user_request_proto=body)),),
+        metadata=SimpleNamespace(multiplexed_model_id="victim@v1", is_grpc_request=True))
+    assert SlotAwareRouter.adapter_of(pending) == "mine@v1"
+    pending.args = (pickle.dumps(gRPCRequest(user_request_proto=generation_pb2.GenerateRequest(
+        prompt="hi"))),)
+    assert SlotAwareRouter.adapter_of(pending) == ""
+    # A handle call (the gateway, after authorizing) keeps its id.
+    handle_call = SimpleNamespace(args=(), metadata=SimpleNamespace(
+        multiplexed_model_id="tone@v1", is_grpc_request=False))
+    assert SlotAwareRouter.adapter_of(handle_call) == "tone@v1"

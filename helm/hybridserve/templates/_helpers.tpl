@@ -126,4 +126,15 @@ app.kubernetes.io/component: {{ .component }}
   value: {{ ternary "0" "1" (ne (dig "serve" "user_code_on_replica_loop" true .Values.config) false) | quote }}
 - name: RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP
   value: {{ ternary "0" "1" (ne (dig "serve" "router_on_caller_loop" true .Values.config) false) | quote }}
+{{- /* The proxy's message size limit and its guard (hybridserve.proxy_guard). */}}
+- name: RAY_SERVE_GRPC_MAX_MESSAGE_SIZE
+  value: {{ int (dig "serve" "max_message_bytes" 4194304 .Values.config) | toString | quote }}
+- name: HYBRIDSERVE_PROXY_MAX_KEYLESS
+  value: {{ int (dig "serve" "max_keyless_requests" 32 .Values.config) | toString | quote }}
+- name: HYBRIDSERVE_PROXY_MAX_PER_CONNECTION
+  value: {{ int (dig "serve" "max_requests_per_connection" 256 .Values.config) | toString | quote }}
+- name: HYBRIDSERVE_HEALTH_WATCH_S
+  value: {{ float64 (dig "serve" "health_watch_s" 30.0 .Values.config) | toString | quote }}
+- name: HYBRIDSERVE_HEALTH_POLL_S
+  value: {{ float64 (dig "serve" "health_poll_s" 2.0 .Values.config) | toString | quote }}
 {{- end }}

@@ -49,6 +49,8 @@ class Delta:
     prompt_tokens: int = 0
     #: Completion tokens so far (cumulative).
     completion_tokens: int = 0
+    #: Prompt tokens the engine took from its prefix cache (0 until it reports them).
+    cached_tokens: int = 0
 
 
 @dataclass
@@ -119,8 +121,13 @@ class Engine(abc.ABC):
         prompt_token_ids: list[int],
         options: SamplingOptions,
         adapter: AdapterRef | None = None,
+        cache_salt: str | None = None,
     ) -> AsyncIterator[Delta]:
-        """Streams deltas; see the module docstring for the convention."""
+        """Streams deltas; see the module docstring for the convention.
+
+        `cache_salt`: requests share prefix-cache blocks only with requests of the
+        same salt (None: the unsalted pool). The platform salts per tenant, so one
+        tenant cannot time another's prompts through the cache."""
 
     @abc.abstractmethod
     def stats(self) -> EngineStats:

@@ -33,9 +33,8 @@ Built on `ray.serve.request_router` (RequestRouter, PendingRequest,
 RunningReplica) and `RequestRouterConfig`. What the public API did not allow:
 
 - reading the adapter of a gRPC request: the proxy passes the request pickled in
-  Serve's private `gRPCRequest` (`adapter_from_args`). The hybridserve client also
-  sends it as the `multiplexed_model_id` header, which is public; the body is the
-  fallback for other clients (grpcurl, other languages).
+  Serve's private `gRPCRequest` (`adapter_from_args`). The `multiplexed_model_id`
+  header of a gRPC client is ignored: it is read before the key is checked.
 - stopping the backoff loop from spinning: `routing_context.should_backoff` is
   set on every choice (a public dataclass field, but not documented).
 
@@ -177,10 +176,15 @@ class SlotAwareRouter(RequestRouter):
     def adapter_of(pending_request: PendingRequest | None) -> str:
         if pending_request is None:
             return ""
-        adapter = pending_request.metadata.multiplexed_model_id
-        if not adapter and getattr(pending_request.metadata, "is_grpc_request", False):
-            adapter = adapter_from_args(pending_request.args)
-        return adapter or ""
+        if getattr(pending_request.metadata, "is_grpc_request", False):
+            # NOTE: a gRPC client's request goes by its body, never by the
+            # `multiplexed_model_id` header: the header is read before any key is
+            # checked, so trusting it would let anyone place adapters on replicas
+            # (and push others' adapters out of their slots). The body's adapter is
+            # the one the replica loads, and only after authorizing it.
+            return adapter_from_args(pending_request.args)
+        # A Serve handle call: the gateway set the id itself, after authorizing.
+        return pending_request.metadata.multiplexed_model_id or ""
 
     def views(self, replicas: Iterable[RunningReplica]) -> list[ReplicaView]:
         """Each replica's last report, plus what this router routed there since."""

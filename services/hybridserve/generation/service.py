@@ -27,6 +27,12 @@ MAX_STOP_STRINGS = 8
 MAX_STOP_CHARS = 256
 MAX_REQUEST_ID_CHARS = 128
 MAX_SCHEMA_CHARS = 64 * 1024
+#: A JSON schema's deepest nesting and most values (objects, arrays, scalars): the
+#: engine compiles a schema into a grammar, whose cost grows with both.
+MAX_SCHEMA_DEPTH = 32
+MAX_SCHEMA_NODES = 4096
+#: The engine's own range of temperatures (vLLM's SamplingParams refuses others).
+MAX_TEMPERATURE = 2.0
 
 T = TypeVar("T")
 
@@ -64,6 +70,8 @@ class GenerationDone:
     client_request_id: str = ""
     #: Seconds from the replica receiving the request to its first token.
     first_token_s: float | None = None
+    #: Prompt tokens the engine served from its (per-tenant) prefix cache.
+    cached_prompt_tokens: int = 0
 
 
 @dataclass(frozen=True)
@@ -108,22 +116,62 @@ class GenerationService:
 
     # -- validation ---------------------------------------------------------
 
-    def prepare(self, inp: GenerateInput) -> PreparedRequest:
-        """Checks every field and tokenizes; raises InvalidArgument / NotFound."""
+    def prepare(self, inp: GenerateInput,
+                on_tokens: Callable[[int], None] | None = None) -> PreparedRequest:
+        """Checks every field and tokenizes; raises InvalidArgument / NotFound.
+
+        Sizes are checked before anything is tokenized (`generation.max_prompt_chars`,
+        `generation.max_messages`). `on_tokens(n)` is called with the prompt's token
+        count as soon as it is tokenized, also when the prompt is then refused (too
+        long for the context): the caller charges the tokenizing to the tenant.
+        """
         client_id = inp.client_request_id
         if len(client_id) > MAX_REQUEST_ID_CHARS or not client_id.isprintable():
             raise InvalidArgument(
                 f"client_request_id must be at most {MAX_REQUEST_ID_CHARS} printable characters",
                 field_violations=[("client_request_id", f"at most {MAX_REQUEST_ID_CHARS} printable characters")],
             )
+        self.check_sizes(inp)
+        # Cheap checks first: a bad sampling value or schema costs no tokenizing.
+        validate_sampling(inp.temperature, inp.top_p, tuple(inp.stop), "", inp.seed)
         adapter = self.registry.get(inp.adapter) if inp.adapter else None
-        token_ids = self._tokenize_input(inp)
+        token_ids = self._tokenize_input(inp, on_tokens)
         options = self._sampling(inp, len(token_ids))
         # NOTE: the engine's request id is always the server's own: a client-chosen
         # one could collide with (and abort) another client's request.
         return PreparedRequest(uuid.uuid4().hex, token_ids, options, adapter, client_id)
 
-    def _tokenize_input(self, inp: GenerateInput) -> list[int]:
+    def check_sizes(self, inp: GenerateInput) -> None:
+        """Bounds checked before any tokenizing: the prompt's characters (a prompt, or
+        all messages together), the number of messages and of prompt token ids."""
+        cfg = self.config.generation
+        max_chars = cfg.max_prompt_chars
+        if inp.messages is not None:
+            if len(inp.messages) > cfg.max_messages:
+                raise InvalidArgument(
+                    f"{len(inp.messages)} messages; at most {cfg.max_messages} are accepted "
+                    "(generation.max_messages)",
+                    field_violations=[("messages", f"at most {cfg.max_messages} messages")])
+            chars = sum(len(c) + len(r) for r, c in inp.messages)
+            what, field = "the messages hold", "messages"
+        else:
+            chars = len(inp.prompt or "")
+            what, field = "the prompt has", "prompt"
+        if chars > max_chars:
+            raise InvalidArgument(
+                f"{what} {chars} characters; at most {max_chars} are accepted "
+                "(generation.max_prompt_chars), and the context window is "
+                f"{self.engine.max_model_len} tokens; shorten the prompt",
+                field_violations=[(field, f"at most {max_chars} characters")])
+        if inp.prompt_token_ids is not None and len(inp.prompt_token_ids) >= self.engine.max_model_len:
+            n, limit = len(inp.prompt_token_ids), self.engine.max_model_len
+            raise InvalidArgument(
+                f"the prompt has {n} tokens but the context window is {limit} tokens "
+                "(prompt + output); shorten the prompt",
+                field_violations=[("prompt_token_ids", f"fewer than {limit} ids")])
+
+    def _tokenize_input(self, inp: GenerateInput,
+                        on_tokens: Callable[[int], None] | None = None) -> list[int]:
         given = [x is not None for x in (inp.prompt, inp.messages, inp.prompt_token_ids)]
         if sum(given) > 1:
             raise InvalidArgument("send one of a prompt, chat messages or prompt token ids")
@@ -163,6 +211,8 @@ class GenerationService:
             if not (inp.prompt or "").strip():
                 raise InvalidArgument("the prompt is empty; send a prompt or chat messages")
             ids = self.engine.tokenize(inp.prompt)
+        if on_tokens is not None:
+            on_tokens(len(ids))
         limit = self.engine.max_model_len
         if len(ids) >= limit:
             raise InvalidArgument(
@@ -190,13 +240,14 @@ class GenerationService:
         temperature = defaults.temperature if inp.temperature is None else inp.temperature
         top_p = defaults.top_p if inp.top_p is None else inp.top_p
         stop = tuple(inp.stop)
-        schema = validate_sampling(temperature, top_p, stop, inp.json_schema)
+        schema = validate_sampling(temperature, top_p, stop, inp.json_schema, inp.seed)
         return SamplingOptions(
             max_tokens=max_tokens,
             temperature=temperature,
             top_p=top_p,
             stop=stop,
-            seed=inp.seed,
+            # -1 is "no seed" (vLLM's convention), the same as none.
+            seed=None if inp.seed == -1 else inp.seed,
             json_schema=schema,
         )
 
@@ -214,24 +265,30 @@ class GenerationService:
 
     # -- streaming ----------------------------------------------------------
 
-    async def stream(self, request: PreparedRequest) -> AsyncIterator[Delta]:
+    async def stream(self, request: PreparedRequest,
+                     cache_salt: str | None = None) -> AsyncIterator[Delta]:
         """Engine deltas, merged so that at most one goes out per stream interval.
 
         The first delta goes out at once (time to first token is not delayed);
         the final one always goes out and carries usage and finish reason.
+        `cache_salt` keeps the request's prefix-cache blocks apart (see
+        `prefix_cache_salt`).
         """
         window = self.config.serve.stream_interval_ms / 1000.0
         adapter = self.adapter_ref(request.adapter) if request.adapter else None
         texts: list[str] = []
         ids: list[int] = []
         last_sent = -math.inf
+        cached = 0
         deltas = self.engine.generate(
-            request.request_id, request.prompt_token_ids, request.options, adapter
+            request.request_id, request.prompt_token_ids, request.options, adapter,
+            cache_salt=cache_salt,
         )
         async with contextlib.aclosing(deltas):
             async for delta in deltas:
                 texts.append(delta.text)
                 ids.extend(delta.token_ids)
+                cached = max(cached, delta.cached_tokens)
                 now = time.monotonic()
                 if delta.finished or now - last_sent >= window:
                     yield Delta(
@@ -241,18 +298,45 @@ class GenerationService:
                         finish_reason=delta.finish_reason,
                         prompt_tokens=delta.prompt_tokens,
                         completion_tokens=delta.completion_tokens,
+                        cached_tokens=cached,
                     )
                     texts.clear()
                     ids.clear()
                     last_sent = now
 
 
+def prefix_cache_salt(tenant: str | None, config: HybridServeConfig) -> str | None:
+    """The engine's prefix-cache salt for a request of `tenant` (None: an admin key).
+
+    Tenants share cached prompt blocks only with themselves, or with the tenants of
+    their `tenancy.prefix_cache_groups` group: another tenant's identical prompt is
+    computed afresh, so its time to first token tells nothing about what others
+    asked. `engine.prefix_cache_isolation: shared` turns the salt off (one cache
+    for all, for a single-tenant deployment).
+    """
+    if config.engine.prefix_cache_isolation == "shared":
+        return None
+    if not tenant:
+        return "admin"
+    for group, members in config.tenancy.prefix_cache_groups.items():
+        if tenant in members:
+            return f"group:{group}"
+    return f"tenant:{tenant}"
+
+
 def validate_sampling(temperature: float | None, top_p: float | None, stop: Sequence[str],
-                      json_schema: str) -> dict | None:
-    """Checks sampling values (None: the server's default); returns the parsed schema."""
-    if temperature is not None and (not math.isfinite(temperature) or temperature < 0):
-        raise InvalidArgument(f"temperature must be >= 0 (0 is greedy), got {temperature}",
-                              field_violations=[("sampling.temperature", ">= 0")])
+                      json_schema: str, seed: int | None = None) -> dict | None:
+    """Checks sampling values (None: the server's default) as strictly as the engine
+    does (vLLM's SamplingParams), so a bad value is INVALID_ARGUMENT here and never
+    an engine error; returns the parsed schema."""
+    if temperature is not None and (not math.isfinite(temperature)
+                                    or not 0 <= temperature <= MAX_TEMPERATURE):
+        raise InvalidArgument(
+            f"temperature must be in [0, {MAX_TEMPERATURE:g}] (0 is greedy), got {temperature}",
+            field_violations=[("sampling.temperature", f"in [0, {MAX_TEMPERATURE:g}]")])
+    if seed is not None and not -(2**63) <= seed < 2**63:
+        raise InvalidArgument(f"seed must be a 64-bit integer, got {seed}",
+                              field_violations=[("sampling.seed", "a 64-bit integer")])
     if top_p is not None and (not math.isfinite(top_p) or not 0 < top_p <= 1):
         raise InvalidArgument(f"top_p must be in (0, 1], got {top_p}",
                               field_violations=[("sampling.top_p", "in (0, 1]")])
@@ -276,12 +360,36 @@ def parse_json_schema(text: str) -> dict:
         raise InvalidArgument(
             f"json_schema is not valid JSON ({e.msg} at line {e.lineno} column {e.colno})"
         ) from None
+    except RecursionError:
+        raise InvalidArgument(f"json_schema nests more than {MAX_SCHEMA_DEPTH} levels") from None
     if not isinstance(schema, dict):
         raise InvalidArgument('json_schema must be a JSON object, e.g. {"type": "object"}')
     import jsonschema
 
+    _check_schema_size(schema)
     try:
         jsonschema.validators.validator_for(schema).check_schema(schema)
     except jsonschema.SchemaError as e:
         raise InvalidArgument(f"json_schema is not a valid JSON Schema: {e.message}") from None
+    except RecursionError:
+        raise InvalidArgument("json_schema nests too deeply") from None
     return schema
+
+
+def _check_schema_size(schema: dict) -> None:
+    """Bounds a parsed schema's nesting and size (iteratively: no recursion to exhaust)."""
+    todo: list[tuple[object, int]] = [(schema, 1)]
+    nodes = 0
+    while todo:
+        value, depth = todo.pop()
+        nodes += 1
+        if depth > MAX_SCHEMA_DEPTH or nodes > MAX_SCHEMA_NODES:
+            raise InvalidArgument(
+                f"json_schema is too complex: at most {MAX_SCHEMA_DEPTH} levels of nesting and "
+                f"{MAX_SCHEMA_NODES} values are accepted",
+                field_violations=[("json_schema", f"depth <= {MAX_SCHEMA_DEPTH}, "
+                                   f"values <= {MAX_SCHEMA_NODES}")])
+        if isinstance(value, dict):
+            todo.extend((v, depth + 1) for v in value.values())
+        elif isinstance(value, list):
+            todo.extend((v, depth + 1) for v in value)

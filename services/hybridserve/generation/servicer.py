@@ -24,7 +24,12 @@ from hybridserve.config import HybridServeConfig
 from hybridserve.generation.adapters import AdapterRecord, AdapterRegistry
 from hybridserve.generation.engine import AdapterRef, Engine
 from hybridserve.generation.engine import Delta
-from hybridserve.generation.service import GenerateInput, GenerationDone, GenerationService
+from hybridserve.generation.service import (
+    GenerateInput,
+    GenerationDone,
+    GenerationService,
+    prefix_cache_salt,
+)
 from hybridserve.errors import DeadlineExceeded, FailedPrecondition, HybridServeError, Unavailable
 from hybridserve.grpc_errors import grpc_stream, grpc_unary
 from hybridserve.health import watch_health
@@ -167,7 +172,8 @@ def _final_to_proto(done: GenerationDone) -> generation_pb2.GenerationFinal:
     return generation_pb2.GenerationFinal(
         finish_reason=_FINISH.get(done.finish_reason, 0),
         usage=common_pb2.Usage(prompt_tokens=done.prompt_tokens,
-                               completion_tokens=done.completion_tokens),
+                               completion_tokens=done.completion_tokens,
+                               cached_prompt_tokens=done.cached_prompt_tokens),
         replica_id=done.replica_id,
         adapter=done.adapter,
         request_id=done.request_id,
@@ -413,7 +419,12 @@ class GenerationServicer:
         try:
             # Tokenizing, the chat template and schema checks: off the event loop
             # that AsyncLLM's output handler shares.
-            prepared = await self.service.run_blocking(self.service.prepare, inp)
+            def charge(n_prompt: int) -> None:
+                # Tokenizing is paid for, also when the prompt is then refused.
+                if lease is not None:
+                    lease.tokens = n_prompt
+
+            prepared = await self.service.run_blocking(self.service.prepare, inp, charge)
             if prepared.client_request_id:
                 logger.info("request %s is the client's %r", prepared.request_id,
                             prepared.client_request_id)
@@ -437,7 +448,8 @@ class GenerationServicer:
             # NOTE: aclosing, so that a client going away closes the whole chain
             # down to the engine (which then aborts the request) right now, not
             # whenever the garbage collector finalizes the inner generators.
-            async with contextlib.aclosing(self.service.stream(prepared)) as stream:
+            salt = prefix_cache_salt(tenant, self.config)
+            async with contextlib.aclosing(self.service.stream(prepared, salt)) as stream:
                 async for d in stream:
                     if lease is not None:
                         # Debited when the stream ends, however it ends (also on cancel).
@@ -463,6 +475,7 @@ class GenerationServicer:
                             request_id=prepared.request_id,
                             client_request_id=prepared.client_request_id,
                             first_token_s=first_token_s,
+                            cached_prompt_tokens=d.cached_tokens,
                         )
         finally:
             if resident is not None:

@@ -249,6 +249,7 @@ class VLLMEngine(Engine):
         prompt_token_ids: list[int],
         options: SamplingOptions,
         adapter: AdapterRef | None = None,
+        cache_salt: str | None = None,
     ) -> AsyncIterator[Delta]:
         from vllm.inputs import TokensPrompt
         from vllm.sampling_params import RequestOutputKind, SamplingParams, StructuredOutputsParams
@@ -271,9 +272,14 @@ class VLLMEngine(Engine):
         n_prompt = len(prompt_token_ids)
         n_out = 0
         finished = False
+        prompt = TokensPrompt(prompt_token_ids=prompt_token_ids)
+        if cache_salt is not None:
+            # vLLM mixes the salt into the hash of the first block, so no block of
+            # this prompt can match one computed under another salt.
+            prompt["cache_salt"] = cache_salt
         try:
             outputs = llm.generate(
-                TokensPrompt(prompt_token_ids=prompt_token_ids),
+                prompt,
                 params,
                 request_id,
                 lora_request=lora,
@@ -290,6 +296,8 @@ class VLLMEngine(Engine):
                         finish_reason=completion.finish_reason if finished else None,
                         prompt_tokens=n_prompt,
                         completion_tokens=n_out,
+                        # The engine's own count of prefix-cache hits for this prompt.
+                        cached_tokens=int(getattr(out, "num_cached_tokens", 0) or 0),
                     )
         except (asyncio.CancelledError, GeneratorExit):
             # AsyncLLM.generate aborts the engine request on its way out; we

@@ -125,6 +125,8 @@ class AskDone:
     tenant: str
     passage_token_budget: int = 0
     passage_tokens: int = 0
+    #: Prompt tokens the engine served from the tenant's own prefix cache.
+    cached_prompt_tokens: int = 0
 
 
 @dataclass(frozen=True)
@@ -360,7 +362,7 @@ class RagService:
             yield AskDone(done.finish_reason, done.prompt_tokens, done.completion_tokens,
                           done.adapter, done.replica_id, cited, invalid, timings, request_id,
                           inp.client_request_id, tenant.id, built.passage_budget,
-                          built.passage_tokens)
+                          built.passage_tokens, done.cached_prompt_tokens)
         finally:
             if prefetch is not None and not prefetch.done():
                 prefetch.cancel()

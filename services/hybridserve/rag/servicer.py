@@ -161,10 +161,12 @@ class RagServicer:
         timings.auth = time.perf_counter() - started
         tenant, adapter = await self._tenant_and_adapter(principal, request)
         inp = ask_input_from_proto(request)
-        plan = self.service.plan(inp)  # bad input fails before any quota is spent
         t0 = time.perf_counter()
+        # NOTE: admitted first, then validated: checking a request (a JSON schema of up to
+        # 64 KB, the filters) is work, so a refused request costs a request of the quota.
         async with self.tenancy.admit(principal, stream=True) as lease:
             timings.quota = time.perf_counter() - t0
+            plan = self.service.plan(inp)
             usage = [0, 0]
             answer = self.service.ask(tenant, adapter, inp, timings=timings, started=started,
                                       deadline=deadline, usage=usage, plan=plan)
@@ -191,7 +193,8 @@ class RagServicer:
         return rag_pb2.AskResponse(final=rag_pb2.AskFinal(
             finish_reason=_FINISH.get(event.finish_reason, 0),
             usage=common_pb2.Usage(prompt_tokens=event.prompt_tokens,
-                                   completion_tokens=event.completion_tokens),
+                                   completion_tokens=event.completion_tokens,
+                                   cached_prompt_tokens=event.cached_prompt_tokens),
             adapter=event.adapter, replica_id=event.replica_id,
             cited=event.cited, invalid_citations=event.invalid_citations,
             timings=_timings(event.timings), request_id=event.request_id,

@@ -80,6 +80,7 @@ class AdminService:
             TTL plus a second, so a request admitted on a stale cache entry has
             landed first.
         forget_quotas: drops a tenant's quota counters (on deletion).
+        default_quotas: the quotas of a tenant created without any.
     """
 
     def __init__(
@@ -90,12 +91,15 @@ class AdminService:
         *,
         settle_s: float = 0.5,
         forget_quotas: Callable[[str], Any] | None = None,
+        default_quotas: Quotas = Quotas(),
     ):
         self.store = store
         self.adapter_exists = adapter_exists
         self.knowledge = knowledge
         self.settle_s = settle_s
         self.forget_quotas = forget_quotas
+        #: what a tenant created without quotas (RPC or tenants file) gets
+        self.default_quotas = default_quotas
 
     async def _run(self, p: Principal, action: str, target: str, fn: Callable[[], Any],
                    tenant: str | None = None) -> Any:
@@ -276,7 +280,7 @@ class AdminService:
         changes only where the file names one (grants managed elsewhere survive)."""
 
         def apply():
-            wanted = tenants_file.parse(document, self.adapter_exists)
+            wanted = tenants_file.parse(document, self.adapter_exists, self.default_quotas)
             try:
                 with self.store.write() as conn:
                     changes = self._plan_and_apply(conn, p, wanted, dry_run, keep_grants)

@@ -82,6 +82,7 @@ class AdminServicer:
             self.tenancy.store, AdapterRegistry.from_config(cfg).exists, knowledge,
             settle_s=2 * cfg.tenancy.auth_cache_ttl_s + 1.0,
             forget_quotas=quotas.reset if quotas is not None else None,
+            default_quotas=Quotas(**cfg.tenancy.default_quotas.model_dump()),
         )
 
     async def shutdown(self) -> None:
@@ -102,10 +103,12 @@ class AdminServicer:
     async def CreateTenant(self, request, grpc_context: Any = None):
         p = await self._caller(grpc_context)
         q = request.quotas
+        # Unset quotas are the platform's defaults: "no limit" must be asked for.
+        quotas = (Quotas(q.requests_per_minute, q.tokens_per_minute, q.concurrent_streams)
+                  if request.HasField("quotas") else self.admin.default_quotas)
         tenant, created = await self.admin.create_tenant(p, Tenant(
             id=request.id, display_name=request.display_name, allow_base=request.allow_base,
-            system_prompt=request.system_prompt,
-            quotas=Quotas(q.requests_per_minute, q.tokens_per_minute, q.concurrent_streams),
+            system_prompt=request.system_prompt, quotas=quotas,
         ))
         return admin_pb2.CreateTenantResponse(tenant=tenant_to_proto(tenant), created=created)
 

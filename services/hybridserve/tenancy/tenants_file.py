@@ -10,8 +10,10 @@
         quotas: {requests_per_minute: 60, tokens_per_minute: 20000, concurrent_streams: 4}
 
 Each listed tenant is made to match the file exactly: a field left out takes its
-default (no display name, no base model, no system prompt, no quotas, no
-adapters), and grants not listed are removed. Tenants that are not in the file
+default (no display name, no base model, no system prompt, the platform's default
+quotas `tenancy.default_quotas`, no adapters), and grants not listed are removed.
+Write `quotas: {requests_per_minute: 0, tokens_per_minute: 0, concurrent_streams: 0}`
+for a tenant without limits. Tenants that are not in the file
 are left alone. Keys never appear in the file.
 
 The whole file is checked before anything changes; every problem is reported
@@ -56,10 +58,11 @@ class TenantSpec(_Strict):
     system_prompt: str = Field("", max_length=MAX_SYSTEM_PROMPT_CHARS)
     adapters: list[str] = Field(default_factory=list)
     default_adapter: str = ""
-    quotas: QuotasSpec = Field(default_factory=QuotasSpec)
+    #: None: the platform's default quotas.
+    quotas: QuotasSpec | None = None
 
-    def to_tenant(self) -> Tenant:
-        q = self.quotas
+    def to_tenant(self, default_quotas: Quotas = Quotas()) -> Tenant:
+        q = self.quotas or default_quotas
         return Tenant(
             id=self.id, display_name=self.display_name, allow_base=self.allow_base,
             adapters=tuple(sorted(set(self.adapters))), default_adapter=self.default_adapter,
@@ -133,9 +136,10 @@ def _reject(problems: list[tuple[str, int, str]]) -> InvalidArgument:
     )
 
 
-def parse(document: str, adapter_exists=None) -> list[Tenant]:
+def parse(document: str, adapter_exists=None, default_quotas: Quotas = Quotas()) -> list[Tenant]:
     """Parses and checks a tenants file; InvalidArgument lists every problem with
-    its line. `adapter_exists(id) -> bool` checks that granted adapters are registered."""
+    its line. `adapter_exists(id) -> bool` checks that granted adapters are registered;
+    a tenant without `quotas` gets `default_quotas`."""
     if len(document.encode()) > MAX_FILE_BYTES:
         raise InvalidArgument(f"the tenants file is larger than {MAX_FILE_BYTES} bytes")
     try:
@@ -178,4 +182,4 @@ def parse(document: str, adapter_exists=None) -> list[Tenant]:
                              "the default adapter must be one of the tenant's adapters"))
     if problems:
         raise _reject(problems)
-    return [spec.to_tenant() for spec in parsed.tenants]
+    return [spec.to_tenant(default_quotas) for spec in parsed.tenants]

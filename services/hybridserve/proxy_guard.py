@@ -1,0 +1,252 @@
+"""The gRPC proxy's own admission: what a caller without a valid-looking key can hold.
+
+Serve's gRPC proxy routes every call to a replica, and a replica is where the key is
+checked. So, before this guard, a client with no key could hold replica capacity
+(a health `Watch` held one of a replica's `max_ongoing_requests` for its whole
+life) and have the proxy parse and forward anything. The guard runs in the proxy
+process, in front of Serve's handler for every method, and decides before a
+request is routed:
+
+- **No key, or a malformed one**: refused at once with UNAUTHENTICATED, without
+  reaching a replica, except grpc.health.v1 (probes need no key).
+- **Health `Watch`** is answered by the proxy itself: it asks the app's replica
+  with one short `Check` every `poll_s`, and streams the status when it changes, for
+  at most `watch_s`. A watcher holds no replica slot between polls.
+- **Keyless calls** (health checks and watches) are limited to `max_keyless` at once
+  per proxy; past it, RESOURCE_EXHAUSTED (reason KEYLESS_LIMIT) with RetryInfo.
+- **One connection** holds at most `max_per_connection` calls at once; past it,
+  RESOURCE_EXHAUSTED (reason CONNECTION_LIMIT) with RetryInfo.
+
+Message sizes are bounded by gRPC itself (`serve.max_message_bytes`, Serve's
+RAY_SERVE_GRPC_MAX_MESSAGE_SIZE): gRPC refuses a larger message with
+RESOURCE_EXHAUSTED before any handler runs.
+
+NOTE: Serve has no public hook in front of its proxy's handlers. The guard wraps
+`service_handler_factory` of Serve's gRPC server object, which Serve hands to every
+`grpc_servicer_functions` entry (`hybridserve.serve_patches.add_to_proxy` is the
+first of ours, so every service registered after it is guarded). `install()`
+checks the attribute exists and otherwise leaves the proxy as it is, with a
+warning; tests/integration/test_hostile.py exercises it through the real proxy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from dataclasses import dataclass
+
+logger = logging.getLogger(__name__)
+
+HEALTH_PREFIX = "/grpc.health.v1.Health/"
+HEALTH_CHECK = HEALTH_PREFIX + "Check"
+HEALTH_WATCH = HEALTH_PREFIX + "Watch"
+#: Seconds a refused caller is told to wait (RetryInfo).
+RETRY_S = 1.0
+_MARK = "__hybridserve_guard__"
+
+
+@dataclass(frozen=True)
+class GuardLimits:
+    """The guard's settings; the platform passes them as environment variables of
+    the Ray cluster (`ServeConfig.ray_env`), which the proxy process reads."""
+
+    max_keyless: int = 32
+    max_per_connection: int = 128
+    watch_s: float = 30.0
+    poll_s: float = 2.0
+
+    ENV = {
+        "max_keyless": "HYBRIDSERVE_PROXY_MAX_KEYLESS",
+        "max_per_connection": "HYBRIDSERVE_PROXY_MAX_PER_CONNECTION",
+        "watch_s": "HYBRIDSERVE_HEALTH_WATCH_S",
+        "poll_s": "HYBRIDSERVE_HEALTH_POLL_S",
+    }
+
+    @classmethod
+    def from_env(cls, env=os.environ) -> GuardLimits:
+        values = {}
+        for name, var in cls.ENV.items():
+            raw = env.get(var, "").strip()
+            if raw:
+                try:
+                    values[name] = type(getattr(cls, name))(float(raw))
+                except ValueError:
+                    logger.warning("hybridserve: %s=%r is not a number; using the default",
+                                   var, raw)
+        return cls(**values)
+
+
+def credential_problem(metadata) -> BaseException | None:
+    """Unauthenticated if the call carries no well-formed `authorization: Bearer
+    <key>` (the same messages as the replicas' check), else None. Whether the key
+    exists is for the replica to say: that needs the tenancy store."""
+    from hybridserve.errors import Unauthenticated
+    from hybridserve.tenancy import keys
+
+    values = [v for k, v in (metadata or ()) if isinstance(k, str) and k.lower() == "authorization"]
+    if not values:
+        return Unauthenticated(
+            "no API key: send the metadata `authorization: Bearer <key>` (the SDK takes "
+            "api_key= or $HYBRIDSERVE_API_KEY)", reason="API_KEY_MISSING")
+    value = values[0]
+    if len(values) > 1 or not isinstance(value, str) or len(value) > 256:
+        return Unauthenticated("send exactly one `authorization: Bearer <key>` metadata entry",
+                               reason="API_KEY_MALFORMED")
+    scheme, _, token = value.strip().partition(" ")
+    if scheme.lower() != "bearer":
+        return Unauthenticated("the `authorization` metadata must be `Bearer <key>`",
+                               reason="API_KEY_MALFORMED")
+    try:
+        keys.parse(token.strip())
+    except keys.MalformedKey as e:
+        return Unauthenticated(f"{e}; check the key you sent", reason="API_KEY_MALFORMED")
+    return None
+
+
+class ProxyGuard:
+    """Counts the calls in flight (keyless ones, and per connection) and refuses
+    past the limits. One per proxy process; every handler runs on its event loop."""
+
+    def __init__(self, limits: GuardLimits):
+        self.limits = limits
+        self.keyless = 0
+        self.per_peer: dict[str, int] = {}
+
+    def enter(self, context, keyless_ok: bool) -> tuple[BaseException | None, bool, str]:
+        """Admits a call: (refusal or None, whether it counts as keyless, its peer)."""
+        from hybridserve.errors import ResourceExhausted
+
+        problem = credential_problem(context.invocation_metadata())
+        keyless = problem is not None
+        if keyless and not keyless_ok:
+            return problem, False, ""
+        peer = context.peer() or ""
+        if self.per_peer.get(peer, 0) >= self.limits.max_per_connection:
+            return ResourceExhausted(
+                f"this connection already has {self.limits.max_per_connection} calls in flight "
+                "(serve.max_requests_per_connection); wait for some to end, or open another "
+                "connection", reason="CONNECTION_LIMIT", retry_after=RETRY_S), False, ""
+        if keyless and self.keyless >= self.limits.max_keyless:
+            return ResourceExhausted(
+                f"{self.limits.max_keyless} calls without an API key (health checks) are already "
+                "in flight on this proxy (serve.max_keyless_requests); retry later",
+                reason="KEYLESS_LIMIT", retry_after=RETRY_S), False, ""
+        self.per_peer[peer] = self.per_peer.get(peer, 0) + 1
+        if keyless:
+            self.keyless += 1
+        return None, keyless, peer
+
+    def exit(self, keyless: bool, peer: str) -> None:
+        left = self.per_peer.get(peer, 1) - 1
+        if left <= 0:
+            self.per_peer.pop(peer, None)
+        else:
+            self.per_peer[peer] = left
+        if keyless:
+            self.keyless -= 1
+
+
+def _refuse(context, err) -> None:
+    import grpc
+
+    from hybridserve.grpc_errors import STATUS_DETAILS_KEY, rich_status
+
+    context.set_code(grpc.StatusCode[err.code])
+    context.set_details(err.message)
+    context.set_trailing_metadata([(STATUS_DETAILS_KEY, rich_status(err).SerializeToString())])
+
+
+def guarded_factory(factory, guard: ProxyGuard):
+    """Wraps Serve's `service_handler_factory`: every handler it makes is admitted by
+    `guard` first, and health `Watch` is answered by the proxy (see the module doc)."""
+    from ray.serve._private.proxy_request_response import gRPCStreamingType
+
+    def make(service_method: str, streaming_type):
+        inner = factory(service_method=service_method, streaming_type=streaming_type)
+        keyless_ok = service_method.startswith(HEALTH_PREFIX)
+        if streaming_type == gRPCStreamingType.UNARY_UNARY:
+            async def unary(request, context):
+                refusal, keyless, peer = guard.enter(context, keyless_ok)
+                if refusal is not None:
+                    _refuse(context, refusal)
+                    return b""
+                try:
+                    return await inner(request, context)
+                finally:
+                    guard.exit(keyless, peer)
+
+            return unary
+        if streaming_type == gRPCStreamingType.UNARY_STREAM:
+            if service_method == HEALTH_WATCH:
+                check = factory(service_method=HEALTH_CHECK,
+                                streaming_type=gRPCStreamingType.UNARY_UNARY)
+                return _watch_handler(check, guard)
+
+            async def stream(request, context):
+                refusal, keyless, peer = guard.enter(context, keyless_ok)
+                if refusal is not None:
+                    _refuse(context, refusal)
+                    return
+                try:
+                    async for message in inner(request, context):
+                        yield message
+                finally:
+                    guard.exit(keyless, peer)
+
+            return stream
+        # Client streaming: no hybridserve RPC has it; admitted on the key alone.
+        return inner
+
+    return make
+
+
+def _watch_handler(check, guard: ProxyGuard):
+    """grpc.health.v1 Watch in the proxy: one short Check on the app's replica per
+    poll, the status sent when it changes, for `watch_s`; then the stream ends with
+    OK and the client watches again."""
+    import grpc
+
+    async def watch(request, context):
+        refusal, keyless, peer = guard.enter(context, True)
+        if refusal is not None:
+            _refuse(context, refusal)
+            return
+        try:
+            loop = asyncio.get_running_loop()
+            end = loop.time() + guard.limits.watch_s
+            last = None
+            while True:
+                body = await check(request, context)
+                code = context.code() if hasattr(context, "code") else None
+                if code not in (None, grpc.StatusCode.OK, 0):
+                    return  # the Check's error (app not found, replica gone) ends the stream
+                if body != last:
+                    yield body
+                    last = body
+                left = end - loop.time()
+                if left <= 0:
+                    return
+                await asyncio.sleep(min(guard.limits.poll_s, left))
+        finally:
+            guard.exit(keyless, peer)
+
+    return watch
+
+
+def install(server, limits: GuardLimits | None = None) -> bool:
+    """Puts the guard in front of every handler `server` makes from now on. False
+    (and the proxy unchanged) if Serve's server lacks the hook."""
+    factory = getattr(server, "service_handler_factory", None)
+    if factory is None:
+        logger.warning("hybridserve: Serve's gRPC server has no service_handler_factory; "
+                       "the proxy guard is off")
+        return False
+    if getattr(factory, _MARK, False):
+        return True
+    guard = ProxyGuard(limits or GuardLimits.from_env())
+    wrapped = guarded_factory(factory, guard)
+    setattr(wrapped, _MARK, True)
+    server.service_handler_factory = wrapped
+    logger.info("hybridserve: proxy guard on (%s)", guard.limits)
+    return True
