@@ -521,12 +521,12 @@ class ObservabilityConfig(_Strict):
 class DefaultQuotas(_Strict):
     """The quotas of a tenant created without any (0 = no limit)."""
 
-    requests_per_minute: int = Field(600, ge=0, description="Requests per minute.")
+    requests_per_minute: int = Field(1200, ge=0, description="Requests per minute.")
     tokens_per_minute: int = Field(
-        200_000, ge=0, description="Tokens per minute: prompt and completion tokens, plus the "
+        1_000_000, ge=0, description="Tokens per minute: prompt and completion tokens, plus the "
         "embedding tokens of Upsert and Search and the rerank units of Rerank "
         "(docs/security.md, what each call costs).")
-    concurrent_streams: int = Field(16, ge=0, description="Streams (Generate, Ask) open at once.")
+    concurrent_streams: int = Field(32, ge=0, description="Streams (Generate, Ask) open at once.")
 
 
 class TenancyConfig(_Strict):

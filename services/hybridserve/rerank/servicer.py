@@ -23,6 +23,17 @@ from hybridserve.v1 import rerank_pb2
 SERVICE_NAME = "hybridserve.v1.RerankService"
 
 
+#: Characters per charged token of a rerank pair (a tokenizer-free estimate: a
+#: reranker replica may run a model whose tokenizer the servicer does not load).
+CHARS_PER_TOKEN = 4
+
+
+def rerank_units(query: str, passages) -> int:
+    """What a Rerank costs the tenant's tokens-per-minute: each (query, passage) pair
+    the model reads, at one token per CHARS_PER_TOKEN characters (rounded up)."""
+    return sum(-(-(len(query) + len(p)) // CHARS_PER_TOKEN) for p in passages)
+
+
 class RerankServicer:
     #: The `service` label of this servicer's request metrics.
     metrics_service = "rerank"
@@ -54,7 +65,8 @@ class RerankServicer:
     @grpc_unary(timed=True)
     async def Rerank(self, request, grpc_context: Any = None):
         principal = await self.tenancy.authenticate(grpc_context)
-        async with self.tenancy.admit(principal):
+        async with self.tenancy.admit(principal) as lease:
+            lease.tokens = rerank_units(request.query, request.passages)
             ranked = await self.rerank(
                 RerankInput(request.query, tuple(request.passages), request.top_n)
             )

@@ -10,7 +10,13 @@ from typing import Any
 
 
 def chunk_spans(tokenizer: Any, text: str, size: int, overlap: int) -> list[tuple[int, int]]:
-    """Character spans (start, end) of token windows of `size` sharing `overlap` tokens.
+    """Character spans (start, end) of token windows of `size` sharing `overlap` tokens."""
+    return [(a, b) for a, b, _ in chunk_windows(tokenizer, text, size, overlap)]
+
+
+def chunk_windows(tokenizer: Any, text: str, size: int,
+                  overlap: int) -> list[tuple[int, int, int]]:
+    """(start, end, tokens) of each chunk: its character span and its token count.
 
     Args:
         tokenizer: a Hugging Face *fast* tokenizer (it must return offsets).
@@ -27,13 +33,13 @@ def chunk_spans(tokenizer: Any, text: str, size: int, overlap: int) -> list[tupl
         if not stripped:
             return []
         start = text.index(stripped)
-        return [(start, start + len(stripped))]
+        return [(start, start + len(stripped), 1)]
     spans = []
     step = size - overlap
     start = 0
     while True:
         end = min(start + size, len(offsets))
-        spans.append((offsets[start][0], offsets[end - 1][1]))
+        spans.append((offsets[start][0], offsets[end - 1][1], end - start))
         if end >= len(offsets):
             break
         start += step
@@ -43,3 +49,11 @@ def chunk_spans(tokenizer: Any, text: str, size: int, overlap: int) -> list[tupl
 def chunk_text(tokenizer: Any, text: str, size: int, overlap: int) -> list[str]:
     """The chunk texts of `text` (see `chunk_spans`)."""
     return [text[a:b] for a, b in chunk_spans(tokenizer, text, size, overlap)]
+
+
+def chunk_text_counted(tokenizer: Any, text: str, size: int,
+                       overlap: int) -> tuple[list[str], int]:
+    """The chunk texts of `text` and the tokens they hold in all (what embedding them
+    costs: overlapping tokens count once per chunk)."""
+    windows = chunk_windows(tokenizer, text, size, overlap)
+    return [text[a:b] for a, b, _ in windows], sum(n for _, _, n in windows)

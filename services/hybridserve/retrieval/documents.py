@@ -226,3 +226,5 @@ class UpsertResult:
     documents_unchanged: int = 0
     documents_ok: int = 0
     failures: list[ChunkFailure] = field(default_factory=list)
+    #: Tokens of the chunks sent to the embedder (what the Upsert is charged).
+    embedded_tokens: int = 0

@@ -24,7 +24,7 @@ import numpy as np
 from hybridserve import observability as obs
 from hybridserve.config import HybridServeConfig
 from hybridserve.errors import InvalidArgument, NotFound
-from hybridserve.retrieval.chunking import chunk_text
+from hybridserve.retrieval.chunking import chunk_text_counted
 from hybridserve.retrieval.documents import (
     MAX_DOC_ID_CHARS,
     MAX_QUERY_CHARS,
@@ -183,7 +183,7 @@ class RetrievalService:
             result.documents_ok = result.documents_unchanged
             return result
         # Tokenizing is CPU work: keep it off the event loop.
-        plans = await asyncio.to_thread(self._chunk_all, plans)
+        plans, result.embedded_tokens = await asyncio.to_thread(self._chunk_all, plans)
         chunks = [
             Chunk(tenant, p.doc.id, i, text, p.doc.title, p.doc.source, dict(p.doc.metadata),
                   p.sha, len(p.texts))
@@ -215,14 +215,15 @@ class RetrievalService:
         result.documents_ok += result.documents_unchanged
         return result
 
-    def _chunk_all(self, plans: list[_Plan]) -> list[_Plan]:
-        return [
-            _Plan(
-                p.doc, p.sha, p.previous_chunks,
-                chunk_text(self.tokenizer, p.doc.text, self.cfg.chunk_tokens, self.cfg.chunk_overlap),
-            )
-            for p in plans
-        ]
+    def _chunk_all(self, plans: list[_Plan]) -> tuple[list[_Plan], int]:
+        """The plans with their chunk texts, and the tokens those hold in all."""
+        out, tokens = [], 0
+        for p in plans:
+            texts, n = chunk_text_counted(self.tokenizer, p.doc.text, self.cfg.chunk_tokens,
+                                          self.cfg.chunk_overlap)
+            out.append(_Plan(p.doc, p.sha, p.previous_chunks, texts))
+            tokens += n
+        return out, tokens
 
     async def _embed_and_write(
         self, tenant: str, chunks: list[Chunk], result: UpsertResult
@@ -324,6 +325,10 @@ class RetrievalService:
             )
         validate_filters(filters)
         return SearchQuery(tenant, query, top_k, alpha, tuple(filters))
+
+    def query_tokens(self, query: str) -> int:
+        """Tokens the embedder reads for `query` (what a Search is charged)."""
+        return len(self.tokenizer(query, add_special_tokens=True, verbose=False)["input_ids"])
 
     async def search(self, q: SearchQuery) -> list[Hit]:
         return (await self.search_timed(q))[0]

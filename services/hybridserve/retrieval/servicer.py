@@ -194,8 +194,10 @@ class RetrievalServicer:
         docs = [
             Document(d.id, d.text, d.title, d.source, dict(d.metadata)) for d in request.documents
         ]
-        async with self.tenancy.admit(principal):
+        async with self.tenancy.admit(principal) as lease:
             result = await self.service.upsert(tenant, docs)
+            # Embedding is the shared embedder's compute: charged in tokens.
+            lease.tokens = result.embedded_tokens
         if result.failures:
             logger.warning(
                 "upsert into %s: %d chunks failed (first: %s)",
@@ -222,7 +224,8 @@ class RetrievalServicer:
             request.alpha if request.HasField("alpha") else None,
             filters_from_proto(request.filters),
         )
-        async with self.tenancy.admit(principal):
+        async with self.tenancy.admit(principal) as lease:
+            lease.tokens = self.service.query_tokens(query.query)
             hits = await self.service.search(query)
         return retrieval_pb2.SearchResponse(hits=[hit_to_proto(h) for h in hits])
 
