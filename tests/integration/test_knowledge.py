@@ -302,6 +302,16 @@ def test_weaviate_down_slow_and_restarted(kc, platform):
             kc.search(t, "lighthouse", timeout=60)
         assert _code(e) == grpc.StatusCode.UNAVAILABLE, e.value.details()
         assert "Weaviate" in e.value.details()
+        # A tenant's key gets the same answer, which never names the internal host,
+        # ports or URL (the platform's log does).
+        key = kc.create_key(t, name="down").secret
+        with HybridServeClient(platform.address, api_key=key) as tc:
+            with pytest.raises(grpc.RpcError) as e:
+                tc.search("", "lighthouse", timeout=60)
+        details = e.value.details()
+        assert _code(e) == grpc.StatusCode.UNAVAILABLE and "Weaviate" in details, details
+        for internal in (w.url, str(w.http_port), str(w.grpc_port), "127.0.0.1", "http://"):
+            assert internal not in details, details
         with pytest.raises(grpc.RpcError) as e:
             kc.upsert(t, [{"id": "while-down", "text": "lost?"}], timeout=60)
         assert _code(e) in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)

@@ -317,3 +317,46 @@ def test_document_locks_serialise_one_key_only_and_survive_cancellation():
         await job("f", ["x"], 0)  # still usable
 
     asyncio.run(run())
+
+
+# -- errors never show internal addresses ----------------------------------------
+
+
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]  # closed once the socket is: connections are refused
+
+
+async def test_an_unreachable_weaviate_is_reported_without_its_address(caplog):
+    """The real weaviate-client against ports nothing listens on: the error a client
+    gets says the knowledge store is down, never where it is (host, ports, URL);
+    the server's log names it."""
+    from hybridserve.errors import DeadlineExceeded, Unavailable
+    from hybridserve.retrieval.documents import SearchQuery
+    from hybridserve.retrieval.store import WeaviateStore
+
+    http_port, grpc_port = _closed_port(), _closed_port()
+    cfg = HybridServeConfig(weaviate={"url": f"http://127.0.0.1:{http_port}",
+                                      "grpc_port": grpc_port, "query_timeout_s": 2,
+                                      "write_timeout_s": 2})
+    store = WeaviateStore(cfg)
+    calls = [lambda: store.require_tenant("acme"), lambda: store.count("acme"),
+             lambda: store.search(SearchQuery("acme", "q", 3, 0.0, ()), None)]
+    try:
+        for call in calls:
+            with caplog.at_level("WARNING", logger="hybridserve.retrieval.store"):
+                with pytest.raises((Unavailable, DeadlineExceeded)) as e:
+                    await call()
+            message = e.value.message
+            assert "Weaviate" in message
+            for internal in ("127.0.0.1", str(http_port), str(grpc_port), "http://", "localhost"):
+                assert internal not in message, message
+            if isinstance(e.value, Unavailable):
+                assert e.value.reason == "KNOWLEDGE_STORE_UNAVAILABLE" and e.value.retry_after
+    finally:
+        await store.close()
+    # ... and the operator finds the address in the log.
+    assert f"127.0.0.1:{http_port}" in caplog.text

@@ -38,6 +38,10 @@ from hybridserve.retrieval.documents import (
 
 logger = logging.getLogger(__name__)
 
+#: How errors name Weaviate to clients: never its host, port or URL (those are
+#: internal addresses; the server's log has them).
+CLIENT_NAME = "the knowledge store (Weaviate)"
+
 
 class ChunkStore(abc.ABC):
     """A tenant-scoped chunk store with hybrid (keyword + vector) search."""
@@ -132,19 +136,40 @@ class WeaviateStore(ChunkStore):
         self._client = None
         self._collection = None
         self._lock = asyncio.Lock()
+        self._last_warning = float("-inf")
 
     @property
     def where(self) -> str:
+        """Where Weaviate is: for the server's log only, never for a client."""
         scheme = "https" if self.secure else "http"
         return f"Weaviate at {scheme}://{self.http_host}:{self.http_port} (gRPC {self.grpc_host}:{self._cfg.grpc_port})"
 
     def _unavailable(self, err: BaseException | str) -> Unavailable:
+        # NOTE: the cause (host, port, the client library's text, which often holds
+        # a URL) goes to the server's log; the caller, who may be a tenant, learns
+        # only that the knowledge store is down and when to retry.
         hint = (
             "check weaviate.url / weaviate.grpc_port and that it is running"
             if self._cfg.url
             else "`hybridserve up` runs one on loopback; is it still running?"
         )
-        return Unavailable(f"{self.where} is unavailable ({str(err)[:300]}); {hint}")
+        self._log_failure(f"{self.where} is unavailable ({str(err)[:300]}); {hint}")
+        return Unavailable(
+            f"{CLIENT_NAME} is unavailable right now; retry shortly (the platform's log "
+            "names the cause)", reason="KNOWLEDGE_STORE_UNAVAILABLE", retry_after=1.0,
+        )
+
+    def _too_slow(self, what: str, timeout_s: float, setting: str = "") -> DeadlineExceeded:
+        self._log_failure(f"{self.where} did not finish {what} within {timeout_s:g}s")
+        return DeadlineExceeded(
+            f"{CLIENT_NAME} did not finish {what} within {timeout_s:g}s{setting}"
+        )
+
+    def _log_failure(self, message: str) -> None:
+        now = time.monotonic()
+        if now - self._last_warning >= 10.0:  # at most one line per 10 s per replica
+            self._last_warning = now
+            logger.warning("%s", message)
 
     async def _connected(self):
         """The collection handle, connecting and creating the schema if needed."""
@@ -183,10 +208,7 @@ class WeaviateStore(ChunkStore):
                 if isinstance(e, HybridServeError | asyncio.CancelledError):
                     raise
                 if isinstance(e, TimeoutError):
-                    raise DeadlineExceeded(
-                        f"{self.where} did not answer within {self._cfg.query_timeout_s:g}s "
-                        "while connecting"
-                    ) from None
+                    raise self._too_slow("connecting", self._cfg.query_timeout_s) from None
                 raise self._unavailable(e) from None
             self._client, self._collection = client, collection
             return collection
@@ -293,9 +315,8 @@ class WeaviateStore(ChunkStore):
             if refused:
                 await self._reset()
                 raise self._unavailable(refused) from None
-            raise DeadlineExceeded(
-                f"{self.where} did not finish {what} within {timeout_s:g}s "
-                "(weaviate.query_timeout_s / weaviate.write_timeout_s)"
+            raise self._too_slow(
+                what, timeout_s, " (weaviate.query_timeout_s / weaviate.write_timeout_s)"
             ) from None
         except WeaviateBaseError as e:
             if tenant and _tenant_missing(e):
@@ -305,10 +326,11 @@ class WeaviateStore(ChunkStore):
                 ) from None
             text = str(e)
             if "DEADLINE_EXCEEDED" in text or "timed out" in text.lower():
-                raise DeadlineExceeded(
-                    f"{self.where} did not finish {what} within {timeout_s:g}s"
-                ) from None
+                raise self._too_slow(what, timeout_s) from None
             if isinstance(e, UnexpectedStatusCodeError) and 400 <= e.status_code < 500:
+                # A request Weaviate refused: our bug, not the caller's; INTERNAL
+                # (whose message names only the exception type), details logged.
+                logger.warning("%s refused %s: %s", self.where, what, str(e)[:500])
                 raise
             await self._reset()
             raise self._unavailable(e) from None
@@ -339,7 +361,7 @@ class WeaviateStore(ChunkStore):
     async def check_health(self) -> None:
         async def ready(_collection):
             if not await self._client.is_ready():
-                raise Unavailable(f"{self.where} is not ready")
+                raise self._unavailable("it is not ready")
 
         await self._run("health", "the readiness check", ready, self._cfg.query_timeout_s)
 
