@@ -78,7 +78,7 @@ def test_keyless_health_watchers_cannot_lock_tenants_out(platform):
     assert final.usage.completion_tokens == 4
     assert 1 <= len(serving) <= cap, (len(serving), cap)
     assert len(serving) + len(refused) == n
-    assert {e.code for e in refused} == {grpc.StatusCode.RESOURCE_EXHAUSTED}
+    assert {e.code() for e in refused} == {grpc.StatusCode.RESOURCE_EXHAUSTED}
     assert {e.reason for e in refused} == {"KEYLESS_LIMIT"} and refused[0].retry_after > 0
 
 
@@ -92,7 +92,7 @@ def test_keyless_calls_are_refused_at_the_proxy(platform):
                 stub.Search(retrieval_pb2.SearchRequest(tenant="t", query="q"),
                             metadata=[("application", "retrieval"), *md], timeout=30)
             err = from_rpc_error(e.value)
-            assert err.code == grpc.StatusCode.UNAUTHENTICATED
+            assert err.code() == grpc.StatusCode.UNAUTHENTICATED
             assert err.reason in ("API_KEY_MISSING", "API_KEY_MALFORMED")
 
 
