@@ -94,3 +94,11 @@ def test_routing_benchmark_smoke(platform):
     assert sum(result["overload"]["storm"]["status_counts"].values()) == 8
     assert set(result["slots"]["vs"]) == {"serve", "p2c"}
     assert result["many"]["adapters"] == 3 and result["many"]["errors"] == 0
+
+
+def test_isolation_benchmark_smoke(platform):
+    result = _smoke("isolation.py", "--address", platform.address,
+                    "--api-key-file", str(platform.main.admin_key_path))
+    assert result["cache"]["cached_prompt_tokens"]["other_tenant"] == [0]
+    assert result["keyless"]["generate_p50_ms"]["attacked"] > 0
+    assert result["checks"]["proxy_guard_us"] > 0
