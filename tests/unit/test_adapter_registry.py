@@ -382,6 +382,85 @@ def test_symlinked_directory_inside_folder_is_rejected(registry, make_adapter, s
     assert_nothing_registered(registry)
 
 
+def _swap_after_scan(monkeypatch, swap) -> None:
+    """Runs `swap()` between the folder scan and the copy (the race an attacker who
+    can write to the store would win)."""
+    scan = AdapterRegistry._scan_source
+
+    def scan_then_swap(self, source):
+        files = scan(self, source)
+        swap()
+        return files
+
+    monkeypatch.setattr(AdapterRegistry, "_scan_source", scan_then_swap)
+
+
+def test_a_file_swapped_for_a_symlink_after_the_scan_is_refused(
+        registry, make_adapter, tmp_path, monkeypatch):
+    folder = make_adapter("a")
+    secret = tmp_path / "secret.bin"
+    secret.write_bytes(b"the server's private bytes")
+    weights = folder / "adapter_model.safetensors"
+
+    def swap():
+        weights.unlink()
+        weights.symlink_to(secret)
+
+    _swap_after_scan(monkeypatch, swap)
+    with pytest.raises(InvalidArgument) as err:
+        registry.register("bot", "a")
+    assert "'adapter_model.safetensors'" in err.value.message
+    assert "became a symlink" in err.value.message
+    assert_nothing_registered(registry)
+
+
+def test_a_folder_swapped_for_a_symlink_after_the_scan_is_refused(
+        registry, make_adapter, tmp_path, monkeypatch):
+    folder = make_adapter("a")
+    (folder / "extra").mkdir()
+    (folder / "extra" / "notes.txt").write_text("notes")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "notes.txt").write_text("the server's private notes")
+
+    def swap():
+        shutil.rmtree(folder / "extra")
+        (folder / "extra").symlink_to(elsewhere, target_is_directory=True)
+
+    _swap_after_scan(monkeypatch, swap)
+    with pytest.raises(InvalidArgument, match="became a symlink"):
+        registry.register("bot", "a")
+    assert_nothing_registered(registry)
+
+
+def test_a_file_swapped_for_a_fifo_after_the_scan_is_refused_without_hanging(
+        registry, make_adapter, monkeypatch):
+    folder = make_adapter("a")
+    notes = folder / "notes.txt"
+    notes.write_text("notes")
+
+    def swap():
+        notes.unlink()
+        os.mkfifo(notes)
+
+    _swap_after_scan(monkeypatch, swap)
+    with pytest.raises(InvalidArgument, match="not a regular file"):
+        registry.register("bot", "a")
+    assert_nothing_registered(registry)
+
+
+def test_a_file_symlink_inside_the_store_is_copied_from_its_target(registry, make_adapter, store):
+    folder = make_adapter("a")
+    (store / "shared").mkdir()
+    (store / "shared" / "NOTES.md").write_text("shared notes")
+    (folder / "NOTES.md").symlink_to(store / "shared" / "NOTES.md")
+    record, _ = registry.register("bot", "a")
+    snapshot = Path(record.snapshot_dir)
+    assert (snapshot / "NOTES.md").read_text() == "shared notes"
+    assert not (snapshot / "NOTES.md").is_symlink()
+    assert record.content_sha256 == expected_sha256(snapshot)
+
+
 def test_missing_path_and_file_path(registry, make_adapter):
     make_adapter("a")
     with pytest.raises(InvalidArgument, match="does not exist.*adapter store"):

@@ -30,6 +30,7 @@ make its replica load it.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import json
@@ -280,13 +281,17 @@ class AdapterRegistry:
         source = self._resolve_source(path)
         files = self._scan_source(source)
 
-        # Everything below reads the private staged copy, so what is validated and
-        # hashed is exactly what gets published, whatever happens to the source.
+        # NOTE: the scan above only decides which files to take. The copy opens each
+        # one once more, beneath the store's directory fd with O_NOFOLLOW at every
+        # component, checks it is a regular file on that fd, and hashes and copies
+        # from that same fd: a file swapped for a symlink (or a FIFO, or a folder
+        # swapped for a symlink) between scan and copy is refused, never followed.
+        # Everything after reads the private staged copy, so what is validated is
+        # exactly what gets published, whatever happens to the source.
         staged = Path(tempfile.mkdtemp(prefix="stage-", dir=self._staging_dir))
         try:
-            size = _copy_files(source, staged, files, self.max_size_bytes)
+            size, sha = _copy_files(self.store_dir, staged, files, self.max_size_bytes)
             config = self._validate_config(staged, source)
-            sha = content_sha256(staged, files)
             version = version or sha[:_HASH_VERSION_LEN]
             for rel in files:
                 os.chmod(staged / rel, 0o444)
@@ -451,19 +456,22 @@ class AdapterRegistry:
             )
         return source
 
-    def _scan_source(self, source: Path) -> list[str]:
-        """Lists the folder's files (relative POSIX paths), checking their total size.
+    def _scan_source(self, source: Path) -> dict[str, str]:
+        """Lists the folder's files, checking their total size: relative POSIX path
+        -> the path the copy opens, relative to the store (for a file symlink, the
+        file it resolves to now).
 
         File symlinks are followed only if they stay in the store; directory
         symlinks and special files are refused, so the copy is finite and safe.
         """
-        files: list[str] = []
+        files: dict[str, str] = {}
         total = 0
         for dirpath, dirnames, filenames in os.walk(source, followlinks=False):
             here = Path(dirpath)
             for entry in sorted(dirnames + filenames):
                 path = here / entry
                 rel = path.relative_to(source).as_posix()
+                opened = path
                 if path.is_symlink():
                     try:
                         target = path.resolve(strict=True)
@@ -481,6 +489,7 @@ class AdapterRegistry:
                             f"adapter entry {rel!r} is a symlink to a directory; replace it with "
                             "a real directory"
                         )
+                    opened = target
                 st = path.stat()
                 if stat.S_ISDIR(st.st_mode):
                     continue
@@ -488,7 +497,7 @@ class AdapterRegistry:
                     raise InvalidArgument(
                         f"adapter entry {rel!r} is not a regular file; remove it from the folder"
                     )
-                files.append(rel)
+                files[rel] = opened.relative_to(self.store_dir).as_posix()
                 total += st.st_size
         if total > self.max_size_bytes:
             raise _too_big(self.max_size_bytes, total)
@@ -656,24 +665,83 @@ def _too_big(limit: int, size: int, *, partial: bool = False) -> InvalidArgument
     )
 
 
-def _copy_files(source: Path, dest: Path, files: list[str], limit: int) -> int:
-    """Copies `files` from `source` to `dest`; returns the bytes copied.
+def _copy_files(store_dir: Path, dest: Path, files: Mapping[str, str], limit: int) -> tuple[int, str]:
+    """Copies each file `rel -> path beneath store_dir` to `dest/rel`; returns the
+    bytes copied and the content hash (`content_sha256`'s encoding) of what was copied.
 
-    Stops once past `limit`: the source may have grown since it was scanned.
+    Each file is opened once, beneath `store_dir`'s fd with O_NOFOLLOW at every path
+    component, checked on that fd to be a regular file, and hashed and copied from
+    it. Stops once past `limit`: the source may have grown since it was scanned.
     """
+    digest = hashlib.sha256()
     copied = 0
-    for rel in files:
-        target = dest / rel
-        target.parent.mkdir(parents=True, exist_ok=True)
-        with (source / rel).open("rb") as src, target.open("wb") as dst:
-            while chunk := src.read(_CHUNK):
-                copied += len(chunk)
-                if copied > limit:
-                    raise _too_big(limit, copied, partial=True)
-                dst.write(chunk)
-            dst.flush()
-            os.fsync(dst.fileno())
-    return copied
+    store_fd = os.open(store_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        for rel in sorted(files):
+            fd = _open_beneath(store_fd, files[rel], rel)
+            with os.fdopen(fd, "rb") as src:
+                st = os.fstat(src.fileno())
+                if not stat.S_ISREG(st.st_mode):
+                    raise InvalidArgument(
+                        f"adapter entry {rel!r} is not a regular file (it changed while the "
+                        "adapter was being registered); remove it from the folder"
+                    )
+                digest.update(f"{rel}\0{st.st_size}\0".encode())
+                target = dest / rel
+                target.parent.mkdir(parents=True, exist_ok=True)
+                read = 0
+                with target.open("wb") as dst:
+                    while chunk := src.read(_CHUNK):
+                        read += len(chunk)
+                        copied += len(chunk)
+                        if copied > limit:
+                            raise _too_big(limit, copied, partial=True)
+                        digest.update(chunk)
+                        dst.write(chunk)
+                    dst.flush()
+                    os.fsync(dst.fileno())
+                if read != st.st_size:
+                    raise InvalidArgument(
+                        f"adapter file {rel!r} changed while it was being registered; register "
+                        "it again once nothing writes to the folder"
+                    )
+                digest.update(b"\0")
+    finally:
+        os.close(store_fd)
+    return copied, digest.hexdigest()
+
+
+def _open_beneath(dir_fd: int, path: str, rel: str) -> int:
+    """Opens `path` (relative, `/`-separated) beneath `dir_fd` for reading, following
+    no symlink on the way (O_NOFOLLOW at every component); O_NONBLOCK so a FIFO
+    swapped in cannot hang the open (fstat refuses it afterwards)."""
+    parts = path.split("/")
+    fds: list[int] = []
+    try:
+        current = dir_fd
+        for part in parts[:-1]:
+            current = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                              dir_fd=current)
+            fds.append(current)
+        fd = os.open(parts[-1], os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
+                     dir_fd=current)
+    except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+            why = "it (or a folder above it) became a symlink"
+        elif exc.errno == errno.ENOENT:
+            why = "it disappeared"
+        else:
+            why = f"it could not be opened ({exc.strerror or exc})"
+        raise InvalidArgument(
+            f"adapter file {rel!r} cannot be copied: {why} while the adapter was being "
+            "registered (symlinks are never followed at that point); register it again "
+            "from a folder nothing changes"
+        ) from None
+    finally:
+        for opened in fds:
+            os.close(opened)
+    os.set_blocking(fd, True)
+    return fd
 
 
 def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
