@@ -549,3 +549,35 @@ tenants:
         assert admin.get_tenant(t1).display_name == "GitOps One"  # rejected whole
         audit = _cli("admin", "audit", "--limit", "30", *addr)
         assert audit.returncode == 0 and "Apply" in audit.stdout and "dry run" in audit.stdout
+
+
+# -- what a tenant key sees of adapters ----------------------------------------------------
+
+
+def test_a_tenant_key_sees_its_adapters_without_server_paths_or_owners(platform):
+    """ListAdapters with a tenant key: identity, version, base model, rank and
+    modules, never the folder it was registered from or its metadata (which names
+    its owner); the admin key sees everything."""
+    tenant = f"lister-{uuid.uuid4().hex[:6]}"
+    with HybridServeClient(platform.address, api_key=platform.admin_key) as admin:
+        owned = admin.register_adapter(
+            "owned", "alpha", version=f"v{uuid.uuid4().hex[:8]}",
+            metadata={"owner": "namespace/team-x/loraadapter/owned", "trained_on": "/srv/data"},
+        ).adapter
+        try:
+            admin.create_tenant(tenant)
+            admin.grant_adapter(tenant, owned.id, make_default=True)
+            key = admin.create_key(tenant, name="lister").secret
+            full = {a.id: a for a in admin.list_adapters()}[owned.id]
+            assert full.source_path == "alpha" and full.metadata["owner"].startswith("namespace/")
+            with HybridServeClient(platform.address, api_key=key) as tc:
+                seen = tc.list_adapters()
+            assert [a.id for a in seen] == [owned.id]
+            a = seen[0]
+            assert (a.name, a.version, a.rank, a.base_model, list(a.target_modules)) == (
+                full.name, full.version, full.rank, full.base_model, list(full.target_modules))
+            assert a.source_path == "" and dict(a.metadata) == {}
+            assert str(platform.assets.store) not in str(a)
+        finally:
+            admin.delete_tenant(tenant)
+            admin.unregister_adapter(owned.id)

@@ -417,3 +417,28 @@ async def test_a_new_tenant_never_inherits_a_deleted_one_s_documents(store):
     assert calls == [("delete", "acme"), ("create", "acme"), ("create", "acme"),
                      ("delete", "acme"), ("delete", "acme"), ("create", "acme")]
     assert forgotten == ["acme"]
+
+
+def test_adapter_conversion_for_a_tenant_hides_server_paths_and_metadata():
+    from hybridserve.generation.adapters import AdapterRecord
+    from hybridserve.generation.servicer import adapter_to_proto
+
+    def record(base: str) -> AdapterRecord:
+        return AdapterRecord(
+            id="bot@v1", name="bot", version="v1", content_sha256="0" * 64, rank=8,
+            target_modules=("q_proj",), base_model=base, size_bytes=10,
+            source_path="team-x/bot", registered_at="2025-01-01T00:00:00Z",
+            metadata={"owner": "ns/team-x"}, snapshot_dir="/srv/registry/snapshots/bot/v1",
+        )
+
+    full = adapter_to_proto(record("/srv/models/tiny-llama"))
+    assert full.source_path == "team-x/bot" and full.metadata["owner"] == "ns/team-x"
+    assert full.base_model == "/srv/models/tiny-llama"
+    for base, shown in (("/srv/models/tiny-llama", "tiny-llama"), ("~/m/tiny", "tiny"),
+                        ("./tiny", "tiny"), ("C:\\models\\tiny", "tiny"),
+                        ("HuggingFaceTB/SmolLM2-135M-Instruct", "HuggingFaceTB/SmolLM2-135M-Instruct"),
+                        ("tiny-llama", "tiny-llama")):
+        lean = adapter_to_proto(record(base), full=False)
+        assert lean.base_model == shown, base
+        assert lean.source_path == "" and dict(lean.metadata) == {}
+        assert (lean.id, lean.rank, list(lean.target_modules)) == ("bot@v1", 8, ["q_proj"])

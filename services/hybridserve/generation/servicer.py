@@ -14,7 +14,7 @@ import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator
 from dataclasses import asdict, replace
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from grpc_health.v1 import health_pb2
@@ -181,20 +181,33 @@ def _final_to_proto(done: GenerationDone) -> generation_pb2.GenerationFinal:
     )
 
 
-def adapter_to_proto(r: AdapterRecord) -> generation_pb2.Adapter:
-    return generation_pb2.Adapter(
+def adapter_to_proto(r: AdapterRecord, *, full: bool = True) -> generation_pb2.Adapter:
+    """The adapter as the API shows it. `full=False` (a tenant key) leaves out what
+    only the operator needs: where it was registered from (a server path), its
+    metadata (which can name its owner, e.g. the LoRAAdapter resource), and a base
+    model given as a filesystem path is shown by its folder name only."""
+    reply = generation_pb2.Adapter(
         id=r.id,
         name=r.name,
         version=r.version,
         content_sha256=r.content_sha256,
         rank=r.rank,
         target_modules=list(r.target_modules),
-        base_model=r.base_model,
+        base_model=r.base_model if full else _public_base_model(r.base_model),
         size_bytes=r.size_bytes,
-        source_path=r.source_path,
         registered_at=r.registered_at,
-        metadata=dict(r.metadata),
     )
+    if full:
+        reply.source_path = r.source_path
+        reply.metadata.update(r.metadata)
+    return reply
+
+
+def _public_base_model(base: str) -> str:
+    """A hub name (`org/model`) as is; a filesystem path by its last component."""
+    if base.startswith(("/", "~", ".")) or "\\" in base or base.count("/") > 1:
+        return PurePosixPath(base.replace("\\", "/")).name
+    return base
 
 
 class GenerationServicer:
@@ -492,7 +505,8 @@ class GenerationServicer:
             records = await self._call(self.service.registry.list)
         # A tenant sees only what it may use.
         records = [r for r in records if principal.may_use(r.id)]
-        return generation_pb2.ListAdaptersResponse(adapters=[adapter_to_proto(r) for r in records])
+        return generation_pb2.ListAdaptersResponse(
+            adapters=[adapter_to_proto(r, full=principal.is_admin) for r in records])
 
     @grpc_unary
     async def RegisterAdapter(
