@@ -241,7 +241,9 @@ def main(argv: list[str] | None = None) -> int:
     ns = p.parse_args(argv)
     if ns.smoke:
         ns.rounds, ns.prompt_words, ns.calls, ns.watchers = 1, 120, 2, 40
-    admin_key = Path(ns.api_key_file).read_text().strip()
+    from hybridserve.client import resolve_api_key
+
+    admin_key = resolve_api_key(None, ns.api_key_file)
     parts = set(ns.parts.split(","))
     out: dict = {"smoke": ns.smoke}
     if "cache" in parts:
