@@ -415,3 +415,96 @@ def test_concurrent_searches_share_embedding_batches(kc):
     new = {int(k): after.get(k, 0) - before.get(k, 0) for k in after}
     assert sum(k * n for k, n in new.items()) == len(queries)
     assert max(k for k, n in new.items() if n) > 1, f"no embedding batch of more than one call: {new}"
+
+
+# -- a tenant deleted and created again while an upsert runs -------------------------
+
+
+async def test_an_inflight_upsert_never_writes_into_a_recreated_tenant(weaviate, tmp_path):
+    """The real Weaviate, the real SQLite tenancy store and the real control plane
+    (AdminService, wired to the retrieval servicer as the platform wires it). An
+    upsert with the tenant's key writes its first batches; then the tenant is
+    deleted and created again under the same id; the upsert's later batches must
+    not land in the new tenant."""
+    import asyncio
+
+    import numpy as np
+    from hybridserve.config import HybridServeConfig
+    from hybridserve.retrieval.embedding import load_tokenizer
+    from hybridserve.retrieval.servicer import RetrievalServicer
+    from hybridserve.tenancy.admin import AdminService
+    from hybridserve.tenancy.domain import Tenant
+    from hybridserve.v1 import retrieval_pb2
+
+    from tests.unit.fakes import FakeContext, tenancy_for
+
+    cfg = HybridServeConfig(
+        data_dir=tmp_path,
+        weaviate={"url": weaviate.url, "grpc_port": weaviate.grpc_port,
+                  "collection": f"Incarnation{uuid.uuid4().hex[:8]}"},
+        retrieval={"chunk_tokens": 16, "chunk_overlap": 0, "write_batch_chunks": 4},
+    )
+    tenancy, admin_key = tenancy_for(cfg, service="retrieval")
+    rng = np.random.default_rng(0)
+    writes_done = asyncio.Event()
+    embeds = 0
+    admin: AdminService
+
+    async def embed(texts):
+        nonlocal embeds
+        embeds += 1
+        if embeds == 3:
+            # Two batches are in Weaviate; now the operator deletes the tenant and a
+            # new tenant is created under the same id.
+            await asyncio.wait_for(writes_done.wait(), 60)
+            await admin.delete_tenant(boss, tenant)
+            await admin.create_tenant(boss, Tenant(tenant))
+        v = rng.normal(size=(len(texts), 8)).astype(np.float32)
+        return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+    servicer = RetrievalServicer(cfg, embed, tokenizer=load_tokenizer(None), model_name="test",
+                                 tenancy=tenancy)
+    store_write, written = servicer.service.store.write, []
+
+    async def counting_write(t, chunks, vectors):
+        failures = await store_write(t, chunks, vectors)
+        written.append(len(chunks))
+        if len(written) == 2:
+            writes_done.set()
+        return failures
+
+    servicer.service.store.write = counting_write
+    admin = AdminService(tenancy.store, lambda _a: False, _Knowledge(servicer), settle_s=0)
+    boss = await tenancy.authenticate_token(admin_key)
+    tenant = _tenant("reborn")
+    try:
+        await admin.create_tenant(boss, Tenant(tenant))
+        _, key = await admin.create_key(boss, tenant=tenant, name="writer")
+        text = " ".join(f"Sentence {i} of the old tenant's private notes." for i in range(30))
+        request = retrieval_pb2.UpsertRequest(
+            documents=[retrieval_pb2.Document(id="old-notes", text=text)])
+        ctx = FakeContext(key)
+        await servicer.Upsert(request, ctx)
+        assert embeds >= 3 and tenancy.store.tenant_exists(tenant)  # staged as described
+        # The new tenant holds none of the old one's chunks ...
+        assert await servicer.service.count(tenant) == 0
+        # ... because nothing more was written once the tenant was gone.
+        assert len(written) == 2
+        assert ctx.code_name == "NOT_FOUND", ctx.details()
+        assert "deleted while this upsert ran" in ctx.details()
+    finally:
+        await servicer.service.store.delete_tenant(tenant)
+        await servicer.shutdown()
+
+
+class _Knowledge:
+    """The control plane's knowledge hooks, as app.py wires them (handle calls)."""
+
+    def __init__(self, servicer):
+        self.servicer = servicer
+
+    async def create(self, tenant: str) -> None:
+        await self.servicer.create_knowledge(tenant)
+
+    async def delete(self, tenant: str) -> int:
+        return await self.servicer.delete_knowledge(tenant)

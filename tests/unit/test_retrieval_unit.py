@@ -360,3 +360,24 @@ async def test_an_unreachable_weaviate_is_reported_without_its_address(caplog):
         await store.close()
     # ... and the operator finds the address in the log.
     assert f"127.0.0.1:{http_port}" in caplog.text
+
+
+def test_the_upsert_guard_runs_before_every_write_batch_and_stops_the_rest(tokenizer):
+    """A tenant gone mid-upsert (the guard raises): no further batch is written."""
+    from hybridserve.errors import NotFound
+
+    svc, store, _ = _service(tokenizer)
+    checks = []
+
+    async def still_current():
+        checks.append(len(store.writes))
+        if len(store.writes) >= 2:
+            raise NotFound("tenant 't' was deleted while this upsert ran")
+
+    async def run():
+        await svc.create_tenant("t")
+        with pytest.raises(NotFound):
+            await svc.upsert("t", [Document("d", _long(120), "T", "s")], still_current=still_current)
+
+    asyncio.run(run())
+    assert len(store.writes) == 2 and checks[:3] == [0, 0, 1]  # before any write, then per batch

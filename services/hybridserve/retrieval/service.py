@@ -45,6 +45,12 @@ logger = logging.getLogger(__name__)
 
 #: Embeds a batch of texts: rows L2-normalised, float32.
 EmbedFn = Callable[[list[str]], Awaitable[np.ndarray]]
+#: Raises when the tenant an upsert was admitted for no longer exists as it was.
+Guard = Callable[[], Awaitable[None]]
+
+
+async def _always_current() -> None:
+    return None
 
 
 class _KeyedLocks:
@@ -157,18 +163,30 @@ class RetrievalService:
         )
         return hashlib.sha256(blob.encode()).hexdigest()
 
-    async def upsert(self, tenant: str, docs: Sequence[Document]) -> UpsertResult:
+    async def upsert(self, tenant: str, docs: Sequence[Document], *,
+                     still_current: Guard | None = None) -> UpsertResult:
+        """Ingests `docs` into `tenant`.
+
+        `still_current` (if given) is awaited before anything is written to the
+        store and before every write batch; it raises when the tenant the request
+        was admitted for is gone (deleted, or deleted and created again under the
+        same id), so an in-flight upsert never writes into another incarnation.
+        """
         validate_tenant(tenant)
         validate_documents(
             docs,
             max_documents=self.cfg.max_documents_per_request,
             max_document_bytes=self.cfg.max_document_bytes,
         )
+        guard = still_current or _always_current
+        await guard()
         await self.store.create_tenant(tenant)  # idempotent; usually already there
         async with self._documents.hold([(tenant, d.id) for d in docs]):
-            return await self._upsert(tenant, docs)
+            return await self._upsert(tenant, docs, guard)
 
-    async def _upsert(self, tenant: str, docs: Sequence[Document]) -> UpsertResult:
+    async def _upsert(self, tenant: str, docs: Sequence[Document],
+                      guard: Guard | None = None) -> UpsertResult:
+        guard = guard or _always_current
         stored = await self.store.document_versions(tenant, [d.id for d in docs])
         result = UpsertResult()
         plans = []
@@ -192,7 +210,7 @@ class RetrievalService:
         ]
         unaccounted = 0
         try:
-            return await self._ingest(tenant, plans, chunks, result)
+            return await self._ingest(tenant, plans, chunks, result, guard)
         except BaseException:
             # A step that raised (Weaviate down or hung, the embedder gone) leaves
             # chunks neither written nor reported per object: they failed too.
@@ -203,13 +221,15 @@ class RetrievalService:
             obs.ingest_chunks(tenant, result.chunks_written, len(result.failures) + unaccounted)
 
     async def _ingest(
-        self, tenant: str, plans: list[_Plan], chunks: list[Chunk], result: UpsertResult
+        self, tenant: str, plans: list[_Plan], chunks: list[Chunk], result: UpsertResult,
+        guard: Guard,
     ) -> UpsertResult:
-        failed_docs = await self._embed_and_write(tenant, chunks, result)
+        failed_docs = await self._embed_and_write(tenant, chunks, result, guard)
         for p in plans:
             if p.doc.id in failed_docs:
                 continue
             if p.previous_chunks > len(p.texts):
+                await guard()
                 result.chunks_removed += await self.store.remove_tail(tenant, p.doc.id, len(p.texts))
             result.documents_ok += 1
         result.documents_ok += result.documents_unchanged
@@ -226,7 +246,8 @@ class RetrievalService:
         return out, tokens
 
     async def _embed_and_write(
-        self, tenant: str, chunks: list[Chunk], result: UpsertResult
+        self, tenant: str, chunks: list[Chunk], result: UpsertResult,
+        guard: Guard | None = None,
     ) -> set[str]:
         """Embeds and writes in steps; step k+1 is embedded while step k is written.
 
@@ -257,7 +278,8 @@ class RetrievalService:
                     ))
                 if keep:
                     pending = asyncio.ensure_future(
-                        self._write(tenant, [batch[i] for i in keep], vectors[keep])
+                        self._write(tenant, [batch[i] for i in keep], vectors[keep],
+                                    guard or _always_current)
                     )
             if pending is not None:
                 self._record(await pending, result, failed)
@@ -272,7 +294,9 @@ class RetrievalService:
                     self._record(pending.result(), result, failed)
         return failed
 
-    async def _write(self, tenant, batch: list[Chunk], vectors: np.ndarray):
+    async def _write(self, tenant, batch: list[Chunk], vectors: np.ndarray, guard: Guard):
+        # NOTE: right before the write, so no batch goes out once the tenant is gone.
+        await guard()
         failures = await self.store.write(tenant, batch, vectors)
         return len(batch), failures
 

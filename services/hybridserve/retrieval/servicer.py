@@ -194,8 +194,9 @@ class RetrievalServicer:
         docs = [
             Document(d.id, d.text, d.title, d.source, dict(d.metadata)) for d in request.documents
         ]
+        guard = await self._incarnation_guard(principal, tenant)
         async with self.tenancy.admit(principal) as lease:
-            result = await self.service.upsert(tenant, docs)
+            result = await self.service.upsert(tenant, docs, still_current=guard)
             # Embedding is the shared embedder's compute: charged in tokens.
             lease.tokens = result.embedded_tokens
         if result.failures:
@@ -204,6 +205,29 @@ class RetrievalServicer:
                 tenant, len(result.failures), result.failures[0].message,
             )
         return upsert_to_proto(result)
+
+    async def _incarnation_guard(self, principal, tenant: str):
+        """A check that `tenant` is still the incarnation this request was admitted
+        for (a tenant key: the one its key belongs to; an admin key: the one that
+        exists now), awaited before each write batch of an upsert. A tenant deleted
+        (and perhaps created again under the same id) meanwhile ends the upsert with
+        NOT_FOUND instead of writing into the new tenant."""
+        from hybridserve.errors import NotFound
+        from hybridserve.tenancy.auth import store_call
+
+        read = self.tenancy.store.tenant_incarnation
+        expected = (principal.tenant.created_at if principal.tenant is not None
+                    else await asyncio.to_thread(store_call, read, tenant))
+
+        async def still_current() -> None:
+            if await asyncio.to_thread(store_call, read, tenant) != expected:
+                raise NotFound(
+                    f"tenant {tenant!r} was deleted while this upsert ran; nothing more was "
+                    "written (what was written before is deleted with the tenant)",
+                    reason="TENANT_NOT_FOUND",
+                )
+
+        return still_current
 
     @grpc_unary
     async def Delete(self, request, grpc_context: Any = None):

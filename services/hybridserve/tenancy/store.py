@@ -248,6 +248,19 @@ class TenancyStore:
                 sa.select(tenants.c.id).where(tenants.c.id == tenant_id)
             ).first() is not None
 
+    def tenant_incarnation(self, tenant_id: str) -> float | None:
+        """Which incarnation of `tenant_id` exists now (its creation time), or None.
+
+        A tenant deleted and created again under the same id is another incarnation:
+        a write admitted for the old one checks this before each batch, so it can
+        never land in the new one's knowledge space.
+        """
+        with self.engine.connect() as conn:
+            row = conn.execute(
+                sa.select(tenants.c.created_at).where(tenants.c.id == tenant_id)
+            ).first()
+            return None if row is None else float(row.created_at)
+
     def list_tenants(self) -> list[Tenant]:
         with self.engine.connect() as conn:
             rows = conn.execute(sa.select(tenants).order_by(tenants.c.id)).all()
