@@ -9,6 +9,7 @@
   hybridserve admin quotas set TENANT [--rpm N] [--tpm N] [--concurrency N]
   hybridserve admin apply -f tenants.yaml [--dry-run]
   hybridserve admin audit [--limit N] [--tenant T]
+  hybridserve admin audit --export FILE.jsonl [--tenant T]
 """
 
 from __future__ import annotations
@@ -76,9 +77,58 @@ def cmd_admin(ns) -> int:
                 print(f"{verb} {len(reply.changes)} thing(s)" + (" (dry run: nothing was changed)"
                                                                  if ns.dry_run else ""))
         elif what == "audit":
+            if ns.export:
+                _export_audit(c, Path(ns.export), ns.tenant)
+                return 0
             for e in c.audit(limit=ns.limit, tenant=ns.tenant):
                 print(f"{e.at}  {e.actor:22} {e.action:18} {e.target:28} {e.outcome:18} {e.detail}")
     return 0
+
+
+#: Entries per ListAudit call of an export (the server's largest page).
+EXPORT_PAGE = 1000
+
+
+def _export_audit(c, path: Path, tenant: str = "") -> None:
+    """Appends the audit entries the file does not have yet, oldest first, one JSON
+    object per line. It resumes after the last id in the file, so running it on a
+    schedule (more often than tenancy.audit_retention_days) keeps every entry."""
+    import json
+    import time
+
+    from hybridserve.exceptions import RateLimitError
+
+    last = 0
+    if path.exists():
+        with path.open("rb") as f:
+            lines = [line for line in f.read().splitlines() if line.strip()]
+        if lines:
+            try:
+                last = int(json.loads(lines[-1])["id"])
+            except (ValueError, KeyError, TypeError):
+                raise SystemExit(f"{path}: the last line is not an exported audit entry; "
+                                 "export to a new file") from None
+    written = 0
+    with path.open("a", encoding="utf-8") as out:
+        while True:
+            try:
+                page = c.audit(limit=EXPORT_PAGE, tenant=tenant, after_id=last)
+            except RateLimitError as e:  # the control plane's per-key limit: wait, go on
+                time.sleep(min(60.0, e.retry_after or 1.0))
+                continue
+            for e in page:
+                out.write(json.dumps({
+                    "id": e.id, "at": e.at, "actor": e.actor, "action": e.action,
+                    "target": e.target, "tenant": e.tenant, "outcome": e.outcome,
+                    "detail": e.detail,
+                }, ensure_ascii=False) + "\n")
+            out.flush()
+            written += len(page)
+            if page:
+                last = page[-1].id
+            if len(page) < EXPORT_PAGE:
+                break
+    print(f"exported {written} audit entries to {path} (up to id {last})", file=sys.stderr)
 
 
 def _tenants(c, ns, action) -> None:
@@ -216,4 +266,8 @@ def add_admin_parser(sub, client_args) -> None:
     au = asub.add_parser("audit", help="who did what, when, with what outcome")
     au.add_argument("--limit", type=int, default=50)
     au.add_argument("--tenant", default="")
+    au.add_argument("--export", metavar="FILE.jsonl",
+                    help="append every entry the file does not have yet, oldest first, as JSON "
+                    "lines (resumes after the file's last id; run it more often than the "
+                    "retention, tenancy.audit_retention_days, to keep the log longer)")
     client_args(au)

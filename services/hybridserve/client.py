@@ -367,10 +367,14 @@ class _Api:
         return self._adm("Apply", admin_pb2.ApplyRequest(
             document=document, dry_run=dry_run, keep_grants=keep_grants), timeout)
 
-    def audit(self, *, limit: int = 100, tenant: str = "",
+    def audit(self, *, limit: int = 100, tenant: str = "", after_id: int | None = None,
               timeout: float = 30) -> list[admin_pb2.AuditEntry]:
-        return self._adm("ListAudit", admin_pb2.ListAuditRequest(limit=limit, tenant=tenant),
-                         timeout, lambda r: list(r.entries))
+        """Newest first; with `after_id`, the oldest entries above that id first
+        (export page by page, passing the last id you got; 0 the first time)."""
+        req = admin_pb2.ListAuditRequest(limit=limit, tenant=tenant)
+        if after_id is not None:
+            req.after_id = after_id
+        return self._adm("ListAudit", req, timeout, lambda r: list(r.entries))
 
 
 class _Base(_Api):

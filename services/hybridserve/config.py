@@ -578,6 +578,44 @@ class TenancyConfig(_Strict):
         description="When Redis cannot be reached: true admits requests without quotas (and "
         "logs a warning), false refuses them with UNAVAILABLE.",
     )
+    admin_calls_per_minute: int = Field(
+        1200,
+        ge=0,
+        description="Control-plane calls (every AdminService RPC) per minute of one admin key, "
+        "shared by every replica through the quotas' Redis; past it: RESOURCE_EXHAUSTED with "
+        "RetryInfo. Bucket: `quota_burst_s` worth. 0: no limit.",
+    )
+    tenant_admin_calls_per_minute: int = Field(
+        120,
+        ge=0,
+        description="The same limit for one tenant key calling AdminService (WhoAmI, and "
+        "calls that are refused with PERMISSION_DENIED: they are limited too). 0: no limit.",
+    )
+    audit_refusal_window_s: float = Field(
+        60.0,
+        ge=0,
+        description="Refused control-plane calls (PERMISSION_DENIED, RESOURCE_EXHAUSTED) write "
+        "at most one audit entry per key and outcome per this many seconds; the ones in "
+        "between are counted in the key's next entry. 0: one entry per refused call.",
+    )
+    audit_retention_days: float = Field(
+        365.0,
+        ge=0,
+        description="Audit entries older than this are deleted (in the background, every "
+        "`audit_prune_interval_s`). Export them first to keep them longer "
+        "(`hybridserve admin audit --export`). 0: no age limit.",
+    )
+    audit_max_rows: int = Field(
+        1_000_000,
+        ge=0,
+        description="At most this many audit entries are kept; the oldest beyond it are "
+        "deleted in the background. 0: no limit.",
+    )
+    audit_prune_interval_s: float = Field(
+        300.0,
+        gt=0,
+        description="How often the control plane prunes the audit log (also once at start).",
+    )
     admin_key_file: Path | None = Field(
         None,
         description="Where the first `hybridserve up` writes the admin key it creates (mode "

@@ -581,3 +581,157 @@ def test_a_tenant_key_sees_its_adapters_without_server_paths_or_owners(platform)
         finally:
             admin.delete_tenant(tenant)
             admin.unregister_adapter(owned.id)
+
+
+# -- the control plane under a flood (real Redis and SQLite, two admin "replicas") -----------
+
+
+@pytest.fixture(scope="module")
+def redis_server():
+    import shutil
+    import tempfile
+
+    from hybridserve.tenancy.redis_server import RedisServer
+
+    root = Path(tempfile.mkdtemp(prefix="hs-redis-"))
+    server = RedisServer(root)
+    server.start()
+    yield server
+    server.stop()
+    shutil.rmtree(root, ignore_errors=True)
+
+
+class _Clock:
+    def __init__(self, now: float = 1_800_000_000.0):
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+async def test_a_tenant_key_flooding_admin_rpcs_is_throttled_and_costs_few_audit_rows(
+        redis_server, tmp_path):
+    """Two AdminServicers (two replicas of the admin app) on one real Redis and one
+    SQLite store. A tenant key calls CreateTenant in a loop, alternating replicas:
+    it gets PERMISSION_DENIED until its bucket (shared by both) is empty, then
+    RESOURCE_EXHAUSTED with RetryInfo; the audit log gets one entry per outcome per
+    window, and the next window's entry counts the refusals in between."""
+    from google.rpc import error_details_pb2
+    from hybridserve.config import HybridServeConfig
+    from hybridserve.tenancy.admin_limits import AdminLimits
+    from hybridserve.tenancy.auth import Tenancy
+    from hybridserve.tenancy.bootstrap import ensure_admin_key, read_key_file
+    from hybridserve.tenancy.servicer import AdminServicer
+
+    from tests.unit.fakes import FakeContext
+
+    cfg = HybridServeConfig(data_dir=tmp_path, tenancy={"redis_url": redis_server.url,
+                                                        "tenant_admin_calls_per_minute": 60})
+    clock = _Clock()
+    replicas = []
+    for _ in range(2):
+        tenancy = Tenancy.from_config(cfg, metrics_service="admin")
+        limits = AdminLimits.from_config(cfg, clock=clock)
+        replicas.append(AdminServicer(cfg, tenancy=tenancy, limits=limits))
+    store = replicas[0].tenancy.store
+    ensure_admin_key(store, cfg.admin_key_path)
+    admin_key = read_key_file(cfg.admin_key_path)
+    try:
+        tenant = f"flood-{uuid.uuid4().hex[:6]}"
+        ctx = FakeContext(admin_key)
+        await replicas[0].CreateTenant(admin_pb2.CreateTenantRequest(id=tenant), ctx)
+        reply = await replicas[0].CreateKey(admin_pb2.CreateKeyRequest(tenant=tenant, name="x"), ctx)
+        assert ctx.code_name == "OK"
+        key, key_id = reply.secret, reply.key.key_id
+        capacity = replicas[0].admin.limits.capacity("tenant")
+        assert capacity == 10  # 60 per minute, 10 s worth
+
+        outcomes = []
+        for i in range(60):
+            ctx = FakeContext(key)
+            await replicas[i % 2].CreateTenant(admin_pb2.CreateTenantRequest(id=f"evil-{i}"), ctx)
+            outcomes.append(ctx.code_name)
+            if ctx.code_name == "RESOURCE_EXHAUSTED":
+                details = {}
+                for any_ in ctx.rich_status().details:
+                    for cls in (error_details_pb2.RetryInfo, error_details_pb2.QuotaFailure):
+                        if any_.Is(cls.DESCRIPTOR):
+                            msg = cls()
+                            any_.Unpack(msg)
+                            details[cls.__name__] = msg
+                assert details["RetryInfo"].retry_delay.ToNanoseconds() > 0
+                assert "tenant_admin_calls_per_minute" in \
+                    details["QuotaFailure"].violations[0].subject
+        assert outcomes == ["PERMISSION_DENIED"] * capacity + ["RESOURCE_EXHAUSTED"] * (60 - capacity)
+
+        def rows():
+            return [e for e in store.list_audit(1000) if e.actor == f"tenant:{key_id}"]
+
+        assert sorted(e.outcome for e in rows()) == ["PERMISSION_DENIED", "RESOURCE_EXHAUSTED"]
+        # A window later (and the bucket refilled): the next refusal is logged with
+        # the count of those that were not.
+        clock.now += 61
+        ctx = FakeContext(key)
+        await replicas[1].CreateTenant(admin_pb2.CreateTenantRequest(id="evil-late"), ctx)
+        assert ctx.code_name == "PERMISSION_DENIED"
+        latest = rows()[0]
+        assert latest.outcome == "PERMISSION_DENIED"
+        assert f"+{capacity - 1} more refused call(s)" in latest.detail
+        assert len(rows()) == 3
+        assert not [t for t in store.list_tenants() if t.id.startswith("evil-")]
+    finally:
+        for r in replicas:
+            await r.shutdown()
+
+
+def test_a_tenant_key_looping_on_admin_rpcs_is_throttled_through_the_proxy(platform, tmp_path):
+    """Through the real proxy, admin app and Redis: a tenant key calling an admin RPC
+    in a loop gets PERMISSION_DENIED until its per-key bucket is empty, then
+    RESOURCE_EXHAUSTED with RetryInfo; its refusals cost at most one audit entry per
+    outcome per window. Then `admin audit --export` writes the log as JSON lines
+    and a second run appends only what is new."""
+    import json
+
+    cfg = platform.main.tenancy
+    rate, capacity = cfg.tenant_admin_calls_per_minute, -(-cfg.tenant_admin_calls_per_minute
+                                                          * int(cfg.quota_burst_s) // 60)
+    tenant = f"looper-{uuid.uuid4().hex[:6]}"
+    with HybridServeClient(platform.address, api_key=platform.admin_key) as admin:
+        admin.create_tenant(tenant)
+        made = admin.create_key(tenant, name="looper")
+    denied, limited = 0, None
+    start = time.monotonic()
+    with HybridServeClient(platform.address, api_key=made.secret) as c:
+        for _ in range(capacity + 200):  # bounded
+            try:
+                c.list_tenants()
+            except PermissionDeniedError:
+                denied += 1
+                continue
+            except RateLimitError as e:
+                limited = e
+                break
+    elapsed = time.monotonic() - start
+    assert limited is not None, f"{denied} calls refused, none throttled"
+    assert limited.retry_after and limited.retry_after > 0
+    assert "tenant_admin_calls_per_minute" in limited.quota_violations[0][0]
+    assert capacity <= denied <= capacity + rate * elapsed / 60 + 1, (denied, elapsed)
+    with HybridServeClient(platform.address, api_key=platform.admin_key) as admin:
+        mine = [e for e in admin.audit(limit=1000) if e.actor == f"tenant:{made.key.key_id}"]
+        windows = 1 + int(elapsed // cfg.audit_refusal_window_s)
+        assert 1 <= len(mine) <= 2 * windows, [(e.outcome, e.detail) for e in mine]
+
+        out = tmp_path / "audit.jsonl"
+        first = _cli("admin", "audit", "--export", str(out), "--address", platform.address)
+        assert first.returncode == 0, first.stderr
+        rows = [json.loads(line) for line in out.read_text().splitlines()]
+        ids = [r["id"] for r in rows]
+        assert ids == sorted(set(ids)) and len(rows) >= len(mine)
+        assert {r["actor"] for r in rows} >= {f"tenant:{made.key.key_id}"}
+        assert any(r["tenant"] == tenant and r["action"] == "CreateTenant" for r in rows)
+        admin.update_tenant(tenant, display_name="exported twice")
+        again = _cli("admin", "audit", "--export", str(out), "--address", platform.address)
+        assert again.returncode == 0, again.stderr
+        more = [json.loads(line) for line in out.read_text().splitlines()][len(rows):]
+        assert more and all(r["id"] > ids[-1] for r in more)
+        assert any(r["action"] == "UpdateTenant" and r["tenant"] == tenant for r in more)

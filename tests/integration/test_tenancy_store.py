@@ -156,3 +156,27 @@ def test_no_key_plaintext_anywhere_in_the_store(store, url, tmp_path):
         store.close()
         raw = b"".join(p.read_bytes() for p in tmp_path.glob("tenancy.db*"))
         assert raw and all(s.encode() not in raw for s in secrets)
+
+
+def test_audit_retention_by_age_and_rows_and_the_export_order(store):
+    """prune_audit on the real database: by age, then to the newest N rows; what is
+    left pages oldest first from an id (the export) and newest first without one."""
+    store.migrate()
+    now = [1_000_000.0]
+    store.clock = lambda: now[0]
+    for i in range(30):
+        now[0] = 1_000_000.0 + i * 100
+        store.record_audit("admin:x", "CreateTenant", f"tenant/t{i}", "OK", tenant=f"t{i}")
+    assert store.prune_audit() == 0  # no bound given: nothing
+    assert store.prune_audit(older_than=1_000_000.0 + 10 * 100, batch=4) == 10
+    left = store.list_audit(1000)
+    assert len(left) == 20 and min(e.at for e in left) == 1_000_000.0 + 1000
+    assert store.prune_audit(keep_rows=8, batch=3) == 12
+    newest = store.list_audit(1000)
+    assert [e.target for e in newest] == [f"tenant/t{i}" for i in range(29, 21, -1)]
+    page = store.list_audit(5, after_id=0)
+    assert [e.target for e in page] == [f"tenant/t{i}" for i in range(22, 27)]
+    rest = store.list_audit(5, after_id=page[-1].id)
+    assert [e.target for e in rest] == ["tenant/t27", "tenant/t28", "tenant/t29"]
+    assert store.list_audit(5, after_id=rest[-1].id) == []
+    assert [e.tenant for e in store.list_audit(5, tenant="t28", after_id=0)] == ["t28"]

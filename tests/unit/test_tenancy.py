@@ -442,3 +442,29 @@ def test_adapter_conversion_for_a_tenant_hides_server_paths_and_metadata():
         assert lean.base_model == shown, base
         assert lean.source_path == "" and dict(lean.metadata) == {}
         assert (lean.id, lean.rank, list(lean.target_modules)) == ("bot@v1", 8, ["q_proj"])
+
+
+async def test_the_audit_log_is_pruned_in_the_background_to_its_bounds(store):
+    """AdminService prunes at once when its pruning starts (the first RPC), then
+    every interval: entries past the age bound, then all but the newest N."""
+    import asyncio
+
+    now = [2_000_000.0]
+    store.clock = lambda: now[0]
+    for i in range(12):
+        now[0] = 2_000_000.0 + i * 86400  # one a day
+        store.record_audit("admin:x", "SetQuotas", f"tenant/t{i}", "OK")
+    admin = AdminService(store, lambda a: False, settle_s=0, audit_retention_s=5 * 86400,
+                         audit_max_rows=4, prune_interval_s=3600)
+    admin.ensure_pruning()
+    for _ in range(200):  # bounded: the first pass runs in a worker thread
+        await asyncio.sleep(0.01)
+        if len(store.list_audit(100)) == 4:
+            break
+    assert [e.target for e in store.list_audit(100)] == [f"tenant/t{i}" for i in (11, 10, 9, 8)]
+    first = admin._pruner
+    admin.ensure_pruning()  # once: a second call starts nothing
+    assert admin._pruner is first and not first.done()
+    await admin.close()
+    await asyncio.sleep(0)
+    assert first.cancelled() or first.done()

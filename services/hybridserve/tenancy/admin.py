@@ -1,8 +1,12 @@
 """The control plane's domain logic: tenants, keys, grants, quotas, the tenants
 file and the audit log. Transport-free; `AdminServicer` maps it to gRPC.
 
-Every action needs an admin principal, and every action (also a refused or
-failed one) leaves an audit entry: who, what, when, the outcome.
+Every call is admitted first (`admit`: a per-key rate limit, see `admin_limits`).
+Every action needs an admin principal, and every action leaves an audit entry: who,
+what, when, the outcome. Refused calls (PERMISSION_DENIED, RESOURCE_EXHAUSTED) are
+sampled: at most one entry per key and outcome per `audit_refusal_window_s`, which
+counts the refusals in between. The log is pruned in the background to
+`audit_retention_days` and `audit_max_rows`.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from hybridserve.errors import HybridServeError, InvalidArgument, NotFound
+from hybridserve.errors import HybridServeError, InvalidArgument, NotFound, ResourceExhausted
 from hybridserve.tenancy import keys
 from hybridserve.tenancy import tenants_file
 from hybridserve.tenancy.domain import (
@@ -26,8 +30,10 @@ from hybridserve.tenancy.domain import (
     Principal,
     Quotas,
     Tenant,
+    rfc3339,
     validate_tenant_id,
 )
+from hybridserve.tenancy.admin_limits import AdminLimits, AuditTicket
 from hybridserve.tenancy.auth import store_call
 from hybridserve.tenancy.store import TenancyStore, tenant_diff
 
@@ -81,6 +87,11 @@ class AdminService:
             landed first.
         forget_quotas: drops a tenant's quota counters (on deletion).
         default_quotas: the quotas of a tenant created without any.
+        limits: the per-key call limit and the refused-call audit gate; None: no
+            limit, and every refusal is audited.
+        audit_retention_s: audit entries older than this are pruned (0: kept).
+        audit_max_rows: at most this many entries are kept (0: no bound).
+        prune_interval_s: how often the background pruning runs.
     """
 
     def __init__(
@@ -92,6 +103,10 @@ class AdminService:
         settle_s: float = 0.5,
         forget_quotas: Callable[[str], Any] | None = None,
         default_quotas: Quotas = Quotas(),
+        limits: AdminLimits | None = None,
+        audit_retention_s: float = 0.0,
+        audit_max_rows: int = 0,
+        prune_interval_s: float = 300.0,
     ):
         self.store = store
         self.adapter_exists = adapter_exists
@@ -100,13 +115,88 @@ class AdminService:
         self.forget_quotas = forget_quotas
         #: what a tenant created without quotas (RPC or tenants file) gets
         self.default_quotas = default_quotas
+        self.limits = limits
+        self.audit_retention_s = audit_retention_s
+        self.audit_max_rows = audit_max_rows
+        self.prune_interval_s = prune_interval_s
+        self._pruner: asyncio.Task | None = None
+
+    # -- admission and audit ------------------------------------------------------------
+
+    async def admit(self, p: Principal, action: str) -> None:
+        """Takes one call of the caller's per-key budget; every RPC calls this first.
+        Raises ResourceExhausted (audited, sampled) past the limit."""
+        if self.limits is None:
+            return
+        try:
+            await self.limits.take(p.kind, p.key_id)
+        except ResourceExhausted as e:
+            await self._audit_refusal(p, action, "admin", e)
+            raise
+
+    async def _require_admin(self, p: Principal, action: str, target: str,
+                             tenant: str | None = None) -> None:
+        try:
+            p.require_admin(action)
+        except HybridServeError as e:
+            await self._audit_refusal(p, action, target, e, tenant)
+            raise
+
+    async def _audit_refusal(self, p: Principal, action: str, target: str,
+                             e: HybridServeError, tenant: str | None = None) -> None:
+        """Audits a refused call, sampled: at most one entry per key and outcome per
+        window; the entry counts the refusals that were not written before it."""
+        ticket = (AuditTicket(0, None) if self.limits is None
+                  else await self.limits.audit_ticket(p.actor, e.code))
+        if ticket is None:
+            return
+        detail = e.message
+        if ticket.suppressed:
+            detail += (f" [+{ticket.suppressed} more refused call(s) of this key with "
+                       f"{e.code} since {rfc3339(ticket.since)}, counted, not logged]")
+        await self._audit_failure(p, action, target, e.code, detail, tenant)
+
+    async def prune_audit(self) -> int:
+        """Deletes audit entries past the retention bounds; returns how many."""
+        if not self.audit_retention_s and not self.audit_max_rows:
+            return 0
+        older_than = (self.store.clock() - self.audit_retention_s
+                      if self.audit_retention_s else None)
+        removed = await asyncio.to_thread(
+            store_call, lambda: self.store.prune_audit(
+                older_than=older_than, keep_rows=self.audit_max_rows or None))
+        if removed:
+            logger.info("audit log: %d entries past the retention bounds removed", removed)
+        return removed
+
+    def ensure_pruning(self) -> None:
+        """Starts the background pruning on the running event loop (once; again if it
+        ended). The first run is at once, then every `prune_interval_s`."""
+        if (not self.audit_retention_s and not self.audit_max_rows) or (
+                self._pruner is not None and not self._pruner.done()):
+            return
+        self._pruner = asyncio.get_running_loop().create_task(self._prune_forever())
+
+    async def _prune_forever(self) -> None:
+        while True:
+            try:
+                await self.prune_audit()
+            except Exception:  # noqa: BLE001 - try again next interval
+                logger.warning("could not prune the audit log", exc_info=True)
+            await asyncio.sleep(self.prune_interval_s)
+
+    async def close(self) -> None:
+        if self._pruner is not None:
+            self._pruner.cancel()
+        if self.limits is not None:
+            await self.limits.close()
 
     async def _run(self, p: Principal, action: str, target: str, fn: Callable[[], Any],
                    tenant: str | None = None) -> Any:
         """Runs one admin action off the event loop; a refused or failed one is
         audited here (successful ones audit themselves in their transaction)."""
+        await self._require_admin(p, action, target, tenant)
         try:
-            p.require_admin(action)
             return await asyncio.to_thread(store_call, fn)
         except HybridServeError as e:
             await self._audit_failure(p, action, target, e.code, e.message, tenant)
@@ -164,11 +254,11 @@ class AdminService:
             logger.warning("tenant %s: knowledge space not created yet (%s)", tenant_id, e)
 
     async def get_tenant(self, p: Principal, tenant_id: str) -> Tenant:
-        p.require_admin("GetTenant")
+        await self._require_admin(p, "GetTenant", f"tenant/{tenant_id[:64]}")
         return await asyncio.to_thread(self.store.get_tenant, tenant_id)
 
     async def list_tenants(self, p: Principal) -> list[Tenant]:
-        p.require_admin("ListTenants")
+        await self._require_admin(p, "ListTenants", "tenants")
         return await asyncio.to_thread(self.store.list_tenants)
 
     async def update_tenant(self, p: Principal, tenant_id: str, *, display_name: str | None = None,
@@ -264,7 +354,7 @@ class AdminService:
                                tenant or None)
 
     async def list_keys(self, p: Principal, tenant: str = "", include_revoked: bool = False) -> list[ApiKeyInfo]:
-        p.require_admin("ListKeys")
+        await self._require_admin(p, "ListKeys", f"tenant/{tenant[:64]}" if tenant else "keys")
         return await asyncio.to_thread(self.store.list_keys, tenant, include_revoked)
 
     async def revoke_key(self, p: Principal, key_id: str) -> ApiKeyInfo:
@@ -342,10 +432,13 @@ class AdminService:
 
     # -- audit ----------------------------------------------------------------------
 
-    async def list_audit(self, p: Principal, limit: int = 100, tenant: str = "") -> list[AuditEntry]:
-        p.require_admin("ListAudit")
+    async def list_audit(self, p: Principal, limit: int = 100, tenant: str = "",
+                         after_id: int | None = None) -> list[AuditEntry]:
+        """Newest first; with `after_id`, the oldest entries above that id first
+        (an export resumes from the last id it has)."""
+        await self._require_admin(p, "ListAudit", "audit")
         limit = limit or 100
         if not 1 <= limit <= MAX_AUDIT_LIMIT:
             raise InvalidArgument(f"limit must be 1..{MAX_AUDIT_LIMIT}",
                                   field_violations=[("limit", f"1..{MAX_AUDIT_LIMIT}")])
-        return await asyncio.to_thread(self.store.list_audit, limit, tenant)
+        return await asyncio.to_thread(store_call, self.store.list_audit, limit, tenant, after_id)

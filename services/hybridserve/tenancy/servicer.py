@@ -15,6 +15,7 @@ from hybridserve import observability as obs
 from hybridserve.config import HybridServeConfig
 from hybridserve.grpc_errors import grpc_unary
 from hybridserve.tenancy.admin import AdminService, Knowledge
+from hybridserve.tenancy.admin_limits import AdminLimits
 from hybridserve.tenancy.auth import Tenancy
 from hybridserve.tenancy.domain import ApiKeyInfo, AuditEntry, Quotas, Tenant, rfc3339
 from hybridserve.tenancy.keys import display_prefix
@@ -53,7 +54,8 @@ def key_to_proto(k: ApiKeyInfo) -> admin_pb2.ApiKey:
 
 def audit_to_proto(e: AuditEntry) -> admin_pb2.AuditEntry:
     return admin_pb2.AuditEntry(id=e.id, at=rfc3339(e.at), actor=e.actor, action=e.action,
-                                target=e.target, outcome=e.outcome, detail=e.detail)
+                                target=e.target, outcome=e.outcome, detail=e.detail,
+                                tenant=e.tenant)
 
 
 class AdminServicer:
@@ -64,13 +66,15 @@ class AdminServicer:
         tenancy: authentication; default: the store the config names.
         knowledge: creates / deletes tenants' knowledge spaces (None: retrieval
             does not run, tenants get no knowledge space until their first write).
+        limits: the per-key call limit and refused-call audit gate; default: on the
+            quotas' Redis, as the config sets them (none when `tenancy` has no quotas).
     """
 
     metrics_service = "admin"
     grpc_service = SERVICE_NAME
 
     def __init__(self, config: HybridServeConfig | dict, tenancy: Tenancy | None = None,
-                 knowledge: Knowledge | None = None):
+                 knowledge: Knowledge | None = None, limits: AdminLimits | None = None):
         from hybridserve.generation.adapters import AdapterRegistry
 
         cfg = config if isinstance(config, HybridServeConfig) else HybridServeConfig.model_validate(config)
@@ -78,22 +82,39 @@ class AdminServicer:
         self.config = cfg
         self.tenancy = tenancy or Tenancy.from_config(cfg, metrics_service=self.metrics_service)
         quotas = self.tenancy.quotas
+        if limits is None and quotas is not None:
+            limits = AdminLimits.from_config(cfg)
+        t = cfg.tenancy
         self.admin = AdminService(
             self.tenancy.store, AdapterRegistry.from_config(cfg).exists, knowledge,
             settle_s=2 * cfg.tenancy.auth_cache_ttl_s + 1.0,
             forget_quotas=quotas.reset if quotas is not None else None,
             default_quotas=Quotas(**cfg.tenancy.default_quotas.model_dump()),
+            limits=limits,
+            audit_retention_s=t.audit_retention_days * 86400.0,
+            audit_max_rows=t.audit_max_rows,
+            prune_interval_s=t.audit_prune_interval_s,
         )
 
     async def shutdown(self) -> None:
+        await self.admin.close()
         await self.tenancy.close()
 
-    async def _caller(self, grpc_context):
-        return await self.tenancy.authenticate(grpc_context)
+    async def _caller(self, grpc_context, action: str):
+        """The caller, admitted: every RPC takes one call of its key's control-plane
+        budget (refused calls too), and a tenant key's call counts against its
+        tenant's requests_per_minute like any other RPC of its keys."""
+        p = await self.tenancy.authenticate(grpc_context)
+        self.admin.ensure_pruning()
+        await self.admin.admit(p, action)
+        if not p.is_admin:
+            async with self.tenancy.admit(p):
+                pass
+        return p
 
     @grpc_unary
     async def WhoAmI(self, request, grpc_context: Any = None):
-        p = await self._caller(grpc_context)
+        p = await self._caller(grpc_context, "WhoAmI")
         reply = admin_pb2.WhoAmIResponse(kind=p.kind, key_id=p.key_id, key_name=p.key_name)
         if p.tenant is not None:
             reply.tenant.CopyFrom(tenant_to_proto(p.tenant))
@@ -101,7 +122,7 @@ class AdminServicer:
 
     @grpc_unary
     async def CreateTenant(self, request, grpc_context: Any = None):
-        p = await self._caller(grpc_context)
+        p = await self._caller(grpc_context, "CreateTenant")
         q = request.quotas
         # Unset quotas are the platform's defaults: "no limit" must be asked for.
         quotas = (Quotas(q.requests_per_minute, q.tokens_per_minute, q.concurrent_streams)
@@ -114,18 +135,18 @@ class AdminServicer:
 
     @grpc_unary
     async def GetTenant(self, request, grpc_context: Any = None):
-        p = await self._caller(grpc_context)
+        p = await self._caller(grpc_context, "GetTenant")
         return tenant_to_proto(await self.admin.get_tenant(p, request.id))
 
     @grpc_unary
     async def ListTenants(self, request, grpc_context: Any = None):
-        p = await self._caller(grpc_context)
+        p = await self._caller(grpc_context, "ListTenants")
         tenants = await self.admin.list_tenants(p)
         return admin_pb2.ListTenantsAdminResponse(tenants=[tenant_to_proto(t) for t in tenants])
 
     @grpc_unary
     async def UpdateTenant(self, request, grpc_context: Any = None):
-        p = await self._caller(grpc_context)
+        p = await self._caller(grpc_context, "UpdateTenant")
 
         def opt(name):
             return getattr(request, name) if request.HasField(name) else None
@@ -138,13 +159,13 @@ class AdminServicer:
 
     @grpc_unary
     async def DeleteTenant(self, request, grpc_context: Any = None):
-        p = await self._caller(grpc_context)
+        p = await self._caller(grpc_context, "DeleteTenant")
         chunks, n_keys = await self.admin.delete_tenant(p, request.id)
         return admin_pb2.DeleteTenantAdminResponse(deleted_chunks=chunks, deleted_keys=n_keys)
 
     @grpc_unary
     async def CreateKey(self, request, grpc_context: Any = None):
-        p = await self._caller(grpc_context)
+        p = await self._caller(grpc_context, "CreateKey")
         info, secret = await self.admin.create_key(
             p, tenant=request.tenant, name=request.name, kind=request.kind or "tenant",
             ttl_s=float(request.ttl_seconds),
@@ -153,29 +174,29 @@ class AdminServicer:
 
     @grpc_unary
     async def ListKeys(self, request, grpc_context: Any = None):
-        p = await self._caller(grpc_context)
+        p = await self._caller(grpc_context, "ListKeys")
         found = await self.admin.list_keys(p, request.tenant, request.include_revoked)
         return admin_pb2.ListKeysResponse(keys=[key_to_proto(k) for k in found])
 
     @grpc_unary
     async def RevokeKey(self, request, grpc_context: Any = None):
-        p = await self._caller(grpc_context)
+        p = await self._caller(grpc_context, "RevokeKey")
         return key_to_proto(await self.admin.revoke_key(p, request.key_id))
 
     @grpc_unary
     async def GrantAdapter(self, request, grpc_context: Any = None):
-        p = await self._caller(grpc_context)
+        p = await self._caller(grpc_context, "GrantAdapter")
         return tenant_to_proto(
             await self.admin.grant(p, request.tenant, request.adapter, request.make_default))
 
     @grpc_unary
     async def RevokeAdapter(self, request, grpc_context: Any = None):
-        p = await self._caller(grpc_context)
+        p = await self._caller(grpc_context, "RevokeAdapter")
         return tenant_to_proto(await self.admin.revoke_grant(p, request.tenant, request.adapter))
 
     @grpc_unary
     async def SetQuotas(self, request, grpc_context: Any = None):
-        p = await self._caller(grpc_context)
+        p = await self._caller(grpc_context, "SetQuotas")
 
         def opt(name):
             return getattr(request, name) if request.HasField(name) else None
@@ -187,7 +208,7 @@ class AdminServicer:
 
     @grpc_unary
     async def Apply(self, request, grpc_context: Any = None):
-        p = await self._caller(grpc_context)
+        p = await self._caller(grpc_context, "Apply")
         changes = await self.admin.apply(p, request.document, request.dry_run,
                                          keep_grants=request.keep_grants)
         return admin_pb2.ApplyResponse(
@@ -198,8 +219,10 @@ class AdminServicer:
 
     @grpc_unary
     async def ListAudit(self, request, grpc_context: Any = None):
-        p = await self._caller(grpc_context)
-        entries = await self.admin.list_audit(p, request.limit, request.tenant)
+        p = await self._caller(grpc_context, "ListAudit")
+        entries = await self.admin.list_audit(
+            p, request.limit, request.tenant,
+            after_id=request.after_id if request.HasField("after_id") else None)
         return admin_pb2.ListAuditResponse(entries=[audit_to_proto(e) for e in entries])
 
     # -- grpc.health.v1.Health ---------------------------------------------------------

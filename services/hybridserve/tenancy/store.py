@@ -198,8 +198,16 @@ class TenancyStore:
         with self.write() as conn:
             self._audit(conn, actor, action, target, outcome, detail, tenant)
 
-    def list_audit(self, limit: int = 100, tenant: str = "") -> list[AuditEntry]:
-        q = sa.select(audit_log).order_by(audit_log.c.id.desc()).limit(limit)
+    def list_audit(self, limit: int = 100, tenant: str = "",
+                   after_id: int | None = None) -> list[AuditEntry]:
+        """The newest `limit` entries, newest first; with `after_id`, the `limit`
+        oldest entries whose id is above it, oldest first (for an export that
+        resumes where the last one stopped)."""
+        if after_id is None:
+            q = sa.select(audit_log).order_by(audit_log.c.id.desc()).limit(limit)
+        else:
+            q = (sa.select(audit_log).where(audit_log.c.id > after_id)
+                 .order_by(audit_log.c.id).limit(limit))
         if tenant:
             q = q.where(audit_log.c.tenant_id == tenant)
         with self.engine.connect() as conn:
@@ -208,6 +216,35 @@ class TenancyStore:
                            r.tenant_id or "")
                 for r in conn.execute(q)
             ]
+
+    def prune_audit(self, *, older_than: float | None = None, keep_rows: int | None = None,
+                    batch: int = 5000) -> int:
+        """Deletes audit entries older than `older_than` (epoch seconds) and all but the
+        newest `keep_rows`; returns how many. In batches of `batch` rows, each its own
+        short transaction, so writers are never held up for long."""
+        removed = 0
+        cut_id = None
+        if keep_rows is not None:
+            with self.engine.connect() as conn:
+                cut_id = conn.execute(
+                    sa.select(audit_log.c.id).order_by(audit_log.c.id.desc())
+                    .offset(keep_rows).limit(1)
+                ).scalar()
+        conditions = []
+        if older_than is not None:
+            conditions.append(audit_log.c.at < older_than)
+        if cut_id is not None:
+            conditions.append(audit_log.c.id <= cut_id)
+        if not conditions:
+            return 0
+        while True:
+            with self.write() as c:
+                ids = (sa.select(audit_log.c.id).where(sa.or_(*conditions))
+                       .order_by(audit_log.c.id).limit(batch))
+                n = c.execute(audit_log.delete().where(audit_log.c.id.in_(ids))).rowcount or 0
+            removed += n
+            if n < batch:
+                return removed
 
     # -- tenants --------------------------------------------------------------------
 

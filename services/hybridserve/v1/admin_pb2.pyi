@@ -239,15 +239,17 @@ class ApplyResponse(_message.Message):
     def __init__(self, changes: _Optional[_Iterable[_Union[Change, _Mapping]]] = ..., dry_run: bool = ...) -> None: ...
 
 class ListAuditRequest(_message.Message):
-    __slots__ = ("limit", "tenant")
+    __slots__ = ("limit", "tenant", "after_id")
     LIMIT_FIELD_NUMBER: _ClassVar[int]
     TENANT_FIELD_NUMBER: _ClassVar[int]
+    AFTER_ID_FIELD_NUMBER: _ClassVar[int]
     limit: int
     tenant: str
-    def __init__(self, limit: _Optional[int] = ..., tenant: _Optional[str] = ...) -> None: ...
+    after_id: int
+    def __init__(self, limit: _Optional[int] = ..., tenant: _Optional[str] = ..., after_id: _Optional[int] = ...) -> None: ...
 
 class AuditEntry(_message.Message):
-    __slots__ = ("id", "at", "actor", "action", "target", "outcome", "detail")
+    __slots__ = ("id", "at", "actor", "action", "target", "outcome", "detail", "tenant")
     ID_FIELD_NUMBER: _ClassVar[int]
     AT_FIELD_NUMBER: _ClassVar[int]
     ACTOR_FIELD_NUMBER: _ClassVar[int]
@@ -255,6 +257,7 @@ class AuditEntry(_message.Message):
     TARGET_FIELD_NUMBER: _ClassVar[int]
     OUTCOME_FIELD_NUMBER: _ClassVar[int]
     DETAIL_FIELD_NUMBER: _ClassVar[int]
+    TENANT_FIELD_NUMBER: _ClassVar[int]
     id: int
     at: str
     actor: str
@@ -262,7 +265,8 @@ class AuditEntry(_message.Message):
     target: str
     outcome: str
     detail: str
-    def __init__(self, id: _Optional[int] = ..., at: _Optional[str] = ..., actor: _Optional[str] = ..., action: _Optional[str] = ..., target: _Optional[str] = ..., outcome: _Optional[str] = ..., detail: _Optional[str] = ...) -> None: ...
+    tenant: str
+    def __init__(self, id: _Optional[int] = ..., at: _Optional[str] = ..., actor: _Optional[str] = ..., action: _Optional[str] = ..., target: _Optional[str] = ..., outcome: _Optional[str] = ..., detail: _Optional[str] = ..., tenant: _Optional[str] = ...) -> None: ...
 
 class ListAuditResponse(_message.Message):
     __slots__ = ("entries",)

@@ -33,7 +33,10 @@ class AdminServiceStub(object):
     Errors: UNAUTHENTICATED for a missing, malformed, unknown, revoked or
     expired key (ErrorInfo reason names which); PERMISSION_DENIED for a tenant
     key; INVALID_ARGUMENT with BadRequest field violations for bad input;
-    NOT_FOUND for an unknown tenant, key or adapter.
+    NOT_FOUND for an unknown tenant, key or adapter; RESOURCE_EXHAUSTED (with
+    RetryInfo) past the per-key limit on control-plane calls
+    (tenancy.admin_calls_per_minute, tenancy.tenant_admin_calls_per_minute), which
+    every RPC takes from, refused ones included.
     """
 
     def __init__(self, channel):
@@ -122,7 +125,10 @@ class AdminServiceServicer(object):
     Errors: UNAUTHENTICATED for a missing, malformed, unknown, revoked or
     expired key (ErrorInfo reason names which); PERMISSION_DENIED for a tenant
     key; INVALID_ARGUMENT with BadRequest field violations for bad input;
-    NOT_FOUND for an unknown tenant, key or adapter.
+    NOT_FOUND for an unknown tenant, key or adapter; RESOURCE_EXHAUSTED (with
+    RetryInfo) past the per-key limit on control-plane calls
+    (tenancy.admin_calls_per_minute, tenancy.tenant_admin_calls_per_minute), which
+    every RPC takes from, refused ones included.
     """
 
     def WhoAmI(self, request, context):
@@ -221,7 +227,10 @@ class AdminServiceServicer(object):
         raise NotImplementedError('Method not implemented!')
 
     def ListAudit(self, request, context):
-        """The audit log, newest first.
+        """The audit log, newest first (or, with after_id, oldest first from an id on:
+        for exports). Entries are kept for tenancy.audit_retention_days, at most
+        tenancy.audit_max_rows of them; refused calls are sampled (one entry per key
+        and outcome per tenancy.audit_refusal_window_s, counting the others).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -316,7 +325,10 @@ class AdminService(object):
     Errors: UNAUTHENTICATED for a missing, malformed, unknown, revoked or
     expired key (ErrorInfo reason names which); PERMISSION_DENIED for a tenant
     key; INVALID_ARGUMENT with BadRequest field violations for bad input;
-    NOT_FOUND for an unknown tenant, key or adapter.
+    NOT_FOUND for an unknown tenant, key or adapter; RESOURCE_EXHAUSTED (with
+    RetryInfo) past the per-key limit on control-plane calls
+    (tenancy.admin_calls_per_minute, tenancy.tenant_admin_calls_per_minute), which
+    every RPC takes from, refused ones included.
     """
 
     @staticmethod
