@@ -291,16 +291,16 @@ class _Api:
                       timeout: float = 60) -> admin_pb2.CreateTenantResponse:
         """Creates a tenant and its knowledge space (`created` is False if it existed).
 
-        With no quota given the tenant gets the platform's default quotas
-        (`tenancy.default_quotas`); any quota given sets all three (unset ones 0 = no
-        limit)."""
+        A quota not given (None) takes the platform's default (`tenancy.default_quotas`);
+        0 is no limit."""
         req = admin_pb2.CreateTenantRequest(
             id=tenant_id, display_name=display_name, allow_base=allow_base,
             system_prompt=system_prompt)
-        if (requests_per_minute, tokens_per_minute, concurrent_streams) != (None, None, None):
-            req.quotas.CopyFrom(admin_pb2.Quotas(requests_per_minute=requests_per_minute or 0,
-                                                 tokens_per_minute=tokens_per_minute or 0,
-                                                 concurrent_streams=concurrent_streams or 0))
+        for name, value in (("requests_per_minute", requests_per_minute),
+                            ("tokens_per_minute", tokens_per_minute),
+                            ("concurrent_streams", concurrent_streams)):
+            if value is not None:
+                setattr(req.quotas, name, value)
         return self._adm("CreateTenant", req, timeout)
 
     def get_tenant(self, tenant_id: str, timeout: float = 30) -> admin_pb2.Tenant:

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
 from dataclasses import dataclass
 
@@ -52,7 +53,7 @@ class GuardLimits:
     the Ray cluster (`ServeConfig.ray_env`), which the proxy process reads."""
 
     max_keyless: int = 32
-    max_per_connection: int = 128
+    max_per_connection: int = 256
     watch_s: float = 30.0
     poll_s: float = 2.0
 
@@ -70,10 +71,13 @@ class GuardLimits:
             raw = env.get(var, "").strip()
             if raw:
                 try:
-                    values[name] = type(getattr(cls, name))(float(raw))
-                except ValueError:
-                    logger.warning("hybridserve: %s=%r is not a number; using the default",
-                                   var, raw)
+                    number = float(raw)
+                    if not math.isfinite(number) or number <= 0:
+                        raise ValueError(raw)
+                    values[name] = type(getattr(cls, name))(number)
+                except (ValueError, OverflowError):
+                    logger.warning("hybridserve: %s=%r is not a positive number; using the "
+                                   "default", var, raw)
         return cls(**values)
 
 
@@ -114,13 +118,19 @@ class ProxyGuard:
         self.per_peer: dict[str, int] = {}
 
     def enter(self, context, keyless_ok: bool) -> tuple[BaseException | None, bool, str]:
-        """Admits a call: (refusal or None, whether it counts as keyless, its peer)."""
+        """Admits a call: (refusal or None, whether it counts as keyless, its peer).
+        `keyless_ok`: a method anyone may call (health); it counts as keyless."""
         from hybridserve.errors import ResourceExhausted
 
-        problem = credential_problem(context.invocation_metadata())
-        keyless = problem is not None
-        if keyless and not keyless_ok:
-            return problem, False, ""
+        if keyless_ok:
+            # Health and reflection: counted as keyless whatever key they carry, so a
+            # made-up key cannot lift the cap.
+            keyless = True
+        else:
+            problem = credential_problem(context.invocation_metadata())
+            if problem is not None:
+                return problem, False, ""
+            keyless = False
         peer = context.peer() or ""
         if self.per_peer.get(peer, 0) >= self.limits.max_per_connection:
             return ResourceExhausted(
@@ -157,14 +167,88 @@ def _refuse(context, err) -> None:
     context.set_trailing_metadata([(STATUS_DETAILS_KEY, rich_status(err).SerializeToString())])
 
 
+class HealthCache:
+    """The last health answer per (app, service), reused for `poll_s`, with at most
+    one Check in flight per key: any number of probes and watchers cost the app's
+    replicas one short Check per `poll_s`."""
+
+    def __init__(self, poll_s: float):
+        self.poll_s = poll_s
+        self._answers: dict[tuple[str, str], tuple[float, bytes]] = {}
+        self._inflight: dict[tuple[str, str], asyncio.Future] = {}
+
+    @staticmethod
+    def key(request, context) -> tuple[str, str]:
+        app = next((v for k, v in context.invocation_metadata() or ()
+                    if k == "application"), "")
+        return str(app), str(getattr(request, "service", ""))
+
+    async def check(self, check, request, context) -> bytes | None:
+        """The serialized HealthCheckResponse, or None when the Check failed (its
+        status is then set on `context`)."""
+        import grpc
+
+        key = self.key(request, context)
+        loop = asyncio.get_running_loop()
+        cached = self._answers.get(key)
+        if cached is not None and loop.time() - cached[0] < self.poll_s:
+            context.set_code(grpc.StatusCode.OK)
+            return cached[1]
+        pending = self._inflight.get(key)
+        if pending is not None:
+            body = await asyncio.shield(pending)
+            if body is not None:
+                context.set_code(grpc.StatusCode.OK)
+                return body
+            # The shared call failed: ask for ourselves (our own status and details).
+        future = loop.create_future()
+        self._inflight[key] = future
+        body = None
+        try:
+            body = await check(request, context)
+            code = context.code()
+            if code not in (None, grpc.StatusCode.OK, 0) or not body:
+                body = None
+            else:
+                self._answers[key] = (loop.time(), body)
+                while len(self._answers) > 1024:  # apps x services: small; bound it anyway
+                    self._answers.pop(next(iter(self._answers)))
+            return body
+        finally:
+            if self._inflight.get(key) is future:
+                del self._inflight[key]
+            if not future.done():
+                future.set_result(body)
+
+
 def guarded_factory(factory, guard: ProxyGuard):
     """Wraps Serve's `service_handler_factory`: every handler it makes is admitted by
     `guard` first, and health `Watch` is answered by the proxy (see the module doc)."""
     from ray.serve._private.proxy_request_response import gRPCStreamingType
 
+    health = HealthCache(guard.limits.poll_s)
+
     def make(service_method: str, streaming_type):
         inner = factory(service_method=service_method, streaming_type=streaming_type)
         keyless_ok = service_method.startswith(HEALTH_PREFIX)
+        if service_method == HEALTH_CHECK and streaming_type == gRPCStreamingType.UNARY_UNARY:
+            async def check(request, context):
+                # Only the connection cap: a cached answer costs the proxy nothing, and
+                # a probe must get through even while watchers fill the keyless pool.
+                peer = context.peer() or ""
+                if guard.per_peer.get(peer, 0) >= guard.limits.max_per_connection:
+                    refusal, _, _ = guard.enter(context, True)
+                    if refusal is not None:
+                        _refuse(context, refusal)
+                        return b""
+                guard.per_peer[peer] = guard.per_peer.get(peer, 0) + 1
+                try:
+                    body = await health.check(inner, request, context)
+                    return body if body is not None else b""
+                finally:
+                    guard.exit(False, peer)
+
+            return check
         if streaming_type == gRPCStreamingType.UNARY_UNARY:
             async def unary(request, context):
                 refusal, keyless, peer = guard.enter(context, keyless_ok)
@@ -181,7 +265,7 @@ def guarded_factory(factory, guard: ProxyGuard):
             if service_method == HEALTH_WATCH:
                 check = factory(service_method=HEALTH_CHECK,
                                 streaming_type=gRPCStreamingType.UNARY_UNARY)
-                return _watch_handler(check, guard)
+                return _watch_handler(check, guard, health)
 
             async def stream(request, context):
                 refusal, keyless, peer = guard.enter(context, keyless_ok)
@@ -201,11 +285,11 @@ def guarded_factory(factory, guard: ProxyGuard):
     return make
 
 
-def _watch_handler(check, guard: ProxyGuard):
-    """grpc.health.v1 Watch in the proxy: one short Check on the app's replica per
-    poll, the status sent when it changes, for `watch_s`; then the stream ends with
-    OK and the client watches again."""
-    import grpc
+def _watch_handler(check, guard: ProxyGuard, health: HealthCache):
+    """grpc.health.v1 Watch in the proxy: the app's status from the shared health
+    cache every `poll_s` (one Check on a replica per poll, whatever the number of
+    watchers), sent when it changes, for `watch_s`; then the stream ends with OK and
+    the client watches again. A failed Check ends the stream with its status."""
 
     async def watch(request, context):
         refusal, keyless, peer = guard.enter(context, True)
@@ -217,10 +301,9 @@ def _watch_handler(check, guard: ProxyGuard):
             end = loop.time() + guard.limits.watch_s
             last = None
             while True:
-                body = await check(request, context)
-                code = context.code() if hasattr(context, "code") else None
-                if code not in (None, grpc.StatusCode.OK, 0):
-                    return  # the Check's error (app not found, replica gone) ends the stream
+                body = await health.check(check, request, context)
+                if body is None:
+                    return  # the Check's error (app not found, replica gone) ends it
                 if body != last:
                     yield body
                     last = body

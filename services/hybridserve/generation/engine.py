@@ -106,6 +106,11 @@ class Engine(abc.ABC):
     def render_chat(self, messages: Sequence[tuple[str, str]]) -> str:
         """Applies the model's chat template (with the generation prompt)."""
 
+    def check_json_schema(self, schema: dict[str, Any]) -> None:
+        """Raises InvalidArgument if the engine cannot constrain its output to
+        `schema` (a schema valid as JSON Schema can still be one the engine's grammar
+        compiler refuses). Called before the request is queued. Default: accepts."""
+
     @abc.abstractmethod
     async def load_adapter(self, adapter: AdapterRef) -> None:
         """Makes the adapter resident. Idempotent."""

@@ -31,6 +31,11 @@ MAX_SCHEMA_CHARS = 64 * 1024
 #: engine compiles a schema into a grammar, whose cost grows with both.
 MAX_SCHEMA_DEPTH = 32
 MAX_SCHEMA_NODES = 4096
+#: The largest count a schema may ask for (minItems, maxLength, ...): a grammar for
+#: a huge count is costly to build, and no answer within a context window needs it.
+MAX_SCHEMA_COUNT = 65536
+_COUNT_KEYWORDS = ("minItems", "maxItems", "minLength", "maxLength", "minProperties",
+                   "maxProperties", "minContains", "maxContains")
 #: The engine's own range of temperatures (vLLM's SamplingParams refuses others).
 MAX_TEMPERATURE = 2.0
 
@@ -241,6 +246,8 @@ class GenerationService:
         top_p = defaults.top_p if inp.top_p is None else inp.top_p
         stop = tuple(inp.stop)
         schema = validate_sampling(temperature, top_p, stop, inp.json_schema, inp.seed)
+        if schema is not None:
+            self.engine.check_json_schema(schema)
         return SamplingOptions(
             max_tokens=max_tokens,
             temperature=temperature,
@@ -390,6 +397,13 @@ def _check_schema_size(schema: dict) -> None:
                 field_violations=[("json_schema", f"depth <= {MAX_SCHEMA_DEPTH}, "
                                    f"values <= {MAX_SCHEMA_NODES}")])
         if isinstance(value, dict):
+            for word in _COUNT_KEYWORDS:
+                n = value.get(word)
+                if isinstance(n, (int, float)) and not isinstance(n, bool) and n > MAX_SCHEMA_COUNT:
+                    raise InvalidArgument(
+                        f"json_schema sets {word} to {n}; at most {MAX_SCHEMA_COUNT} is accepted "
+                        "(an answer cannot be that long anyway)",
+                        field_violations=[(f"json_schema.{word}", f"at most {MAX_SCHEMA_COUNT}")])
             todo.extend((v, depth + 1) for v in value.values())
         elif isinstance(value, list):
             todo.extend((v, depth + 1) for v in value)

@@ -148,6 +148,15 @@ class ResidentAdapter:
         self._on_evict(self._state)
 
 
+def _estimated_tokens(inp: GenerateInput) -> int:
+    """A token per 4 characters of the prompt (or its ids), before it is tokenized."""
+    if inp.prompt_token_ids is not None:
+        return len(inp.prompt_token_ids)
+    if inp.messages is not None:
+        return sum(-(-len(c) // 4) for _, c in inp.messages)
+    return -(-len(inp.prompt or "") // 4)
+
+
 def _input_from_proto(req: generation_pb2.GenerateRequest) -> GenerateInput:
     which = req.WhichOneof("input")
     s = req.sampling
@@ -432,6 +441,10 @@ class GenerationServicer:
         try:
             # Tokenizing, the chat template and schema checks: off the event loop
             # that AsyncLLM's output handler shares.
+            if lease is not None:
+                # An estimate until the prompt is tokenized (a cancel meanwhile pays it).
+                lease.tokens = _estimated_tokens(inp)
+
             def charge(n_prompt: int) -> None:
                 # Tokenizing is paid for, also when the prompt is then refused.
                 if lease is not None:

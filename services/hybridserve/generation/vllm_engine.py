@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
 from hybridserve.config import HybridServeConfig
-from hybridserve.errors import FailedPrecondition, HybridServeError, Unavailable
+from hybridserve.errors import FailedPrecondition, HybridServeError, InvalidArgument, Unavailable
 from hybridserve.generation.engine import AdapterRef, Delta, Engine, EngineStats, SamplingOptions
 
 logger = logging.getLogger(__name__)
@@ -55,6 +55,19 @@ def engine_error(err: BaseException) -> HybridServeError | None:
             "replaces the replica, and the other replicas serve meanwhile)",
             reason="ENGINE_DEAD", retry_after=_DEAD_RETRY_S,
         )
+    return None
+
+
+def _refused(err: BaseException) -> HybridServeError | None:
+    """INVALID_ARGUMENT for a request vLLM itself refused (its client errors and its
+    parameter checks): a backstop behind the platform's own checks, so a value they
+    missed is the client's error with vLLM's reason, never INTERNAL."""
+    try:
+        from vllm.exceptions import VLLMClientError
+    except ImportError:  # pragma: no cover - another vLLM layout
+        VLLMClientError = ()  # noqa: N806
+    if isinstance(err, (ValueError, VLLMClientError)):
+        return InvalidArgument(f"the engine refused the request: {str(err)[:300]}")
     return None
 
 
@@ -115,6 +128,10 @@ class VLLMEngine(Engine):
             # NOTE: keep stats on: vLLM's engine metrics and the scheduler
             # snapshot behind `stats()` come from them.
             disable_log_stats=False,
+            # One grammar backend, the one `check_json_schema` validates with: "auto"
+            # falls back to another backend for schemas xgrammar refuses, some of
+            # which (e.g. {"minItems": 100000000}) take that backend minutes.
+            structured_outputs_config={"backend": "xgrammar"},
         )
 
     def stat_loggers(self) -> list:
@@ -196,7 +213,7 @@ class VLLMEngine(Engine):
         try:
             return await call
         except Exception as e:
-            mapped = engine_error(e)
+            mapped = engine_error(e) or _refused(e)
             if mapped is None:
                 raise
             raise mapped from e
@@ -225,6 +242,26 @@ class VLLMEngine(Engine):
             add_generation_prompt=True,
         )
 
+    def check_json_schema(self, schema: dict) -> None:
+        """What vLLM itself checks of a JSON schema before it compiles its grammar
+        (xgrammar), so a schema it would refuse is INVALID_ARGUMENT here, never an
+        engine error."""
+        import re
+
+        from vllm.sampling_params import SamplingParams, StructuredOutputsParams
+        from vllm.v1.structured_output.backend_xgrammar import validate_xgrammar_grammar
+
+        try:
+            validate_xgrammar_grammar(SamplingParams(
+                max_tokens=1, structured_outputs=StructuredOutputsParams(json=schema)))
+        except Exception as e:  # noqa: BLE001 - any refusal is the schema's fault
+            # xgrammar prefixes its messages with a time and a source location.
+            why = re.sub(r"\[\d\d:\d\d:\d\d\] \S+:\d+: ", "", str(e)).strip()
+            raise InvalidArgument(
+                f"json_schema cannot constrain the output: {why[:300]}",
+                field_violations=[("json_schema", "a schema the engine's grammar supports")],
+            ) from None
+
     def _lora_request(self, adapter: AdapterRef):
         from vllm.lora.request import LoRARequest
 
@@ -252,22 +289,12 @@ class VLLMEngine(Engine):
         cache_salt: str | None = None,
     ) -> AsyncIterator[Delta]:
         from vllm.inputs import TokensPrompt
-        from vllm.sampling_params import RequestOutputKind, SamplingParams, StructuredOutputsParams
 
         llm = self._require()
-        params = SamplingParams(
-            max_tokens=options.max_tokens,
-            temperature=options.temperature,
-            top_p=options.top_p,
-            stop=list(options.stop) or None,
-            seed=options.seed,
-            output_kind=RequestOutputKind.DELTA,
-            structured_outputs=(
-                StructuredOutputsParams(json=options.json_schema)
-                if options.json_schema is not None
-                else None
-            ),
-        )
+        try:
+            params = self._params(options)
+        except Exception as e:
+            raise (_refused(e) or e) from None
         lora = self._lora_request(adapter) if adapter is not None else None
         n_prompt = len(prompt_token_ids)
         n_out = 0
@@ -306,10 +333,28 @@ class VLLMEngine(Engine):
                 self._aborted.append(request_id)
             raise
         except Exception as e:
-            mapped = engine_error(e)
+            mapped = engine_error(e) or _refused(e)
             if mapped is None:
                 raise
             raise mapped from e
+
+    @staticmethod
+    def _params(options: SamplingOptions):
+        from vllm.sampling_params import RequestOutputKind, SamplingParams, StructuredOutputsParams
+
+        return SamplingParams(
+            max_tokens=options.max_tokens,
+            temperature=options.temperature,
+            top_p=options.top_p,
+            stop=list(options.stop) or None,
+            seed=options.seed,
+            output_kind=RequestOutputKind.DELTA,
+            structured_outputs=(
+                StructuredOutputsParams(json=options.json_schema)
+                if options.json_schema is not None
+                else None
+            ),
+        )
 
     def reset_running_peak(self) -> None:
         self._running_max = 0

@@ -66,7 +66,9 @@ class RerankServicer:
     async def Rerank(self, request, grpc_context: Any = None):
         principal = await self.tenancy.authenticate(grpc_context)
         async with self.tenancy.admit(principal) as lease:
-            lease.tokens = rerank_units(request.query, request.passages)
+            if len(request.passages) <= self.service.cfg.max_passages:
+                # (More is refused below, before any scoring: no need to count it.)
+                lease.tokens = rerank_units(request.query, request.passages)
             ranked = await self.rerank(
                 RerankInput(request.query, tuple(request.passages), request.top_n)
             )

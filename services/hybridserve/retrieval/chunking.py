@@ -54,6 +54,10 @@ def chunk_text(tokenizer: Any, text: str, size: int, overlap: int) -> list[str]:
 def chunk_text_counted(tokenizer: Any, text: str, size: int,
                        overlap: int) -> tuple[list[str], int]:
     """The chunk texts of `text` and the tokens they hold in all (what embedding them
-    costs: overlapping tokens count once per chunk)."""
+    costs: overlapping tokens count once per chunk, and a chunk counts at least one
+    token per 4 characters)."""
     windows = chunk_windows(tokenizer, text, size, overlap)
-    return [text[a:b] for a, b, _ in windows], sum(n for _, _, n in windows)
+    # NOTE: at least a token per 4 characters: text the tokenizer turns into no
+    # tokens (zero-width characters) still costs the embedder its characters.
+    return ([text[a:b] for a, b, _ in windows],
+            sum(max(n, -(-(b - a) // 4)) for a, b, n in windows))

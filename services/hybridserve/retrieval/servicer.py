@@ -196,8 +196,11 @@ class RetrievalServicer:
         ]
         guard = await self._incarnation_guard(principal, tenant)
         async with self.tenancy.admit(principal) as lease:
+            # Embedding is the shared embedder's compute, charged in tokens: an
+            # estimate first (a token per 4 characters), so an Upsert that is cancelled
+            # or fails half-way is paid for too; then what was really embedded.
+            lease.tokens = sum(-(-len(d.text) // 4) for d in docs)
             result = await self.service.upsert(tenant, docs, still_current=guard)
-            # Embedding is the shared embedder's compute: charged in tokens.
             lease.tokens = result.embedded_tokens
         if result.failures:
             logger.warning(

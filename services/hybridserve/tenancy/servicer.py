@@ -123,10 +123,11 @@ class AdminServicer:
     @grpc_unary
     async def CreateTenant(self, request, grpc_context: Any = None):
         p = await self._caller(grpc_context, "CreateTenant")
-        q = request.quotas
-        # Unset quotas are the platform's defaults: "no limit" must be asked for.
-        quotas = (Quotas(q.requests_per_minute, q.tokens_per_minute, q.concurrent_streams)
-                  if request.HasField("quotas") else self.admin.default_quotas)
+        q, d = request.quotas, self.admin.default_quotas
+        # Unset quotas are the platform's defaults: "no limit" (0) must be asked for.
+        quotas = Quotas(*(getattr(q, f) if q.HasField(f) else getattr(d, f)
+                          for f in ("requests_per_minute", "tokens_per_minute",
+                                    "concurrent_streams")))
         tenant, created = await self.admin.create_tenant(p, Tenant(
             id=request.id, display_name=request.display_name, allow_base=request.allow_base,
             system_prompt=request.system_prompt, quotas=quotas,

@@ -11,7 +11,8 @@
 
 Each listed tenant is made to match the file exactly: a field left out takes its
 default (no display name, no base model, no system prompt, the platform's default
-quotas `tenancy.default_quotas`, no adapters), and grants not listed are removed.
+quotas `tenancy.default_quotas` for each quota left out, no adapters), and grants not
+listed are removed.
 Write `quotas: {requests_per_minute: 0, tokens_per_minute: 0, concurrent_streams: 0}`
 for a tenant without limits. Tenants that are not in the file
 are left alone. Keys never appear in the file.
@@ -46,9 +47,11 @@ class _Strict(BaseModel):
 
 
 class QuotasSpec(_Strict):
-    requests_per_minute: int = Field(0, ge=0, le=MAX_QUOTA)
-    tokens_per_minute: int = Field(0, ge=0, le=MAX_QUOTA)
-    concurrent_streams: int = Field(0, ge=0, le=MAX_QUOTA)
+    """A tenant's quotas; a field left out takes the platform's default (0: no limit)."""
+
+    requests_per_minute: int | None = Field(None, ge=0, le=MAX_QUOTA)
+    tokens_per_minute: int | None = Field(None, ge=0, le=MAX_QUOTA)
+    concurrent_streams: int | None = Field(None, ge=0, le=MAX_QUOTA)
 
 
 class TenantSpec(_Strict):
@@ -62,12 +65,15 @@ class TenantSpec(_Strict):
     quotas: QuotasSpec | None = None
 
     def to_tenant(self, default_quotas: Quotas = Quotas()) -> Tenant:
-        q = self.quotas or default_quotas
+        q, d = self.quotas or QuotasSpec(), default_quotas
         return Tenant(
             id=self.id, display_name=self.display_name, allow_base=self.allow_base,
             adapters=tuple(sorted(set(self.adapters))), default_adapter=self.default_adapter,
             system_prompt=self.system_prompt,
-            quotas=Quotas(q.requests_per_minute, q.tokens_per_minute, q.concurrent_streams),
+            quotas=Quotas(*(d_ if q_ is None else q_ for q_, d_ in (
+                (q.requests_per_minute, d.requests_per_minute),
+                (q.tokens_per_minute, d.tokens_per_minute),
+                (q.concurrent_streams, d.concurrent_streams)))),
         )
 
 
