@@ -94,6 +94,10 @@ def test_keyless_calls_are_refused_at_the_proxy(platform):
             err = from_rpc_error(e.value)
             assert err.code() == grpc.StatusCode.UNAUTHENTICATED
             assert err.reason in ("API_KEY_MISSING", "API_KEY_MALFORMED")
+            # Serve names every request it routes (`request_id` in the trailers): the
+            # refusal came from the proxy's guard, before any routing.
+            trailers = dict(e.value.trailing_metadata() or ())
+            assert "request_id" not in trailers, trailers
 
 
 def test_an_oversized_message_is_refused_before_it_is_buffered(platform):
@@ -151,6 +155,22 @@ def test_values_the_engine_refuses_are_invalid_argument_not_internal(platform, s
     assert field in e.value.message
 
 
+@pytest.mark.parametrize("schema", [
+    '{"type": "string", "minLength": 5, "maxLength": 2}',   # valid JSON Schema, no grammar
+    '{"type": "string", "pattern": "(?<=a)b"}',              # a regex the engine cannot compile
+    '{"type": "array", "minItems": 100000000}',              # minutes of grammar building
+])
+def test_schemas_the_engine_cannot_use_are_invalid_argument(platform, schema):
+    """Before: these passed jsonschema's check and failed inside vLLM (INTERNAL), or
+    made its fallback grammar backend work for minutes on the replica's one
+    preparation thread."""
+    with HybridServeClient(platform.address, application=MAIN_APP,
+                           api_key=platform.admin_key) as c:
+        with pytest.raises(InvalidArgumentError) as e:
+            c.generate("hello", max_tokens=2, json_schema=schema)
+    assert "json_schema" in e.value.message
+
+
 def test_seeds_the_engine_accepts_work(platform):
     with HybridServeClient(platform.address, application=MAIN_APP,
                            api_key=platform.admin_key) as c:
@@ -198,10 +218,15 @@ def test_an_ask_with_an_invalid_schema_costs_a_request(platform):
 
 
 def test_a_new_tenant_gets_the_default_quotas(platform):
-    """Before: a tenant created without quotas was unlimited."""
+    """Before: a tenant created without quotas was unlimited, and one created with
+    one quota had no limit on the others."""
     tenant, _ = _tenant(platform)
+    partial, _ = _tenant(platform, requests_per_minute=60)
     with HybridServeClient(platform.address, api_key=platform.admin_key) as admin:
         q = admin.get_tenant(tenant).quotas
+        p = admin.get_tenant(partial).quotas
     d = platform.main.tenancy.default_quotas
     assert (q.requests_per_minute, q.tokens_per_minute, q.concurrent_streams) == (
         d.requests_per_minute, d.tokens_per_minute, d.concurrent_streams) != (0, 0, 0)
+    assert (p.requests_per_minute, p.tokens_per_minute, p.concurrent_streams) == (
+        60, d.tokens_per_minute, d.concurrent_streams)
