@@ -31,7 +31,6 @@ import asyncio
 import json
 import statistics
 import sys
-import threading
 import time
 import uuid
 from pathlib import Path
@@ -108,76 +107,86 @@ def _proxy_rss() -> int:
     return total
 
 
-def bench_keyless(address: str, admin_key: str, app: str, rounds: int, calls: int,
-                  watchers: int, message_bytes: int) -> dict:
-    """A tenant's Generate latency idle vs under a keyless attack, and the proxy's RSS."""
+def _attack(address: str, app: str, watchers: int, message_bytes: int, stop, out) -> None:
+    """The keyless attacker, in a process of its own (its CPU and GIL are not the
+    measuring client's): holds `watchers` health Watch streams and sends oversized
+    Upserts in a loop until `stop` is set; puts its outcome counts on `out`."""
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
-    from hybridserve.client import HybridServeClient
     from hybridserve.v1 import retrieval_pb2, retrieval_pb2_grpc
+
+    counts = {"watch_refused": 0, "watch_open": 0, "oversized_refused": 0, "other": 0}
+
+    async def run():
+        async with grpc.aio.insecure_channel(address) as ch:
+            stub = health_pb2_grpc.HealthStub(ch)
+            calls = [stub.Watch(health_pb2.HealthCheckRequest(), metadata=[("application", app)])
+                     for _ in range(watchers)]
+
+            async def hold(call):
+                try:
+                    async for _ in call:
+                        counts["watch_open"] += 1
+                        return
+                except grpc.aio.AioRpcError as e:
+                    counts["watch_refused" if e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+                           else "other"] += 1
+
+            await asyncio.gather(*(hold(c) for c in calls))
+            up = retrieval_pb2_grpc.RetrievalServiceStub(ch)
+            big = retrieval_pb2.UpsertRequest(tenant="x", documents=[
+                retrieval_pb2.Document(id="big", text="x" * message_bytes)])
+            while not stop.is_set():
+                try:
+                    await up.Upsert(big, metadata=[("application", "retrieval")], timeout=30)
+                except grpc.aio.AioRpcError as e:
+                    counts["oversized_refused" if e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+                           else "other"] += 1
+            for c in calls:
+                c.cancel()
+
+    asyncio.run(run())
+    out.put(counts)
+
+
+def bench_keyless(address: str, admin_key: str, app: str, rounds: int, calls: int,
+                  watchers: int, message_bytes: int) -> dict:
+    """A tenant's Generate latency idle vs under a keyless attack (another process),
+    and the proxy's RSS."""
+    import multiprocessing
+
+    from hybridserve.client import HybridServeClient
 
     tag = uuid.uuid4().hex[:6]
     with HybridServeClient(address, api_key=admin_key) as admin:
         key = _tenant_key(admin, f"iso-k-{tag}")
-    stop = threading.Event()
+    ctx = multiprocessing.get_context("spawn")
     outcomes = {"watch_refused": 0, "watch_open": 0, "oversized_refused": 0, "other": 0}
     rss = {"before": _proxy_rss(), "peak": 0}
-
-    def attacker():
-        async def run():
-            async with grpc.aio.insecure_channel(address) as ch:
-                stub = health_pb2_grpc.HealthStub(ch)
-                calls_ = [stub.Watch(health_pb2.HealthCheckRequest(),
-                                     metadata=[("application", app)]) for _ in range(watchers)]
-
-                async def hold(call):
-                    try:
-                        async for _ in call:
-                            outcomes["watch_open"] += 1
-                            await asyncio.to_thread(stop.wait)
-                            return
-                    except grpc.aio.AioRpcError as e:
-                        key_ = ("watch_refused" if e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-                                else "other")
-                        outcomes[key_] += 1
-
-                held = [asyncio.ensure_future(hold(c)) for c in calls_]
-                up = retrieval_pb2_grpc.RetrievalServiceStub(ch)
-                big = retrieval_pb2.UpsertRequest(tenant="x", documents=[
-                    retrieval_pb2.Document(id="big", text="x" * message_bytes)])
-                while not stop.is_set():
-                    try:
-                        await up.Upsert(big, metadata=[("application", "retrieval")], timeout=30)
-                    except grpc.aio.AioRpcError as e:
-                        key_ = ("oversized_refused"
-                                if e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED else "other")
-                        outcomes[key_] += 1
-                    rss["peak"] = max(rss["peak"], _proxy_rss())
-                for c in calls_:
-                    c.cancel()
-                await asyncio.gather(*held, return_exceptions=True)
-
-        asyncio.run(run())
-
     idle, attacked = [], []
     with HybridServeClient(address, api_key=key, application=app) as c:
         c.generate("warm up", max_tokens=2, temperature=0.0)
         for r in range(rounds):
             for side in (("idle", "attacked") if r % 2 == 0 else ("attacked", "idle")):
-                t = None
+                proc = stop = queue = None
                 if side == "attacked":
-                    stop.clear()
-                    t = threading.Thread(target=attacker, daemon=True)
-                    t.start()
-                    time.sleep(1.0)  # the watchers are open
+                    stop, queue = ctx.Event(), ctx.Queue()
+                    proc = ctx.Process(target=_attack, args=(address, app, watchers,
+                                                             message_bytes, stop, queue))
+                    proc.start()
+                    time.sleep(3.0)  # the watchers are open, the upserts flowing
                 out = idle if side == "idle" else attacked
                 for _ in range(calls):
                     t0 = time.perf_counter()
                     c.generate("hello there, how are you?", max_tokens=8, temperature=0.0)
                     out.append((time.perf_counter() - t0) * 1e3)
-                if t is not None:
+                    if proc is not None:
+                        rss["peak"] = max(rss["peak"], _proxy_rss())
+                if proc is not None:
                     stop.set()
-                    t.join(timeout=60)
+                    for k, v in queue.get(timeout=120).items():
+                        outcomes[k] += v
+                    proc.join(timeout=60)
     rss["after"] = _proxy_rss()
     return {
         "rounds": rounds, "calls_per_side": calls, "watchers": watchers,
