@@ -78,6 +78,7 @@ def build() -> dict:
                 "idleTimeoutSeconds": INT0,
                 "terminationGracePeriodSeconds": {"type": "integer", "minimum": 30},
                 "adapterCacheSize": SIZE,
+                "tokenAuth": BOOL, "mtls": BOOL, "readOnlyRootFilesystem": BOOL,
                 "head": obj({"resources": RESOURCES, "numCpus": INT0}),
                 "cpuWorkers": obj(workers),
                 "gpuWorkers": obj({
@@ -93,7 +94,9 @@ def build() -> dict:
             "storage": obj({"size": SIZE, "storageClass": STR, "existingClaim": DNS_NAME}),
             "weaviate": obj({
                 "enabled": BOOL,
-                "externalUrl": {"type": "string", "pattern": r"^(https?://.+)?$"},
+                # No credentials in the URL: it travels in the Serve config.
+                "externalUrl": {"type": "string", "pattern": r"^(https?://[^@/]+(/.*)?)?$"},
+                "existingSecret": DNS_NAME,
                 "image": IMAGE_REF, "storageSize": SIZE, "storageClass": STR,
                 "resources": RESOURCES,
             }),
@@ -104,6 +107,7 @@ def build() -> dict:
             "redis": obj({
                 "enabled": BOOL,
                 "externalUrl": {"type": "string", "pattern": r"^((redis|rediss|unix)://.+)?$"},
+                "existingSecret": DNS_NAME,
                 "image": IMAGE_REF, "resources": RESOURCES,
             }),
             "admin": obj({
@@ -130,6 +134,12 @@ def build() -> dict:
                 "enabled": BOOL,
                 "metricsFrom": {"type": "object", "additionalProperties": STR},
                 "operatorFrom": {"type": "object", "additionalProperties": STR, "minProperties": 1},
+                "dnsTo": {"type": "array", "minItems": 1, "items": {"type": "object"}},
+                "apiServerCidrs": {"type": "array", "items": {
+                    "type": "string", "pattern": r"^[0-9a-fA-F:.]+/[0-9]{1,3}$"}},
+                "apiServerPorts": {"type": "array", "minItems": 1, "items": {
+                    "type": "integer", "minimum": 1, "maximum": 65535}},
+                "extraEgress": {"type": "array", "items": {"type": "object"}},
             }),
             "podDisruptionBudget": obj({"enabled": BOOL}),
         }, ["image", "config", "ray", "admin"]),

@@ -111,7 +111,7 @@ fi
 # projects' Go modules: KubeRay's RayService and the Prometheus Operator's
 # PodMonitor/ServiceMonitor/PrometheusRule (the tests prefer ../shared/ when it
 # holds newer copies).
-KUBERAY_VERSION=v1.5.0
+KUBERAY_VERSION=v1.5.1   # the first with Ray token authentication (authOptions)
 PROMETHEUS_OPERATOR_VERSION=v0.93.0
 CRDS="$CACHE/crds"
 stamp="$KUBERAY_VERSION $PROMETHEUS_OPERATOR_VERSION"

@@ -325,7 +325,9 @@ def admin_deployment(config: HybridServeConfig):
         name="AdminService",
         num_replicas=1,
         **queue_options(config),
-        ray_actor_options={"num_cpus": 0},
+        # On Kubernetes: only the head pod offers these, and only it holds the admin key.
+        ray_actor_options={"num_cpus": 0, **({"resources": dict(config.serve.admin_resources)}
+                                             if config.serve.admin_resources else {})},
     )
 
 

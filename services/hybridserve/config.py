@@ -280,6 +280,11 @@ class ServeConfig(_Strict):
     accelerator_type: str | None = Field(
         None, description="Ray accelerator type the generation replicas need (e.g. L4, A10G, "
         "H100; see ray.util.accelerators). Unset: any GPU.")
+    admin_resources: dict[str, float] = Field(
+        default_factory=dict, description="Custom Ray resources the control plane's replica "
+        "(AdminService) asks for, so that it runs only on the Ray nodes that offer them. The "
+        "Helm chart sets `{hybridserve_admin: 0.01}` and offers that resource on the head pod "
+        "only, the one Ray pod that holds the admin key. Empty: any node.")
     graceful_shutdown_s: float = Field(
         30.0, gt=0, description="How long a replica that is being stopped (scale-down, "
         "upgrade) keeps serving its open streams before it is killed.")
@@ -323,7 +328,15 @@ class WeaviateConfig(_Strict):
     grpc_host: str | None = Field(
         None, description="Host of Weaviate's gRPC endpoint when it differs from the URL's host."
     )
-    api_key: str | None = Field(None, description="API key for an external Weaviate.")
+    api_key: str | None = Field(
+        None, description="API key for Weaviate. Prefer `api_key_env`: a key here travels in "
+        "the Serve config (on Kubernetes the RayService shows it).")
+    api_key_env: str = Field(
+        "HYBRIDSERVE_WEAVIATE_API_KEY",
+        description="Environment variable that may hold Weaviate's API key instead (e.g. from "
+        "a Kubernetes Secret, so the key is not in the Serve config); used when `api_key` is "
+        "unset.",
+    )
     http_port: int = Field(
         constants.DEFAULT_WEAVIATE_HTTP_PORT,
         ge=1,
@@ -350,6 +363,11 @@ class WeaviateConfig(_Strict):
     write_timeout_s: float = Field(
         60, gt=0, description="Deadline for one batch write; past it: DEADLINE_EXCEEDED."
     )
+
+    @property
+    def resolved_api_key(self) -> str | None:
+        """`api_key`, else `$api_key_env`, else None (anonymous)."""
+        return self.api_key or _env(self.api_key_env)
 
     @field_validator("url")
     @classmethod

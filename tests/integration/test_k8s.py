@@ -169,10 +169,9 @@ def test_chart_renders_what_serve_config_prints(kube, scenario, tmp_path):
         config["weaviate"] = {"url": "http://hs-hybridserve-weaviate:8080", **config["weaviate"]}
     else:
         config["weaviate"] = {**config.get("weaviate", {}), "url": values["weaviate"]["externalUrl"]}
-    redis = ("redis://hs-hybridserve-redis:6379/0" if values["redis"]["enabled"]
-             else values["redis"]["externalUrl"])
-    if redis:
-        config["tenancy"] = {"redis_url": redis, **config.get("tenancy", {})}
+    # The control plane runs on the head, the one Ray pod with the admin key. (Redis's
+    # URL is no part of it: it reaches the pods from a Secret.)
+    config["serve"] = {"admin_resources": {"hybridserve_admin": 0.01}, **config["serve"]}
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
     printed = subprocess.run(
         [sys.executable, "-m", "hybridserve.cli", "--config", str(tmp_path / "config.yaml"),
@@ -244,6 +243,340 @@ def test_dashboards_and_rules_in_the_chart_are_deploys(kube):
     assert "HybridServeAdapterReconcileFailing" in names
     monitors = {m["metadata"]["name"] for m in _find(docs, "PodMonitor")}
     assert monitors == {"hs-hybridserve-ray", "hs-hybridserve-controller"}
+
+
+# -- hardening: credentials, pod security, the admin key, network policies -----------------
+
+#: Values that carry every kind of credential the chart handles.
+CREDENTIALS = ["--set", f"admin.key={ADMIN_KEY}",
+               "--set", "redis.enabled=false",
+               "--set", "redis.externalUrl=rediss://:redis-Secret-42@quota.example.internal:6380/0",
+               "--set", "networkPolicy.enabled=false"]
+
+
+def _secret_values(docs: list[dict]) -> set[str]:
+    out = set()
+    for d in _find(docs, "Secret"):
+        out |= {str(v) for v in (d.get("stringData") or {}).values()}
+        out |= {base64.b64decode(v).decode() for v in (d.get("data") or {}).values()}
+    return {v for v in out if len(v) >= 8}
+
+
+@pytest.mark.parametrize("extra", [[], CREDENTIALS], ids=["defaults", "external-redis"])
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_no_credential_in_the_serve_config(kube, scenario, extra):
+    """The RayService (and so its serveConfigV2) is readable by whoever may read the
+    namespace's custom resources: no key, password or URL with credentials in it."""
+    docs = _render(kube, scenario, *extra)
+    serve_config = _find(docs, "RayService")[0]["spec"]["serveConfigV2"]
+    secrets = _secret_values(docs) | {ADMIN_KEY, "redis-Secret-42"}
+    if scenario != "external-services":  # there, every credential is the user's own Secret
+        assert _secret_values(docs)
+    for value in secrets:
+        assert value not in serve_config, f"a Secret's value is in serveConfigV2: {value[:6]}..."
+    assert not re.search(r"[a-z]+://[^/\s]*@", serve_config), "a URL with credentials"
+    # The Ray pods get them from the Secrets instead.
+    ray = _find(docs, "RayService")[0]["spec"]["rayClusterConfig"]
+    env = {e["name"]: e for e in ray["headGroupSpec"]["template"]["spec"]["containers"][0]["env"]}
+    assert "secretKeyRef" in env["HYBRIDSERVE_DATABASE_URL"]["valueFrom"]
+    if "redis.enabled=false" not in extra and "external" not in scenario:
+        assert env["HYBRIDSERVE_REDIS_URL"]["valueFrom"]["secretKeyRef"]["name"] == "hs-hybridserve-redis"
+        assert env["HYBRIDSERVE_WEAVIATE_API_KEY"]["valueFrom"]["secretKeyRef"]["name"] == \
+            "hs-hybridserve-weaviate"
+
+
+@pytest.mark.parametrize("setting,needle", [
+    ("config.weaviate.api_key=abc", "weaviate.existingSecret"),
+    ("config.tenancy.database_url=postgresql://u:p@db/x", "postgresql.externalSecret"),
+    ("config.tenancy.redis_url=redis://:pw@r:6379/0", "redis.existingSecret"),
+])
+def test_credentials_in_the_config_are_refused(kube, setting, needle):
+    out = kube.helm("template", "hs", str(CHART), "-f", str(_values("minimal-cpu")), "--set",
+                    setting, check=False)
+    assert out.returncode != 0 and needle in out.stderr, out.stderr
+
+
+def _pod_specs(docs: list[dict]) -> dict[str, dict]:
+    """Every pod template the chart renders, by a readable name."""
+    out = {}
+    for d in docs:
+        name = f"{d['kind']}/{d['metadata']['name']}"
+        if d["kind"] in ("Deployment", "StatefulSet", "Job"):
+            out[name] = d["spec"]["template"]["spec"]
+        elif d["kind"] == "RayService":
+            cluster = d["spec"]["rayClusterConfig"]
+            out[f"{name}/head"] = cluster["headGroupSpec"]["template"]["spec"]
+            for g in cluster.get("workerGroupSpecs", []):
+                out[f"{name}/{g['groupName']}"] = g["template"]["spec"]
+    return out
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_every_pod_and_container_runs_restricted(kube, scenario):
+    """runAsNonRoot, no privilege escalation, every capability dropped, RuntimeDefault
+    seccomp and a read-only root filesystem, on every pod and container (KubeRay's
+    autoscaler sidecar included); writable paths are emptyDirs."""
+    docs = _render(kube, scenario, "--set", "tenants.enabled=true", "--set",
+                   "controller.enabled=true", "--set", "ray.autoscaling=true",
+                   "--set-json", 'tenants.file={"tenants": [{"id": "a"}]}')
+    pods = _pod_specs(docs)
+    assert len(pods) >= (4 if scenario == "external-services" else 7), sorted(pods)
+    for name, pod in pods.items():
+        sc = pod.get("securityContext") or {}
+        assert sc.get("runAsNonRoot") is True and sc.get("runAsUser", 0) > 0, name
+        assert sc.get("seccompProfile") == {"type": "RuntimeDefault"}, name
+        for c in pod["containers"] + pod.get("initContainers", []):
+            csc = c.get("securityContext") or {}
+            assert csc.get("allowPrivilegeEscalation") is False, (name, c["name"])
+            assert csc.get("capabilities", {}).get("drop") == ["ALL"], (name, c["name"])
+            assert csc.get("readOnlyRootFilesystem") is True, (name, c["name"])
+            assert csc.get("runAsNonRoot") is True, (name, c["name"])
+            mounts = {m["mountPath"] for m in c.get("volumeMounts", [])}
+            assert "/tmp" in mounts or c["name"] == "redis", (name, c["name"])
+    autoscaler = _find(docs, "RayService")[0]["spec"]["rayClusterConfig"]["autoscalerOptions"]
+    assert autoscaler["securityContext"]["allowPrivilegeEscalation"] is False
+    assert autoscaler["securityContext"]["capabilities"] == {"drop": ["ALL"]}
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_the_admin_key_is_only_where_it_is_used(kube, scenario):
+    """Only the head pod holds the admin key, and only the head offers the Ray resource
+    that the control plane's replica asks for (so it runs there, and nowhere else)."""
+    from hybridserve.app import admin_app, generation_app
+
+    docs = _render(kube, scenario, "--set", "tenants.enabled=true",
+                   "--set-json", 'tenants.file={"tenants": [{"id": "a"}]}')
+    admin_secret = "hs-hybridserve-admin" if scenario == "minimal-cpu" else "hybridserve-admin"
+
+    def holds_key(pod):
+        return any((e.get("valueFrom") or {}).get("secretKeyRef", {}).get("name") == admin_secret
+                   for c in pod["containers"] for e in c.get("env", []))
+
+    holders = {name for name, pod in _pod_specs(docs).items() if holds_key(pod)}
+    assert holders == ({"RayService/hs-hybridserve/head", "Job/hs-hybridserve-tenants"}
+                       | ({"Deployment/hs-hybridserve-controller"}
+                          if scenario != "minimal-cpu" else set())), holders
+    spec = _find(docs, "RayService")[0]["spec"]
+    cluster = spec["rayClusterConfig"]
+    offered = {"head": cluster["headGroupSpec"]["rayStartParams"].get("resources", "")}
+    offered |= {g["groupName"]: g["rayStartParams"].get("resources", "")
+                for g in cluster["workerGroupSpecs"]}
+    assert "hybridserve_admin" in yaml.safe_load(yaml.safe_load(offered.pop("head")))
+    assert not any("hybridserve_admin" in v for v in offered.values()), offered
+    apps = {a["name"]: a for a in yaml.safe_load(spec["serveConfigV2"])["applications"]}
+    admin = admin_app(apps["admin"]["args"])._bound_deployment
+    assert admin.ray_actor_options["resources"] == {"hybridserve_admin": 0.01}
+    assert admin.ray_actor_options["num_cpus"] == 0  # fits on the head (numCpus 0)
+    other = generation_app(apps["generation"]["args"])._bound_deployment
+    assert "hybridserve_admin" not in (other.ray_actor_options.get("resources") or {})
+
+
+def _selects(selector: dict, labels: dict) -> bool:
+    return all(labels.get(k) == v for k, v in (selector.get("matchLabels") or {}).items())
+
+
+def _egress_allowed(policies: list[dict], src: dict, dst: dict | None, port: int,
+                    namespace_labels: dict | None = None) -> bool:
+    """NetworkPolicy egress semantics (matchLabels, ports, ipBlock): may a pod with labels
+    `src` reach a pod with labels `dst` in the release's namespace (None: an address
+    outside the cluster) on `port`? Pods no Egress policy selects are unrestricted."""
+    chosen = [p for p in policies if "Egress" in p["spec"].get("policyTypes", [])
+              and _selects(p["spec"]["podSelector"], src)]
+    if not chosen:
+        return True
+    for p in chosen:
+        for rule in p["spec"].get("egress") or []:
+            ports = [x["port"] for x in rule.get("ports") or []]
+            if ports and port not in ports:
+                continue
+            peers = rule.get("to")
+            if not peers:
+                return True
+            for peer in peers:
+                if "ipBlock" in peer:
+                    if dst is None:
+                        return True
+                    continue
+                if "namespaceSelector" in peer:
+                    if namespace_labels is None or not _selects(peer["namespaceSelector"],
+                                                                namespace_labels):
+                        continue
+                elif dst is None:
+                    continue
+                if dst is not None and _selects(peer.get("podSelector") or {}, dst):
+                    return True
+    return False
+
+
+def test_egress_is_denied_but_for_what_each_pod_uses(kube):
+    """Default-deny egress for every pod of the release, then exactly what each one uses:
+    a pod that is taken over cannot reach the stores it has no business with, nor the
+    world."""
+    docs = _render(kube, "monitoring", "--set", "tenants.enabled=true", "--set-json",
+                   'tenants.file={"tenants": [{"id": "a"}]}')
+    policies = _find(docs, "NetworkPolicy")
+    pods = {name: {**pod_labels, **extra} for name, pod_labels, extra in [
+        (n, t["metadata"]["labels"], {})
+        for n, t in [(f"{d['kind']}/{d['metadata']['name']}", d["spec"]["template"])
+                     for d in docs if d["kind"] in ("Deployment", "StatefulSet", "Job")]]}
+    ray = _find(docs, "RayService")[0]["spec"]["rayClusterConfig"]
+    pods["head"] = {**ray["headGroupSpec"]["template"]["metadata"]["labels"], "ray.io/node-type": "head"}
+    pods["worker"] = {**ray["workerGroupSpecs"][0]["template"]["metadata"]["labels"],
+                      "ray.io/node-type": "worker"}
+    by = {name.split("-")[-1] if "/" in name else name: labels for name, labels in pods.items()}
+    assert set(by) >= {"head", "worker", "weaviate", "postgresql", "redis", "controller", "tenants"}
+    dns = {"kubernetes.io/metadata.name": "kube-system"}
+    kube_dns = {"k8s-app": "kube-dns"}
+    allowed = {
+        ("worker", "postgresql", 5432), ("worker", "redis", 6379), ("worker", "weaviate", 8080),
+        ("worker", "weaviate", 50051), ("worker", "head", 6379), ("head", "worker", 10002),
+        ("head", "postgresql", 5432), ("controller", "worker", 9000), ("tenants", "head", 9000),
+    }
+    denied = {
+        ("controller", "postgresql", 5432), ("controller", "redis", 6379),
+        ("controller", "head", 8265), ("tenants", "postgresql", 5432),
+        ("tenants", "weaviate", 8080), ("weaviate", "postgresql", 5432),
+        ("weaviate", "head", 9000), ("redis", "postgresql", 5432), ("postgresql", "head", 6379),
+    }
+    for src, dst, port in allowed:
+        assert _egress_allowed(policies, by[src], by[dst], port), (src, dst, port)
+    for src, dst, port in denied:
+        assert not _egress_allowed(policies, by[src], by[dst], port), (src, dst, port)
+    for name, labels in by.items():
+        # Every pod resolves names, and none reaches the world...
+        assert _egress_allowed(policies, labels, kube_dns, 53, dns), name
+        assert not _egress_allowed(policies, labels, None, 80), name
+        # ...but the two that talk to the Kubernetes API.
+        assert _egress_allowed(policies, labels, None, 443) == (name in ("controller", "head")), name
+    # Ingress: the stores take connections from the Ray pods only.
+    for store, port in (("postgresql", 5432), ("redis", 6379), ("weaviate", 8080)):
+        pol = next(p for p in policies if p["metadata"]["name"] == f"hs-hybridserve-{store}")
+        peers = [peer for rule in pol["spec"]["ingress"] for peer in rule["from"]]
+        assert all(_selects(peer["podSelector"], by["worker"]) for peer in peers)
+        assert not any(_selects(peer["podSelector"], by["controller"]) for peer in peers)
+
+
+def test_ray_requires_its_token_and_mtls_is_a_switch(kube):
+    spec = _find(_render(kube, "minimal-cpu"), "RayService")[0]["spec"]["rayClusterConfig"]
+    assert spec["authOptions"] == {"mode": "token"}
+    assert "tlsOptions" not in spec
+    spec = _find(_render(kube, "minimal-cpu", "--set", "ray.tokenAuth=false", "--set",
+                         "ray.mtls=true"), "RayService")[0]["spec"]["rayClusterConfig"]
+    assert "authOptions" not in spec and spec["tlsOptions"] == {"enabled": True}
+
+
+def _rendered_secret(docs, name: str) -> dict[str, str]:
+    found = [d for d in _find(docs, "Secret") if d["metadata"]["name"] == name]
+    return {k: str(v) for k, v in found[0]["stringData"].items()} if found else {}
+
+
+def _resolved_env(docs, container: dict) -> dict[str, str]:
+    """A container's environment as the kubelet would set it from the rendered Secrets."""
+    env = {}
+    for e in container.get("env", []):
+        if "valueFrom" in e:
+            ref = e["valueFrom"]["secretKeyRef"]
+            env[e["name"]] = _rendered_secret(docs, ref["name"])[ref["key"]]
+        else:
+            env[e["name"]] = str(e["value"])
+    return env
+
+
+def test_the_charts_weaviate_refuses_anonymous_access(kube, tmp_path):
+    """The chart's Weaviate settings on a real weaviate-server: a request without the key
+    is refused (401); the platform's store, given the key through the environment the Ray
+    pods get, works."""
+    import asyncio
+    import urllib.error
+
+    from hybridserve.config import HybridServeConfig
+    from hybridserve.retrieval.store import WeaviateStore
+    from hybridserve.retrieval.weaviate_server import WeaviateServer
+
+    docs = _render(kube, "minimal-cpu")
+    sts = _find(docs, "StatefulSet", "weaviate")[0]["spec"]["template"]["spec"]["containers"][0]
+    # The chart's settings; the paths and ports are the test's own.
+    env = {k: v for k, v in _resolved_env(docs, sts).items()
+           if k not in ("PERSISTENCE_DATA_PATH", "CLUSTER_HOSTNAME", "GRPC_PORT")}
+    from hybridserve.testing.kube import _free_port
+
+    # NOTE: weaviate-server derives ports from the HTTP port (+10000 to +10004).
+    http = next(p for p in iter(_free_port, None) if p < 50000)
+    grpc_port = _free_port()
+    server = WeaviateServer(binary=HybridServeConfig().weaviate_binary, data_dir=tmp_path / "w",
+                            http_port=http, grpc_port=grpc_port, extra_env=env)
+    server.start()
+    try:
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(f"{server.url}/v1/schema", timeout=10)
+        assert refused.value.code == 401
+        key = _rendered_secret(docs, "hs-hybridserve-weaviate")["api-key"]
+        assert env["AUTHENTICATION_APIKEY_ALLOWED_KEYS"] == key
+        request = urllib.request.Request(f"{server.url}/v1/schema",
+                                         headers={"Authorization": f"Bearer {key}"})
+        assert urllib.request.urlopen(request, timeout=10).status == 200
+        ray = _find(docs, "RayService")[0]["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]
+        name = next(e["name"] for e in ray["template"]["spec"]["containers"][0]["env"]
+                    if e["name"].endswith("WEAVIATE_API_KEY"))
+        os.environ[name] = key
+        try:
+            config = HybridServeConfig.model_validate(
+                {"weaviate": {"url": server.url, "grpc_port": grpc_port}})
+            store = WeaviateStore(config)
+
+            async def use():
+                try:
+                    await store.create_tenant("acme")
+                finally:
+                    await store.close()
+
+            asyncio.run(use())
+        finally:
+            del os.environ[name]
+    finally:
+        server.stop()
+
+
+def test_the_charts_redis_requires_its_password(kube, tmp_path):
+    """The chart's Redis config on a real redis-server: a client without the password
+    is refused; the platform, given the URL through the environment the Ray pods get,
+    authenticates."""
+    import redis
+
+    from hybridserve.config import HybridServeConfig
+    from hybridserve.testing.kube import _free_port
+
+    docs = _render(kube, "minimal-cpu")
+    container = _find(docs, "Deployment", "redis")[0]["spec"]["template"]["spec"]["containers"][0]
+    secret = _rendered_secret(docs, "hs-hybridserve-redis")
+    args = list(container["args"])
+    if args and args[0].endswith(".conf"):  # the config file, from the Secret's volume
+        (tmp_path / "redis.conf").write_text(secret["redis.conf"])
+        args[0] = str(tmp_path / "redis.conf")
+    port = _free_port()
+    proc = subprocess.Popen(["redis-server", *args, "--port", str(port),
+                             "--bind", "127.0.0.1", "--dir", str(tmp_path)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        _wait("redis-server", lambda: subprocess.run(
+            ["redis-cli", "-p", str(port), "ping"], capture_output=True).returncode == 0, 30)
+        with pytest.raises(redis.exceptions.AuthenticationError):
+            redis.Redis(port=port).ping()
+        ray = _find(docs, "RayService")[0]["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]
+        env = next(e for e in ray["template"]["spec"]["containers"][0]["env"]
+                   if e["name"] == "HYBRIDSERVE_REDIS_URL")
+        assert env["valueFrom"]["secretKeyRef"] == {"name": "hs-hybridserve-redis", "key": "url"}
+        url = secret["url"].replace("hs-hybridserve-redis:6379", f"127.0.0.1:{port}")
+        os.environ["HYBRIDSERVE_REDIS_URL"] = url
+        try:
+            resolved = HybridServeConfig().tenancy_redis_url
+        finally:
+            del os.environ["HYBRIDSERVE_REDIS_URL"]
+        assert resolved == url
+        assert redis.Redis.from_url(resolved).ping() is True
+    finally:
+        proc.terminate()
+        proc.wait(10)
 
 
 # -- helm install / upgrade / uninstall against the API server ----------------------------
@@ -379,6 +712,8 @@ def test_install_upgrade_uninstall(kube, platform, scenario):
     ns = f"hs-{scenario}"
     _secret(kube, ns, "hybridserve-admin", {"admin-key": platform.admin_key})
     _secret(kube, ns, "hybridserve-database", {"url": "postgresql://u:p@db.example.internal/hs"})
+    _secret(kube, ns, "hybridserve-redis", {"url": "rediss://:p@quota-redis.example.internal:6380/0"})
+    _secret(kube, ns, "hybridserve-weaviate", {"api-key": "k" * 40})
     with JobStandIn(kube, ns, platform.address) as jobs:
         out = kube.helm("install", "hs", str(CHART), "-n", ns, "-f", str(_values(scenario)),
                         "--timeout", "120s", check=False)
@@ -387,6 +722,9 @@ def test_install_upgrade_uninstall(kube, platform, scenario):
         assert len(rendered) >= 8
         for obj in rendered:  # every object passed the API server's validation and is there
             assert _get(kube, obj, ns) is not None, f"{obj['kind']}/{obj['metadata']['name']}"
+        # KubeRay's CRD kept Ray's token authentication (an older one would prune it).
+        rayservice = next(o for o in rendered if o["kind"] == "RayService")
+        assert _get(kube, rayservice, ns).spec.rayClusterConfig.authOptions.mode == "token"
         if scenario == "tenants":
             assert [(name, rc) for name, rc, _ in jobs.ran] == [("hs-hybridserve-tenants", 0)], jobs.ran
             from hybridserve.client import HybridServeClient

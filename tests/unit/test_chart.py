@@ -22,7 +22,7 @@ CHART = ROOT / "helm" / "hybridserve"
 #: Values documented as a whole: their keys are free-form (Kubernetes objects, the
 #: platform's typed config, the tenants file), documented by the parent's comment.
 WHOLE = {"config", "tenants.file", "monitoring.labels", "networkPolicy.metricsFrom",
-         "networkPolicy.operatorFrom"}
+         "networkPolicy.operatorFrom", "networkPolicy.dnsTo"}
 
 
 def test_values_schema_is_generated_from_the_config():

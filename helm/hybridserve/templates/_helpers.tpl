@@ -66,10 +66,15 @@ app.kubernetes.io/component: {{ .component }}
 {{ include "hybridserve.fullname" . }}-grpc:{{ .Values.service.port }}
 {{- end }}
 
-{{/* The platform config the Serve apps receive: .Values.config plus what the chart runs. */}}
+{{/* The platform config the Serve apps receive: .Values.config plus what the chart runs.
+NOTE: never a credential: the RayService shows this config to anyone who may read it
+(credentials reach the pods as environment variables from Secrets). */}}
 {{- define "hybridserve.config" -}}
 {{- $cfg := deepCopy .Values.config -}}
 {{- $w := deepCopy (default (dict) $cfg.weaviate) -}}
+{{- if $w.api_key -}}
+{{- fail "config.weaviate.api_key would be shown in the RayService's Serve config: put the key in a Secret and set weaviate.existingSecret" -}}
+{{- end -}}
 {{- if not $w.url -}}
 {{- if .Values.weaviate.enabled -}}
 {{- $_ := set $w "url" (printf "http://%s-weaviate:8080" (include "hybridserve.fullname" .)) -}}
@@ -77,12 +82,23 @@ app.kubernetes.io/component: {{ .component }}
 {{- $_ := set $w "url" (required "weaviate.externalUrl is required when weaviate.enabled is false" .Values.weaviate.externalUrl) -}}
 {{- end -}}
 {{- end -}}
-{{- $_ := set $cfg "weaviate" $w -}}
-{{- $t := deepCopy (default (dict) $cfg.tenancy) -}}
-{{- if and (not $t.redis_url) (or .Values.redis.enabled .Values.redis.externalUrl) -}}
-{{- $_ := set $t "redis_url" (ternary (printf "redis://%s-redis:6379/0" (include "hybridserve.fullname" .)) .Values.redis.externalUrl .Values.redis.enabled) -}}
+{{- if regexMatch "^[a-z]+://[^/]*@" $w.url -}}
+{{- fail "the Weaviate URL must not hold credentials (they would be shown in the RayService's Serve config): put the API key in a Secret and set weaviate.existingSecret" -}}
 {{- end -}}
-{{- if $t -}}{{- $_ := set $cfg "tenancy" $t -}}{{- end -}}
+{{- $_ := set $cfg "weaviate" $w -}}
+{{- $t := default (dict) $cfg.tenancy -}}
+{{- if $t.database_url -}}
+{{- fail "config.tenancy.database_url would be shown in the RayService's Serve config: the chart passes the database URL from a Secret (postgresql.externalSecret)" -}}
+{{- end -}}
+{{- if and $t.redis_url (regexMatch "^[a-z]+://[^/]*@" $t.redis_url) -}}
+{{- fail "config.tenancy.redis_url holds credentials, which would be shown in the RayService's Serve config: put the URL in a Secret and set redis.existingSecret" -}}
+{{- end -}}
+{{- $s := deepCopy $cfg.serve -}}
+{{- /* The control plane runs where the admin key is: the head pod. */ -}}
+{{- if not $s.admin_resources -}}
+{{- $_ := set $s "admin_resources" (dict "hybridserve_admin" 0.01) -}}
+{{- end -}}
+{{- $_ := set $cfg "serve" $s -}}
 {{- toJson $cfg -}}
 {{- end }}
 
@@ -112,14 +128,64 @@ app.kubernetes.io/component: {{ .component }}
 {{- toYaml $out -}}
 {{- end }}
 
-{{/* Env every platform pod gets: the admin key, the store's URL. */}}
+{{/* Secrets of the platform's stores. */}}
+{{- define "hybridserve.weaviateSecret" -}}
+{{- if .Values.weaviate.existingSecret }}{{ .Values.weaviate.existingSecret }}
+{{- else if .Values.weaviate.enabled }}{{ include "hybridserve.fullname" . }}-weaviate
+{{- end }}
+{{- end }}
+
+{{- define "hybridserve.redisSecret" -}}
+{{- if .Values.redis.existingSecret }}{{ .Values.redis.existingSecret }}
+{{- else if or .Values.redis.enabled .Values.redis.externalUrl }}{{ include "hybridserve.fullname" . }}-redis
+{{- end }}
+{{- end }}
+
+{{/* A pod's securityContext: hybridserve.podSecurity (dict "uid" 1000 "gid" 100) */}}
+{{- define "hybridserve.podSecurity" -}}
+runAsNonRoot: true
+runAsUser: {{ .uid }}
+runAsGroup: {{ .gid }}
+fsGroup: {{ .gid }}
+fsGroupChangePolicy: OnRootMismatch
+seccompProfile: {type: RuntimeDefault}
+{{- end }}
+
+{{/* A container's securityContext: hybridserve.containerSecurity (dict "readOnly" true) */}}
+{{- define "hybridserve.containerSecurity" -}}
+runAsNonRoot: true
+allowPrivilegeEscalation: false
+privileged: false
+readOnlyRootFilesystem: {{ .readOnly }}
+capabilities: {drop: [ALL]}
+seccompProfile: {type: RuntimeDefault}
+{{- end }}
+
+{{/* Env every Ray pod gets: the stores' credentials (from Secrets, never through the
+Serve config) and Serve's transport settings. The admin key is the head's alone. */}}
 {{- define "hybridserve.platformEnv" -}}
-- name: HYBRIDSERVE_ADMIN_KEY
+{{- $t := default (dict) .ctx.Values.config.tenancy }}
+{{- $w := default (dict) .ctx.Values.config.weaviate }}
+{{- if .head }}
+# Only the control plane (AdminService, pinned to this pod) reads it: it registers its digest.
+- name: {{ default "HYBRIDSERVE_ADMIN_KEY" $t.admin_key_env }}
   valueFrom:
-    secretKeyRef: {name: {{ include "hybridserve.adminSecret" . }}, key: admin-key}
-- name: HYBRIDSERVE_DATABASE_URL
+    secretKeyRef: {name: {{ include "hybridserve.adminSecret" .ctx }}, key: admin-key}
+{{- end }}
+- name: {{ default "HYBRIDSERVE_DATABASE_URL" $t.database_url_env }}
   valueFrom:
-    secretKeyRef: {name: {{ include "hybridserve.databaseSecret" . }}, key: url}
+    secretKeyRef: {name: {{ include "hybridserve.databaseSecret" .ctx }}, key: url}
+{{- with include "hybridserve.redisSecret" .ctx }}
+- name: {{ default "HYBRIDSERVE_REDIS_URL" $t.redis_url_env }}
+  valueFrom:
+    secretKeyRef: {name: {{ . }}, key: url}
+{{- end }}
+{{- with include "hybridserve.weaviateSecret" .ctx }}
+- name: {{ default "HYBRIDSERVE_WEAVIATE_API_KEY" $w.api_key_env }}
+  valueFrom:
+    secretKeyRef: {name: {{ . }}, key: api-key}
+{{- end }}
+{{- with .ctx }}
 - name: RAY_SERVE_PROXY_USE_GRPC
   value: {{ ternary "1" "0" (ne (dig "serve" "proxy_grpc_transport" true .Values.config) false) | quote }}
 - name: RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD
@@ -137,4 +203,19 @@ app.kubernetes.io/component: {{ .component }}
   value: {{ float64 (dig "serve" "health_watch_s" 30.0 .Values.config) | toString | quote }}
 - name: HYBRIDSERVE_HEALTH_POLL_S
   value: {{ float64 (dig "serve" "health_poll_s" 2.0 .Values.config) | toString | quote }}
+{{- end }}
+{{- end }}
+
+{{/* An egress rule to the Kubernetes API server (networkPolicy.apiServer*). */}}
+{{- define "hybridserve.apiServerEgress" -}}
+{{- with .Values.networkPolicy.apiServerCidrs }}
+to:
+  {{- range . }}
+  - ipBlock: {cidr: {{ . | quote }}}
+  {{- end }}
+{{- end }}
+ports:
+  {{- range .Values.networkPolicy.apiServerPorts }}
+  - {port: {{ . }}, protocol: TCP}
+  {{- end }}
 {{- end }}

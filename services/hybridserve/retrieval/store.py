@@ -188,7 +188,7 @@ class WeaviateStore(ChunkStore):
                 grpc_host=self.grpc_host,
                 grpc_port=self._cfg.grpc_port,
                 grpc_secure=self.secure,
-                auth_credentials=Auth.api_key(self._cfg.api_key) if self._cfg.api_key else None,
+                auth_credentials=Auth.api_key(key) if (key := self._cfg.resolved_api_key) else None,
                 additional_config=AdditionalConfig(
                     timeout=Timeout(
                         init=min(5, self._cfg.query_timeout_s),
