@@ -251,7 +251,9 @@ def _assert_a_untouched(platform, t: Tenants) -> None:
         assert all(SECRET in h.text for h in hits)
     with HybridServeClient(platform.address, api_key=platform.admin_key) as admin:
         a = admin.get_tenant(t.a)
-        assert a.default_adapter == t.adapter_a and a.quotas.requests_per_minute == 0
+        # (SetQuotas by B would have set 1; A keeps the default quotas it was created with)
+        assert a.default_adapter == t.adapter_a and a.quotas.requests_per_minute == \
+            platform.main.tenancy.default_quotas.requests_per_minute
         assert t.adapter_a not in admin.get_tenant(t.b).adapters
         assert not [x for x in admin.list_tenants() if x.id.startswith("evil-")]
         assert t.adapter_a in {x.id for x in admin.list_adapters()}
