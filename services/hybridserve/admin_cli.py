@@ -86,7 +86,7 @@ def cmd_admin(ns) -> int:
 
 
 #: Entries per ListAudit call of an export (the server's largest page).
-EXPORT_PAGE = 1000
+EXPORT_PAGE = 500
 
 
 def _export_audit(c, path: Path, tenant: str = "") -> None:

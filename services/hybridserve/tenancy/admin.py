@@ -39,7 +39,9 @@ from hybridserve.tenancy.store import TenancyStore, tenant_diff
 
 logger = logging.getLogger(__name__)
 
-MAX_AUDIT_LIMIT = 1000
+#: Entries one ListAudit call returns at most: 500 entries of the longest detail stay
+#: well under the proxy's message limit (serve.max_message_bytes, 4 MiB).
+MAX_AUDIT_LIMIT = 500
 MAX_KEY_TTL_S = 10 * 365 * 86400
 
 
