@@ -138,7 +138,7 @@ def _wait_for_abort(client_id: str, settle_polls: int = 0) -> dict:
         ({"prompt": "hi", "max_tokens": 5000}, "INVALID_ARGUMENT", "context window is 1024"),
         ({"prompt": ""}, "INVALID_ARGUMENT", "prompt is empty"),
         ({"prompt": "word " * 2000}, "INVALID_ARGUMENT", "shorten the prompt"),
-        ({"prompt": "hi", "temperature": -1.0}, "INVALID_ARGUMENT", "temperature must be >= 0"),
+        ({"prompt": "hi", "temperature": -1.0}, "INVALID_ARGUMENT", "temperature must be in [0, 2]"),
         ({"prompt": "hi", "json_schema": '{"type": '}, "INVALID_ARGUMENT", "json_schema is not valid JSON"),
         ({"prompt": "hi", "json_schema": '{"type": "nope"}'}, "INVALID_ARGUMENT", "not a valid JSON Schema"),
     ],
