@@ -346,7 +346,7 @@ async def test_an_ingest_cut_off_by_the_store_counts_every_chunk(fake, tokenizer
     (failed,) = [v for _, v, _ in calls(fake, m.INGEST_CHUNKS, tenant="acme", outcome="failed")]
     in_store = len(store.tenants["acme"])
     assert written == in_store == 2
-    chunks = len(servicer.service._chunk_all([_plan(words)])[0].texts)
+    chunks = len(servicer.service._chunk_all([_plan(words)])[0][0].texts)
     assert chunks > 4 and failed == chunks - in_store
 
 
