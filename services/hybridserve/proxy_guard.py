@@ -292,25 +292,22 @@ def _watch_handler(check, guard: ProxyGuard, health: HealthCache):
     the client watches again. A failed Check ends the stream with its status."""
 
     async def watch(request, context):
+        from hybridserve.health import watch_health
+
         refusal, keyless, peer = guard.enter(context, True)
         if refusal is not None:
             _refuse(context, refusal)
             return
+
+        async def status(_service):
+            return await health.check(check, request, context)
+
         try:
-            loop = asyncio.get_running_loop()
-            end = loop.time() + guard.limits.watch_s
-            last = None
-            while True:
-                body = await health.check(check, request, context)
+            async for body in watch_health(status, "", guard.limits.watch_s,
+                                           guard.limits.poll_s):
                 if body is None:
                     return  # the Check's error (app not found, replica gone) ends it
-                if body != last:
-                    yield body
-                    last = body
-                left = end - loop.time()
-                if left <= 0:
-                    return
-                await asyncio.sleep(min(guard.limits.poll_s, left))
+                yield body
         finally:
             guard.exit(keyless, peer)
 

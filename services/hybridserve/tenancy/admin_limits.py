@@ -103,7 +103,7 @@ class AdminLimits:
     def __init__(self, url: str, *, admin_per_minute: int, tenant_per_minute: int,
                  burst_s: float = 10.0, window_s: float = 60.0, fail_open: bool = True,
                  timeout_s: float = 2.0, clock=time.time):
-        import redis.asyncio as aioredis
+        from hybridserve.tenancy.quotas import connect
 
         self.url = url
         self.admin_per_minute = admin_per_minute
@@ -112,10 +112,7 @@ class AdminLimits:
         self.window_s = window_s
         self.fail_open = fail_open
         self.clock = clock
-        self._redis = aioredis.Redis.from_url(
-            url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
-            decode_responses=True,
-        )
+        self._redis = connect(url, timeout_s)
         self._take = self._redis.register_script(_TAKE)
         self._gate = self._redis.register_script(_GATE)
         self._local: OrderedDict[str, list[float]] = OrderedDict()  # key -> [at, suppressed]

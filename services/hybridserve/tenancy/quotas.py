@@ -127,6 +127,14 @@ def redact_url(url: str) -> str:
     return urlunsplit((parts.scheme, f"***@{host}", parts.path, parts.query, parts.fragment))
 
 
+def connect(url: str, timeout_s: float):
+    """An asyncio Redis client for the quota counters (every call bounded by `timeout_s`)."""
+    import redis.asyncio as aioredis
+
+    return aioredis.Redis.from_url(url, socket_timeout=timeout_s,
+                                   socket_connect_timeout=timeout_s, decode_responses=True)
+
+
 @dataclass
 class Lease:
     """What one admitted request holds: its stream slot (if any) and its usage."""
@@ -163,17 +171,12 @@ class RedisQuotas:
         timeout_s: float = 2.0,
         clock=time.time,
     ):
-        import redis.asyncio as aioredis
-
         self.url = url
         self.burst_s = burst_s
         self.stream_lease_s = stream_lease_s
         self.fail_open = fail_open
         self.clock = clock
-        self._redis = aioredis.Redis.from_url(
-            url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
-            decode_responses=True,
-        )
+        self._redis = connect(url, timeout_s)
         self._admit = self._redis.register_script(_ADMIT)
         self._release = self._redis.register_script(_RELEASE)
         self._last_warning = 0.0
