@@ -81,14 +81,15 @@ def bench_controller(kube, address, admin_key, store_dir, base_dir, base_name, n
     folders = []
     for i in range(n):
         folder = f"bench-k8s-{run}-{i}"
-        build_lora_adapter(Path(base_dir), Path(store_dir) / folder, seed=900 + i, rank=8,
+        # A LoRAAdapter's source is relative to its namespace's folder of the store.
+        build_lora_adapter(Path(base_dir), Path(store_dir) / ns / folder, seed=900 + i, rank=8,
                            base_model_name=base_name)
         folders.append(folder)
     sdk = HybridServeClient(address, api_key=admin_key)
     sdk.create_tenant(tenant)
     metrics = Metrics()
     ctl = Controller(KubeObjects(api, ns, metrics), PlatformAdmin(sdk, metrics), metrics,
-                     watch_timeout_s=5)
+                     watch_timeout_s=5, namespace_tenants={ns: frozenset({tenant})})
     thread = threading.Thread(target=ctl.run, daemon=True)
     thread.start()
     ctl.synced.wait(30)

@@ -121,6 +121,9 @@ def build() -> dict:
             }),
             "controller": obj({
                 "enabled": BOOL, "retryMaxSeconds": INT1,
+                "namespaceTenants": {"type": "object", "additionalProperties": {
+                    "type": "array", "items": {
+                        "type": "string", "pattern": r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$"}}},
                 "metricsPort": {"type": "integer", "minimum": 1024, "maximum": 65535},
                 "resources": RESOURCES,
             }),

@@ -465,6 +465,26 @@ def test_ray_requires_its_token_and_mtls_is_a_switch(kube):
     assert "authOptions" not in spec and spec["tlsOptions"] == {"enabled": True}
 
 
+def test_the_controller_gets_the_tenants_each_namespace_may_grant_to(kube):
+    """controller.namespaceTenants becomes the controller's --namespace-tenants, which its
+    own parser reads back; by default no namespace may grant to any tenant."""
+    from hybridserve.controller.main import build_parser
+    from hybridserve.controller.reconcile import parse_namespace_tenants
+
+    def allowed(*extra):
+        docs = _render(kube, "monitoring", *extra)
+        command = _find(docs, "Deployment", "controller")[0]["spec"]["template"]["spec"][
+            "containers"][0]["command"]
+        return parse_namespace_tenants(build_parser().parse_args(command[1:]).namespace_tenants)
+
+    assert allowed() == {}
+    assert allowed("--set-json", 'controller.namespaceTenants={"test": ["acme", "globex"], '
+                   '"ml": ["initech"]}') == {"test": {"acme", "globex"}, "ml": {"initech"}}
+    out = kube.helm("template", "hs", str(CHART), "-f", str(_values("monitoring")), "--set-json",
+                    'controller.namespaceTenants={"test": ["not a tenant"]}', check=False)
+    assert out.returncode != 0 and "namespaceTenants" in out.stderr
+
+
 def _rendered_secret(docs, name: str) -> dict[str, str]:
     found = [d for d in _find(docs, "Secret") if d["metadata"]["name"] == name]
     return {k: str(v) for k, v in found[0]["stringData"].items()} if found else {}
@@ -664,6 +684,8 @@ class JobStandIn:
         mounts = {}
         for m in container.volume_mounts or []:
             vol = next(v for v in spec.volumes if v.name == m.name)
+            if vol.empty_dir is not None:  # scratch space (the read-only root's /tmp)
+                continue
             cm = core.read_namespaced_config_map(vol.config_map.name, self.namespace)
             for key, text in (cm.data or {}).items():
                 (folder / m.name).mkdir(exist_ok=True)
@@ -780,7 +802,9 @@ class ControllerProcess:
             [str(Path(sys.executable).parent / "hybridserve-controller"),
              "--platform", self.platform.address, "--namespace", self.namespace,
              "--kubeconfig", str(self.kube.kubeconfig), "--metrics-port", str(self.port),
-             "--metrics-host", "127.0.0.1", "--backoff-max", "2", "--retry-max", "5", *self.extra],
+             "--metrics-host", "127.0.0.1", "--backoff-max", "2", "--retry-max", "5",
+             # The operator's list: this namespace may grant to the test tenant only.
+             "--namespace-tenants", f"{self.namespace}=k8s-tenant", *self.extra],
             env=env, stdout=open(self.log, "ab"), stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
@@ -812,7 +836,9 @@ class ControllerProcess:
 
 @pytest.fixture(scope="module")
 def lora(kube, platform):
-    """A namespace, a tenant with a key, and adapter folders for the controller tests."""
+    """A namespace, a tenant with a key, and adapter folders for the controller tests (in
+    the namespace's folder of the adapter store); and another party's adapter, registered
+    by hand and granted to its own tenant."""
     from kubernetes import client
 
     from hybridserve.client import HybridServeClient
@@ -825,12 +851,18 @@ def lora(kube, platform):
     folders = {}
     for i, name in enumerate(("k8s-formal-v1", "k8s-formal-v2", "k8s-a", "k8s-b", "k8s-c", "k8s-d",
                               "k8s-late", "k8s-outage")):
-        build_lora_adapter(platform.assets.base_dir, platform.assets.store / name, seed=700 + i,
-                           rank=8, base_model_name=TINY_MODEL_NAME)
-        folders[name] = name
+        build_lora_adapter(platform.assets.base_dir, platform.assets.store / ns / name,
+                           seed=700 + i, rank=8, base_model_name=TINY_MODEL_NAME)
+        folders[name] = name  # spec.source: relative to <store>/<namespace>/
+    build_lora_adapter(platform.assets.base_dir, platform.assets.store / "victims" / "secret-skill",
+                       seed=799, rank=8, base_model_name=TINY_MODEL_NAME)
     with HybridServeClient(platform.address, api_key=platform.admin_key) as admin:
         admin.create_tenant("k8s-tenant", display_name="GitOps tenant")
         key = admin.create_key("k8s-tenant", name="k8s-test").secret
+        admin.create_tenant("k8s-victim", display_name="Another tenant")
+        victim = admin.register_adapter("victim-skill", "victims/secret-skill").adapter
+        admin.grant_adapter("k8s-victim", victim.id, make_default=True)
+    folders["victim"] = (victim.id, victim.content_sha256)
     return ns, key, folders
 
 
@@ -905,7 +937,7 @@ def _registrations(platform, adapter_id: str) -> int:
     from hybridserve.client import HybridServeClient
 
     with HybridServeClient(platform.address, api_key=platform.admin_key) as admin:
-        return sum(1 for e in admin.audit(limit=1000)
+        return sum(1 for e in admin.audit(limit=500)
                    if e.action == "RegisterAdapter" and e.detail == f"{adapter_id} (new)")
 
 
@@ -1077,6 +1109,90 @@ def test_steady_state_makes_no_calls_between_events(kube, platform, lora, tmp_pa
         assert after['hybridserve_controller_api_calls_total{call="watch",target="kubernetes"}'] >= 3
         assert after['hybridserve_controller_api_calls_total{call="list",target="kubernetes"}'] == 1
         _delete(kube, ns, "steady")
+    finally:
+        ctl.stop()
+
+
+# -- a LoRAAdapter is not an admin key -------------------------------------------------------
+
+
+def _victim_intact(platform, victim_id: str) -> bool:
+    from hybridserve.client import HybridServeClient
+
+    with HybridServeClient(platform.address, api_key=platform.admin_key) as admin:
+        tenant = admin.get_tenant("k8s-victim")
+        return (victim_id in _registered(platform) and victim_id in tenant.adapters
+                and tenant.default_adapter == victim_id)
+
+
+def test_a_loraadapter_cannot_take_another_tenants_adapter(kube, platform, lora, tmp_path):
+    """A source names a folder of the resource's own namespace: naming another party's
+    folder of the adapter store registers nothing of theirs and grants nothing."""
+    from hybridserve.client import HybridServeClient
+
+    ns, tenant_key, folders = lora
+    victim_id, victim_sha = folders["victim"]
+    ctl = ControllerProcess(kube, platform, ns, tmp_path / "controller.log").start()
+    try:
+        _create(kube, ns, "stolen", {"source": "victims/secret-skill", "tenants": ["k8s-tenant"]})
+        _create(kube, ns, "escaped", {"source": "../victims/secret-skill", "tenants": ["k8s-tenant"]})
+        for name in ("stolen", "escaped"):
+            cond = _wait(f"{name} Failed", lambda n=name: (c := _condition(_read(kube, ns, n)))
+                         .get("status") == "False" and c)
+            assert "victims/secret-skill" in cond["message"], cond
+        assert _condition(_read(kube, ns, "escaped"))["reason"] == "SourceOutsideNamespace"
+        with HybridServeClient(platform.address, api_key=platform.admin_key) as admin:
+            copies = [a.id for a in admin.list_adapters() if a.content_sha256 == victim_sha]
+            assert copies == [victim_id]  # no second registration of the victim's bytes
+            granted = admin.get_tenant("k8s-tenant").adapters
+            assert not [a for a in granted if a.startswith(("stolen@", "escaped@"))], granted
+        with HybridServeClient(platform.address, api_key=tenant_key) as tenant:
+            assert victim_id not in [a.id for a in tenant.list_adapters()]
+        _delete(kube, ns, "stolen", "escaped")
+        assert _victim_intact(platform, victim_id)
+    finally:
+        ctl.stop()
+
+
+def test_a_loraadapter_grants_only_to_tenants_its_namespace_may_grant_to(kube, platform, lora,
+                                                                         tmp_path):
+    ns, _, folders = lora
+    victim_id, _ = folders["victim"]
+    ctl = ControllerProcess(kube, platform, ns, tmp_path / "controller.log").start()
+    try:
+        _create(kube, ns, "pushed", {"source": folders["k8s-c"], "tenants": ["k8s-victim"],
+                                     "default": True})
+        cond = _wait("pushed Failed", lambda: (c := _condition(_read(kube, ns, "pushed")))
+                     .get("status") == "False" and c)
+        assert cond["reason"] == "TenantNotAllowed" and "k8s-victim" in cond["message"]
+        assert _victim_intact(platform, victim_id)  # its default adapter is still its own
+        from hybridserve.client import HybridServeClient
+
+        with HybridServeClient(platform.address, api_key=platform.admin_key) as admin:
+            assert admin.get_tenant("k8s-victim").adapters == [victim_id]
+        _delete(kube, ns, "pushed")
+    finally:
+        ctl.stop()
+
+
+def test_a_faked_status_cannot_revoke_or_unregister_anothers_adapter(kube, platform, lora,
+                                                                      tmp_path):
+    """Whoever may write a LoRAAdapter's status names another party's adapter in it; the
+    finalizer still revokes and unregisters only what the registry records as this
+    resource's."""
+    ns, _, folders = lora
+    victim_id, _ = folders["victim"]
+    ctl = ControllerProcess(kube, platform, ns, tmp_path / "controller.log").start()
+    try:
+        _create(kube, ns, "decoy", {"source": folders["k8s-d"], "tenants": ["k8s-tenant"]})
+        mine = _ready(kube, ns, "decoy")["status"]["adapterId"]
+        _objects(kube).patch_namespaced_custom_object_status(
+            GROUP, VERSION, ns, PLURAL, "decoy",
+            {"status": {"adapterId": victim_id, "grantedTenants": ["k8s-victim", "k8s-tenant"]}})
+        assert _read(kube, ns, "decoy")["status"]["adapterId"] == victim_id
+        _delete(kube, ns, "decoy")
+        assert mine not in _registered(platform)
+        assert _victim_intact(platform, victim_id)
     finally:
         ctl.stop()
 

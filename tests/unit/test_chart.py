@@ -22,7 +22,8 @@ CHART = ROOT / "helm" / "hybridserve"
 #: Values documented as a whole: their keys are free-form (Kubernetes objects, the
 #: platform's typed config, the tenants file), documented by the parent's comment.
 WHOLE = {"config", "tenants.file", "monitoring.labels", "networkPolicy.metricsFrom",
-         "networkPolicy.operatorFrom", "networkPolicy.dnsTo"}
+         "networkPolicy.operatorFrom", "networkPolicy.dnsTo",
+         "controller.namespaceTenants"}
 
 
 def test_values_schema_is_generated_from_the_config():

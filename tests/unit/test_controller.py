@@ -33,6 +33,18 @@ class FakePlatform:
         self.owners: dict[str, str] = {}
         self.calls: list[str] = []
 
+    def list_adapters(self):
+        self.calls.append("list")
+        return [SimpleNamespace(id=i, metadata={"kubernetes": self.owners[i]} if self.owners.get(i)
+                                else {}) for i in sorted(self.registry)]
+
+    def get_tenant(self, tenant):
+        self.calls.append("get_tenant")
+        if tenant not in self.tenants:
+            raise exc.NotFoundError(grpc.StatusCode.NOT_FOUND, f"no tenant {tenant!r}",
+                                    reason="TENANT_NOT_FOUND")
+        return SimpleNamespace(id=tenant, adapters=sorted(self.grants[tenant]))
+
     def register_adapter(self, name, path, *, version="", metadata=None):
         self.calls.append("register")
         if path not in self.sources:  # as the registry says it: no ErrorInfo reason
@@ -46,8 +58,9 @@ class FakePlatform:
         if not created and self.registry[adapter_id] != self.sources[path]:
             raise exc.AlreadyExistsError(grpc.StatusCode.ALREADY_EXISTS, "other bytes")
         self.registry[adapter_id] = self.sources[path]
-        return SimpleNamespace(adapter=SimpleNamespace(
-            id=adapter_id, metadata={"kubernetes": self.owners[adapter_id]}), created=created)
+        owner_tag = {"kubernetes": self.owners[adapter_id]} if self.owners[adapter_id] else {}
+        return SimpleNamespace(adapter=SimpleNamespace(id=adapter_id, metadata=owner_tag),
+                               created=created)
 
     def unregister_adapter(self, adapter_id):
         self.calls.append("unregister")
@@ -89,8 +102,8 @@ class FakeKube:
         self._rv += 1
         obj["metadata"]["resourceVersion"] = str(self._rv)
 
-    def create(self, name, spec):
-        obj = {"metadata": {"name": name, "namespace": "ns", "generation": 1,
+    def create(self, name, spec, namespace="ns"):
+        obj = {"metadata": {"name": name, "namespace": namespace, "generation": 1,
                             "finalizers": []}, "spec": spec}
         self._bump(obj)
         self.objects[name] = obj
@@ -138,9 +151,12 @@ class FakeKube:
 @pytest.fixture
 def world():
     kube = FakeKube()
-    platform = FakePlatform({"formal/v1": "aaaa11112222", "formal/v2": "bbbb33334444"},
-                            {"acme", "globex"})
-    return kube, platform, Reconciler(kube, platform)
+    platform = FakePlatform({"ns/formal/v1": "aaaa11112222", "ns/formal/v2": "bbbb33334444",
+                             "victims/secret": "cccc55556666", "ns/victims/secret": "dddd77778888"},
+                            {"acme", "globex", "victim"})
+    # The operator's list: namespace `ns` may grant to these (initech does not exist).
+    allowed = {"ns": frozenset({"acme", "globex", "initech"})}
+    return kube, platform, Reconciler(kube, platform, allowed)
 
 
 def _ready(obj):
@@ -192,14 +208,30 @@ def test_a_crash_half_way_converges_without_a_second_registration(world):
     platform.grant_adapter = grant_then_die
     with pytest.raises(Dies):
         rec.reconcile(kube.get("a"))
-    # What exists is remembered, for a deletion to clean up.
-    pending = kube.get("a")["status"]
-    assert pending["pendingTenants"] == ["acme"] and pending["pendingAdapterId"].startswith("a@")
+    # Nothing was written to the status: what exists is in the registry's own record.
+    assert "adapterId" not in (kube.get("a").get("status") or {})
     out = rec.reconcile(kube.get("a"))
     assert out.kind == "ready"
     assert list(platform.registry) == [out.adapter_id]
-    assert platform.grants == {"acme": {out.adapter_id}, "globex": {out.adapter_id}}
-    assert "pendingAdapterId" not in kube.get("a")["status"]
+    assert platform.grants == {"acme": {out.adapter_id}, "globex": {out.adapter_id}, "victim": set()}
+
+
+def test_deleting_after_a_crash_half_way_leaves_nothing(world):
+    kube, platform, rec = world
+    kube.create("a", {"source": "formal/v1", "tenants": ["acme", "globex"]})
+    real = platform.grant_adapter
+
+    def grant_then_die(tenant, adapter, **kw):
+        real(tenant, adapter, **kw)
+        raise ConnectionError("the reply was lost")
+
+    platform.grant_adapter = grant_then_die
+    with pytest.raises(ConnectionError):
+        rec.reconcile(kube.get("a"))
+    platform.grant_adapter = real
+    kube.delete("a")
+    assert rec.reconcile(kube.get("a")).kind == "deleted"
+    assert platform.registry == {} and platform.grants["acme"] == set()
 
 
 def test_deleting_after_a_half_way_failure_leaves_nothing(world):
@@ -257,7 +289,7 @@ def test_dropping_a_tenant_revokes_only_its_grant(world):
     v1 = rec.reconcile(kube.get("a")).adapter_id
     kube.update_spec("a", {"source": "formal/v1", "tenants": ["globex"]})
     assert rec.reconcile(kube.get("a")).adapter_id == v1
-    assert platform.grants == {"acme": set(), "globex": {v1}}
+    assert platform.grants == {"acme": set(), "globex": {v1}, "victim": set()}
     assert kube.get("a")["status"]["grantedTenants"] == ["globex"]
 
 
@@ -273,6 +305,88 @@ def test_bad_source_and_unknown_tenant_are_failed_with_a_reason(world):
     kube.create("b", {"source": "formal/v1", "tenants": ["initech"]})
     rec.reconcile(kube.get("b"))
     assert _ready(kube.get("b"))["reason"] == "TenantNotFound"
+
+
+# -- a LoRAAdapter is not an admin key --------------------------------------------------
+
+
+@pytest.mark.parametrize("source", ["../victims/secret", "/victims/secret", "a/../../victims/secret",
+                                    "./x", "a//b", "a\\..\\b", ""])
+def test_a_source_outside_the_namespaces_folder_is_refused(world, source):
+    kube, platform, rec = world
+    kube.create("a", {"source": source, "tenants": ["acme"]})  # "": the CRD refuses it too
+    out = rec.reconcile(kube.get("a"))
+    assert out.kind == "failed" and _ready(kube.get("a"))["reason"] == "SourceOutsideNamespace"
+    assert "register" not in platform.calls and platform.registry == {}
+
+
+def test_a_source_is_read_beneath_the_namespaces_folder(world):
+    """`victims/secret` from namespace `ns` is ns/victims/secret: another namespace's
+    folder (victims/) cannot be named."""
+    kube, platform, rec = world
+    kube.create("a", {"source": "victims/secret", "tenants": ["acme"]})
+    out = rec.reconcile(kube.get("a"))
+    assert out.adapter_id == "a@dddd77778888"  # the bytes of ns/victims/secret
+    assert "a@cccc55556666" not in platform.registry
+
+
+def test_only_the_tenants_listed_for_the_namespace_may_be_granted(world):
+    kube, platform, rec = world
+    kube.create("a", {"source": "formal/v1", "tenants": ["acme", "victim"], "default": True})
+    out = rec.reconcile(kube.get("a"))
+    cond = _ready(kube.get("a"))
+    assert out.kind == "failed" and cond["reason"] == "TenantNotAllowed"
+    assert "victim" in cond["message"] and "acme" not in cond["message"]
+    assert platform.grants["victim"] == set() and platform.grants["acme"] == set()
+    assert "victim" not in platform.defaults
+    # Another namespace, not listed at all, may grant to no one.
+    kube.create("b", {"source": "formal/v1", "tenants": ["acme"]}, namespace="other")
+    assert rec.reconcile(kube.get("b")).kind == "failed"
+    assert _ready(kube.get("b"))["reason"] == "TenantNotAllowed"
+
+
+def _victim(platform) -> str:
+    """An adapter another party registered and granted (owned by no resource of `ns`)."""
+    out = platform.register_adapter("victim-skill", "victims/secret",
+                                    metadata={"kubernetes": "victims/skill"})
+    platform.grant_adapter("victim", out.adapter.id, make_default=True)
+    return out.adapter.id
+
+
+@pytest.mark.parametrize("fake", [
+    {"adapterId": "VICTIM", "grantedTenants": ["victim"]},
+    {"pendingAdapterId": "VICTIM", "pendingTenants": ["victim"]},
+])
+def test_a_faked_status_never_decides_what_is_revoked_or_unregistered(world, fake):
+    kube, platform, rec = world
+    victim = _victim(platform)
+    kube.create("a", {"source": "formal/v1", "tenants": ["acme"]})
+    mine = rec.reconcile(kube.get("a")).adapter_id
+    forged = {k: ([victim] if v == "VICTIM" else v) if isinstance(v, list) else
+              (victim if v == "VICTIM" else v) for k, v in fake.items()}
+    kube.patch_status(kube.get("a"), forged)  # whoever may write the status subresource
+    # A new generation (the path that retires an old version) ...
+    kube.update_spec("a", {"source": "formal/v2", "tenants": ["acme"]})
+    assert rec.reconcile(kube.get("a")).kind == "ready"
+    kube.patch_status(kube.get("a"), forged)
+    # ... and the finalizer.
+    kube.delete("a")
+    assert rec.reconcile(kube.get("a")).kind == "deleted"
+    assert victim in platform.registry and platform.grants["victim"] == {victim}
+    assert platform.defaults["victim"] == victim
+    assert mine not in platform.registry and platform.registry.keys() == {victim}
+
+
+def test_an_adapter_registered_by_hand_is_not_adopted(world):
+    kube, platform, rec = world
+    by_hand = platform.register_adapter("support", "ns/formal/v1")  # no owner tag
+    kube.create("support", {"source": "formal/v1", "tenants": ["acme"]})
+    out = rec.reconcile(kube.get("support"))
+    assert out.kind == "failed" and _ready(kube.get("support"))["reason"] == "OwnedElsewhere"
+    assert platform.grants["acme"] == set()
+    kube.delete("support")
+    assert rec.reconcile(kube.get("support")).kind == "deleted"
+    assert by_hand.adapter.id in platform.registry
 
 
 def test_a_name_the_registry_refuses_is_failed_not_retried(world):
@@ -298,14 +412,16 @@ def test_delete_is_blocked_while_another_grant_depends_on_it(world):
     kube, platform, rec = world
     kube.create("a", {"source": "formal/v1", "tenants": ["acme"]})
     adapter = rec.reconcile(kube.get("a")).adapter_id
-    platform.grant_adapter("globex", adapter)  # by hand, outside the resource
+    # By hand, outside the resource, to a tenant its namespace may not grant to (a grant
+    # held by one it may grant to counts as the resource's own, and is revoked).
+    platform.grant_adapter("victim", adapter)
     kube.delete("a")
     out = rec.reconcile(kube.get("a"))
     assert out.kind == "blocked" and out.retry
     obj = kube.get("a")
     assert FINALIZER in obj["metadata"]["finalizers"]
-    assert _ready(obj)["reason"] == "DeletionBlocked" and "globex" in _ready(obj)["message"]
-    platform.revoke_adapter("globex", adapter)
+    assert _ready(obj)["reason"] == "DeletionBlocked" and "victim" in _ready(obj)["message"]
+    platform.revoke_adapter("victim", adapter)
     assert rec.reconcile(kube.get("a")).kind == "deleted"
     assert kube.get("a") is None and platform.registry == {}
 
@@ -343,9 +459,9 @@ def test_the_watch_echo_of_our_own_writes_costs_no_reconcile(world):
     reconciling it again would register and grant a second time."""
     from hybridserve.controller.main import Controller, Metrics
 
-    kube, platform, _ = world
+    kube, platform, rec = world
     metrics = Metrics()
-    ctl = Controller(kube, platform, metrics)
+    ctl = Controller(kube, platform, metrics, namespace_tenants=rec.namespace_tenants)
     obj = kube.create("a", {"source": "formal/v1", "tenants": ["acme"]})
     obj["metadata"]["uid"] = "u1"
     ctl._store(obj)

@@ -1,6 +1,7 @@
 """`hybridserve-controller`: watches LoRAAdapter resources and reconciles them.
 
     hybridserve-controller --platform hs-grpc:9000 [--namespace NS] [--kubeconfig F]
+        [--namespace-tenants NS=T1,T2 ...]
 
 The admin key comes from $HYBRIDSERVE_API_KEY (the chart mounts it from the
 admin Secret). The controller is the usual shape:
@@ -38,7 +39,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 from hybridserve.controller import GROUP, PLURAL, VERSION
-from hybridserve.controller.reconcile import Reconciler, is_converged
+from hybridserve.controller.reconcile import Reconciler, is_converged, parse_namespace_tenants
 
 log = logging.getLogger("hybridserve.controller")
 
@@ -190,6 +191,12 @@ class PlatformAdmin:
         self.metrics.api_calls.labels("platform", name).inc()
         return fn(*args, timeout=self.timeout, **kwargs)
 
+    def list_adapters(self):
+        return self._call("ListAdapters", self.client.list_adapters)
+
+    def get_tenant(self, tenant):
+        return self._call("GetTenant", self.client.get_tenant, tenant)
+
     def register_adapter(self, name, path, *, version="", metadata=None):
         return self._call("RegisterAdapter", self.client.register_adapter, name, path,
                           version=version, metadata=metadata)
@@ -212,10 +219,11 @@ def _key(obj: dict) -> Key:
 class Controller:
     def __init__(self, kube: KubeObjects, platform, metrics: Metrics, *,
                  watch_timeout_s: int = 300, backoff_max_s: float = 30.0,
-                 retry_base_s: float = 1.0, retry_max_s: float = 300.0):
+                 retry_base_s: float = 1.0, retry_max_s: float = 300.0,
+                 namespace_tenants=None):
         self.kube = kube
         self.metrics = metrics
-        self.reconciler = Reconciler(kube, platform)
+        self.reconciler = Reconciler(kube, platform, namespace_tenants)
         self.queue = DelayQueue(retry_base_s, retry_max_s)
         self.cache: dict[Key, dict] = {}
         self._lock = threading.Lock()
@@ -390,6 +398,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--namespace", default=os.environ.get("HYBRIDSERVE_CONTROLLER_NAMESPACE"),
                    help="watch this namespace only (default: $HYBRIDSERVE_CONTROLLER_NAMESPACE, "
                    "else every namespace)")
+    p.add_argument("--namespace-tenants", action="append", default=[], metavar="NS=T1,T2",
+                   help="the tenants the LoRAAdapters of namespace NS may grant to (repeatable); "
+                   "a namespace not listed may grant to none")
     p.add_argument("--kubeconfig", help="kubeconfig file (default: in-cluster, else ~/.kube/config)")
     p.add_argument("--metrics-port", type=int, default=9464, help="Prometheus metrics port (0: off)")
     p.add_argument("--metrics-host", default="0.0.0.0", help="address the metrics server binds")
@@ -409,7 +420,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from hybridserve.client import HybridServeClient
 
-    ns = build_parser().parse_args(argv)
+    parser = build_parser()
+    ns = parser.parse_args(argv)
+    try:
+        namespace_tenants = parse_namespace_tenants(ns.namespace_tenants)
+    except ValueError as e:
+        parser.error(f"--namespace-tenants: {e}")
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     metrics = Metrics()
@@ -419,11 +435,14 @@ def main(argv: list[str] | None = None) -> int:
     controller = Controller(
         KubeObjects(_api_client(ns.kubeconfig), ns.namespace, metrics),
         PlatformAdmin(client, metrics, ns.rpc_timeout), metrics,
-        watch_timeout_s=ns.watch_timeout, backoff_max_s=ns.backoff_max, retry_max_s=ns.retry_max)
+        watch_timeout_s=ns.watch_timeout, backoff_max_s=ns.backoff_max, retry_max_s=ns.retry_max,
+        namespace_tenants=namespace_tenants)
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: controller.stop.set())
-    log.info("watching LoRAAdapters in %s; platform %s", ns.namespace or "every namespace",
-             ns.platform)
+    log.info("watching LoRAAdapters in %s; platform %s; grants allowed: %s",
+             ns.namespace or "every namespace", ns.platform,
+             "; ".join(f"{k}: {', '.join(sorted(v))}" for k, v in sorted(namespace_tenants.items()))
+             or "none")
     controller.run()
     client.close()
     return 0

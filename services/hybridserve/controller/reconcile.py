@@ -7,6 +7,20 @@ it) and acts through two interfaces:
 - `Platform`: register/unregister an adapter, grant/revoke it to a tenant (the
   admin API; `hybridserve.client.HybridServeClient` is one).
 
+A LoRAAdapter is not an admin key. Whoever may create one in a namespace gets
+only what that namespace owns:
+
+- its source is a folder under `<adapter store>/<namespace>/`: `spec.source` is
+  relative to it, and a path that leaves it (absolute, `..`) is refused;
+- it may grant only to the tenants the platform operator lists for its namespace
+  (`--namespace-tenants NS=T1,T2`; the Helm chart's `controller.namespaceTenants`),
+  which nothing in the namespace can change;
+- what it revokes and unregisters comes from the registry's own record: the
+  adapters whose owner tag (adapter metadata `kubernetes: <namespace>/<name>`,
+  written at registration) names this resource, and, of those, the grants held by
+  the tenants its namespace may grant to. The status is a report for people; a
+  status someone wrote by hand can make the controller touch nothing else.
+
 Every step is idempotent, so a reconcile that dies half-way is simply run
 again: registering the same bytes under the same id answers `created=False`,
 a grant that exists is kept, a revoke of a missing grant is ignored. A
@@ -19,7 +33,9 @@ Failed-style reasons), `observedGeneration`, `adapterId`, `grantedTenants`.
 
 from __future__ import annotations
 
+import posixpath
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Protocol
@@ -40,6 +56,8 @@ class Kube(Protocol):
 
 
 class Platform(Protocol):
+    def list_adapters(self) -> list[Any]: ...
+    def get_tenant(self, tenant: str) -> Any: ...
     def register_adapter(self, name: str, path: str, *, version: str = "",
                          metadata: dict[str, str] | None = None) -> Any: ...
     def unregister_adapter(self, adapter_id: str) -> None: ...
@@ -71,6 +89,29 @@ def _reason(e: exc.HybridServeAPIError) -> str:
     return type(e).__name__.removesuffix("Error")
 
 
+def store_path(namespace: str, source: str) -> str | None:
+    """The adapter store path of `source` for a resource in `namespace`: beneath
+    `<namespace>/`, or None when `source` would leave that folder (absolute, `..`,
+    empty components, backslashes)."""
+    source = source.rstrip("/")
+    if not namespace or not source or source.startswith("/") or "\\" in source:
+        return None
+    if any(p in ("", ".", "..") for p in source.split("/")):
+        return None
+    return f"{namespace}/{source}"
+
+
+def parse_namespace_tenants(items: list[str]) -> dict[str, frozenset[str]]:
+    """`NS=T1,T2` items (repeatable; one namespace may appear several times) into a map."""
+    out: dict[str, set[str]] = {}
+    for item in items:
+        ns, sep, tenants = item.partition("=")
+        if not sep or not ns.strip():
+            raise ValueError(f"{item!r} is not NAMESPACE=TENANT[,TENANT...]")
+        out.setdefault(ns.strip(), set()).update(t.strip() for t in tenants.split(",") if t.strip())
+    return {ns: frozenset(ts) for ns, ts in out.items()}
+
+
 def _now() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
@@ -94,9 +135,37 @@ def is_converged(obj: dict) -> bool:
 
 
 class Reconciler:
-    def __init__(self, kube: Kube, platform: Platform):
+    """Args:
+        kube / platform: the two sides.
+        namespace_tenants: the tenants each namespace's LoRAAdapters may grant to
+            (a namespace that is not listed may grant to none).
+    """
+
+    def __init__(self, kube: Kube, platform: Platform,
+                 namespace_tenants: Mapping[str, frozenset[str]] | None = None):
         self.kube = kube
         self.platform = platform
+        self.namespace_tenants = dict(namespace_tenants or {})
+
+    def _allowed(self, obj: dict) -> frozenset[str]:
+        return self.namespace_tenants.get(obj["metadata"].get("namespace", ""), frozenset())
+
+    def _owned(self, owner: str) -> list[str]:
+        """Ids of the registered adapters whose owner tag names this resource (the
+        registry's record, never the status)."""
+        return sorted(a.id for a in self.platform.list_adapters()
+                      if dict(getattr(a, "metadata", None) or {}).get(OWNER_KEY) == owner)
+
+    def _holders(self, adapter_id: str, tenants: frozenset[str]) -> list[str]:
+        """Of `tenants`, those that hold a grant of `adapter_id` (the tenancy store's record)."""
+        out = []
+        for tenant in sorted(tenants):
+            try:
+                if adapter_id in self.platform.get_tenant(tenant).adapters:
+                    out.append(tenant)
+            except exc.NotFoundError:
+                pass  # a listed tenant that does not exist (yet) holds nothing
+        return out
 
     def reconcile(self, obj: dict) -> Outcome:
         meta = obj.get("metadata") or {}
@@ -125,70 +194,67 @@ class Reconciler:
 
     def _register_and_grant(self, obj: dict) -> Outcome:
         meta, spec = obj["metadata"], obj.get("spec") or {}
-        status = obj.get("status") or {}
+        namespace = meta.get("namespace", "")
         name = spec.get("name") or meta["name"]
         if not _NAME_RE.fullmatch(name):
             msg = (f"adapter name {name!r} does not match [a-z0-9][a-z0-9._-]{{0,63}}; "
                    "set spec.name")
             self._status(obj, "False", "InvalidName", msg)
             return Outcome("failed", message=msg)
+        path = store_path(namespace, spec.get("source", ""))
+        if path is None:
+            msg = (f"spec.source {spec.get('source', '')!r} leaves this namespace's folder of the "
+                   f"adapter store: give a relative path inside {namespace}/ (no '..', no leading '/')")
+            self._status(obj, "False", "SourceOutsideNamespace", msg)
+            return Outcome("failed", message=msg)
         tenants = list(dict.fromkeys(spec.get("tenants") or []))
-        owner = f"{meta.get('namespace', '')}/{meta['name']}"
+        allowed = self._allowed(obj)
+        refused = [t for t in tenants if t not in allowed]
+        if refused:
+            msg = (f"namespace {namespace!r} may not grant adapters to {', '.join(refused)}: the "
+                   "platform operator lists the tenants each namespace may grant to "
+                   "(controller.namespaceTenants in the Helm chart)")
+            self._status(obj, "False", "TenantNotAllowed", msg)
+            return Outcome("failed", retry=True, message=msg)
+        owner = f"{namespace}/{meta['name']}"
         registered = self.platform.register_adapter(
-            name, spec["source"], version=spec.get("version", ""),
+            name, path, version=spec.get("version", ""),
             metadata={**(spec.get("metadata") or {}), OWNER_KEY: owner},
         )
         adapter_id = registered.adapter.id
-        other = dict(getattr(registered.adapter, "metadata", None) or {}).get(OWNER_KEY, owner)
+        other = dict(getattr(registered.adapter, "metadata", None) or {}).get(OWNER_KEY, "")
         if other != owner:
-            # Deleting either resource would take the adapter from the other.
-            msg = (f"adapter {adapter_id} belongs to the LoRAAdapter {other}; give this one "
-                   "another spec.name or spec.version")
+            # Deleting either resource would take the adapter from the other; and an
+            # adapter registered by hand is not this resource's to grant or unregister.
+            where = f"the LoRAAdapter {other}" if other else "no LoRAAdapter (it was registered by hand)"
+            msg = (f"adapter {adapter_id} belongs to {where}; give this one another "
+                   "spec.name or spec.version")
             self._status(obj, "False", "OwnedElsewhere", msg)
             return Outcome("failed", message=msg)
-        granted: list[str] = []
-        try:
-            for tenant in tenants:
-                # Before the call: a grant whose reply was lost may still have happened.
-                granted.append(tenant)
-                self.platform.grant_adapter(tenant, adapter_id,
-                                            make_default=bool(spec.get("default")))
-        except BaseException:
-            # Half-way: remember what exists, so that a deletion cleans it up too.
-            self._remember_pending(obj, adapter_id, granted)
-            raise
+        for tenant in tenants:
+            self.platform.grant_adapter(tenant, adapter_id, make_default=bool(spec.get("default")))
         notes = []
-        old_id, old_tenants = status.get("adapterId"), list(status.get("grantedTenants") or [])
-        if old_id and old_id != adapter_id:
-            # A new version took over: the old one loses this resource's grants and
-            # leaves the registry, unless someone else still uses it.
-            for tenant in old_tenants:
-                self._revoke(tenant, old_id)
+        # What this resource owns besides, from the registry: earlier versions lose its
+        # grants and leave the registry; the current one loses the tenants the spec dropped.
+        for owned in self._owned(owner):
+            if owned == adapter_id:
+                for tenant in self._holders(owned, allowed):
+                    if tenant not in tenants:
+                        self._revoke(tenant, owned)
+                continue
+            for tenant in self._holders(owned, allowed):
+                self._revoke(tenant, owned)
             try:
-                self.platform.unregister_adapter(old_id)
+                self.platform.unregister_adapter(owned)
             except exc.NotFoundError:
                 pass
             except exc.FailedPreconditionError as e:
-                notes.append(f"the previous version {old_id} stays registered: {e.message}")
-        elif old_id == adapter_id:
-            for tenant in old_tenants:
-                if tenant not in tenants:
-                    self._revoke(tenant, adapter_id)
+                notes.append(f"the previous version {owned} stays registered: {e.message}")
         granted = ", ".join(tenants) or "no tenant"
         message = f"{adapter_id} registered, granted to {granted}" + "".join(f"; {n}" for n in notes)
         self._status(obj, "True", "Registered", message, adapterId=adapter_id,
-                     grantedTenants=tenants, pendingAdapterId=None, pendingTenants=None)
+                     grantedTenants=tenants)
         return Outcome("ready", adapter_id=adapter_id, message=message)
-
-    def _remember_pending(self, obj: dict, adapter_id: str, granted: list[str]) -> None:
-        status = obj.get("status") or {}
-        if status.get("adapterId") == adapter_id and set(granted) <= set(
-                status.get("grantedTenants") or []):
-            return  # nothing new to remember
-        try:
-            self._write_status(obj, {"pendingAdapterId": adapter_id, "pendingTenants": granted})
-        except Exception:  # noqa: BLE001 - best effort; the original error is raised
-            pass
 
     def _revoke(self, tenant: str, adapter_id: str) -> None:
         try:
@@ -199,18 +265,16 @@ class Reconciler:
     # -- delete (the finalizer) -------------------------------------------------------
 
     def _delete(self, obj: dict) -> Outcome:
-        meta, status = obj["metadata"], obj.get("status") or {}
+        meta = obj["metadata"]
         finalizers = list(meta.get("finalizers") or [])
         if FINALIZER not in finalizers:
             return Outcome("skipped")
-        adapter_id = status.get("adapterId")
-        # What a reconcile that failed half-way may have left, too.
-        ids = list(dict.fromkeys(i for i in (adapter_id, status.get("pendingAdapterId")) if i))
-        tenants = list(dict.fromkeys([*(status.get("grantedTenants") or []),
-                                      *(status.get("pendingTenants") or [])]))
-        for one in ids:
+        owner = f"{meta.get('namespace', '')}/{meta['name']}"
+        allowed = self._allowed(obj)
+        owned = self._owned(owner)
+        for one in owned:
             try:
-                for tenant in tenants:
+                for tenant in self._holders(one, allowed):
                     self._revoke(tenant, one)
                 self.platform.unregister_adapter(one)
             except exc.NotFoundError:
@@ -221,7 +285,7 @@ class Reconciler:
                 self._status(obj, "False", "DeletionBlocked", e.message)
                 return Outcome("blocked", retry=True, adapter_id=one, message=e.message)
         self.kube.set_finalizers(obj, [f for f in finalizers if f != FINALIZER])
-        return Outcome("deleted", adapter_id=adapter_id or "")
+        return Outcome("deleted", adapter_id=owned[-1] if owned else "")
 
     # -- status -----------------------------------------------------------------------
 
