@@ -139,9 +139,10 @@ def generation_deployment(config: HybridServeConfig, max_adapters: int | None = 
             await self.service.engine.check_health()
 
         async def record_routing_stats(self) -> dict:
-            # Serve sends this to every router of the deployment (the slot-aware router).
+            # Serve sends this to every router of the deployment (the slot-aware router),
+            # as a dict: the router reads it back with `RoutingReport.from_wire`.
             # Async: it then runs on the loop that changes what it reads.
-            return self.routing_stats()
+            return self.routing_stats().to_wire()
 
     return serve.deployment(
         GenerationDeployment,

@@ -22,7 +22,8 @@ import yaml
 from hybridserve import observability as obs
 from hybridserve.config import HybridServeConfig
 from hybridserve.errors import DeadlineExceeded, InvalidArgument, NotFound, Unavailable
-from hybridserve.generation.servicer import GenerationServicer, ResidentAdapter
+from hybridserve.generation.residency import ResidentAdapter
+from hybridserve.generation.servicer import GenerationServicer
 from hybridserve.grpc_errors import grpc_stream, grpc_unary
 from hybridserve.observability import metrics as m
 from hybridserve.observability.prometheus import PrometheusServer
@@ -198,7 +199,7 @@ async def test_adapter_loads_residency_and_eviction(fake, config, monkeypatch, a
 
     assert again.ref == first.ref
     await first.__del__()  # what Serve does on LRU eviction
-    await servicer._unloads[ref_id]  # idle: it unloads at once, in the background
+    await servicer.residency._unloads[ref_id]  # idle: it unloads at once, in the background
     assert [t for _, _, t in calls(fake, m.ADAPTER_EVICTIONS)] == [{"adapter": ref_id}]
     assert [v for _, v, _ in calls(fake, m.ADAPTER_RESIDENT, adapter=ref_id)] == [1.0, 0.0]
     # The evicted series is no longer refreshed, so Ray lets it age out.
@@ -223,7 +224,7 @@ async def test_engine_load_is_sampled_into_the_gauges(fake, config, monkeypatch,
                                              running_requests=3)
     )
     servicer = GenerationServicer(config, engine=engine, tenancy=admin[0])
-    servicer.sample_engine_load()
+    servicer.load_sampler.sample()
     assert [v for _, v, _ in calls(fake, m.ENGINE_WAITING)] == [2.0]
     assert [v for _, v, _ in calls(fake, m.ENGINE_RUNNING)] == [3.0]
     assert [v for _, v, _ in calls(fake, m.ENGINE_CAPACITY)] == [7.0]
@@ -239,7 +240,7 @@ async def test_the_sampler_runs_while_the_replica_runs(fake, config, admin):
         await asyncio.sleep(0.01)
     await servicer.shutdown()
     assert len(calls(fake, m.ENGINE_RUNNING)) >= 2
-    assert servicer._sampler is None
+    assert servicer.load_sampler.task is None
 
 
 async def test_the_config_switch_turns_every_metric_off(fake, config, admin):
@@ -249,7 +250,7 @@ async def test_the_config_switch_turns_every_metric_off(fake, config, admin):
                                       tenancy=admin[0])
         assert not obs.is_enabled()
         await servicer.start()
-        assert servicer._sampler is None
+        assert servicer.load_sampler.task is None
         await _generate(servicer, admin[1])
         await _generate(servicer, admin[1], adapter="nope@v1", code="NOT_FOUND")
         await servicer.shutdown()

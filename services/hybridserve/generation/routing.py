@@ -20,8 +20,8 @@ within its slots:
   adapter requests never go there.
 
 What a replica holds is shared knowledge: each replica reports its slots, its
-role, its resident adapters and the requests in flight per adapter
-(`record_routing_stats`), and Serve sends those reports and the replicas'
+role, its resident adapters and the requests in flight per adapter (a
+`RoutingReport`, through `record_routing_stats`), and Serve sends those reports and the replicas'
 multiplexed model ids to every router (each proxy and each gateway replica). A
 router adds only what it routed itself that the reports may not show yet: its
 requests in flight since a replica's last report, and where it placed each
@@ -52,6 +52,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from ray.serve.request_router import PendingRequest, RequestRouter, RunningReplica
+
+from hybridserve.generation.residency import RoutingReport
 
 logger = logging.getLogger(__name__)
 
@@ -191,13 +193,13 @@ class SlotAwareRouter(RequestRouter):
         routed = self._state()
         out = []
         for r in replicas:
-            stats = r.routing_stats or {}
+            report = RoutingReport.from_wire(r.routing_stats)
             rid = r.replica_id.unique_id
-            reported_at = float(stats.get("at", 0.0))
-            active = dict(stats.get("active") or {})
-            adapters = (set(r.multiplexed_model_ids) | set(stats.get("resident") or ())
+            reported_at = report.at
+            active = dict(report.active)
+            adapters = (set(r.multiplexed_model_ids) | set(report.resident)
                         | {a for a in active if a})
-            ongoing = int(stats.get("ongoing", 0))
+            ongoing = report.ongoing
             for (where, adapter), at in self._placed.items():
                 if where == rid and at + _HINT_GRACE_S > reported_at:
                     adapters.add(adapter)
@@ -207,8 +209,7 @@ class SlotAwareRouter(RequestRouter):
                     ongoing += 1
                     if item.adapter:
                         adapters.add(item.adapter)
-            out.append(ReplicaView(rid, frozenset(adapters), active,
-                                   int(stats.get("slots", 1)), ongoing))
+            out.append(ReplicaView(rid, frozenset(adapters), active, report.slots, ongoing))
         return out
 
     async def choose_replicas(

@@ -1,7 +1,10 @@
 """The GenerationService gRPC servicer: protobuf in, domain calls, protobuf out.
 
 A plain class. `hybridserve.app` turns it into a Ray Serve deployment (and
-wraps `load_adapter` in `serve.multiplexed`); tests can use it directly.
+wraps `load_adapter` in `serve.multiplexed`); tests can use it directly. What it
+delegates to lives beside it: `service` (generation), `residency` (LoRA residency
+and the routing report), `registration` (register / unregister, audited),
+`load_sampler` (engine-load gauges) and `introspection` (Serve-handle-only hooks).
 """
 
 from __future__ import annotations
@@ -9,11 +12,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import time
-from collections import OrderedDict
 from collections.abc import AsyncIterator
-from dataclasses import asdict, replace
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -22,15 +22,19 @@ from grpc_health.v1 import health_pb2
 from hybridserve import observability as obs
 from hybridserve.config import HybridServeConfig
 from hybridserve.generation.adapters import AdapterRecord, AdapterRegistry
-from hybridserve.generation.engine import AdapterRef, Engine
-from hybridserve.generation.engine import Delta
+from hybridserve.generation.engine import Delta, Engine
+from hybridserve.generation.introspection import RecentRequestIds, ReplicaIntrospection
+from hybridserve.generation.load_sampler import EngineLoadSampler
+from hybridserve.generation.registration import AdapterRegistration
+from hybridserve.generation.replica import replica_id, replica_rank
+from hybridserve.generation.residency import AdapterResidency, ResidentAdapter, RoutingReport
 from hybridserve.generation.service import (
     GenerateInput,
     GenerationDone,
     GenerationService,
     prefix_cache_salt,
 )
-from hybridserve.errors import DeadlineExceeded, FailedPrecondition, HybridServeError, Unavailable
+from hybridserve.errors import DeadlineExceeded, Unavailable
 from hybridserve.grpc_errors import grpc_stream, grpc_unary
 from hybridserve.health import watch_health
 from hybridserve.tenancy.auth import Tenancy
@@ -44,42 +48,6 @@ _FINISH = {
     "length": common_pb2.FINISH_REASON_LENGTH,
     "abort": common_pb2.FINISH_REASON_ABORT,
 }
-#: client_request_id -> request id pairs a replica remembers for `stats()`.
-_RECENT_IDS = 256
-
-
-def replica_id() -> str:
-    """The Serve replica's unique id, or a process-local id outside Serve."""
-    try:
-        from ray import serve
-
-        return serve.get_replica_context().replica_id.unique_id
-    except Exception:
-        return f"local-{os.getpid()}"
-
-
-def replica_rank() -> int | None:
-    """The Serve replica's rank (0..N-1 in its deployment), or None outside Serve."""
-    try:
-        from ray import serve
-
-        return serve.get_replica_context().rank.rank
-    except Exception:
-        return None
-
-
-def _rss_bytes() -> int:
-    """Resident memory of this replica and its children (vLLM's engine process)."""
-    import psutil
-
-    total = 0
-    me = psutil.Process()
-    for proc in (me, *me.children(recursive=True)):
-        try:
-            total += proc.memory_info().rss
-        except psutil.Error:  # exited meanwhile
-            pass
-    return total
 
 
 def model_dir_for(config: HybridServeConfig) -> Path:
@@ -89,63 +57,6 @@ def model_dir_for(config: HybridServeConfig) -> Path:
     from hybridserve.models import default_model_dir
 
     return default_model_dir(config.cache_dir, config.model.dtype)
-
-
-class _AdapterState:
-    """One adapter in this replica's engine: the requests using it, and whether Serve
-    has evicted it (it then unloads once they have ended)."""
-
-    def __init__(self, ref: AdapterRef):
-        self.ref = ref
-        self.users = 0
-        self.idle = asyncio.Event()
-        self.idle.set()
-        #: Set when Serve evicted it; cleared when it is loaded again before unloading.
-        self.evicted = False
-
-
-class ResidentAdapter:
-    """The multiplexed "model" Serve caches for one load of an adapter.
-
-    Evicting it returns at once: Serve awaits `model.__del__` while it holds the
-    replica's model-cache lock, so waiting there would stall every other adapter's
-    load. The servicer unloads the adapter from the engine once its last request
-    has ended, unless it is loaded again first. A load returns a new object each
-    time (Serve disarms the `__del__` of the object it evicted) over one shared
-    state per adapter.
-    """
-
-    def __init__(self, state: _AdapterState, on_evict):
-        self._state = state
-        self._on_evict = on_evict
-        # NOTE: an instance attribute, not a method: Serve awaits `model.__del__`
-        # on LRU eviction, while the garbage collector only ever calls the
-        # class's __del__ (which must not be a coroutine).
-        self.__del__ = self._evict
-
-    @property
-    def ref(self) -> AdapterRef:
-        return self._state.ref
-
-    @property
-    def users(self) -> int:
-        return self._state.users
-
-    @property
-    def evicted(self) -> bool:
-        return self._state.evicted
-
-    def acquire(self) -> None:
-        self._state.users += 1
-        self._state.idle.clear()
-
-    def release(self) -> None:
-        self._state.users -= 1
-        if self._state.users == 0:
-            self._state.idle.set()
-
-    async def _evict(self) -> None:
-        self._on_evict(self._state)
 
 
 def _estimated_tokens(inp: GenerateInput) -> int:
@@ -219,8 +130,13 @@ def _public_base_model(base: str) -> str:
     return base
 
 
-class GenerationServicer:
-    """Implements hybridserve.v1.GenerationService and grpc.health.v1.Health.
+class GenerationServicer(ReplicaIntrospection):
+    """Implements hybridserve.v1.GenerationService and grpc.health.v1.Health, by
+    translating protobuf and calling: `GenerationService` (generation),
+    `AdapterResidency` (adapters loaded in this replica, and the routing report),
+    `AdapterRegistration` (the adapter registry's API) and `EngineLoadSampler` (the
+    engine-load gauges). The Serve-handle-only introspection that tests and
+    benchmarks use comes from `ReplicaIntrospection`.
 
     Args:
         config: platform config (a dict is accepted, as Serve passes it).
@@ -250,64 +166,34 @@ class GenerationServicer:
                 update={"enable_lora": False})})
             logger.info("replica rank %s is in the base pool: LoRA off", rank)
         if engine is None:
+            # Lazy: vllm is heavy, and tests pass their own engine.
             from hybridserve.generation.vllm_engine import VLLMEngine
 
             engine = VLLMEngine(cfg, model_dir)
         self.config = cfg
         self.service = GenerationService(cfg, engine, AdapterRegistry.from_config(cfg, model_dir))
         self.tenancy = tenancy or Tenancy.from_config(cfg, metrics_service=self.metrics_service)
-        self._evictions = 0
-        self._prefetches = 0
-        #: adapter id -> the state of an adapter loaded in this replica's engine
-        #: (also while it drains after an eviction)
-        self._residents: dict[str, _AdapterState] = {}
-        #: adapter id -> the task that unloads it once its requests have ended
-        self._unloads: dict[str, asyncio.Task] = {}
-        #: serializes loading and unloading one adapter
-        self._adapter_locks: dict[str, asyncio.Lock] = {}
-        #: requests in flight that name no adapter
-        self._base_users = 0
-        self._sampler: asyncio.Task | None = None
-        #: client_request_id -> the server's request id, for the last requests
-        #: that sent one (introspection: `stats()`).
-        self._recent_ids: OrderedDict[str, str] = OrderedDict()
+        self.residency = AdapterResidency(engine, cfg.adapters.node_cache_dir)
+        self.registration = AdapterRegistration(self.service.registry, self.tenancy.store)
+        self.load_sampler = EngineLoadSampler(
+            engine, capacity=cfg.engine.max_num_seqs,
+            interval_s=cfg.observability.engine_stats_interval_s)
+        # Read through the Serve handle only (`ReplicaIntrospection.stats`).
+        self.prefetches = 0
+        self.recent_ids = RecentRequestIds()
 
     async def start(self) -> None:
         await self.service.engine.start()
         if obs.is_enabled():
-            self._sampler = asyncio.create_task(self._sample_engine_load_forever())
+            self.load_sampler.start()
 
     async def shutdown(self) -> None:
-        if self._sampler is not None:
-            self._sampler.cancel()
-            self._sampler = None
-        for task in list(self._unloads.values()):
-            task.cancel()
+        self.load_sampler.stop()
+        self.residency.shutdown()
         self.service.close()
         obs.release_replica(replica_id())
         await self.service.engine.shutdown()
         await self.tenancy.close()
-
-    # -- engine load gauges --------------------------------------------------
-
-    def sample_engine_load(self) -> None:
-        """Reports the engine's queue (waiting, running, batch size) to the gauges."""
-        stats = self.service.engine.stats()
-        obs.set_engine_load(
-            replica_id(),
-            waiting=stats.waiting_requests,
-            running=stats.running_requests,
-            capacity=self.config.engine.max_num_seqs,
-        )
-
-    async def _sample_engine_load_forever(self) -> None:
-        interval = self.config.observability.engine_stats_interval_s
-        while True:  # cancelled by shutdown
-            try:
-                self.sample_engine_load()
-            except Exception:  # noqa: BLE001 - a metrics sample must never end the loop
-                logger.warning("sampling the engine load failed", exc_info=True)
-            await asyncio.sleep(interval)
 
     # -- adapters (multiplexed) --------------------------------------------
 
@@ -317,64 +203,13 @@ class GenerationServicer:
         one batch can hold) and evicts the least recently used."""
         # The registry stats (and may read) its record: off the loop.
         record = await self.service.run_blocking(self.service.registry.get, adapter_id)
-        ref = self.service.adapter_ref(record)
-        lock = self._adapter_locks.setdefault(ref.adapter_id, asyncio.Lock())
-        async with lock:
-            state = self._residents.get(ref.adapter_id)
-            if state is not None and state.ref.int_id == ref.int_id:
-                # Still in the engine (evicted and draining, or outside Serve, where
-                # this runs for every request): use it, and keep it.
-                state.evicted = False
-                return ResidentAdapter(state, self._evict)
-            start = time.perf_counter()
-            try:
-                if self.config.adapters.node_cache_dir is not None:
-                    from hybridserve.generation.node_cache import local_copy
+        return await self.residency.load(record, self.service.adapter_ref(record))
 
-                    local = await asyncio.to_thread(
-                        local_copy, record, self.config.adapters.node_cache_dir)
-                    ref = replace(ref, path=str(local))
-                await self.service.engine.load_adapter(ref)
-            except BaseException:
-                obs.adapter_loaded(ref.adapter_id, time.perf_counter() - start, ok=False)
-                raise
-            obs.adapter_loaded(ref.adapter_id, time.perf_counter() - start, ok=True)
-            obs.set_resident(replica_id(), ref.adapter_id, True)
-            state = self._residents[ref.adapter_id] = _AdapterState(ref)
-            return ResidentAdapter(state, self._evict)
-
-    def _evict(self, state: _AdapterState) -> None:
-        """Serve evicted the adapter: unload it once its requests have ended."""
-        state.evicted = True
-        adapter_id = state.ref.adapter_id
-        if adapter_id not in self._unloads:
-            self._unloads[adapter_id] = asyncio.create_task(self._unload_when_idle(state))
-
-    async def _unload_when_idle(self, state: _AdapterState) -> None:
-        adapter_id = state.ref.adapter_id
-        try:
-            # NOTE: no timeout: every request ends by its deadline
-            # (serve.request_timeout_s), and unloading under a live request would
-            # only make vLLM load it again from disk.
-            await state.idle.wait()
-            async with self._adapter_locks.setdefault(adapter_id, asyncio.Lock()):
-                if not state.evicted or self._residents.get(adapter_id) is not state:
-                    return  # loaded again while it drained
-                del self._residents[adapter_id]
-                await self.service.engine.unload_adapter(state.ref)
-        except Exception:  # noqa: BLE001 - a background task: log, never raise into nothing
-            logger.warning("unloading adapter %s failed", adapter_id, exc_info=True)
-            return
-        finally:
-            if self._unloads.get(adapter_id) is asyncio.current_task():
-                del self._unloads[adapter_id]
-        self._evicted(adapter_id)
-
-    def _evicted(self, adapter_id: str) -> None:
-        self._evictions += 1
-        obs.adapter_evicted(adapter_id)
-        obs.set_resident(replica_id(), adapter_id, False)
-        logger.info("evicted adapter %s from replica %s", adapter_id, replica_id())
+    def routing_stats(self) -> RoutingReport:
+        """What every router needs of this replica (Serve's `record_routing_stats`
+        sends its `to_wire()`): adapter slots (0 in the base pool), requests in
+        flight per adapter ("" = none) and in all, and when this was taken."""
+        return self.residency.report(0 if self.base_only else self.config.engine.max_loras)
 
     # -- GenerationService -------------------------------------------------
 
@@ -428,7 +263,7 @@ class GenerationServicer:
         adapter resident on the replica its requests will be routed to, before they
         come (the RAG gateway calls it while retrieval runs). Returns the replica."""
         if adapter_id:
-            self._prefetches += 1
+            self.prefetches += 1
             await self.load_adapter(adapter_id)
         return replica_id()
 
@@ -454,9 +289,7 @@ class GenerationServicer:
             if prepared.client_request_id:
                 logger.info("request %s is the client's %r", prepared.request_id,
                             prepared.client_request_id)
-                self._recent_ids[prepared.client_request_id] = prepared.request_id
-                while len(self._recent_ids) > _RECENT_IDS:
-                    self._recent_ids.popitem(last=False)
+                self.recent_ids.remember(prepared.client_request_id, prepared.request_id)
             if prepared.adapter is not None:
                 if self.base_only:
                     raise Unavailable(
@@ -466,7 +299,7 @@ class GenerationServicer:
                 resident = await self.load_adapter(prepared.adapter.id)
                 resident.acquire()
             else:
-                self._base_users += 1
+                self.residency.acquire_base()
                 base = True
             if lease is not None:
                 lease.tokens = len(prepared.prompt_token_ids)
@@ -507,7 +340,7 @@ class GenerationServicer:
             if resident is not None:
                 resident.release()
             if base:
-                self._base_users -= 1
+                self.residency.release_base()
 
     @grpc_unary
     async def ListAdapters(
@@ -515,9 +348,7 @@ class GenerationServicer:
     ) -> generation_pb2.ListAdaptersResponse:
         principal = await self.tenancy.authenticate(grpc_context)
         async with self.tenancy.admit(principal):
-            records = await self._call(self.service.registry.list)
-        # A tenant sees only what it may use.
-        records = [r for r in records if principal.may_use(r.id)]
+            records = await self.registration.list_for(principal)
         return generation_pb2.ListAdaptersResponse(
             adapters=[adapter_to_proto(r, full=principal.is_admin) for r in records])
 
@@ -526,18 +357,9 @@ class GenerationServicer:
         self, request: generation_pb2.RegisterAdapterRequest, grpc_context: Any = None
     ) -> generation_pb2.RegisterAdapterResponse:
         principal = await self.tenancy.authenticate(grpc_context)
-
-        def register():
-            # The registry validates name and path (empty ones included) with its own messages.
-            return self.service.registry.register(
-                request.name, request.path, version=request.version or None,
-                metadata=dict(request.metadata),
-            )
-
-        record, created = await self._admin_action(
-            principal, "RegisterAdapter", f"adapter/{request.name[:64]}", register,
-            lambda result: f"{result[0].id} ({'new' if result[1] else 'already registered'})",
-        )
+        record, created = await self.registration.register(
+            principal, request.name, request.path, version=request.version,
+            metadata=dict(request.metadata))
         return generation_pb2.RegisterAdapterResponse(
             adapter=adapter_to_proto(record), created=created
         )
@@ -547,53 +369,8 @@ class GenerationServicer:
         self, request: generation_pb2.UnregisterAdapterRequest, grpc_context: Any = None
     ) -> generation_pb2.UnregisterAdapterResponse:
         principal = await self.tenancy.authenticate(grpc_context)
-
-        def unregister():
-            granted = self.tenancy.store.tenants_granted(request.id)
-            if granted:
-                raise FailedPrecondition(
-                    f"adapter {request.id!r} is still granted to {', '.join(granted)}; revoke "
-                    "those grants first (`hybridserve admin grants revoke TENANT ADAPTER`)",
-                    reason="ADAPTER_IN_USE", metadata={"tenants": ",".join(granted)[:500]},
-                )
-            self.service.registry.unregister(request.id)
-
-        await self._admin_action(principal, "UnregisterAdapter", f"adapter/{request.id[:200]}",
-                                 unregister)
+        await self.registration.unregister(principal, request.id)
         return generation_pb2.UnregisterAdapterResponse()
-
-    async def _admin_action(self, principal, action: str, target: str, fn, describe=None):
-        """Runs an admin-only registry action off the loop and audits it (also when refused)."""
-        store = self.tenancy.store
-        try:
-            principal.require_admin(action)
-            result = await self._call(fn)
-        except HybridServeError as e:
-            await self._call(store.record_audit, principal.actor, action, target, e.code, e.message)
-            raise
-        await self._call(store.record_audit, principal.actor, action, target, "OK",
-                         describe(result) if describe else "")
-        return result
-
-    async def check_credentials(self, token: str, admit: bool = False) -> dict:
-        """Serve handle only: authenticates `token` on this replica, and with `admit`
-        takes one request of its quota (tests of the revocation bound and of shared
-        quotas across replicas)."""
-        try:
-            p = await self.tenancy.authenticate_token(token)
-            if admit:
-                async with self.tenancy.admit(p):
-                    pass
-            return {"replica_id": replica_id(), "code": "OK", "tenant": p.tenant_id}
-        except HybridServeError as e:
-            return {"replica_id": replica_id(), "code": e.code, "reason": e.reason,
-                    "retry_after": e.retry_after}
-
-    @staticmethod
-    async def _call(fn, *args, **kwargs):
-        # Registry calls hash and copy files: keep them off the event loop that
-        # streams tokens.
-        return await asyncio.to_thread(fn, *args, **kwargs)
 
     # -- grpc.health.v1.Health ----------------------------------------------
 
@@ -621,40 +398,3 @@ class GenerationServicer:
         async for status in watch_health(self._health, request.service,
                                          self.config.serve.health_watch_s):
             yield health_pb2.HealthCheckResponse(status=status)
-
-    def routing_stats(self) -> dict:
-        """What every router needs of this replica (Serve's `record_routing_stats`):
-        adapter slots (0 in the base pool), requests in flight per adapter ("" = none)
-        and in all, and when this was taken."""
-        active = {aid: st.users for aid, st in self._residents.items()
-                  if st.users and not st.evicted}
-        if self._base_users:
-            active[""] = self._base_users
-        return {
-            "at": time.time(),
-            "slots": 0 if self.base_only else self.config.engine.max_loras,
-            "resident": sorted(aid for aid, st in self._residents.items() if not st.evicted),
-            "active": active,
-            "ongoing": sum(active.values()) + sum(
-                st.users for st in self._residents.values() if st.evicted),
-        }
-
-    # -- introspection (Serve handle only, not on the gRPC API) -----------
-
-    async def stats(self, reset_peak: bool = False) -> dict:
-        """This replica's id, engine counters, resident adapters, evictions, and the
-        server request ids of the last requests that sent a client_request_id.
-        `reset_peak` starts a new window for `engine_running_max` after reading."""
-        engine = self.service.engine
-        out = {
-            "replica_id": replica_id(),
-            "base_only": self.base_only,
-            "evictions": self._evictions,
-            "prefetches": self._prefetches,
-            "request_ids": dict(self._recent_ids),
-            **asdict(engine.stats()),
-        }
-        out["rss_bytes"] = _rss_bytes()
-        if reset_peak and hasattr(engine, "reset_running_peak"):
-            engine.reset_running_peak()
-        return out
