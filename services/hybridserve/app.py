@@ -142,7 +142,7 @@ def generation_deployment(config: HybridServeConfig, max_adapters: int | None = 
             # Serve sends this to every router of the deployment (the slot-aware router),
             # as a dict: the router reads it back with `RoutingReport.from_wire`.
             # Async: it then runs on the loop that changes what it reads.
-            return self.routing_stats().to_wire()
+            return self.routing_report().to_wire()
 
     return serve.deployment(
         GenerationDeployment,

@@ -64,7 +64,7 @@ async def test_the_router_sees_what_the_replica_reports(config, base, admin):
     on_base = servicer.Generate(base_req, FakeContext(admin[1]))
     await on_base.__anext__()
 
-    report = servicer.routing_stats()
+    report = servicer.routing_report()
     assert isinstance(report, RoutingReport)
     assert report.slots == config.engine.max_loras and report.resident == (adapter,)
     assert report.active == {adapter: 1, "": 1} and report.ongoing == 2
@@ -78,7 +78,7 @@ async def test_the_router_sees_what_the_replica_reports(config, base, admin):
     assert view.slots == config.engine.max_loras and view.ongoing == 2
 
     servicer.base_only = True  # a base-pool replica reports no slots
-    assert servicer.routing_stats().slots == 0
+    assert servicer.routing_report().slots == 0
     for stream in (on_adapter, on_base):
         await stream.aclose()
     await servicer.shutdown()

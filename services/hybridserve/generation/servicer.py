@@ -205,7 +205,7 @@ class GenerationServicer(ReplicaIntrospection):
         record = await self.service.run_blocking(self.service.registry.get, adapter_id)
         return await self.residency.load(record, self.service.adapter_ref(record))
 
-    def routing_stats(self) -> RoutingReport:
+    def routing_report(self) -> RoutingReport:
         """What every router needs of this replica (Serve's `record_routing_stats`
         sends its `to_wire()`): adapter slots (0 in the base pool), requests in
         flight per adapter ("" = none) and in all, and when this was taken."""
