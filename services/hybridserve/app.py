@@ -23,6 +23,7 @@ from hybridserve.rag.prompt import HFChatTokenizer, PromptBuilder
 from hybridserve.rag.service import RagService
 from hybridserve.retrieval.embedding import SentenceTransformerEmbedder
 
+
 def on_replica_shutdown(instance: Any, shutdown) -> None:
     """Makes Serve await `shutdown()` when `instance`'s replica stops.
 
