@@ -14,32 +14,14 @@ from typing import Any
 from ray import serve
 from ray.serve.config import RequestRouterConfig
 
+from hybridserve import topology
 from hybridserve.config import HybridServeConfig, replica_options
-from hybridserve.generation.servicer import GenerationServicer
+from hybridserve.generation.servicer import GenerationServicer, model_dir_for
 from hybridserve.generation.vllm_engine import engine_environment
-
-#: Serve app names. With more than one app, gRPC clients send `application`.
-GENERATION_APP = "generation"
-RETRIEVAL_APP = "retrieval"
-RERANK_APP = "rerank"
-#: The control plane (AdminService); always deployed.
-ADMIN_APP = "admin"
-#: The RAG gateway (RagService), the applications' entry point.
-RAG_APP = "rag"
-
-#: The servicers Serve's gRPC proxy exposes. Server reflection is built into
-#: the proxy (gRPCOptions.enable_reflection); health is answered by our
-#: deployments (`Check` / `Watch`). The first entry adds no service: it gives a
-#: dead replica and backpressure retryable codes (see `hybridserve.serve_patches`).
-GRPC_SERVICER_FUNCTIONS = [
-    "hybridserve.serve_patches.add_to_proxy",
-    "hybridserve.v1.generation_pb2_grpc.add_GenerationServiceServicer_to_server",
-    "hybridserve.v1.retrieval_pb2_grpc.add_RetrievalServiceServicer_to_server",
-    "hybridserve.v1.rerank_pb2_grpc.add_RerankServiceServicer_to_server",
-    "hybridserve.v1.admin_pb2_grpc.add_AdminServiceServicer_to_server",
-    "hybridserve.v1.rag_pb2_grpc.add_RagServiceServicer_to_server",
-    "grpc_health.v1.health_pb2_grpc.add_HealthServicer_to_server",
-]
+from hybridserve.rag.handles import ServeGenerator, ServeReranker, ServeRetriever
+from hybridserve.rag.prompt import HFChatTokenizer, PromptBuilder
+from hybridserve.rag.service import RagService
+from hybridserve.retrieval.embedding import SentenceTransformerEmbedder
 
 
 def on_replica_shutdown(instance: Any, shutdown) -> None:
@@ -146,7 +128,7 @@ def generation_deployment(config: HybridServeConfig, max_adapters: int | None = 
 
     return serve.deployment(
         GenerationDeployment,
-        name="GenerationService",
+        name=topology.GENERATION.ingress,
         **replica_options(config.serve.generation_replicas, config.serve.generation_autoscaling),
         **queue_options(config),
         **generation_placement(config),
@@ -188,7 +170,6 @@ def embedder_deployment(config: HybridServeConfig):
     class EmbedderDeployment(_BatchStats):
         def __init__(self, config: dict):
             from hybridserve import observability as obs
-            from hybridserve.retrieval.embedding import SentenceTransformerEmbedder
 
             cfg = HybridServeConfig.model_validate(config)
             obs.set_enabled(cfg.observability.metrics_enabled)
@@ -215,7 +196,7 @@ def embedder_deployment(config: HybridServeConfig):
 
     return serve.deployment(
         EmbedderDeployment,
-        name="Embedder",
+        name=topology.EMBEDDER_DEPLOYMENT,
         num_replicas=rcfg.embedder_replicas,
         max_ongoing_requests=64,
         max_queued_requests=config.serve.max_queued_requests,
@@ -242,7 +223,7 @@ def retrieval_deployment(config: HybridServeConfig):
 
     return serve.deployment(
         RetrievalDeployment,
-        name="RetrievalService",
+        name=topology.RETRIEVAL.ingress,
         **replica_options(config.retrieval.replicas, config.retrieval.autoscaling),
         **queue_options(config),
         health_check_timeout_s=HEALTH_CHECK_TIMEOUT_S,
@@ -278,7 +259,7 @@ def rerank_deployment(config: HybridServeConfig):
 
     return serve.deployment(
         RerankDeployment,
-        name="RerankService",
+        name=topology.RERANK.ingress,
         **replica_options(rc.replicas, rc.autoscaling),
         **queue_options(config),
         ray_actor_options={"num_cpus": rc.cpus_per_replica},
@@ -297,7 +278,7 @@ class _RetrievalKnowledge:
         self._app = app_name
 
     def _handle(self):
-        return serve.get_deployment_handle("RetrievalService", app_name=self._app)
+        return serve.get_deployment_handle(topology.RETRIEVAL.ingress, app_name=self._app)
 
     async def create(self, tenant: str) -> None:
         await self._handle().create_knowledge.remote(tenant)
@@ -314,7 +295,7 @@ def admin_deployment(config: HybridServeConfig):
         def __init__(self, config: dict, with_retrieval: bool):  # type: ignore[override]
             from hybridserve.tenancy.bootstrap import register_env_admin_key
 
-            knowledge = _RetrievalKnowledge(RETRIEVAL_APP) if with_retrieval else None
+            knowledge = _RetrievalKnowledge(topology.RETRIEVAL.name) if with_retrieval else None
             AdminServicer.__init__(self, config, knowledge=knowledge)
             # On a cluster nothing runs `hybridserve up`: the control plane registers
             # the admin key of its environment (a Kubernetes Secret) itself, in the
@@ -323,7 +304,7 @@ def admin_deployment(config: HybridServeConfig):
 
     return serve.deployment(
         AdminDeployment,
-        name="AdminService",
+        name=topology.ADMIN.ingress,
         num_replicas=1,
         **queue_options(config),
         # On Kubernetes: only the head pod offers these, and only it holds the admin key.
@@ -334,8 +315,25 @@ def admin_deployment(config: HybridServeConfig):
 
 def build_admin_app(config: HybridServeConfig) -> Any:
     return admin_deployment(config).bind(
-        config.model_dump(mode="json"), RETRIEVAL_APP in config.serve.apps
+        config.model_dump(mode="json"), topology.RETRIEVAL.name in config.serve.apps
     )
+
+
+def rag_pipeline(config: HybridServeConfig) -> RagService:
+    """The gateway's pipeline: Serve handles to the retrieval, rerank and generation
+    apps (`rag.generation_app`), and a prompt builder on the base model's tokenizer."""
+    embed = None
+    if config.rag.embed_in_gateway:
+        embedder = SentenceTransformerEmbedder(config.retrieval.embedding_model, threads=1)
+
+        async def embed(text: str):
+            return (await asyncio.to_thread(embedder.embed, [text]))[0]
+
+    prompts = PromptBuilder(HFChatTokenizer(model_dir_for(config)), config.model.max_model_len,
+                            config.rag.instructions)
+    return RagService(config, ServeRetriever(topology.RETRIEVAL.name, embed),
+                      ServeReranker(topology.RERANK.name), ServeGenerator(config.rag.generation_app),
+                      prompts)
 
 
 def rag_deployment(config: HybridServeConfig):
@@ -349,12 +347,13 @@ def rag_deployment(config: HybridServeConfig):
 
             # One thread: the gateway embeds one query at a time.
             torch.set_num_threads(1)
-            RagServicer.__init__(self, config)
+            cfg = HybridServeConfig.model_validate(config)
+            RagServicer.__init__(self, cfg, rag_pipeline(cfg))
             on_replica_shutdown(self, self.shutdown)
 
     return serve.deployment(
         RagDeployment,
-        name="RagService",
+        name=topology.RAG.ingress,
         **replica_options(config.rag.replicas, config.rag.autoscaling),
         **queue_options(config),
         ray_actor_options={"num_cpus": config.rag.cpus_per_replica},
@@ -366,10 +365,26 @@ def build_rag_app(config: HybridServeConfig) -> Any:
     return rag_deployment(config).bind(config.model_dump(mode="json"))
 
 
+#: The builder of each declared app (`hybridserve.topology`), by app name.
+_BUILDERS = {
+    topology.ADMIN.name: build_admin_app,
+    topology.GENERATION.name: build_generation_app,
+    topology.RETRIEVAL.name: build_retrieval_app,
+    topology.RERANK.name: build_rerank_app,
+    topology.RAG.name: build_rag_app,
+}
+
+
+def build_app(name: str, config: HybridServeConfig) -> Any:
+    """The bound application of the declared app `name`, ready for `serve.run`."""
+    return _BUILDERS[name](config)
+
+
 def grpc_options(config: HybridServeConfig):
     from ray.serve.config import gRPCOptions
 
-    return gRPCOptions(port=config.serve.grpc_port, grpc_servicer_functions=GRPC_SERVICER_FUNCTIONS,
+    return gRPCOptions(port=config.serve.grpc_port,
+                       grpc_servicer_functions=list(topology.GRPC_SERVICER_FUNCTIONS),
                        request_timeout_s=config.serve.request_timeout_s)
 
 

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import grpc
 
+from hybridserve import topology
 from hybridserve.answers import Answer, Final, Sources, Token, collect, event_of
 from hybridserve.exceptions import HybridServeAPIError, from_aio_error, from_rpc_error
 from hybridserve.v1 import (
@@ -42,11 +43,11 @@ from hybridserve.v1 import (
 
 #: Serve apps hosting each service; sent as `application` metadata, which is
 #: how Serve's gRPC proxy picks the app when several share it.
-GENERATION_APP = "generation"
-RETRIEVAL_APP = "retrieval"
-RERANK_APP = "rerank"
-ADMIN_APP = "admin"
-RAG_APP = "rag"
+GENERATION_APP = topology.GENERATION.name
+RETRIEVAL_APP = topology.RETRIEVAL.name
+RERANK_APP = topology.RERANK.name
+ADMIN_APP = topology.ADMIN.name
+RAG_APP = topology.RAG.name
 #: Environment variable the SDK and the CLI read the key from.
 API_KEY_ENV = "HYBRIDSERVE_API_KEY"
 
@@ -393,12 +394,12 @@ class _Base(_Api):
         }
 
     def _md(self, app: str, adapter: str = "", timeout: float | None = None) -> list[tuple[str, str]]:
-        md = [("application", app)]
+        md = [(topology.APPLICATION_HEADER, app)]
         if self.api_key:
-            md.append(("authorization", f"Bearer {self.api_key}"))
+            md.append((topology.AUTHORIZATION_HEADER, f"Bearer {self.api_key}"))
         if timeout is not None:
             # gRPC's own deadline stops at Serve's proxy; this one reaches the gateway.
-            md.append(("hybridserve-timeout-ms", str(int(timeout * 1000))))
+            md.append((topology.TIMEOUT_HEADER, str(int(timeout * 1000))))
         return md
 
 

@@ -13,7 +13,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from hybridserve import constants
+from hybridserve import constants, topology
 
 #: Module names a LoRA may target in Llama-style models that vLLM serves.
 LLAMA_LORA_MODULES = (
@@ -167,6 +167,10 @@ def replica_options(replicas: int, autoscaling: AutoscalingConfig | None) -> dic
     return autoscaling.serve_options() if autoscaling else {"num_replicas": replicas}
 
 
+#: An app `serve.apps` may name: one of `hybridserve.topology.OPTIONAL_APPS`.
+AppName = Literal[topology.OPTIONAL_APPS]  # type: ignore[valid-type]
+
+
 class ServeConfig(_Strict):
     grpc_host: str = Field("127.0.0.1", description="Address Serve's gRPC proxy binds.")
     grpc_port: int = Field(constants.DEFAULT_GRPC_PORT, ge=1, le=65535, description="gRPC port.")
@@ -288,12 +292,12 @@ class ServeConfig(_Strict):
     graceful_shutdown_s: float = Field(
         30.0, gt=0, description="How long a replica that is being stopped (scale-down, "
         "upgrade) keeps serving its open streams before it is killed.")
-    apps: tuple[Literal["generation", "retrieval", "rerank", "rag"], ...] = Field(
-        ("generation", "retrieval", "rerank", "rag"),
+    apps: tuple[AppName, ...] = Field(
+        topology.OPTIONAL_APPS,
         min_length=1,
-        description="Serve apps `hybridserve up` runs (the control plane, `admin`, always "
-        "runs). `retrieval` also starts the local weaviate-server unless weaviate.url names "
-        "an external one; `rag` needs the other three.",
+        description=f"Serve apps `hybridserve up` runs (the control plane, `{topology.ADMIN.name}`, "
+        f"always runs). `{topology.RETRIEVAL.name}` also starts the local weaviate-server unless "
+        f"weaviate.url names an external one; `{topology.RAG.name}` needs the other three.",
     )
 
 
@@ -680,7 +684,8 @@ DEFAULT_RAG_INSTRUCTIONS = (
 
 class RagConfig(_Strict):
     generation_app: str = Field(
-        "generation", description="Serve app whose GenerationService writes the answers."
+        topology.GENERATION.name,
+        description=f"Serve app whose {topology.GENERATION.service_name} writes the answers.",
     )
     top_k: int = Field(8, ge=1, description="Candidates retrieved when a request does not set top_k.")
     top_n: int = Field(
@@ -741,7 +746,7 @@ class RagConfig(_Strict):
     )
     timeout_s: float = Field(
         120.0, gt=0, description="Deadline of an Ask whose client sent none "
-        "(the SDK sends its own as `hybridserve-timeout-ms` metadata).",
+        f"(the SDK sends its own as `{topology.TIMEOUT_HEADER}` metadata).",
     )
     replicas: int = Field(1, ge=1, description="Replicas of the gateway deployment.")
     autoscaling: AutoscalingConfig | None = Field(

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import grpc
 
-from hybridserve import localproc
+from hybridserve import localproc, topology
 from hybridserve.config import HybridServeConfig
 from hybridserve.errors import FailedPrecondition, Unavailable
 from hybridserve.observability.prometheus import PrometheusServer
@@ -159,7 +159,7 @@ def wait_healthy(address: str, service: str, timeout_s: float, application: str 
                 reply = stub.Check(
                     health_pb2.HealthCheckRequest(service=service),
                     timeout=5,
-                    metadata=[("application", application)] if application else None,
+                    metadata=[(topology.APPLICATION_HEADER, application)] if application else None,
                 )
                 if reply.status == health_pb2.HealthCheckResponse.SERVING:
                     return
@@ -222,33 +222,29 @@ def start(
     from ray.serve.api import RunTarget
     from ray.serve.config import HTTPOptions
 
-    from hybridserve.app import GENERATION_APP, build_generation_app, grpc_options
-
-    from hybridserve.app import (
-        ADMIN_APP,
-        RAG_APP,
-        RERANK_APP,
-        RETRIEVAL_APP,
-        build_admin_app,
-        build_rag_app,
-        build_rerank_app,
-        build_retrieval_app,
-    )
+    # Like Ray above: the app builders import Ray Serve (heavy), needed only to start.
+    from hybridserve.app import build_app, grpc_options
 
     wanted = config.serve.apps
-    apps = dict(generation_apps or ({GENERATION_APP: config} if GENERATION_APP in wanted else {}))
+    given = {topology.GENERATION.name: generation_apps, topology.RAG.name: rag_apps}
+    # Serve apps to run, per declared app (the control plane first): name -> config.
+    instances = {
+        app: dict(given.get(app.name) or ({app.name: config} if app.always or app.name in wanted
+                                           else {}))
+        for app in sorted(topology.APPS, key=lambda a: not a.always)
+    }
     if not ray.is_initialized():
         check_ports_free(config)
     if with_prometheus:
         # Before the slow part: a missing binary or a taken port fails now.
         PrometheusServer.from_config(config, prometheus_port).preflight()
-    for app_config in apps.values():
+    for app_config in instances[topology.GENERATION].values():
         ensure_model(app_config, progress=progress)
     admin_key_created = prepare_tenancy(config, progress)
     redis = start_redis(config, progress)
     weaviate = None
     try:
-        weaviate = start_weaviate(config, progress) if RETRIEVAL_APP in wanted else None
+        weaviate = start_weaviate(config, progress) if topology.RETRIEVAL.name in wanted else None
         if not ray.is_initialized():
             progress("starting Ray ...")
             with cluster_environment(config.serve.ray_env()):
@@ -269,23 +265,12 @@ def start(
         )
         # NOTE: a route prefix is required: Serve's gRPC proxy only routes to apps
         # that have one, even though gRPC never uses the HTTP path.
-        targets = [RunTarget(build_admin_app(config), name=ADMIN_APP, route_prefix=f"/{ADMIN_APP}")]
-        targets += [
-            RunTarget(build_generation_app(c), name=n, route_prefix=f"/{n}") for n, c in apps.items()
-        ]
-        services = {ADMIN_APP: "hybridserve.v1.AdminService"}
-        services.update({n: "hybridserve.v1.GenerationService" for n in apps})
-        if RETRIEVAL_APP in wanted:
-            targets.append(RunTarget(build_retrieval_app(config), name=RETRIEVAL_APP,
-                                     route_prefix=f"/{RETRIEVAL_APP}"))
-            services[RETRIEVAL_APP] = "hybridserve.v1.RetrievalService"
-        if RERANK_APP in wanted:
-            targets.append(RunTarget(build_rerank_app(config), name=RERANK_APP,
-                                     route_prefix=f"/{RERANK_APP}"))
-            services[RERANK_APP] = "hybridserve.v1.RerankService"
-        for name, rag_config in (rag_apps or ({RAG_APP: config} if RAG_APP in wanted else {})).items():
-            targets.append(RunTarget(build_rag_app(rag_config), name=name, route_prefix=f"/{name}"))
-            services[name] = "hybridserve.v1.RagService"
+        targets, services = [], {}
+        for app, named in instances.items():
+            for name, app_config in named.items():
+                targets.append(RunTarget(build_app(app.name, app_config), name=name,
+                                         route_prefix=f"/{name}"))
+                services[name] = app.service
         progress(f"deploying {', '.join(services)} (an engine takes ~30-60 s to start) ...")
         serve.run_many(targets)
         platform = LocalPlatform(config, weaviate, redis=redis, admin_key_created=admin_key_created)

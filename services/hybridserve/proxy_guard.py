@@ -37,6 +37,8 @@ import math
 import os
 from dataclasses import dataclass
 
+from hybridserve import topology
+
 logger = logging.getLogger(__name__)
 
 HEALTH_PREFIX = "/grpc.health.v1.Health/"
@@ -88,7 +90,8 @@ def credential_problem(metadata) -> BaseException | None:
     from hybridserve.errors import Unauthenticated
     from hybridserve.tenancy import keys
 
-    values = [v for k, v in (metadata or ()) if isinstance(k, str) and k.lower() == "authorization"]
+    values = [v for k, v in (metadata or ())
+              if isinstance(k, str) and k.lower() == topology.AUTHORIZATION_HEADER]
     if not values:
         return Unauthenticated(
             "no API key: send the metadata `authorization: Bearer <key>` (the SDK takes "
@@ -180,7 +183,7 @@ class HealthCache:
     @staticmethod
     def key(request, context) -> tuple[str, str]:
         app = next((v for k, v in context.invocation_metadata() or ()
-                    if k == "application"), "")
+                    if k == topology.APPLICATION_HEADER), "")
         return str(app), str(getattr(request, "service", ""))
 
     async def check(self, check, request, context) -> bytes | None:

@@ -17,20 +17,17 @@ from __future__ import annotations
 import copy
 from typing import Any
 
+from hybridserve import topology
 from hybridserve.config import HybridServeConfig
 
 def app_names(config: HybridServeConfig) -> list[str]:
     """The Serve applications a config deploys, in deployment order (the control
     plane always runs, first)."""
-    from hybridserve.app import ADMIN_APP
-
-    return [ADMIN_APP, *config.serve.apps]
+    return [*topology.ALWAYS_APPS, *config.serve.apps]
 
 
 def serve_config(config: HybridServeConfig) -> dict[str, Any]:
     """The Serve config file (schema `ray.serve.schema.ServeDeploySchema`)."""
-    from hybridserve.app import GRPC_SERVICER_FUNCTIONS
-
     given = config.model_dump(mode="json", exclude_unset=True)
     return {
         # A proxy on every node, so that a client may reach any node.
@@ -39,7 +36,7 @@ def serve_config(config: HybridServeConfig) -> dict[str, Any]:
                          "request_timeout_s": config.serve.request_timeout_s},
         "grpc_options": {
             "port": config.serve.grpc_port,
-            "grpc_servicer_functions": list(GRPC_SERVICER_FUNCTIONS),
+            "grpc_servicer_functions": list(topology.GRPC_SERVICER_FUNCTIONS),
             "request_timeout_s": config.serve.request_timeout_s,
         },
         "applications": [
@@ -47,7 +44,7 @@ def serve_config(config: HybridServeConfig) -> dict[str, Any]:
                 "name": name,
                 # NOTE: Serve's gRPC proxy routes only to apps with a route prefix.
                 "route_prefix": f"/{name}",
-                "import_path": f"hybridserve.app:{name}_app",
+                "import_path": topology.app_named(name).builder,
                 "args": {"config": copy.deepcopy(given)},
             }
             for name in app_names(config)

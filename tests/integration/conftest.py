@@ -29,16 +29,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from hybridserve import topology
 from hybridserve.config import HybridServeConfig
 from hybridserve.retrieval.weaviate_server import WeaviateServer
 
-MAIN_APP = "generation"
+MAIN_APP = topology.GENERATION.name
 AFFINITY_APP = "affinity"
 #: SmolLM2-135M-Instruct, the default model (for the answer-quality test).
 SMOL_APP = "smol"
 #: RAG gateways: over the main app, over the 2-replica affinity app (retries), and
 #: over SmolLM2.
-RAG_APP = "rag"
+RAG_APP = topology.RAG.name
 RAG_AFFINITY_APP = "rag-affinity"
 RAG_SMOL_APP = "rag-smol"
 ADAPTERS = ("alpha", "beta", "gamma")
@@ -248,7 +249,7 @@ def wait_replicas(app: str, n: int, timeout_s: float = 600) -> None:
 
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        dep = serve.status().applications[app].deployments["GenerationService"]
+        dep = serve.status().applications[app].deployments[topology.GENERATION.ingress]
         if dep.status == "HEALTHY" and dep.replica_states.get("RUNNING", 0) == n:
             return
         time.sleep(2)

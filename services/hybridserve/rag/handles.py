@@ -12,6 +12,7 @@ import asyncio
 import time
 from collections.abc import AsyncIterator, Sequence
 
+from hybridserve import topology
 from hybridserve.errors import DeadlineExceeded, HybridServeError, ResourceExhausted
 from hybridserve.generation.service import GenerateInput
 from hybridserve.rag.service import ReplicaFailed, RetrievalResult
@@ -81,7 +82,7 @@ class ServeRetriever:
             t0 = time.perf_counter()
             vector = await self.embed(query)
             embed_s = time.perf_counter() - t0
-        handle = serve.get_deployment_handle("RetrievalService", app_name=self.app)
+        handle = serve.get_deployment_handle(topology.RETRIEVAL.ingress, app_name=self.app)
         result = await _call(handle.retrieve_for_gateway.remote(
             tenant, query, top_k, alpha, tuple(filters), vector, timeout_s), timeout_s)
         if vector is not None:
@@ -96,7 +97,7 @@ class ServeReranker:
     async def scores(self, query: str, passages: Sequence[str], timeout_s: float) -> list[float]:
         from ray import serve
 
-        handle = serve.get_deployment_handle("RerankService", app_name=self.app)
+        handle = serve.get_deployment_handle(topology.RERANK.ingress, app_name=self.app)
         ranked = await _call(handle.rerank.remote(RerankInput(query, tuple(passages))), timeout_s)
         out = [0.0] * len(passages)
         for r in ranked:
@@ -111,7 +112,7 @@ class ServeGenerator:
     def _handle(self, adapter: str):
         from ray import serve
 
-        handle = serve.get_deployment_handle("GenerationService", app_name=self.app)
+        handle = serve.get_deployment_handle(topology.GENERATION.ingress, app_name=self.app)
         return handle.options(multiplexed_model_id=adapter) if adapter else handle
 
     async def prefetch(self, adapter: str, timeout_s: float) -> None:

@@ -15,6 +15,7 @@ from typing import Any
 from grpc_health.v1 import health_pb2
 
 from hybridserve import observability as obs
+from hybridserve import topology
 from hybridserve.config import HybridServeConfig
 from hybridserve.errors import InvalidArgument, NotFound
 from hybridserve.generation.engine import Delta
@@ -27,10 +28,7 @@ from hybridserve.v1 import common_pb2, generation_pb2, rag_pb2
 
 logger = logging.getLogger(__name__)
 
-SERVICE_NAME = "hybridserve.v1.RagService"
-#: Metadata the SDK sends with its deadline (gRPC's own deadline does not reach
-#: a Serve replica).
-TIMEOUT_HEADER = "hybridserve-timeout-ms"
+SERVICE_NAME = topology.RAG.service
 _FINISH = {
     "stop": common_pb2.FINISH_REASON_STOP,
     "length": common_pb2.FINISH_REASON_LENGTH,
@@ -80,11 +78,12 @@ def _timings(t: Timings) -> rag_pb2.StageTimings:
 
 def _deadline_s(grpc_context, default_s: float) -> float:
     for key, value in (grpc_context.invocation_metadata() if grpc_context else ()):
-        if key == TIMEOUT_HEADER:
+        if key == topology.TIMEOUT_HEADER:
             try:
                 return max(0.001, min(float(value) / 1000.0, 3600.0))
             except ValueError:
-                raise InvalidArgument(f"{TIMEOUT_HEADER} must be a number of milliseconds") from None
+                raise InvalidArgument(
+                    f"{topology.TIMEOUT_HEADER} must be a number of milliseconds") from None
     return default_s
 
 
@@ -93,7 +92,8 @@ class RagServicer:
 
     Args:
         config: platform config (a dict is accepted, as Serve passes it).
-        service: the pipeline; default: Serve handles to the platform's apps.
+        service: the pipeline (`hybridserve.app` builds it on Serve handles to the
+            platform's apps; tests pass fakes).
         tenancy: authentication and quotas; default: as the config names them.
         adapter_exists: checks an admin-named adapter before anything streams.
     """
@@ -101,7 +101,7 @@ class RagServicer:
     metrics_service = "rag"
     grpc_service = SERVICE_NAME
 
-    def __init__(self, config: HybridServeConfig | dict, service: RagService | None = None,
+    def __init__(self, config: HybridServeConfig | dict, service: RagService,
                  tenancy: Tenancy | None = None, adapter_exists=None):
         cfg = config if isinstance(config, HybridServeConfig) else HybridServeConfig.model_validate(config)
         obs.set_enabled(cfg.observability.metrics_enabled)
@@ -112,28 +112,7 @@ class RagServicer:
 
             adapter_exists = AdapterRegistry.from_config(cfg).exists
         self.adapter_exists = adapter_exists
-        self.service = service or self._default_service(cfg)
-
-    @staticmethod
-    def _default_service(cfg: HybridServeConfig) -> RagService:
-        from hybridserve.app import RERANK_APP, RETRIEVAL_APP
-        from hybridserve.generation.servicer import model_dir_for
-        from hybridserve.rag.handles import ServeGenerator, ServeReranker, ServeRetriever
-        from hybridserve.rag.prompt import HFChatTokenizer, PromptBuilder
-
-        embed = None
-        if cfg.rag.embed_in_gateway:
-            from hybridserve.retrieval.embedding import SentenceTransformerEmbedder
-
-            embedder = SentenceTransformerEmbedder(cfg.retrieval.embedding_model, threads=1)
-
-            async def embed(text: str):
-                return (await asyncio.to_thread(embedder.embed, [text]))[0]
-
-        prompts = PromptBuilder(HFChatTokenizer(model_dir_for(cfg)), cfg.model.max_model_len,
-                                cfg.rag.instructions)
-        return RagService(cfg, ServeRetriever(RETRIEVAL_APP, embed), ServeReranker(RERANK_APP),
-                          ServeGenerator(cfg.rag.generation_app), prompts)
+        self.service = service
 
     async def shutdown(self) -> None:
         await self.tenancy.close()

@@ -27,6 +27,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, replace
 
 from hybridserve import observability as obs
+from hybridserve import topology
 from hybridserve.errors import NotFound, Unauthenticated
 from hybridserve.tenancy import keys
 from hybridserve.tenancy.domain import ApiKeyInfo, Principal, Quotas, Tenant, validate_tenant_id
@@ -65,7 +66,7 @@ def bearer_token(metadata) -> str:
     values = []
     for item in metadata or ():
         key, value = (item.key, item.value) if hasattr(item, "key") else item
-        if isinstance(key, str) and key.lower() == "authorization":
+        if isinstance(key, str) and key.lower() == topology.AUTHORIZATION_HEADER:
             values.append(value)
     if not values:
         raise Unauthenticated(_MISSING, reason="API_KEY_MISSING")
