@@ -14,14 +14,14 @@ import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator
 from dataclasses import asdict, replace
-from pathlib import Path, PurePosixPath
+from pathlib import PurePosixPath
 from typing import Any
 
 from grpc_health.v1 import health_pb2
 
 from hybridserve import observability as obs
+from hybridserve.adapters import AdapterRecord, AdapterRegistry
 from hybridserve.config import HybridServeConfig
-from hybridserve.generation.adapters import AdapterRecord, AdapterRegistry
 from hybridserve.generation.engine import AdapterRef, Engine
 from hybridserve.generation.engine import Delta
 from hybridserve.generation.service import (
@@ -33,6 +33,7 @@ from hybridserve.generation.service import (
 from hybridserve.errors import DeadlineExceeded, FailedPrecondition, HybridServeError, Unavailable
 from hybridserve.grpc_errors import grpc_stream, grpc_unary
 from hybridserve.health import watch_health
+from hybridserve.models import model_dir_for
 from hybridserve.tenancy.auth import Tenancy
 from hybridserve.v1 import common_pb2, generation_pb2
 
@@ -80,15 +81,6 @@ def _rss_bytes() -> int:
         except psutil.Error:  # exited meanwhile
             pass
     return total
-
-
-def model_dir_for(config: HybridServeConfig) -> Path:
-    """The base model folder: `model.path`, or the prepared default model."""
-    if config.model.path is not None:
-        return Path(config.model.path).expanduser().resolve()
-    from hybridserve.models import default_model_dir
-
-    return default_model_dir(config.cache_dir, config.model.dtype)
 
 
 class _AdapterState:

@@ -15,12 +15,14 @@ from typing import Any
 from grpc_health.v1 import health_pb2
 
 from hybridserve import observability as obs
+from hybridserve.adapters import AdapterRegistry
 from hybridserve.config import HybridServeConfig
 from hybridserve.errors import InvalidArgument, NotFound
 from hybridserve.generation.engine import Delta
 from hybridserve.grpc_errors import grpc_stream
+from hybridserve.models import model_dir_for
 from hybridserve.rag.service import AskDone, AskInput, RagService, SourcesEvent, Timings
-from hybridserve.retrieval.servicer import filters_from_proto
+from hybridserve.retrieval.proto import filters_from_proto
 from hybridserve.tenancy.auth import Tenancy
 from hybridserve.tenancy.domain import Principal, Tenant
 from hybridserve.v1 import common_pb2, generation_pb2, rag_pb2
@@ -108,8 +110,6 @@ class RagServicer:
         self.config = cfg
         self.tenancy = tenancy or Tenancy.from_config(cfg, metrics_service=self.metrics_service)
         if adapter_exists is None:
-            from hybridserve.generation.adapters import AdapterRegistry
-
             adapter_exists = AdapterRegistry.from_config(cfg).exists
         self.adapter_exists = adapter_exists
         self.service = service or self._default_service(cfg)
@@ -117,7 +117,6 @@ class RagServicer:
     @staticmethod
     def _default_service(cfg: HybridServeConfig) -> RagService:
         from hybridserve.app import RERANK_APP, RETRIEVAL_APP
-        from hybridserve.generation.servicer import model_dir_for
         from hybridserve.rag.handles import ServeGenerator, ServeReranker, ServeRetriever
         from hybridserve.rag.prompt import HFChatTokenizer, PromptBuilder
 
