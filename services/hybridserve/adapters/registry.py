@@ -18,6 +18,8 @@ adapters (Serve replicas, the CLI, the admin service):
 
 Writers stage everything and publish with `os.replace`, so a reader sees either
 nothing or a complete adapter. Transport-free: raises `hybridserve.errors`.
+What makes a folder servable is checked in `validation.py`; the copy, the hash and
+the atomic writes are in `files.py`.
 
 Ids are never reused. Unregistering leaves a tombstone with the content hash, so
 the id can later name those same bytes again but never other ones: a replica
