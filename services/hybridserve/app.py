@@ -16,7 +16,8 @@ from ray.serve.config import RequestRouterConfig
 
 from hybridserve import topology
 from hybridserve.config import HybridServeConfig, replica_options
-from hybridserve.generation.servicer import GenerationServicer, model_dir_for
+from hybridserve.generation.servicer import GenerationServicer
+from hybridserve.models import model_dir_for
 from hybridserve.generation.vllm_engine import engine_environment
 from hybridserve.rag.handles import ServeGenerator, ServeReranker, ServeRetriever
 from hybridserve.rag.prompt import HFChatTokenizer, PromptBuilder

@@ -15,11 +15,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from hybridserve.adapters import AdapterRegistry
 from hybridserve.config import HybridServeConfig
 from hybridserve.errors import FailedPrecondition
 from hybridserve.finetune import AdapterNotBetter, FinetuneResult, TrainConfig, finetune
 from hybridserve.finetune.pipeline import TMP_PREFIX
-from hybridserve.generation.adapters import AdapterRegistry
 from hybridserve.testing.synthetic import FORMAT_REGEX, format_examples, write_jsonl
 
 pytestmark = pytest.mark.integration

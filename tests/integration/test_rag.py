@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from hybridserve.answers import Final, Sources, Token
+from hybridserve.answers import Token
 from hybridserve.client import HybridServeClient
 from hybridserve.exceptions import (
     InvalidArgumentError,

@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import pytest
 from hybridserve.config import HybridServeConfig
 from hybridserve.errors import FailedPrecondition, PermissionDenied
-from hybridserve.generation.adapters import AdapterRegistry
+from hybridserve.adapters import AdapterRegistry
 from hybridserve.generation.registration import AdapterRegistration
 from hybridserve.generation.residency import RoutingReport
 from hybridserve.generation.routing import SlotAwareRouter

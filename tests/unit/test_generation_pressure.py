@@ -62,7 +62,7 @@ def config(tmp_path, tiny_assets):
 @pytest.fixture
 def adapters(config, tiny_assets):
     """Two registered adapters: name -> id."""
-    from hybridserve.generation.adapters import AdapterRegistry
+    from hybridserve.adapters import AdapterRegistry
 
     _, base = tiny_assets
     registry = AdapterRegistry.from_config(config, base)

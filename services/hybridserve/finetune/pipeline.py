@@ -26,12 +26,17 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from hybridserve.adapters import AdapterRecord, AdapterRegistry, content_sha256
 from hybridserve.config import HybridServeConfig
 from hybridserve.errors import FailedPrecondition, HybridServeError, InvalidArgument
+from hybridserve.finetune import data as data_mod
+# NOTE: train and evaluate are called through their modules, so a test can replace them.
+from hybridserve.finetune import evaluate as evaluate_mod
+from hybridserve.finetune import trainer as trainer_mod
 from hybridserve.finetune.config import TrainConfig
 from hybridserve.finetune.evaluate import EvalResult
 from hybridserve.finetune.trainer import TrainStats
-from hybridserve.generation.adapters import AdapterRecord
+from hybridserve.models import model_dir_for, prepare_default_model
 
 #: Prefix of the temporary training folders inside the adapter store.
 TMP_PREFIX = ".finetune-tmp-"
@@ -97,17 +102,12 @@ def finetune(
         AdapterNotBetter (a FailedPrecondition): neither held-out loss nor task
             metric improved and `force` is False; nothing is registered.
     """
-    from hybridserve.finetune import data as data_mod
-    from hybridserve.finetune.evaluate import evaluate
-    from hybridserve.finetune.trainer import load_tokenizer, train
-    from hybridserve.generation.adapters import AdapterRegistry, content_sha256
-
     train_cfg = train_cfg or TrainConfig()
     _check_request(cfg, name, train_cfg)
     dataset = data_mod.load_examples(data_path)
     base_dir = _base_model_dir(cfg, progress)
 
-    tokenizer = load_tokenizer(base_dir)
+    tokenizer = trainer_mod.load_tokenizer(base_dir)
     tokenized = data_mod.tokenize_examples(
         tokenizer, dataset.examples, max_seq_len=train_cfg.max_seq_len, source=dataset.path
     )
@@ -127,7 +127,7 @@ def finetune(
         staged = tmp / "adapter"
         staged.mkdir()
         progress(f"Training a rank-{train_cfg.rank} LoRA adapter for {steps} steps ...")
-        stats = train(
+        stats = trainer_mod.train(
             base_dir,
             train_set,
             train_cfg,
@@ -139,7 +139,7 @@ def finetune(
             f"Trained in {stats.seconds:.1f}s ({stats.tokens_per_second:.0f} tokens/s). "
             f"Evaluating on {min(len(held_set), train_cfg.eval_max_examples)} held-out examples ..."
         )
-        result = evaluate(base_dir, staged, held_set, train_cfg)
+        result = evaluate_mod.evaluate(base_dir, staged, held_set, train_cfg)
         if not result.beats_base and not force:
             raise AdapterNotBetter(
                 f"the adapter does not beat the base model on the held-out split: held-out loss "
@@ -219,11 +219,7 @@ def _check_request(cfg: HybridServeConfig, name: str, train_cfg: TrainConfig) ->
 
 def _base_model_dir(cfg: HybridServeConfig, progress: Callable[[str], object]) -> Path:
     """`model.path`, or the default model, prepared offline on first use."""
-    from hybridserve.generation.servicer import model_dir_for
-
     if cfg.model.path is None:
-        from hybridserve.models import prepare_default_model
-
         return prepare_default_model(cfg.cache_dir, dtype=cfg.model.dtype, progress=progress)
     base_dir = model_dir_for(cfg)
     if not (base_dir / "config.json").is_file():
@@ -242,8 +238,6 @@ def _registered(registry, adapter_id: str, digest: str) -> bool:
 
 def _same_adapter(folder: Path, files: list[str], digest: str) -> bool:
     """True when `folder` holds exactly the adapter files hashing to `digest`."""
-    from hybridserve.generation.adapters import content_sha256
-
     if not folder.is_dir():
         return False
     existing = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())

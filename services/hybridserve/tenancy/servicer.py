@@ -12,6 +12,7 @@ from typing import Any
 from grpc_health.v1 import health_pb2
 
 from hybridserve import observability as obs
+from hybridserve.adapters import AdapterRegistry
 from hybridserve.config import HybridServeConfig
 from hybridserve.grpc_errors import grpc_unary
 from hybridserve.tenancy.admin import AdminService, Knowledge
@@ -75,8 +76,6 @@ class AdminServicer:
 
     def __init__(self, config: HybridServeConfig | dict, tenancy: Tenancy | None = None,
                  knowledge: Knowledge | None = None, limits: AdminLimits | None = None):
-        from hybridserve.generation.adapters import AdapterRegistry
-
         cfg = config if isinstance(config, HybridServeConfig) else HybridServeConfig.model_validate(config)
         obs.set_enabled(cfg.observability.metrics_enabled)
         self.config = cfg
