@@ -23,8 +23,9 @@ PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
 
 #: The SDK: `pip install hybridserve` must give it with the base dependencies alone.
 SDK = ["hybridserve.client", "hybridserve.answers", "hybridserve.exceptions"]
-#: What the SDK may import of the package besides itself.
-SDK_FIRST_PARTY = {"hybridserve", "hybridserve.v1"}
+#: What the SDK may import of the package besides itself (topology: the app and wire
+#: header names, a stdlib-only module).
+SDK_FIRST_PARTY = {"hybridserve", "hybridserve.v1", "hybridserve.topology"}
 #: The `hybridserve` command: its parser and every client command.
 CLI = ["hybridserve.cli"]
 #: What the CLI may import of the package at all (server code only in a handler, after a
