@@ -13,7 +13,11 @@ Credentials: `api_key=`, else `$HYBRIDSERVE_API_KEY`, else `api_key_file=`. Pass
 through a TLS-terminating ingress. Failed calls raise the typed exceptions of
 `hybridserve.exceptions` (`AuthenticationError`, `PermissionDeniedError`,
 `RateLimitError` with `retry_after`, `NotFoundError`, `InvalidArgumentError`, ...),
-which are `grpc.RpcError`s too.
+which are `grpc.RpcError`s too; an API key file that does not exist or holds no key
+raises `ApiKeyFileError` when the client is made.
+
+The SDK imports grpc, protobuf, googleapis-common-protos (google.rpc) and v1/ only, so
+`pip install hybridserve` gives it without the server.
 """
 
 from __future__ import annotations
