@@ -260,7 +260,7 @@ def test_interrupt_after_publish_keeps_a_complete_registration(env, tmp_path, mo
 
 
 def test_cli_prints_id_and_eval_table(env, tmp_path, capsys):
-    from hybridserve.finetune.cli import add_finetune_parser
+    from hybridserve.cli.finetune import add_finetune_parser
 
     config = tmp_path / "config.json"
     config.write_text(json.dumps(json.loads(env.cfg(tmp_path / "data").model_dump_json())))

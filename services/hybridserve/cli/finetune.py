@@ -1,4 +1,4 @@
-"""The `hybridserve finetune` subcommand.
+"""The `hybridserve finetune` subcommand (a server command: it needs the server extra).
 
 Runs against the adapter store and registry on disk (no running platform
 needed): a running platform sees the new adapter at once, through the shared
@@ -48,6 +48,7 @@ def add_finetune_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def cmd_finetune(ns) -> int:
+    # server extra: training needs torch, transformers and peft
     from hybridserve.config import HybridServeConfig
     from hybridserve.finetune import AdapterNotBetter, TrainConfig, finetune
 
