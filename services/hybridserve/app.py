@@ -22,7 +22,7 @@ from hybridserve.generation.vllm_engine import engine_environment
 from hybridserve.rag.handles import ServeGenerator, ServeReranker, ServeRetriever
 from hybridserve.rag.prompt import HFChatTokenizer, PromptBuilder
 from hybridserve.rag.service import RagService
-from hybridserve.retrieval.embedding import SentenceTransformerEmbedder
+from hybridserve.embedding import SentenceTransformerEmbedder
 
 
 def on_replica_shutdown(instance: Any, shutdown) -> None:

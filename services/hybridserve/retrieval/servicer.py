@@ -19,8 +19,8 @@ from hybridserve.grpc_errors import grpc_unary
 from hybridserve.errors import DeadlineExceeded, NotFound
 from hybridserve.health import watch_health
 from hybridserve.retrieval.documents import Document, RetrievalResult
-from hybridserve.retrieval.embedding import load_tokenizer, resolve_model_dir
-from hybridserve.retrieval.embedding import model_name as name_of
+from hybridserve.embedding import load_tokenizer, resolve_model_dir
+from hybridserve.embedding import model_name as name_of
 from hybridserve.retrieval.proto import filters_from_proto, hit_to_proto, upsert_to_proto
 from hybridserve.retrieval.service import EmbedFn, RetrievalService
 from hybridserve.retrieval.store import ChunkStore, WeaviateStore
