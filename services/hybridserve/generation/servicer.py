@@ -20,6 +20,7 @@ from typing import Any
 from grpc_health.v1 import health_pb2
 
 from hybridserve import observability as obs
+from hybridserve import topology
 from hybridserve.adapters import AdapterRecord, AdapterRegistry
 from hybridserve.config import HybridServeConfig
 from hybridserve.generation.engine import Delta, Engine
@@ -43,7 +44,7 @@ from hybridserve.v1 import common_pb2, generation_pb2
 
 logger = logging.getLogger(__name__)
 
-SERVICE_NAME = "hybridserve.v1.GenerationService"
+SERVICE_NAME = topology.GENERATION.service
 _FINISH = {
     "stop": common_pb2.FINISH_REASON_STOP,
     "length": common_pb2.FINISH_REASON_LENGTH,

@@ -14,6 +14,7 @@ from typing import Any
 from grpc_health.v1 import health_pb2
 
 from hybridserve import observability as obs
+from hybridserve import topology
 from hybridserve.config import HybridServeConfig
 from hybridserve.grpc_errors import grpc_unary
 from hybridserve.errors import DeadlineExceeded, NotFound
@@ -29,7 +30,7 @@ from hybridserve.v1 import retrieval_pb2
 
 logger = logging.getLogger(__name__)
 
-SERVICE_NAME = "hybridserve.v1.RetrievalService"
+SERVICE_NAME = topology.RETRIEVAL.service
 #: Longest the Weaviate probe of the replica's health check may take; slower is "down".
 PROBE_TIMEOUT_S = 5.0
 #: Serve's timeout for the whole health check (its default, stated explicitly: the

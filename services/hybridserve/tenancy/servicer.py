@@ -12,6 +12,7 @@ from typing import Any
 from grpc_health.v1 import health_pb2
 
 from hybridserve import observability as obs
+from hybridserve import topology
 from hybridserve.adapters import AdapterRegistry
 from hybridserve.config import HybridServeConfig
 from hybridserve.grpc_errors import grpc_unary
@@ -24,7 +25,7 @@ from hybridserve.v1 import admin_pb2
 
 logger = logging.getLogger(__name__)
 
-SERVICE_NAME = "hybridserve.v1.AdminService"
+SERVICE_NAME = topology.ADMIN.service
 
 
 def quotas_to_proto(q: Quotas) -> admin_pb2.Quotas:
