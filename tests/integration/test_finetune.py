@@ -20,7 +20,7 @@ from hybridserve.errors import FailedPrecondition
 from hybridserve.finetune import AdapterNotBetter, FinetuneResult, TrainConfig, finetune
 from hybridserve.finetune.pipeline import TMP_PREFIX
 from hybridserve.generation.adapters import AdapterRegistry
-from hybridserve.testing.synthetic import FORMAT_REGEX, format_examples, write_jsonl
+from testkit.synthetic import FORMAT_REGEX, format_examples, write_jsonl
 
 pytestmark = pytest.mark.integration
 
@@ -62,7 +62,7 @@ class Env:
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory) -> Env:
-    from hybridserve.testing.tiny import build_tiny_llama
+    from testkit.tiny import build_tiny_llama
 
     root = tmp_path_factory.mktemp("finetune")
     base = build_tiny_llama(root / "tiny")
