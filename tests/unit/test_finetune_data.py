@@ -115,7 +115,7 @@ def _write(path: Path, lines) -> Path:
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> Path:
-    from hybridserve.testing.tiny import build_tiny_llama
+    from testkit.tiny import build_tiny_llama
 
     return build_tiny_llama(tmp_path_factory.mktemp("finetune-data") / "tiny")
 
