@@ -64,7 +64,10 @@ def audit_to_proto(e: AuditEntry) -> admin_pb2.AuditEntry:
 
 
 class AdminServicer:
-    """Implements hybridserve.v1.AdminService and grpc.health.v1.Health.
+    """Implements hybridserve.v1.AdminService and grpc.health.v1.Health: `admin`
+    (`AdminService`: tenants, keys, grants, quotas, the audit log) and `registration`
+    (`AdapterRegistration`: registering and unregistering adapters in the registry the
+    generation replicas read).
 
     Args:
         config: platform config (a dict is accepted, as Serve passes it).
