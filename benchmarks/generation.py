@@ -207,11 +207,13 @@ class Platform:
         return ttft, n
 
     async def register(self, name: str, path: str, version: str) -> str:
-        from hybridserve.v1 import generation_pb2
+        from hybridserve import topology
+        from hybridserve.v1 import admin_pb2_grpc, generation_pb2
 
-        reply = await self.stub.RegisterAdapter(
+        # Registering is a control-plane call: AdminService, on the admin app.
+        reply = await admin_pb2_grpc.AdminServiceStub(self.channel).RegisterAdapter(
             generation_pb2.RegisterAdapterRequest(name=name, path=path, version=version),
-            metadata=[("application", self.app), *self.auth], timeout=120,
+            metadata=[("application", topology.ADMIN.name), *self.auth], timeout=120,
         )
         return reply.adapter.id
 

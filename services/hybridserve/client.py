@@ -238,20 +238,6 @@ class _Api:
         return self._invoke("gen", "ListAdapters", generation_pb2.ListAdaptersRequest(),
                             self.application, timeout, lambda r: list(r.adapters))
 
-    def register_adapter(
-        self, name: str, path: str, *, version: str = "", metadata: dict[str, str] | None = None,
-        timeout: float = 120,
-    ) -> generation_pb2.RegisterAdapterResponse:
-        req = generation_pb2.RegisterAdapterRequest(
-            name=name, path=path, version=version, metadata=metadata or {}
-        )
-        return self._invoke("gen", "RegisterAdapter", req, self.application, timeout)
-
-    def unregister_adapter(self, adapter_id: str, timeout: float = 30) -> None:
-        return self._invoke("gen", "UnregisterAdapter",
-                            generation_pb2.UnregisterAdapterRequest(id=adapter_id),
-                            self.application, timeout, lambda r: None)
-
     # -- knowledge: ingestion, search, rerank -----------------------------------------
 
     def knowledge_stats(self, timeout: float = 60) -> list[retrieval_pb2.TenantInfo]:
@@ -358,6 +344,21 @@ class _Api:
 
     def revoke_key(self, key_id: str, timeout: float = 30) -> admin_pb2.ApiKey:
         return self._adm("RevokeKey", admin_pb2.RevokeKeyRequest(key_id=key_id), timeout)
+
+    def register_adapter(
+        self, name: str, path: str, *, version: str = "", metadata: dict[str, str] | None = None,
+        timeout: float = 120,
+    ) -> generation_pb2.RegisterAdapterResponse:
+        """Registers the adapter folder `path` (inside the adapter store) as `name`."""
+        req = generation_pb2.RegisterAdapterRequest(
+            name=name, path=path, version=version, metadata=metadata or {}
+        )
+        return self._adm("RegisterAdapter", req, timeout)
+
+    def unregister_adapter(self, adapter_id: str, timeout: float = 30) -> None:
+        return self._adm("UnregisterAdapter",
+                         generation_pb2.UnregisterAdapterRequest(id=adapter_id), timeout,
+                         lambda r: None)
 
     def grant_adapter(self, tenant: str, adapter: str, *, make_default: bool = False,
                       timeout: float = 30) -> admin_pb2.Tenant:

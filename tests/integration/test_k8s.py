@@ -199,6 +199,31 @@ def test_ray_pods_get_the_serve_environment_the_config_sets(kube, serve_set):
             assert {k: env.get(k) for k in want} == want, container["name"]
 
 
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_the_head_pod_reaches_the_adapter_store_and_registry(kube, scenario):
+    """Adapters are registered by the control plane (AdminService), which runs on the
+    head (serve.admin_resources): the head mounts the shared volume that holds the
+    adapter store and the registry, where the generation workers read them."""
+    from hybridserve.config import HybridServeConfig
+
+    defaults = yaml.safe_load((CHART / "values.yaml").read_text())
+    values = _merge(defaults, yaml.safe_load(_values(scenario).read_text()) or {})
+    cfg = HybridServeConfig.model_validate({k: v for k, v in values["config"].items()
+                                            if k in ("data_dir", "adapters")})
+    cluster = _find(_render(kube, scenario), "RayService")[0]["spec"]["rayClusterConfig"]
+    head = cluster["headGroupSpec"]["template"]["spec"]
+    assert head["containers"][0]["name"] == "ray"
+    for group in [cluster["headGroupSpec"], *cluster.get("workerGroupSpecs", [])]:
+        spec = group["template"]["spec"]
+        claims = {v["name"]: v["persistentVolumeClaim"]["claimName"] for v in spec["volumes"]
+                  if "persistentVolumeClaim" in v}
+        mounts = {Path(m["mountPath"]): m["name"] for m in spec["containers"][0]["volumeMounts"]}
+        for folder in (cfg.adapter_store, cfg.registry_dir):
+            owner = next((n for at, n in mounts.items() if folder.is_relative_to(at)), None)
+            assert owner in claims, (group.get("groupName", "head"), folder, mounts)
+        assert claims == {"shared": claims["shared"]}, claims  # one volume everywhere
+
+
 def test_gpu_group_requests_gpus_and_autoscales(kube):
     docs = _render(kube, "gpu-autoscaling")
     spec = _find(docs, "RayService")[0]["spec"]

@@ -58,8 +58,6 @@ SERVICES = {
 POLICY = {
     "hybridserve.v1.GenerationService/Generate": "adapter",
     "hybridserve.v1.GenerationService/ListAdapters": "any",
-    "hybridserve.v1.GenerationService/RegisterAdapter": "admin",
-    "hybridserve.v1.GenerationService/UnregisterAdapter": "admin",
     "hybridserve.v1.RetrievalService/ListTenants": "any",
     "hybridserve.v1.RetrievalService/Upsert": "tenant",
     "hybridserve.v1.RetrievalService/Delete": "tenant",
@@ -68,8 +66,8 @@ POLICY = {
     "hybridserve.v1.AdminService/WhoAmI": "any",
     **{f"hybridserve.v1.AdminService/{m}": "admin" for m in (
         "CreateTenant", "GetTenant", "ListTenants", "UpdateTenant", "DeleteTenant", "CreateKey",
-        "ListKeys", "RevokeKey", "GrantAdapter", "RevokeAdapter", "SetQuotas", "Apply",
-        "ListAudit")},
+        "ListKeys", "RevokeKey", "GrantAdapter", "RevokeAdapter", "RegisterAdapter",
+        "UnregisterAdapter", "SetQuotas", "Apply", "ListAudit")},
 }
 SECRET = f"ZQSECRET{uuid.uuid4().hex[:10]}"
 

@@ -11,7 +11,7 @@ import pytest
 from hybridserve.config import HybridServeConfig
 from hybridserve.errors import FailedPrecondition, PermissionDenied
 from hybridserve.adapters import AdapterRegistry
-from hybridserve.generation.registration import AdapterRegistration
+from hybridserve.tenancy.registration import AdapterRegistration
 from hybridserve.generation.residency import RoutingReport
 from hybridserve.generation.routing import SlotAwareRouter
 from hybridserve.generation.servicer import GenerationServicer

@@ -1,12 +1,14 @@
 """Adapter identity, shared by generation, tenancy, rag, finetune and the controller.
 
-A lower layer: it uses config, errors and the standard library, never a service.
+A lower layer: it uses config, errors, the generated protobuf (proto.py) and the
+standard library, never a service.
 
     ids.py         `name@version`: the rules and the parsing
     records.py     `AdapterRecord`, what the registry keeps per adapter
     validation.py  is a folder in the store a LoRA adapter this server can serve?
     files.py       the content hash, the race-safe copy, atomic writes
     registry.py    `AdapterRegistry`: validates, snapshots and looks adapters up
+    proto.py       `adapter_to_proto`: a record as the API's `Adapter` message
 """
 
 from hybridserve.adapters.files import content_sha256

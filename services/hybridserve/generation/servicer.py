@@ -3,7 +3,8 @@
 A plain class. `hybridserve.app` turns it into a Ray Serve deployment (and
 wraps `load_adapter` in `serve.multiplexed`); tests can use it directly. What it
 delegates to lives beside it: `service` (generation), `residency` (LoRA residency
-and the routing report), `registration` (register / unregister, audited),
+and the routing report), `registration` (the adapters a key may list; registering
+and unregistering are the control plane's, `tenancy.servicer`),
 `load_sampler` (engine-load gauges) and `introspection` (Serve-handle-only hooks).
 """
 
@@ -14,19 +15,18 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
-from pathlib import PurePosixPath
 from typing import Any
 
 from grpc_health.v1 import health_pb2
 
 from hybridserve import observability as obs
 from hybridserve import topology
-from hybridserve.adapters import AdapterRecord, AdapterRegistry
+from hybridserve.adapters import AdapterRegistry
+from hybridserve.adapters.proto import adapter_to_proto
 from hybridserve.config import HybridServeConfig
 from hybridserve.generation.engine import Delta, Engine
 from hybridserve.generation.introspection import RecentRequestIds, ReplicaIntrospection
 from hybridserve.generation.load_sampler import EngineLoadSampler
-from hybridserve.generation.registration import AdapterRegistration
 from hybridserve.generation.replica import replica_id, replica_rank
 from hybridserve.generation.residency import AdapterResidency, ResidentAdapter, RoutingReport
 from hybridserve.generation.service import (
@@ -40,6 +40,7 @@ from hybridserve.grpc_errors import grpc_stream, grpc_unary
 from hybridserve.health import watch_health
 from hybridserve.models import model_dir_for
 from hybridserve.tenancy.auth import Tenancy
+from hybridserve.tenancy.registration import AdapterRegistration
 from hybridserve.v1 import common_pb2, generation_pb2
 
 logger = logging.getLogger(__name__)
@@ -96,40 +97,11 @@ def _final_to_proto(done: GenerationDone) -> generation_pb2.GenerationFinal:
     )
 
 
-def adapter_to_proto(r: AdapterRecord, *, full: bool = True) -> generation_pb2.Adapter:
-    """The adapter as the API shows it. `full=False` (a tenant key) leaves out what
-    only the operator needs: where it was registered from (a server path), its
-    metadata (which can name its owner, e.g. the LoRAAdapter resource), and a base
-    model given as a filesystem path is shown by its folder name only."""
-    reply = generation_pb2.Adapter(
-        id=r.id,
-        name=r.name,
-        version=r.version,
-        content_sha256=r.content_sha256,
-        rank=r.rank,
-        target_modules=list(r.target_modules),
-        base_model=r.base_model if full else _public_base_model(r.base_model),
-        size_bytes=r.size_bytes,
-        registered_at=r.registered_at,
-    )
-    if full:
-        reply.source_path = r.source_path
-        reply.metadata.update(r.metadata)
-    return reply
-
-
-def _public_base_model(base: str) -> str:
-    """A hub name (`org/model`) as is; a filesystem path by its last component."""
-    if base.startswith(("/", "~", ".")) or "\\" in base or base.count("/") > 1:
-        return PurePosixPath(base.replace("\\", "/")).name
-    return base
-
-
 class GenerationServicer(ReplicaIntrospection):
     """Implements hybridserve.v1.GenerationService and grpc.health.v1.Health, by
     translating protobuf and calling: `GenerationService` (generation),
     `AdapterResidency` (adapters loaded in this replica, and the routing report),
-    `AdapterRegistration` (the adapter registry's API) and `EngineLoadSampler` (the
+    `AdapterRegistration` (the adapters a key may list) and `EngineLoadSampler` (the
     engine-load gauges). The Serve-handle-only introspection that tests and
     benchmarks use comes from `ReplicaIntrospection`.
 
@@ -346,26 +318,6 @@ class GenerationServicer(ReplicaIntrospection):
             records = await self.registration.list_for(principal)
         return generation_pb2.ListAdaptersResponse(
             adapters=[adapter_to_proto(r, full=principal.is_admin) for r in records])
-
-    @grpc_unary
-    async def RegisterAdapter(
-        self, request: generation_pb2.RegisterAdapterRequest, grpc_context: Any = None
-    ) -> generation_pb2.RegisterAdapterResponse:
-        principal = await self.tenancy.authenticate(grpc_context)
-        record, created = await self.registration.register(
-            principal, request.name, request.path, version=request.version,
-            metadata=dict(request.metadata))
-        return generation_pb2.RegisterAdapterResponse(
-            adapter=adapter_to_proto(record), created=created
-        )
-
-    @grpc_unary
-    async def UnregisterAdapter(
-        self, request: generation_pb2.UnregisterAdapterRequest, grpc_context: Any = None
-    ) -> generation_pb2.UnregisterAdapterResponse:
-        principal = await self.tenancy.authenticate(grpc_context)
-        await self.registration.unregister(principal, request.id)
-        return generation_pb2.UnregisterAdapterResponse()
 
     # -- grpc.health.v1.Health ----------------------------------------------
 

@@ -14,14 +14,17 @@ from grpc_health.v1 import health_pb2
 from hybridserve import observability as obs
 from hybridserve import topology
 from hybridserve.adapters import AdapterRegistry
+from hybridserve.adapters.proto import adapter_to_proto
 from hybridserve.config import HybridServeConfig
 from hybridserve.grpc_errors import grpc_unary
+from hybridserve.models import model_dir_for
 from hybridserve.tenancy.admin import AdminService, Knowledge
 from hybridserve.tenancy.admin_limits import AdminLimits
 from hybridserve.tenancy.auth import Tenancy
 from hybridserve.tenancy.domain import ApiKeyInfo, AuditEntry, Quotas, Tenant, rfc3339
 from hybridserve.tenancy.keys import display_prefix
-from hybridserve.v1 import admin_pb2
+from hybridserve.tenancy.registration import AdapterRegistration
+from hybridserve.v1 import admin_pb2, generation_pb2
 
 logger = logging.getLogger(__name__)
 
@@ -61,7 +64,10 @@ def audit_to_proto(e: AuditEntry) -> admin_pb2.AuditEntry:
 
 
 class AdminServicer:
-    """Implements hybridserve.v1.AdminService and grpc.health.v1.Health.
+    """Implements hybridserve.v1.AdminService and grpc.health.v1.Health: `admin`
+    (`AdminService`: tenants, keys, grants, quotas, the audit log) and `registration`
+    (`AdapterRegistration`: registering and unregistering adapters in the registry the
+    generation replicas read).
 
     Args:
         config: platform config (a dict is accepted, as Serve passes it).
@@ -85,8 +91,12 @@ class AdminServicer:
         if limits is None and quotas is not None:
             limits = AdminLimits.from_config(cfg)
         t = cfg.tenancy
+        # The base model's folder as the generation replicas load it: adapters trained
+        # against it by path are accepted too (a path only; nothing is loaded here).
+        registry = AdapterRegistry.from_config(cfg, model_dir_for(cfg))
+        self.registration = AdapterRegistration(registry, self.tenancy.store)
         self.admin = AdminService(
-            self.tenancy.store, AdapterRegistry.from_config(cfg).exists, knowledge,
+            self.tenancy.store, registry.exists, knowledge,
             settle_s=2 * cfg.tenancy.auth_cache_ttl_s + 1.0,
             forget_quotas=quotas.reset if quotas is not None else None,
             default_quotas=Quotas(**cfg.tenancy.default_quotas.model_dump()),
@@ -194,6 +204,21 @@ class AdminServicer:
     async def RevokeAdapter(self, request, grpc_context: Any = None):
         p = await self._caller(grpc_context, "RevokeAdapter")
         return tenant_to_proto(await self.admin.revoke_grant(p, request.tenant, request.adapter))
+
+    @grpc_unary
+    async def RegisterAdapter(self, request, grpc_context: Any = None):
+        p = await self._caller(grpc_context, "RegisterAdapter")
+        record, created = await self.registration.register(
+            p, request.name, request.path, version=request.version,
+            metadata=dict(request.metadata))
+        return generation_pb2.RegisterAdapterResponse(adapter=adapter_to_proto(record),
+                                                      created=created)
+
+    @grpc_unary
+    async def UnregisterAdapter(self, request, grpc_context: Any = None):
+        p = await self._caller(grpc_context, "UnregisterAdapter")
+        await self.registration.unregister(p, request.id)
+        return generation_pb2.UnregisterAdapterResponse()
 
     @grpc_unary
     async def SetQuotas(self, request, grpc_context: Any = None):

@@ -4,6 +4,7 @@ import grpc
 import warnings
 
 from hybridserve.v1 import admin_pb2 as hybridserve_dot_v1_dot_admin__pb2
+from hybridserve.v1 import generation_pb2 as hybridserve_dot_v1_dot_generation__pb2
 
 GRPC_GENERATED_VERSION = '1.78.0'
 GRPC_VERSION = grpc.__version__
@@ -99,6 +100,16 @@ class AdminServiceStub(object):
                 '/hybridserve.v1.AdminService/RevokeAdapter',
                 request_serializer=hybridserve_dot_v1_dot_admin__pb2.RevokeAdapterRequest.SerializeToString,
                 response_deserializer=hybridserve_dot_v1_dot_admin__pb2.Tenant.FromString,
+                _registered_method=True)
+        self.RegisterAdapter = channel.unary_unary(
+                '/hybridserve.v1.AdminService/RegisterAdapter',
+                request_serializer=hybridserve_dot_v1_dot_generation__pb2.RegisterAdapterRequest.SerializeToString,
+                response_deserializer=hybridserve_dot_v1_dot_generation__pb2.RegisterAdapterResponse.FromString,
+                _registered_method=True)
+        self.UnregisterAdapter = channel.unary_unary(
+                '/hybridserve.v1.AdminService/UnregisterAdapter',
+                request_serializer=hybridserve_dot_v1_dot_generation__pb2.UnregisterAdapterRequest.SerializeToString,
+                response_deserializer=hybridserve_dot_v1_dot_generation__pb2.UnregisterAdapterResponse.FromString,
                 _registered_method=True)
         self.SetQuotas = channel.unary_unary(
                 '/hybridserve.v1.AdminService/SetQuotas',
@@ -209,6 +220,26 @@ class AdminServiceServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RegisterAdapter(self, request, context):
+        """Validates an adapter folder inside the adapter store and registers an
+        immutable snapshot of it as `name@version` (in the adapter registry every
+        generation replica reads). INVALID_ARGUMENT when it is not a valid adapter
+        for the served base model; ALREADY_EXISTS when the id is taken by different
+        content. Audited, refusals included.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UnregisterAdapter(self, request, context):
+        """Removes an adapter from the registry. NOT_FOUND when unknown;
+        FAILED_PRECONDITION while a tenant still has it granted (the message
+        names the tenants). Audited, refusals included.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def SetQuotas(self, request, context):
         """Sets the tenant's quotas. Unset fields are left as they are; 0 removes
         that limit.
@@ -293,6 +324,16 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.RevokeAdapter,
                     request_deserializer=hybridserve_dot_v1_dot_admin__pb2.RevokeAdapterRequest.FromString,
                     response_serializer=hybridserve_dot_v1_dot_admin__pb2.Tenant.SerializeToString,
+            ),
+            'RegisterAdapter': grpc.unary_unary_rpc_method_handler(
+                    servicer.RegisterAdapter,
+                    request_deserializer=hybridserve_dot_v1_dot_generation__pb2.RegisterAdapterRequest.FromString,
+                    response_serializer=hybridserve_dot_v1_dot_generation__pb2.RegisterAdapterResponse.SerializeToString,
+            ),
+            'UnregisterAdapter': grpc.unary_unary_rpc_method_handler(
+                    servicer.UnregisterAdapter,
+                    request_deserializer=hybridserve_dot_v1_dot_generation__pb2.UnregisterAdapterRequest.FromString,
+                    response_serializer=hybridserve_dot_v1_dot_generation__pb2.UnregisterAdapterResponse.SerializeToString,
             ),
             'SetQuotas': grpc.unary_unary_rpc_method_handler(
                     servicer.SetQuotas,
@@ -618,6 +659,60 @@ class AdminService(object):
             '/hybridserve.v1.AdminService/RevokeAdapter',
             hybridserve_dot_v1_dot_admin__pb2.RevokeAdapterRequest.SerializeToString,
             hybridserve_dot_v1_dot_admin__pb2.Tenant.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RegisterAdapter(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hybridserve.v1.AdminService/RegisterAdapter',
+            hybridserve_dot_v1_dot_generation__pb2.RegisterAdapterRequest.SerializeToString,
+            hybridserve_dot_v1_dot_generation__pb2.RegisterAdapterResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UnregisterAdapter(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hybridserve.v1.AdminService/UnregisterAdapter',
+            hybridserve_dot_v1_dot_generation__pb2.UnregisterAdapterRequest.SerializeToString,
+            hybridserve_dot_v1_dot_generation__pb2.UnregisterAdapterResponse.FromString,
             options,
             channel_credentials,
             insecure,

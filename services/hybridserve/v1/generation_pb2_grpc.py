@@ -27,12 +27,13 @@ if _version_not_supported:
 
 class GenerationServiceStub(object):
     """Text generation from the base model or a registered LoRA adapter, plus the
-    adapter registry. Served through Ray Serve's gRPC proxy.
+    list of registered adapters. Served through Ray Serve's gRPC proxy.
+    (Registering and unregistering adapters is on AdminService.)
 
     Every RPC needs `authorization: Bearer <key>`. A tenant key generates only
     with the adapters granted to its tenant (or the base model, if the tenant
-    may use it) and lists only those; registering and unregistering need an
-    admin key. UNAUTHENTICATED / PERMISSION_DENIED otherwise.
+    may use it) and lists only those. UNAUTHENTICATED / PERMISSION_DENIED
+    otherwise.
     """
 
     def __init__(self, channel):
@@ -51,26 +52,17 @@ class GenerationServiceStub(object):
                 request_serializer=hybridserve_dot_v1_dot_generation__pb2.ListAdaptersRequest.SerializeToString,
                 response_deserializer=hybridserve_dot_v1_dot_generation__pb2.ListAdaptersResponse.FromString,
                 _registered_method=True)
-        self.RegisterAdapter = channel.unary_unary(
-                '/hybridserve.v1.GenerationService/RegisterAdapter',
-                request_serializer=hybridserve_dot_v1_dot_generation__pb2.RegisterAdapterRequest.SerializeToString,
-                response_deserializer=hybridserve_dot_v1_dot_generation__pb2.RegisterAdapterResponse.FromString,
-                _registered_method=True)
-        self.UnregisterAdapter = channel.unary_unary(
-                '/hybridserve.v1.GenerationService/UnregisterAdapter',
-                request_serializer=hybridserve_dot_v1_dot_generation__pb2.UnregisterAdapterRequest.SerializeToString,
-                response_deserializer=hybridserve_dot_v1_dot_generation__pb2.UnregisterAdapterResponse.FromString,
-                _registered_method=True)
 
 
 class GenerationServiceServicer(object):
     """Text generation from the base model or a registered LoRA adapter, plus the
-    adapter registry. Served through Ray Serve's gRPC proxy.
+    list of registered adapters. Served through Ray Serve's gRPC proxy.
+    (Registering and unregistering adapters is on AdminService.)
 
     Every RPC needs `authorization: Bearer <key>`. A tenant key generates only
     with the adapters granted to its tenant (or the base model, if the tenant
-    may use it) and lists only those; registering and unregistering need an
-    admin key. UNAUTHENTICATED / PERMISSION_DENIED otherwise.
+    may use it) and lists only those. UNAUTHENTICATED / PERMISSION_DENIED
+    otherwise.
     """
 
     def Generate(self, request, context):
@@ -87,25 +79,8 @@ class GenerationServiceServicer(object):
 
     def ListAdapters(self, request, context):
         """Lists registered adapters, sorted by id.
-        """
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
-    def RegisterAdapter(self, request, context):
-        """Validates an adapter folder inside the adapter store and registers an
-        immutable snapshot of it as `name@version`. INVALID_ARGUMENT when it is
-        not a valid adapter for the served base model; ALREADY_EXISTS when the
-        id is taken by different content.
-        """
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
-    def UnregisterAdapter(self, request, context):
-        """Removes an adapter from the registry. NOT_FOUND when unknown;
-        FAILED_PRECONDITION while a tenant still has it granted (the message
-        names the tenants).
+        Registering and unregistering are admin writes: AdminService.RegisterAdapter
+        and AdminService.UnregisterAdapter (the control plane).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -124,16 +99,6 @@ def add_GenerationServiceServicer_to_server(servicer, server):
                     request_deserializer=hybridserve_dot_v1_dot_generation__pb2.ListAdaptersRequest.FromString,
                     response_serializer=hybridserve_dot_v1_dot_generation__pb2.ListAdaptersResponse.SerializeToString,
             ),
-            'RegisterAdapter': grpc.unary_unary_rpc_method_handler(
-                    servicer.RegisterAdapter,
-                    request_deserializer=hybridserve_dot_v1_dot_generation__pb2.RegisterAdapterRequest.FromString,
-                    response_serializer=hybridserve_dot_v1_dot_generation__pb2.RegisterAdapterResponse.SerializeToString,
-            ),
-            'UnregisterAdapter': grpc.unary_unary_rpc_method_handler(
-                    servicer.UnregisterAdapter,
-                    request_deserializer=hybridserve_dot_v1_dot_generation__pb2.UnregisterAdapterRequest.FromString,
-                    response_serializer=hybridserve_dot_v1_dot_generation__pb2.UnregisterAdapterResponse.SerializeToString,
-            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'hybridserve.v1.GenerationService', rpc_method_handlers)
@@ -144,12 +109,13 @@ def add_GenerationServiceServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class GenerationService(object):
     """Text generation from the base model or a registered LoRA adapter, plus the
-    adapter registry. Served through Ray Serve's gRPC proxy.
+    list of registered adapters. Served through Ray Serve's gRPC proxy.
+    (Registering and unregistering adapters is on AdminService.)
 
     Every RPC needs `authorization: Bearer <key>`. A tenant key generates only
     with the adapters granted to its tenant (or the base model, if the tenant
-    may use it) and lists only those; registering and unregistering need an
-    admin key. UNAUTHENTICATED / PERMISSION_DENIED otherwise.
+    may use it) and lists only those. UNAUTHENTICATED / PERMISSION_DENIED
+    otherwise.
     """
 
     @staticmethod
@@ -196,60 +162,6 @@ class GenerationService(object):
             '/hybridserve.v1.GenerationService/ListAdapters',
             hybridserve_dot_v1_dot_generation__pb2.ListAdaptersRequest.SerializeToString,
             hybridserve_dot_v1_dot_generation__pb2.ListAdaptersResponse.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
-
-    @staticmethod
-    def RegisterAdapter(request,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.unary_unary(
-            request,
-            target,
-            '/hybridserve.v1.GenerationService/RegisterAdapter',
-            hybridserve_dot_v1_dot_generation__pb2.RegisterAdapterRequest.SerializeToString,
-            hybridserve_dot_v1_dot_generation__pb2.RegisterAdapterResponse.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
-
-    @staticmethod
-    def UnregisterAdapter(request,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.unary_unary(
-            request,
-            target,
-            '/hybridserve.v1.GenerationService/UnregisterAdapter',
-            hybridserve_dot_v1_dot_generation__pb2.UnregisterAdapterRequest.SerializeToString,
-            hybridserve_dot_v1_dot_generation__pb2.UnregisterAdapterResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,13 +1,7 @@
-"""Adapter registration as the GenerationService API serves it: listing what a
-principal may use, and the admin-only register / unregister, each audited (also
-when refused). Transport-free; `GenerationServicer` maps it to gRPC.
-
-NOTE: these admin writes are still served by the generation replicas (the RPCs are
-on GenerationService), not by the control plane's AdminService: moving them there
-changes the API (protos, SDK, CLI, the LoRAAdapter controller) and how the calls
-are admitted (the AdminService's per-key call limit and sampled refusal audits).
-This object holds the whole logic, so that move is a matter of calling it from
-another servicer.
+"""Adapter registration: listing what a principal may use (GenerationService's
+ListAdapters, a data-plane read), and the admin-only register / unregister
+(AdminService's RegisterAdapter / UnregisterAdapter, control-plane writes), each
+audited (also when refused). Transport-free; the servicers map it to gRPC.
 """
 
 from __future__ import annotations
