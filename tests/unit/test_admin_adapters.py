@@ -12,7 +12,7 @@ from hybridserve.config import HybridServeConfig
 from hybridserve.errors import ResourceExhausted
 from hybridserve.tenancy.admin_limits import AuditTicket
 from hybridserve.tenancy.servicer import AdminServicer
-from hybridserve.testing.tiny import build_lora_adapter, build_tiny_llama
+from testkit.tiny import build_lora_adapter, build_tiny_llama
 from hybridserve.v1 import admin_pb2, generation_pb2, generation_pb2_grpc
 
 from .fakes import FakeContext, tenancy_for
