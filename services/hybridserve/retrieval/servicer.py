@@ -20,7 +20,7 @@ from hybridserve.health import watch_health
 from hybridserve.retrieval.documents import Document, FieldFilter, Hit, UpsertResult
 from hybridserve.retrieval.service import EmbedFn, RetrievalService
 from hybridserve.retrieval.store import ChunkStore
-from hybridserve.tenancy.auth import Tenancy
+from hybridserve.tenancy.auth import Tenancy, setup_servicer
 from hybridserve.v1 import retrieval_pb2
 
 logger = logging.getLogger(__name__)
@@ -102,8 +102,7 @@ class RetrievalServicer:
         model_name: str | None = None,
         tenancy: Tenancy | None = None,
     ):
-        cfg = config if isinstance(config, HybridServeConfig) else HybridServeConfig.model_validate(config)
-        obs.set_enabled(cfg.observability.metrics_enabled)
+        cfg, self.tenancy = setup_servicer(config, tenancy, self.metrics_service)
         if store is None:
             from hybridserve.retrieval.store import WeaviateStore
 
@@ -117,7 +116,6 @@ class RetrievalServicer:
             model_name = model_name or name_of(folder)
         self.service = RetrievalService(cfg, store, embed, tokenizer, model_name)
         self.config = cfg
-        self.tenancy = tenancy or Tenancy.from_config(cfg, metrics_service=self.metrics_service)
 
     #: The `service` label of this servicer's request metrics.
     metrics_service = "retrieval"

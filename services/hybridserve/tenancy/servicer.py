@@ -11,12 +11,11 @@ from typing import Any
 
 from grpc_health.v1 import health_pb2
 
-from hybridserve import observability as obs
 from hybridserve.config import HybridServeConfig
 from hybridserve.grpc_errors import grpc_unary
 from hybridserve.tenancy.admin import AdminService, Knowledge
 from hybridserve.tenancy.admin_limits import AdminLimits
-from hybridserve.tenancy.auth import Tenancy
+from hybridserve.tenancy.auth import Tenancy, setup_servicer
 from hybridserve.tenancy.domain import ApiKeyInfo, AuditEntry, Quotas, Tenant, rfc3339
 from hybridserve.tenancy.keys import display_prefix
 from hybridserve.v1 import admin_pb2
@@ -77,10 +76,8 @@ class AdminServicer:
                  knowledge: Knowledge | None = None, limits: AdminLimits | None = None):
         from hybridserve.generation.adapters import AdapterRegistry
 
-        cfg = config if isinstance(config, HybridServeConfig) else HybridServeConfig.model_validate(config)
-        obs.set_enabled(cfg.observability.metrics_enabled)
+        cfg, self.tenancy = setup_servicer(config, tenancy, self.metrics_service)
         self.config = cfg
-        self.tenancy = tenancy or Tenancy.from_config(cfg, metrics_service=self.metrics_service)
         quotas = self.tenancy.quotas
         if limits is None and quotas is not None:
             limits = AdminLimits.from_config(cfg)
