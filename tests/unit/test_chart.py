@@ -88,8 +88,8 @@ def test_chart_files_are_links_to_deploy_not_copies():
 
 def test_serve_config_runs_every_app_from_its_builder():
     cfg = HybridServeConfig.model_validate(
-        {"serve": {"grpc_host": "0.0.0.0", "apps": ["generation", "retrieval", "rerank", "rag"],
-                   "generation_autoscaling": {"min_replicas": 1, "max_replicas": 3}},
+        {"serve": {"grpc_host": "0.0.0.0", "apps": ["generation", "retrieval", "rerank", "rag"]},
+         "generation": {"autoscaling": {"min_replicas": 1, "max_replicas": 3}},
          "weaviate": {"url": "http://weaviate:8080"}})
     doc = serve_config(cfg)
     from ray.serve.schema import ServeDeploySchema
@@ -109,8 +109,8 @@ def test_serve_config_runs_every_app_from_its_builder():
         assert isinstance(built, Application), app["name"]
         # Only what the file set travels; the builders fill in the defaults.
         assert app["args"]["config"] == {
-            "serve": {"grpc_host": "0.0.0.0", "apps": ["generation", "retrieval", "rerank", "rag"],
-                      "generation_autoscaling": {"min_replicas": 1, "max_replicas": 3}},
+            "serve": {"grpc_host": "0.0.0.0", "apps": ["generation", "retrieval", "rerank", "rag"]},
+            "generation": {"autoscaling": {"min_replicas": 1, "max_replicas": 3}},
             "weaviate": {"url": "http://weaviate:8080"}}
     gen = importlib.import_module("hybridserve.app").generation_app(doc["applications"][1]["args"])
     assert gen._bound_deployment._deployment_config.autoscaling_config.max_replicas == 3

@@ -155,7 +155,7 @@ class GenerationServicer(ReplicaIntrospection):
         model_dir = model_dir_for(cfg)
         rank = replica_rank()
         #: A base-pool replica: LoRA off, serves requests that name no adapter.
-        self.base_only = rank is not None and rank < cfg.serve.base_pool_replicas
+        self.base_only = rank is not None and rank < cfg.generation.base_pool_replicas
         if self.base_only:
             cfg = cfg.model_copy(update={"engine": cfg.engine.model_copy(
                 update={"enable_lora": False})})
