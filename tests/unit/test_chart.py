@@ -148,3 +148,36 @@ def test_dockerfile_installs_like_install_sh():
     assert values["ray"]["version"] == ray
     # No weights at run time: the image prepares the model from its package.
     assert "hybridserve models prepare" in docker
+
+
+def test_the_values_schema_takes_the_generation_section_and_still_the_moved_keys():
+    """A values file written for an older chart (generation keys under config.serve)
+    still installs: the platform moves those keys and warns (docs/config.md, Migration)."""
+    import json
+
+    import jsonschema
+
+    from hybridserve.config import MOVED_KEYS
+
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    new = {**values, "config": {**values["config"],
+                                "generation": {"replicas": 2, "gpus_per_replica": 1}}}
+    jsonschema.validate(new, schema)
+    old = {**values, "config": {**values["config"], "serve": {
+        **values["config"]["serve"], "generation_replicas": 2, "gpus_per_replica": 1}}}
+    jsonschema.validate(old, schema)
+    defs = schema["$defs"]
+    for old_key, new_key in MOVED_KEYS.items():
+        section, key = old_key.split(".")
+        prop = defs[f"{section.capitalize()}Config"]["properties"][key]
+        assert prop["deprecated"] is True and new_key in prop["description"]
+    # Unknown keys are still refused.
+    bad = {**values, "config": {**values["config"], "serve": {
+        **values["config"]["serve"], "generation_replica": 2}}}
+    try:
+        jsonschema.validate(bad, schema)
+    except jsonschema.ValidationError:
+        pass
+    else:
+        raise AssertionError("an unknown serve key passed the schema")
