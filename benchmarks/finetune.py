@@ -7,6 +7,7 @@ includes them.
 
   tiny     the tiny random Llama (built locally), the synthetic `[OK:word]` data
   smollm2  SmolLM2-135M-Instruct (prepared offline), the demo's persona chats
+           (examples/adapters/pirate-tone/train.jsonl)
 
 Usage:
   python benchmarks/finetune.py                    # both models, 1 torch thread
@@ -30,16 +31,18 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, for testkit/
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 STEPS = {"tiny": 40, "smollm2": 10}
+PERSONA_DATA = Path(__file__).resolve().parents[1] / "examples/adapters/pirate-tone/train.jsonl"
 
 
 def _dataset(model: str, base_dir: Path, tokenizer):
-    from hybridserve.finetune.data import Example, tokenize_example
+    from hybridserve.finetune.data import Example, load_examples, tokenize_example
 
     if model == "tiny":
-        from hybridserve.testing.synthetic import format_examples
+        from testkit.synthetic import format_examples
 
         chats = []
         for row in format_examples(80):
@@ -51,15 +54,13 @@ def _dataset(model: str, base_dir: Path, tokenizer):
                 ]
             )
     else:
-        from hybridserve.demo import training_examples
-
-        chats = training_examples()
+        chats = [example.messages for example in load_examples(PERSONA_DATA).examples]
     return [tokenize_example(tokenizer, Example(i + 1, chat)) for i, chat in enumerate(chats)]
 
 
 def _base_dir(model: str, work: Path) -> Path:
     if model == "tiny":
-        from hybridserve.testing.tiny import build_tiny_llama
+        from testkit.tiny import build_tiny_llama
 
         return build_tiny_llama(work / "tiny")
     from hybridserve.constants import CACHE_DIR

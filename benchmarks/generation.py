@@ -32,6 +32,8 @@ from pathlib import Path
 
 import grpc
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, for testkit/
+
 ROOT = Path(__file__).resolve().parent
 PROMPTS = [
     "Tell me a short story about a lighthouse keeper.",
@@ -63,7 +65,7 @@ def build_assets(model: str, work: Path, n_adapters: int, base_dir: Path | None 
                  store: Path | None = None, base_name: str = "tiny-llama"):
     """The base model and `n_adapters` adapters in the store (`store`: a running
     platform's adapter store, `base_dir` its model)."""
-    from hybridserve.testing.tiny import build_lora_adapter, build_tiny_llama
+    from testkit.tiny import build_lora_adapter, build_tiny_llama
 
     if base_dir is not None:
         base, name = base_dir, base_name

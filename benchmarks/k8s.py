@@ -29,6 +29,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 CHART = ROOT / "helm" / "hybridserve"
+sys.path.insert(0, str(ROOT))  # the repo root, for testkit/
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
@@ -65,7 +66,7 @@ def bench_controller(kube, address, admin_key, store_dir, base_dir, base_name, n
 
     from hybridserve.client import HybridServeClient
     from hybridserve.controller.main import Controller, KubeObjects, Metrics, PlatformAdmin
-    from hybridserve.testing.tiny import build_lora_adapter
+    from testkit.tiny import build_lora_adapter
 
     api = config.new_client_from_config(config_file=str(kube.kubeconfig))
     ext = client.ApiextensionsV1Api(api)
@@ -156,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.smoke:
         args.rounds, args.adapters, args.steady_s = 1, 1, 3
 
-    from hybridserve.testing.kube import KubeTestCluster, missing_tools, missing_tools_hint
+    from testkit.kube import KubeTestCluster, missing_tools, missing_tools_hint
 
     if missing_tools():
         sys.exit(missing_tools_hint())

@@ -38,6 +38,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
+sys.path.insert(0, str(ROOT.parent))  # the repo root, for testkit/
 sys.path.insert(0, str(ROOT))
 RESULTS = ROOT / "results"
 DATA = ROOT.parent / "tests" / "data" / "knowledge"
@@ -123,7 +124,7 @@ def bench_overhead(address, key, questions, rounds, max_tokens, app, gen_app, mo
 def make_loras(base_dir: Path, folders: list[Path], base_name: str, seed: int = 0) -> None:
     """Random rank-8 LoRA adapters (non-zero B, so each changes the output) for any
     Llama-style base: tiny test models through the cached builder, others with PEFT."""
-    from hybridserve.testing.tiny import _TINY_MARKER, build_lora_adapter
+    from testkit.tiny import _TINY_MARKER, build_lora_adapter
 
     todo = [f for f in folders if not (f / "adapter_config.json").is_file()]
     if not todo:
@@ -241,7 +242,7 @@ def start_platform(model: str, work: Path):
     from generation import _free_port, use_admin_key
     from hybridserve import platform as local
     from hybridserve.config import HybridServeConfig
-    from hybridserve.testing.tiny import build_tiny_llama
+    from testkit.tiny import build_tiny_llama
 
     data = work / "data"
     ports = [_free_port() for _ in range(5)]

@@ -127,7 +127,7 @@ def join_platform(args):
 
 def bench_ingest(client, cfg, rounds: int, docs_per_round: int, words: int):
     from hybridserve.retrieval.chunking import chunk_text
-    from hybridserve.retrieval.embedding import SentenceTransformerEmbedder
+    from hybridserve.embedding import SentenceTransformerEmbedder
 
     emb = SentenceTransformerEmbedder(None, batch_size=cfg.retrieval.embed_batch_size,
                                       threads=os.cpu_count() or 1)

@@ -51,6 +51,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
+sys.path.insert(0, str(ROOT.parent))  # the repo root, for testkit/
 sys.path.insert(0, str(ROOT))
 
 from generation import (  # noqa: E402
@@ -273,7 +274,7 @@ async def part_overload(apps: Apps, address: str, args) -> dict:
 
 
 async def part_many(apps: Apps, address: str, args, base: Path, store: Path, name: str) -> dict:
-    from hybridserve.testing.tiny import build_lora_adapter, hf_greedy
+    from testkit.tiny import build_lora_adapter, hf_greedy
 
     plat = Platform(address, apps.name_of("many"))
     run = f"m{os.getpid()}"

@@ -37,6 +37,8 @@ from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, for testkit/
+
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -211,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
         args.calls, args.rounds, args.rate_seconds, args.rate_limit = 50, 2, 4.0, 60
 
     from hybridserve.tenancy.redis_server import RedisServer
-    from hybridserve.testing.postgres import PostgresServer
+    from testkit.postgres import PostgresServer
 
     work = Path(tempfile.mkdtemp(prefix="hs-tenancy-bench-"))
     redis = RedisServer(work / "redis")

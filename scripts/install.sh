@@ -39,6 +39,16 @@ if [ ! -f "$VENV/.complete" ]; then
   touch "$VENV/.complete"
 fi
 
+# Test tools (deptry), pinned in their own small lock so that adding one does not
+# rebuild the venv above: installed into it once per version of that file.
+TOOLS="$ROOT/requirements/lock-tools.txt"
+tools_key=$(sha256sum < "$TOOLS" | cut -c1-12)
+if [ "$(cat "$VENV/.tools" 2>/dev/null)" != "$tools_key" ]; then
+  log "installing the test tools of requirements/lock-tools.txt into $VENV"
+  "$VENV/bin/pip" install --quiet --no-deps --progress-bar off -r "$TOOLS"
+  echo "$tools_key" > "$VENV/.tools"
+fi
+
 # This checkout's own small venv, .venv: it sees the shared packages through a
 # .pth file and holds only the editable install of this checkout. So several
 # checkouts (a CI clone next to a working tree) never repoint each other.
@@ -57,6 +67,37 @@ if [ "$(cat "$LOCAL/.shared-venv" 2>/dev/null)" != "$VENV" ]; then
   "$VENV/bin/pip" --python "$LOCAL/bin/python" install --quiet --no-deps --no-build-isolation -e "$ROOT"
   echo "$VENV" > "$LOCAL/.shared-venv"
 fi
+
+# The SDK's wheelhouse: the base dependencies of pyproject.toml (what `pip install
+# hybridserve` pulls) at the lock's versions, plus the build backend. The test that
+# installs the client alone into a fresh venv (tests/unit/test_sdk_install.py) uses
+# it offline. Downloaded once per set of versions; the path is noted in .venv.
+client_pins=$("$VENV/bin/python" - "$ROOT/pyproject.toml" "$LOCK" <<'PY'
+import sys, tomllib
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
+pyproject, lock = sys.argv[1:3]
+pins = {}
+for line in open(lock):
+    if "==" in line and not line.startswith("#"):
+        name, version = line.strip().split("==", 1)
+        pins[canonicalize_name(name)] = version
+deps = tomllib.load(open(pyproject, "rb"))["project"]["dependencies"]
+for name in sorted({canonicalize_name(Requirement(d).name) for d in deps} | {"setuptools"}):
+    print(f"{name}=={pins[name]}")
+PY
+)
+WHEELHOUSE="$CACHE/wheels/client-$(echo "$client_pins" | sha256sum | cut -c1-12)"
+if [ ! -f "$WHEELHOUSE/.complete" ]; then
+  log "downloading the SDK's wheels into $WHEELHOUSE"
+  rm -rf "$WHEELHOUSE"
+  mkdir -p "$WHEELHOUSE"
+  # shellcheck disable=SC2086  # one requirement per word
+  "$VENV/bin/pip" download --quiet --progress-bar off --only-binary=:all: -d "$WHEELHOUSE" \
+    -c "$LOCK" $client_pins
+  touch "$WHEELHOUSE/.complete"
+fi
+echo "$WHEELHOUSE" > "$LOCAL/.client-wheelhouse"
 
 # Go tools, pinned, built once into the cache. weaviate-server is the real
 # vector database the retrieval service and its tests use (about 3.5 min to

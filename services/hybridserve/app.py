@@ -16,12 +16,13 @@ from ray.serve.config import RequestRouterConfig
 
 from hybridserve import topology
 from hybridserve.config import HybridServeConfig
-from hybridserve.generation.servicer import GenerationServicer, model_dir_for
+from hybridserve.generation.servicer import GenerationServicer
+from hybridserve.models import model_dir_for
 from hybridserve.generation.vllm_engine import engine_environment
 from hybridserve.rag.handles import ServeGenerator, ServeReranker, ServeRetriever
 from hybridserve.rag.prompt import HFChatTokenizer, PromptBuilder
 from hybridserve.rag.service import RagService
-from hybridserve.retrieval.embedding import SentenceTransformerEmbedder
+from hybridserve.embedding import SentenceTransformerEmbedder
 
 
 def on_replica_shutdown(instance: Any, shutdown) -> None:

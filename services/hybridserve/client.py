@@ -13,7 +13,11 @@ Credentials: `api_key=`, else `$HYBRIDSERVE_API_KEY`, else `api_key_file=`. Pass
 through a TLS-terminating ingress. Failed calls raise the typed exceptions of
 `hybridserve.exceptions` (`AuthenticationError`, `PermissionDeniedError`,
 `RateLimitError` with `retry_after`, `NotFoundError`, `InvalidArgumentError`, ...),
-which are `grpc.RpcError`s too.
+which are `grpc.RpcError`s too; an API key file that does not exist or holds no key
+raises `ApiKeyFileError` when the client is made.
+
+The SDK imports grpc, protobuf, googleapis-common-protos (google.rpc) and v1/ only, so
+`pip install hybridserve` gives it without the server.
 """
 
 from __future__ import annotations
@@ -26,7 +30,12 @@ import grpc
 
 from hybridserve import topology
 from hybridserve.answers import Answer, Final, Sources, Token, collect, event_of
-from hybridserve.exceptions import HybridServeAPIError, from_aio_error, from_rpc_error
+from hybridserve.exceptions import (
+    ApiKeyFileError,
+    HybridServeAPIError,
+    from_aio_error,
+    from_rpc_error,
+)
 from hybridserve.v1 import (
     admin_pb2,
     admin_pb2_grpc,
@@ -60,6 +69,7 @@ _FILTER_OPS = {
 __all__ = [
     "API_KEY_ENV",
     "Answer",
+    "ApiKeyFileError",
     "AsyncHybridServeClient",
     "HybridServeAPIError",
     "HybridServeClient",
@@ -69,13 +79,22 @@ __all__ = [
 ]
 
 
+def read_key_file(path: Path) -> str:
+    """The key in a key file: its first non-empty line that is not a # comment."""
+    for line in Path(path).read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            return line.strip()
+    raise ApiKeyFileError(f"{path} holds no key")
+
+
 def resolve_api_key(api_key: str | None = None, api_key_file: str | Path | None = None,
                     default_file: Path | None = None) -> str | None:
     """The key to send: `api_key`, else $HYBRIDSERVE_API_KEY, else the first
-    key line of `api_key_file`, else of `default_file` if it exists."""
-    from hybridserve.errors import InvalidArgument
-    from hybridserve.tenancy.bootstrap import read_key_file
+    key line of `api_key_file`, else of `default_file` if it exists.
 
+    Raises:
+        ApiKeyFileError: `api_key_file` does not exist, or a key file holds no key.
+    """
     if api_key:
         return api_key.strip()
     if os.environ.get(API_KEY_ENV):
@@ -83,7 +102,7 @@ def resolve_api_key(api_key: str | None = None, api_key_file: str | Path | None 
     if api_key_file is not None:
         path = Path(api_key_file).expanduser()
         if not path.is_file():
-            raise InvalidArgument(f"the API key file {path} does not exist")
+            raise ApiKeyFileError(f"the API key file {path} does not exist")
         return read_key_file(path)
     if default_file is not None and Path(default_file).expanduser().is_file():
         return read_key_file(Path(default_file).expanduser())

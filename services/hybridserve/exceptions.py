@@ -18,6 +18,15 @@ from __future__ import annotations
 import grpc
 
 
+class ApiKeyFileError(ValueError):
+    """The API key file the client was given does not exist or holds no key (raised
+    when the client is created, before any call)."""
+
+    @property
+    def message(self) -> str:
+        return str(self)
+
+
 class HybridServeAPIError(grpc.RpcError):
     """A call to the platform failed.
 

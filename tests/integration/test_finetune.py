@@ -3,7 +3,8 @@
 A few dozen steps on a synthetic format take the held-out format-match rate
 from ~0 to ~1; the adapter is registered with its config and eval as metadata;
 an adapter that does not beat the base is refused unless forced; the same seed
-gives the same adapter; an interrupt leaves nothing behind.
+gives the same adapter; an interrupt leaves nothing behind; `--output` trains into a
+cached folder and registers nothing.
 """
 
 from __future__ import annotations
@@ -15,12 +16,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from hybridserve.adapters import AdapterRegistry
 from hybridserve.config import HybridServeConfig
 from hybridserve.errors import FailedPrecondition
 from hybridserve.finetune import AdapterNotBetter, FinetuneResult, TrainConfig, finetune
 from hybridserve.finetune.pipeline import TMP_PREFIX
-from hybridserve.generation.adapters import AdapterRegistry
-from hybridserve.testing.synthetic import FORMAT_REGEX, format_examples, write_jsonl
+from testkit.synthetic import FORMAT_REGEX, format_examples, write_jsonl
 
 pytestmark = pytest.mark.integration
 
@@ -62,7 +63,7 @@ class Env:
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory) -> Env:
-    from hybridserve.testing.tiny import build_tiny_llama
+    from testkit.tiny import build_tiny_llama
 
     root = tmp_path_factory.mktemp("finetune")
     base = build_tiny_llama(root / "tiny")
@@ -260,7 +261,7 @@ def test_interrupt_after_publish_keeps_a_complete_registration(env, tmp_path, mo
 
 
 def test_cli_prints_id_and_eval_table(env, tmp_path, capsys):
-    from hybridserve.finetune.cli import add_finetune_parser
+    from hybridserve.cli.finetune import add_finetune_parser
 
     config = tmp_path / "config.json"
     config.write_text(json.dumps(json.loads(env.cfg(tmp_path / "data").model_dump_json())))
@@ -286,3 +287,69 @@ def test_cli_prints_id_and_eval_table(env, tmp_path, capsys):
     assert "held-out loss" in capsys.readouterr().out
     ids = [r.id for r in AdapterRegistry.from_config(HybridServeConfig.load(config)).list()]
     assert ids == [adapter_id]
+
+
+def test_output_trains_every_example_into_a_cached_folder(env, tmp_path, capsys):
+    """`--output DIR` (scripts/demo.sh's way): the adapter `train` makes from every example,
+    saved into DIR with a marker, nothing registered; the same inputs again reuse DIR."""
+    from hybridserve.cli.finetune import add_finetune_parser
+    from hybridserve.finetune.data import load_examples, tokenize_examples
+    from hybridserve.finetune.pipeline import OUTPUT_MARKER
+    from hybridserve.finetune.trainer import load_tokenizer, train
+
+    cfg = env.cfg(tmp_path / "data")
+    config = tmp_path / "config.json"
+    config.write_text(cfg.model_dump_json())
+    parser = argparse.ArgumentParser(prog="hybridserve")
+    parser.add_argument("--config")
+    add_finetune_parser(parser.add_subparsers(dest="cmd", required=True))
+    out = tmp_path / "built" / NAME
+
+    def run(*args: str) -> int:
+        ns = parser.parse_args(
+            ["--config", str(config), "finetune", "--data", str(env.data), "--name", NAME,
+             "--lr", str(LR), "--layers", "1", *args]
+        )
+        return ns.func(ns)
+
+    assert run("--steps", "3", "--output", str(out)) == 0
+    assert capsys.readouterr().out == f"{out}\n"
+    files = sorted(p.name for p in out.iterdir())
+    assert files == sorted([OUTPUT_MARKER, "adapter_config.json", "adapter_model.safetensors"])
+    adapter_config = json.loads((out / "adapter_config.json").read_text())
+    assert adapter_config["layers_to_transform"] == [1]
+    assert adapter_config["base_model_name_or_path"] == MODEL_NAME
+    marker = json.loads((out / OUTPUT_MARKER).read_text())
+    assert marker["dataset_sha256"] == hashlib.sha256(env.data.read_bytes()).hexdigest()
+    assert marker["training_config"]["steps"] == 3
+    assert AdapterRegistry.from_config(cfg).list() == []  # nothing registered
+
+    # Every example, in file order: the same bytes as the trainer on the whole file.
+    direct = tmp_path / "direct"
+    direct.mkdir()
+    tokenizer = load_tokenizer(env.base_dir)
+    examples = tokenize_examples(
+        tokenizer, load_examples(env.data).examples, max_seq_len=512, source=env.data
+    )
+    train(env.base_dir, examples, TrainConfig(steps=3, lr=LR, layers_to_transform=(1,)), direct,
+          base_model_name=MODEL_NAME)
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        assert (out / name).read_bytes() == (direct / name).read_bytes(), name
+
+    # Same inputs: reused as is, without training; other inputs: rebuilt.
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    assert run("--steps", "3", "--output", str(out)) == 0
+    assert "already holds" in capsys.readouterr().err
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
+    assert run("--steps", "4", "--output", str(out)) == 0
+    assert json.loads((out / OUTPUT_MARKER).read_text())["training_config"]["steps"] == 4
+    assert (out / "adapter_model.safetensors").read_bytes() != (
+        direct / "adapter_model.safetensors"
+    ).read_bytes()
+
+    # The evaluation's options make no sense without an evaluation.
+    assert run("--steps", "3", "--force", "--output", str(tmp_path / "forced")) == 2
+    assert "--output skips" in capsys.readouterr().err
+    assert not (tmp_path / "forced").exists()
+    with pytest.raises(SystemExit):
+        run("--layers", "3-1")

@@ -10,7 +10,7 @@ import re
 
 import pytest
 
-from hybridserve.testing.synthetic import FORMAT_REGEX, format_examples, write_jsonl
+from testkit.synthetic import FORMAT_REGEX, format_examples, write_jsonl
 
 pytestmark = pytest.mark.integration
 

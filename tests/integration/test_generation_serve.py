@@ -15,7 +15,7 @@ from pathlib import Path
 
 import grpc
 import pytest
-from hybridserve.testing.tiny import build_lora_adapter, hf_greedy
+from testkit.tiny import build_lora_adapter, hf_greedy
 from hybridserve.v1 import common_pb2
 
 from .conftest import MAIN_APP, replica_stats

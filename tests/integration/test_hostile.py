@@ -24,7 +24,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hybridserve.client import HybridServeClient
 from hybridserve.exceptions import InvalidArgumentError, RateLimitError, from_rpc_error
-from hybridserve.v1 import generation_pb2, retrieval_pb2, retrieval_pb2_grpc
+from hybridserve.v1 import retrieval_pb2, retrieval_pb2_grpc
 
 from .conftest import MAIN_APP, RAG_APP
 

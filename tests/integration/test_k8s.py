@@ -1,6 +1,6 @@
 """The Helm chart and the LoRAAdapter controller against a real kube-apiserver.
 
-etcd and kube-apiserver v1.37.2 run on loopback (services/hybridserve/testing/kube.py),
+etcd and kube-apiserver v1.37.2 run on loopback (testkit/kube.py),
 with KubeRay's RayService CRD, the Prometheus Operator's CRDs and our LoRAAdapter
 CRD installed, so the API server validates every object the chart renders,
 custom resources included. The real `helm` binary lints, renders, installs,
@@ -28,7 +28,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from hybridserve.testing.kube import KubeTestCluster, missing_tools, missing_tools_hint
+from testkit.kube import KubeTestCluster, missing_tools, missing_tools_hint
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "helm" / "hybridserve"
@@ -40,7 +40,7 @@ GROUP, VERSION, PLURAL = "hybridserve.dev", "v1alpha1", "loraadapters"
 def _crd_files() -> list[Path]:
     """KubeRay's and the Prometheus Operator's CRDs: the reference copies in
     ../shared when present, else the ones scripts/install_k8s.sh fetched."""
-    from hybridserve.testing.kube import tool
+    from testkit.kube import tool
 
     for base in (ROOT.parent / "shared", tool("helm").parent.parent / "crds"):
         files = [base / "kuberay" / "ray.io_rayservices.yaml"] + [
@@ -518,7 +518,7 @@ def test_the_charts_weaviate_refuses_anonymous_access(kube, tmp_path):
     # The chart's settings; the paths and ports are the test's own.
     env = {k: v for k, v in _resolved_env(docs, sts).items()
            if k not in ("PERSISTENCE_DATA_PATH", "CLUSTER_HOSTNAME", "GRPC_PORT")}
-    from hybridserve.testing.kube import _free_port
+    from testkit.kube import _free_port
 
     # NOTE: weaviate-server derives ports from the HTTP port (+10000 to +10004).
     http = next(p for p in iter(_free_port, None) if p < 50000)
@@ -564,7 +564,7 @@ def test_the_charts_redis_requires_its_password(kube, tmp_path):
     import redis
 
     from hybridserve.config import HybridServeConfig
-    from hybridserve.testing.kube import _free_port
+    from testkit.kube import _free_port
 
     docs = _render(kube, "minimal-cpu")
     container = _find(docs, "Deployment", "redis")[0]["spec"]["template"]["spec"]["containers"][0]
@@ -794,7 +794,7 @@ class ControllerProcess:
         self.proc: subprocess.Popen | None = None
 
     def start(self):
-        from hybridserve.testing.kube import _free_port
+        from testkit.kube import _free_port
 
         self.port = _free_port()
         env = dict(os.environ, HYBRIDSERVE_API_KEY=self.platform.admin_key)
@@ -842,7 +842,7 @@ def lora(kube, platform):
     from kubernetes import client
 
     from hybridserve.client import HybridServeClient
-    from hybridserve.testing.tiny import build_lora_adapter
+    from testkit.tiny import build_lora_adapter
 
     from .conftest import TINY_MODEL_NAME
 

@@ -112,7 +112,7 @@ def test_tenant_isolation(kc):
 def _text_with_chunks(chunks: int, cfg) -> str:
     """A text the server cuts into exactly `chunks` chunks (same tokenizer and settings)."""
     from hybridserve.retrieval.chunking import chunk_text
-    from hybridserve.retrieval.embedding import load_tokenizer
+    from hybridserve.embedding import load_tokenizer
 
     tok = load_tokenizer(None)
     for words in range(1, 2000):
@@ -430,7 +430,7 @@ async def test_an_inflight_upsert_never_writes_into_a_recreated_tenant(weaviate,
 
     import numpy as np
     from hybridserve.config import HybridServeConfig
-    from hybridserve.retrieval.embedding import load_tokenizer
+    from hybridserve.embedding import load_tokenizer
     from hybridserve.retrieval.servicer import RetrievalServicer
     from hybridserve.tenancy.admin import AdminService
     from hybridserve.tenancy.domain import Tenant

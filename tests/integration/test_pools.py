@@ -9,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from hybridserve.client import HybridServeClient
-from hybridserve.testing.tiny import hf_greedy
+from testkit.tiny import hf_greedy
 
 from .conftest import wait_replicas
 

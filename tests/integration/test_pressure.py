@@ -19,7 +19,7 @@ import grpc
 import pytest
 from hybridserve.client import HybridServeClient
 from hybridserve.exceptions import HybridServeAPIError
-from hybridserve.testing.tiny import build_lora_adapter
+from testkit.tiny import build_lora_adapter
 
 from .conftest import AFFINITY_APP, MAIN_APP, replica_actor, replica_stats, wait_replicas
 # The same prompts and HF+PEFT reference as the generation tests (one definition).

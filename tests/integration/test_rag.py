@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from hybridserve.answers import Final, Sources, Token
+from hybridserve.answers import Token
 from hybridserve.client import HybridServeClient
 from hybridserve.exceptions import (
     InvalidArgumentError,
@@ -409,7 +409,7 @@ def test_the_adapter_is_prefetched_on_the_replica_that_answers(platform, pair):
     """While retrieval runs, the gateway has the answering replica load the adapter:
     after an Ask with a never-loaded adapter, that replica loaded it exactly once (the
     prefetch; the generation found it resident), and it answered."""
-    from hybridserve.testing.tiny import build_lora_adapter
+    from testkit.tiny import build_lora_adapter
     from ray import serve
 
     name = f"cold-{uuid.uuid4().hex[:6]}"

@@ -21,7 +21,7 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture(scope="module")
 def postgres():
-    from hybridserve.testing.postgres import PostgresServer
+    from testkit.postgres import PostgresServer
 
     server = PostgresServer.start()
     yield server

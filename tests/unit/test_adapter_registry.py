@@ -12,9 +12,9 @@ import time
 from pathlib import Path
 
 import pytest
+from hybridserve.adapters import AdapterRecord, AdapterRegistry
 from hybridserve.config import LLAMA_LORA_MODULES, HybridServeConfig
 from hybridserve.errors import AlreadyExists, InvalidArgument, NotFound
-from hybridserve.generation.adapters import AdapterRecord, AdapterRegistry
 from pydantic import ValidationError
 
 BASE = "test-org/tiny-llama"

@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 
 import pytest
+from hybridserve.adapters import AdapterRegistry
 from hybridserve.config import HybridServeConfig
 from hybridserve.errors import InvalidArgument
 from hybridserve.finetune import TrainConfig, finetune
@@ -21,7 +22,6 @@ from hybridserve.finetune.data import (
     tokenize_example,
     tokenize_examples,
 )
-from hybridserve.generation.adapters import AdapterRegistry
 
 GOOD = [
     {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]},
@@ -115,7 +115,7 @@ def _write(path: Path, lines) -> Path:
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> Path:
-    from hybridserve.testing.tiny import build_tiny_llama
+    from testkit.tiny import build_tiny_llama
 
     return build_tiny_llama(tmp_path_factory.mktemp("finetune-data") / "tiny")
 

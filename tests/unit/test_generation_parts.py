@@ -10,13 +10,13 @@ from types import SimpleNamespace
 import pytest
 from hybridserve.config import HybridServeConfig
 from hybridserve.errors import FailedPrecondition, PermissionDenied
-from hybridserve.generation.adapters import AdapterRegistry
+from hybridserve.adapters import AdapterRegistry
 from hybridserve.generation.registration import AdapterRegistration
 from hybridserve.generation.residency import RoutingReport
 from hybridserve.generation.routing import SlotAwareRouter
 from hybridserve.generation.servicer import GenerationServicer
 from hybridserve.tenancy.domain import Principal, Tenant
-from hybridserve.testing.tiny import build_lora_adapter, build_tiny_llama
+from testkit.tiny import build_lora_adapter, build_tiny_llama
 from hybridserve.v1 import generation_pb2
 
 from .fakes import FakeContext, FakeEngine, tenancy_for

@@ -11,7 +11,7 @@ import pytest
 from grpc_health.v1 import health_pb2
 from hybridserve.config import HybridServeConfig
 from hybridserve.generation.servicer import GenerationServicer
-from hybridserve.testing.tiny import build_lora_adapter, build_tiny_llama
+from testkit.tiny import build_lora_adapter, build_tiny_llama
 from hybridserve.v1 import generation_pb2
 
 from .fakes import FakeContext, FakeEngine, tenancy_for
@@ -62,7 +62,7 @@ def config(tmp_path, tiny_assets):
 @pytest.fixture
 def adapters(config, tiny_assets):
     """Two registered adapters: name -> id."""
-    from hybridserve.generation.adapters import AdapterRegistry
+    from hybridserve.adapters import AdapterRegistry
 
     _, base = tiny_assets
     registry = AdapterRegistry.from_config(config, base)

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import grpc
 import pytest
+from hybridserve.adapters import AdapterRegistry
 from hybridserve.config import HybridServeConfig
 from hybridserve.errors import InvalidArgument, NotFound, Unauthenticated
-from hybridserve.generation.adapters import AdapterRegistry
 from hybridserve.generation.service import GenerateInput, GenerationService
 from hybridserve.generation.servicer import GenerationServicer
 from hybridserve.v1 import common_pb2, generation_pb2

@@ -264,7 +264,7 @@ async def test_the_config_switch_turns_every_metric_off(fake, config, admin):
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    from hybridserve.retrieval.embedding import load_tokenizer
+    from hybridserve.embedding import load_tokenizer
 
     return load_tokenizer(None)
 

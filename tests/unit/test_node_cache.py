@@ -7,9 +7,9 @@ import threading
 
 import pytest
 
+from hybridserve.adapters import AdapterRecord, content_sha256
 from hybridserve.errors import Internal
 from hybridserve.generation import node_cache
-from hybridserve.generation.adapters import AdapterRecord, content_sha256
 
 
 def _record(snapshot, name="tone", version="v1") -> AdapterRecord:

@@ -337,7 +337,7 @@ async def test_bad_sampling_fails_before_retrieval():
 
 def test_a_history_the_chat_template_refuses_is_invalid_argument(tmp_path):
     from hybridserve.rag.prompt import HFChatTokenizer
-    from hybridserve.testing.tiny import build_tiny_llama
+    from testkit.tiny import build_tiny_llama
 
     tok = HFChatTokenizer(build_tiny_llama(tmp_path / "tiny"))
     tok._tok.chat_template = (

@@ -51,7 +51,7 @@ def test_cross_encoder_config_needs_a_model():
 def tiny_cross_encoder(tmp_path_factory):
     """A random 2-layer BERT sequence classifier with the shipped MiniLM tokenizer."""
     import torch
-    from hybridserve.retrieval.embedding import load_tokenizer
+    from hybridserve.embedding import load_tokenizer
     from transformers import BertConfig, BertForSequenceClassification
 
     out = tmp_path_factory.mktemp("tiny-ce")

@@ -18,7 +18,7 @@ from hybridserve.retrieval.documents import (
     validate_filters,
     validate_tenant,
 )
-from hybridserve.retrieval.embedding import load_tokenizer
+from hybridserve.embedding import load_tokenizer
 from hybridserve.retrieval.service import RetrievalService
 from hybridserve.retrieval.sources import find_files, html_to_text, read_documents
 

@@ -420,7 +420,7 @@ async def test_a_new_tenant_never_inherits_a_deleted_one_s_documents(store):
 
 
 def test_adapter_conversion_for_a_tenant_hides_server_paths_and_metadata():
-    from hybridserve.generation.adapters import AdapterRecord
+    from hybridserve.adapters import AdapterRecord
     from hybridserve.generation.servicer import adapter_to_proto
 
     def record(base: str) -> AdapterRecord:

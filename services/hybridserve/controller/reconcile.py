@@ -33,22 +33,17 @@ Failed-style reasons), `observedGeneration`, `adapterId`, `grantedTenants`.
 
 from __future__ import annotations
 
-import posixpath
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
 from hybridserve import exceptions as exc
+from hybridserve.adapters.ids import NAME_RE, NAME_RULE
 from hybridserve.controller import FINALIZER
 
 #: Adapter metadata naming the LoRAAdapter that owns a registered adapter.
 OWNER_KEY = "kubernetes"
-
-#: The registry's rule for adapter names (a Kubernetes name may be longer or hold dots).
-_NAME_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
-
 
 class Kube(Protocol):
     def set_finalizers(self, obj: dict, finalizers: list[str]) -> dict: ...
@@ -196,9 +191,9 @@ class Reconciler:
         meta, spec = obj["metadata"], obj.get("spec") or {}
         namespace = meta.get("namespace", "")
         name = spec.get("name") or meta["name"]
-        if not _NAME_RE.fullmatch(name):
-            msg = (f"adapter name {name!r} does not match [a-z0-9][a-z0-9._-]{{0,63}}; "
-                   "set spec.name")
+        # The registry's rule for adapter names (a Kubernetes name may be longer or hold dots).
+        if not NAME_RE.fullmatch(name):
+            msg = f"adapter name {name!r} does not match {NAME_RULE}; set spec.name"
             self._status(obj, "False", "InvalidName", msg)
             return Outcome("failed", message=msg)
         path = store_path(namespace, spec.get("source", ""))

@@ -6,11 +6,25 @@
 
 Modules: `data` (JSONL validation, split, chat-template tokenising), `config`
 (TrainConfig), `trainer` (PEFT LoRA on CPU), `evaluate` (held-out loss and task
-metric, base vs adapter), `pipeline` (the whole flow), `cli` (the subcommand).
+metric, base vs adapter), `pipeline` (the whole flow, and `train_to_folder`: train
+only, into a cached folder), `cli` (the subcommand).
 Importing this package does not import torch.
 """
 
 from hybridserve.finetune.config import TrainConfig
-from hybridserve.finetune.pipeline import AdapterNotBetter, FinetuneResult, finetune
+from hybridserve.finetune.pipeline import (
+    AdapterNotBetter,
+    FinetuneResult,
+    TrainedFolder,
+    finetune,
+    train_to_folder,
+)
 
-__all__ = ["AdapterNotBetter", "FinetuneResult", "TrainConfig", "finetune"]
+__all__ = [
+    "AdapterNotBetter",
+    "FinetuneResult",
+    "TrainConfig",
+    "TrainedFolder",
+    "finetune",
+    "train_to_folder",
+]

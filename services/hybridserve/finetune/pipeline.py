@@ -13,10 +13,16 @@ NOTE: nothing is visible in the store or registry until the adapter has been
 evaluated and accepted. An interrupt (Ctrl-C) or error before then leaves
 nothing behind; after that, the registry's own publish is atomic, and the
 `<name>-<hash12>` folder is removed again if registering fails.
+
+`train_to_folder` (`hybridserve finetune --output DIR`) is the other way out:
+it trains on every example and saves the adapter into a folder of the caller's
+choice, with no evaluation and no registering, and reuses that folder when its
+marker records the same inputs. scripts/demo.sh builds its adapters this way.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -26,17 +32,27 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from hybridserve.adapters import AdapterRecord, AdapterRegistry, content_sha256
+from hybridserve.buildcache import building, read_json
 from hybridserve.config import HybridServeConfig
 from hybridserve.errors import FailedPrecondition, HybridServeError, InvalidArgument
+from hybridserve.finetune import data as data_mod
+# NOTE: train and evaluate are called through their modules, so a test can replace them.
+from hybridserve.finetune import evaluate as evaluate_mod
+from hybridserve.finetune import trainer as trainer_mod
 from hybridserve.finetune.config import TrainConfig
 from hybridserve.finetune.evaluate import EvalResult
-from hybridserve.finetune.trainer import TrainStats
-from hybridserve.generation.adapters import AdapterRecord
+from hybridserve.finetune.trainer import TrainStats, load_tokenizer
+from hybridserve.models import MARKER_FILENAME, model_dir_for, prepare_default_model
 
 #: Prefix of the temporary training folders inside the adapter store.
 TMP_PREFIX = ".finetune-tmp-"
 _NAME_RULE = "[a-z0-9][a-z0-9._-]{0,50}"  # the registry's rule, leaving room for "-<hash12>"
 _HASH_LEN = 12
+#: Written last into a `train_to_folder` output: the inputs it was trained from.
+OUTPUT_MARKER = ".hybridserve-finetune.json"
+#: Bump when training changes in a way the recorded inputs do not capture.
+_OUTPUT_FORMAT = 1
 
 
 class AdapterNotBetter(FailedPrecondition):
@@ -63,6 +79,18 @@ class FinetuneResult:
     held_out_examples: int
     #: Registered with force although it did not beat the base model.
     forced: bool
+
+
+@dataclass(frozen=True)
+class TrainedFolder:
+    """An adapter trained into a folder by `train_to_folder`."""
+
+    #: The folder holding adapter_config.json, the weights and OUTPUT_MARKER.
+    path: Path
+    #: True when the folder already held this build and nothing was trained.
+    reused: bool
+    #: How training went; None when reused.
+    train: TrainStats | None
 
 
 def finetune(
@@ -97,17 +125,12 @@ def finetune(
         AdapterNotBetter (a FailedPrecondition): neither held-out loss nor task
             metric improved and `force` is False; nothing is registered.
     """
-    from hybridserve.finetune import data as data_mod
-    from hybridserve.finetune.evaluate import evaluate
-    from hybridserve.finetune.trainer import load_tokenizer, train
-    from hybridserve.generation.adapters import AdapterRegistry, content_sha256
-
     train_cfg = train_cfg or TrainConfig()
     _check_request(cfg, name, train_cfg)
     dataset = data_mod.load_examples(data_path)
     base_dir = _base_model_dir(cfg, progress)
 
-    tokenizer = load_tokenizer(base_dir)
+    tokenizer = trainer_mod.load_tokenizer(base_dir)
     tokenized = data_mod.tokenize_examples(
         tokenizer, dataset.examples, max_seq_len=train_cfg.max_seq_len, source=dataset.path
     )
@@ -127,7 +150,7 @@ def finetune(
         staged = tmp / "adapter"
         staged.mkdir()
         progress(f"Training a rank-{train_cfg.rank} LoRA adapter for {steps} steps ...")
-        stats = train(
+        stats = trainer_mod.train(
             base_dir,
             train_set,
             train_cfg,
@@ -139,7 +162,7 @@ def finetune(
             f"Trained in {stats.seconds:.1f}s ({stats.tokens_per_second:.0f} tokens/s). "
             f"Evaluating on {min(len(held_set), train_cfg.eval_max_examples)} held-out examples ..."
         )
-        result = evaluate(base_dir, staged, held_set, train_cfg)
+        result = evaluate_mod.evaluate(base_dir, staged, held_set, train_cfg)
         if not result.beats_base and not force:
             raise AdapterNotBetter(
                 f"the adapter does not beat the base model on the held-out split: held-out loss "
@@ -200,6 +223,108 @@ def finetune(
     )
 
 
+def train_to_folder(
+    cfg: HybridServeConfig,
+    data_path: str | Path,
+    name: str,
+    out_dir: str | Path,
+    train_cfg: TrainConfig | None = None,
+    *,
+    progress: Callable[[str], object] = print,
+    progress_bar: bool = False,
+) -> TrainedFolder:
+    """Trains a LoRA adapter on every example of `data_path` and saves it into `out_dir`.
+
+    Unlike `finetune`, nothing is held out, evaluated or registered: register
+    the folder later (`hybridserve adapters register`), from inside the adapter
+    store. The base model is the one `finetune` uses.
+
+    The result is cached: `out_dir` is reused as is, without loading the model,
+    when its OUTPUT_MARKER records the same inputs (the adapter name, the data
+    file's sha256, the base model's identity and served name, and the whole
+    training config). Anything else is trained into a temporary folder next to
+    `out_dir` and swapped into place with the marker written last, so an
+    interrupted build leaves `out_dir` as it was; concurrent builds of one
+    folder wait for each other (`hybridserve.buildcache`).
+
+    Args:
+        cfg: platform config (base model, engine limits, cache dir).
+        data_path: JSONL file, see `hybridserve.finetune.data`.
+        name: adapter name, `[a-z0-9][a-z0-9._-]{0,50}` (as `finetune`).
+        out_dir: the adapter folder to write (created, or replaced if stale).
+        train_cfg: hyper-parameters; default `TrainConfig()`. Its evaluation
+            options (held-out share, task metric) play no part.
+        progress: receives one-line status messages.
+        progress_bar: show a tqdm bar with the loss while training.
+
+    Raises:
+        InvalidArgument: bad name, data (each problem names its line) or config.
+    """
+    train_cfg = train_cfg or TrainConfig()
+    _check_request(cfg, name, train_cfg)
+    out_dir = Path(out_dir)
+    dataset = data_mod.load_examples(data_path)
+    base_dir = _base_model_dir(cfg, progress)
+    params = {
+        "format": _OUTPUT_FORMAT,
+        "name": name,
+        "base_model": _base_fingerprint(base_dir),
+        "base_model_name": cfg.model.name,
+        "dataset_sha256": dataset.sha256,
+        "training_config": train_cfg.model_dump(mode="json"),
+    }
+    stats: TrainStats | None = None
+    if read_json(out_dir / OUTPUT_MARKER) != params:
+        with building(out_dir, OUTPUT_MARKER, params) as tmp:
+            if tmp is not None:  # else another process built it while this one waited
+                tokenizer = load_tokenizer(base_dir)
+                examples = data_mod.tokenize_examples(
+                    tokenizer,
+                    dataset.examples,
+                    max_seq_len=train_cfg.max_seq_len,
+                    source=dataset.path,
+                )
+                progress(
+                    f"{len(examples)} examples in {dataset.path}, all trained on (nothing is "
+                    f"held out or evaluated); base model {base_dir}"
+                )
+                progress(
+                    f"Training the {name!r} LoRA adapter "
+                    f"({train_cfg.total_steps(len(examples))} steps on CPU) ..."
+                )
+                stats = trainer_mod.train(
+                    base_dir,
+                    examples,
+                    train_cfg,
+                    tmp,
+                    base_model_name=cfg.model.name,
+                    progress_bar=progress_bar,
+                )
+                progress(
+                    f"Trained {name!r} in {stats.seconds:.1f}s "
+                    f"({stats.tokens_per_second:.0f} tokens/s)."
+                )
+    if stats is None:
+        progress(f"{out_dir} already holds {name!r} built from the same inputs; not retraining")
+    return TrainedFolder(path=out_dir, reused=stats is None, train=stats)
+
+
+def _base_fingerprint(base_dir: Path) -> str:
+    """Identity of a base model folder, for the cache marker of `train_to_folder`.
+
+    A prepared default model: its prepare marker. Any other folder: its
+    config.json and the names and sizes of its weight files.
+    """
+    prepared = base_dir / MARKER_FILENAME
+    if prepared.is_file():
+        return hashlib.sha256(prepared.read_bytes()).hexdigest()[:16]
+    digest = hashlib.sha256((base_dir / "config.json").read_bytes())
+    for path in sorted(base_dir.iterdir()):
+        if path.suffix in (".safetensors", ".bin") and path.is_file():
+            digest.update(f"\0{path.name}\0{path.stat().st_size}".encode())
+    return digest.hexdigest()[:16]
+
+
 def _check_request(cfg: HybridServeConfig, name: str, train_cfg: TrainConfig) -> None:
     """Refuses, before any work, what the registry would refuse after training."""
     if not isinstance(name, str) or not re.fullmatch(_NAME_RULE, name):
@@ -219,11 +344,7 @@ def _check_request(cfg: HybridServeConfig, name: str, train_cfg: TrainConfig) ->
 
 def _base_model_dir(cfg: HybridServeConfig, progress: Callable[[str], object]) -> Path:
     """`model.path`, or the default model, prepared offline on first use."""
-    from hybridserve.generation.servicer import model_dir_for
-
     if cfg.model.path is None:
-        from hybridserve.models import prepare_default_model
-
         return prepare_default_model(cfg.cache_dir, dtype=cfg.model.dtype, progress=progress)
     base_dir = model_dir_for(cfg)
     if not (base_dir / "config.json").is_file():
@@ -242,8 +363,6 @@ def _registered(registry, adapter_id: str, digest: str) -> bool:
 
 def _same_adapter(folder: Path, files: list[str], digest: str) -> bool:
     """True when `folder` holds exactly the adapter files hashing to `digest`."""
-    from hybridserve.generation.adapters import content_sha256
-
     if not folder.is_dir():
         return False
     existing = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())

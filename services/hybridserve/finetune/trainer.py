@@ -98,7 +98,8 @@ def train(
     tokens = label_tokens = 0
     recent: list[float] = []
     # NOTE: order-sensitive for determinism: seed, load, wrap (LoRA A draws from the
-    # global generator), then the shuffling generator. hybridserve.demo relies on it.
+    # global generator), then the shuffling generator. The demo adapters rely on it
+    # (scripts/demo.sh: same inputs, same bytes).
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(train_cfg.seed)
         tokenizer, base = load_base(base_dir)

@@ -18,8 +18,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from hybridserve.adapters import AdapterRecord, content_sha256
 from hybridserve.errors import Internal
-from hybridserve.generation.adapters import AdapterRecord, content_sha256
 
 
 def _files(root: Path) -> list[str]:

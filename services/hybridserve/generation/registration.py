@@ -17,7 +17,7 @@ from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
 from hybridserve.errors import FailedPrecondition, HybridServeError
-from hybridserve.generation.adapters import AdapterRecord, AdapterRegistry
+from hybridserve.adapters import AdapterRecord, AdapterRegistry
 from hybridserve.tenancy.domain import Principal
 from hybridserve.tenancy.store import TenancyStore
 

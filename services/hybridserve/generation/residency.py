@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from hybridserve import observability as obs
-from hybridserve.generation.adapters import AdapterRecord
+from hybridserve.adapters import AdapterRecord
 from hybridserve.generation.engine import AdapterRef, Engine
 from hybridserve.generation.node_cache import local_copy
 

@@ -17,9 +17,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TypeVar
 
+from hybridserve.adapters import AdapterRecord, AdapterRegistry
 from hybridserve.config import HybridServeConfig
 from hybridserve.errors import InvalidArgument
-from hybridserve.generation.adapters import AdapterRecord, AdapterRegistry
 from hybridserve.generation.engine import AdapterRef, Delta, Engine, SamplingOptions
 
 ROLES = ("system", "user", "assistant")

@@ -14,14 +14,15 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
-from pathlib import Path, PurePosixPath
+from pathlib import PurePosixPath
 from typing import Any
 
 from grpc_health.v1 import health_pb2
 
 from hybridserve import observability as obs
+from hybridserve import topology
+from hybridserve.adapters import AdapterRecord, AdapterRegistry
 from hybridserve.config import HybridServeConfig
-from hybridserve.generation.adapters import AdapterRecord, AdapterRegistry
 from hybridserve.generation.engine import Delta, Engine
 from hybridserve.generation.introspection import RecentRequestIds, ReplicaIntrospection
 from hybridserve.generation.load_sampler import EngineLoadSampler
@@ -37,12 +38,13 @@ from hybridserve.generation.service import (
 from hybridserve.errors import DeadlineExceeded, Unavailable
 from hybridserve.grpc_errors import grpc_stream, grpc_unary
 from hybridserve.health import watch_health
+from hybridserve.models import model_dir_for
 from hybridserve.tenancy.auth import Tenancy, setup_servicer
 from hybridserve.v1 import common_pb2, generation_pb2
 
 logger = logging.getLogger(__name__)
 
-SERVICE_NAME = "hybridserve.v1.GenerationService"
+SERVICE_NAME = topology.GENERATION.service
 _FINISH = {
     "stop": common_pb2.FINISH_REASON_STOP,
     "length": common_pb2.FINISH_REASON_LENGTH,
@@ -50,13 +52,6 @@ _FINISH = {
 }
 
 
-def model_dir_for(config: HybridServeConfig) -> Path:
-    """The base model folder: `model.path`, or the prepared default model."""
-    if config.model.path is not None:
-        return Path(config.model.path).expanduser().resolve()
-    from hybridserve.models import default_model_dir
-
-    return default_model_dir(config.cache_dir, config.model.dtype)
 
 
 def _estimated_tokens(inp: GenerateInput) -> int:

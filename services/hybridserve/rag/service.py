@@ -35,7 +35,7 @@ from hybridserve.generation.service import GenerateInput, GenerationDone, valida
 from hybridserve.rag import citations
 from hybridserve.rag.prompt import BuiltPrompt, PromptBuilder
 from hybridserve.rerank import fusion
-from hybridserve.retrieval.documents import FieldFilter, Hit
+from hybridserve.retrieval.documents import FieldFilter, Hit, RetrievalResult
 from hybridserve.tenancy.domain import Tenant
 
 logger = logging.getLogger(__name__)
@@ -127,13 +127,6 @@ class AskDone:
     passage_tokens: int = 0
     #: Prompt tokens the engine served from the tenant's own prefix cache.
     cached_prompt_tokens: int = 0
-
-
-@dataclass(frozen=True)
-class RetrievalResult:
-    hits: list[Hit]
-    embed_s: float = 0.0
-    retrieve_s: float = 0.0
 
 
 class Retriever(Protocol):

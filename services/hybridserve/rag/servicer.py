@@ -16,12 +16,13 @@ from grpc_health.v1 import health_pb2
 
 from hybridserve import observability as obs
 from hybridserve import topology
+from hybridserve.adapters import AdapterRegistry
 from hybridserve.config import HybridServeConfig
 from hybridserve.errors import InvalidArgument, NotFound
 from hybridserve.generation.engine import Delta
 from hybridserve.grpc_errors import grpc_stream
 from hybridserve.rag.service import AskDone, AskInput, RagService, SourcesEvent, Timings
-from hybridserve.retrieval.servicer import filters_from_proto
+from hybridserve.retrieval.proto import filters_from_proto
 from hybridserve.tenancy.auth import Tenancy, setup_servicer
 from hybridserve.tenancy.domain import Principal, Tenant
 from hybridserve.v1 import common_pb2, generation_pb2, rag_pb2
@@ -106,8 +107,6 @@ class RagServicer:
         cfg, self.tenancy = setup_servicer(config, tenancy, self.metrics_service)
         self.config = cfg
         if adapter_exists is None:
-            from hybridserve.generation.adapters import AdapterRegistry
-
             adapter_exists = AdapterRegistry.from_config(cfg).exists
         self.adapter_exists = adapter_exists
         self.service = service

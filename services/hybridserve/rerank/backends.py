@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from hybridserve.config import RerankConfig
+from hybridserve.embedding import SentenceTransformerEmbedder
 from hybridserve.errors import FailedPrecondition
 
 
@@ -35,8 +36,6 @@ class RerankBackend(abc.ABC):
 
 class BiEncoderBackend(RerankBackend):
     def __init__(self, model_dir: Path | None, *, batch_size: int = 32, threads: int = 0):
-        from hybridserve.retrieval.embedding import SentenceTransformerEmbedder
-
         self.embedder = SentenceTransformerEmbedder(model_dir, batch_size=batch_size, threads=threads)
         self.name = f"bi-encoder:{self.embedder.name}"
 

@@ -13,6 +13,7 @@ from typing import Any
 from grpc_health.v1 import health_pb2
 
 from hybridserve import observability as obs
+from hybridserve import topology
 from hybridserve.config import HybridServeConfig
 from hybridserve.grpc_errors import grpc_unary
 from hybridserve.rerank.backends import RerankBackend, build_backend
@@ -20,7 +21,7 @@ from hybridserve.rerank.service import Ranked, RerankInput, RerankService
 from hybridserve.tenancy.auth import Tenancy, setup_servicer
 from hybridserve.v1 import rerank_pb2
 
-SERVICE_NAME = "hybridserve.v1.RerankService"
+SERVICE_NAME = topology.RERANK.service
 
 
 #: Characters per charged token of a rerank pair (a tokenizer-free estimate: a

@@ -212,6 +212,15 @@ class Hit:
 
 
 @dataclass(frozen=True)
+class RetrievalResult:
+    """A search's hits and where its time went (what the RAG gateway gets back)."""
+
+    hits: list[Hit]
+    embed_s: float = 0.0
+    retrieve_s: float = 0.0
+
+
+@dataclass(frozen=True)
 class ChunkFailure:
     doc_id: str
     chunk_index: int

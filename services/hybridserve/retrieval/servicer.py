@@ -14,67 +14,28 @@ from typing import Any
 from grpc_health.v1 import health_pb2
 
 from hybridserve import observability as obs
+from hybridserve import topology
 from hybridserve.config import HybridServeConfig
 from hybridserve.grpc_errors import grpc_unary
+from hybridserve.errors import DeadlineExceeded, NotFound
 from hybridserve.health import watch_health
-from hybridserve.retrieval.documents import Document, FieldFilter, Hit, UpsertResult
+from hybridserve.retrieval.documents import Document, RetrievalResult
+from hybridserve.embedding import load_tokenizer, resolve_model_dir
+from hybridserve.embedding import model_name as name_of
+from hybridserve.retrieval.proto import filters_from_proto, hit_to_proto, upsert_to_proto
 from hybridserve.retrieval.service import EmbedFn, RetrievalService
-from hybridserve.retrieval.store import ChunkStore
-from hybridserve.tenancy.auth import Tenancy, setup_servicer
+from hybridserve.retrieval.store import ChunkStore, WeaviateStore
+from hybridserve.tenancy.auth import Tenancy, setup_servicer, store_call
 from hybridserve.v1 import retrieval_pb2
 
 logger = logging.getLogger(__name__)
 
-SERVICE_NAME = "hybridserve.v1.RetrievalService"
+SERVICE_NAME = topology.RETRIEVAL.service
 #: Longest the Weaviate probe of the replica's health check may take; slower is "down".
 PROBE_TIMEOUT_S = 5.0
 #: Serve's timeout for the whole health check (its default, stated explicitly: the
 #: probe must stay well inside it, or Serve restarts a replica over a slow Weaviate).
 HEALTH_CHECK_TIMEOUT_S = 30.0
-_OPS = {
-    retrieval_pb2.FILTER_OP_EQUAL: "equal",
-    retrieval_pb2.FILTER_OP_NOT_EQUAL: "not_equal",
-    retrieval_pb2.FILTER_OP_ANY_OF: "any_of",
-}
-
-
-def filters_from_proto(filters) -> list[FieldFilter]:
-    # An unset op becomes "" and fails validation with a message naming the filter.
-    return [FieldFilter(f.field, _OPS.get(f.op, ""), tuple(f.values)) for f in filters]
-
-
-def hit_to_proto(h: Hit) -> retrieval_pb2.Hit:
-    msg = retrieval_pb2.Hit(
-        chunk_id=h.chunk_id,
-        doc_id=h.doc_id,
-        chunk_index=h.chunk_index,
-        text=h.text,
-        title=h.title,
-        source=h.source,
-        metadata=dict(h.metadata),
-        score=h.score,
-        ingested_at=h.ingested_at,
-    )
-    if h.keyword_score is not None:
-        msg.keyword_score = h.keyword_score
-    if h.vector_score is not None:
-        msg.vector_score = h.vector_score
-    return msg
-
-
-def upsert_to_proto(r: UpsertResult) -> retrieval_pb2.UpsertResponse:
-    return retrieval_pb2.UpsertResponse(
-        chunks_written=r.chunks_written,
-        chunks_removed=r.chunks_removed,
-        documents_unchanged=r.documents_unchanged,
-        documents_ok=r.documents_ok,
-        failures=[
-            retrieval_pb2.ChunkFailure(
-                doc_id=f.doc_id, chunk_index=f.chunk_index, chunk_id=f.chunk_id, message=f.message
-            )
-            for f in r.failures
-        ],
-    )
 
 
 class RetrievalServicer:
@@ -104,13 +65,8 @@ class RetrievalServicer:
     ):
         cfg, self.tenancy = setup_servicer(config, tenancy, self.metrics_service)
         if store is None:
-            from hybridserve.retrieval.store import WeaviateStore
-
             store = WeaviateStore(cfg)
         if tokenizer is None or model_name is None:
-            from hybridserve.retrieval.embedding import load_tokenizer, model_name as name_of
-            from hybridserve.retrieval.embedding import resolve_model_dir
-
             folder = resolve_model_dir(cfg.retrieval.embedding_model)
             tokenizer = tokenizer or load_tokenizer(folder)
             model_name = model_name or name_of(folder)
@@ -160,9 +116,6 @@ class RetrievalServicer:
         """Serve handle only: the RAG gateway's search, with plain dataclasses. The
         gateway has authenticated the tenant; the search is validated here as any
         other (InvalidArgument names the bad field)."""
-        from hybridserve.errors import DeadlineExceeded
-        from hybridserve.rag.service import RetrievalResult
-
         q = self.service.prepare_search(tenant, query, top_k, alpha, list(filters))
         try:
             hits, embed_s, retrieve_s = await asyncio.wait_for(
@@ -213,9 +166,6 @@ class RetrievalServicer:
         exists now), awaited before each write batch of an upsert. A tenant deleted
         (and perhaps created again under the same id) meanwhile ends the upsert with
         NOT_FOUND instead of writing into the new tenant."""
-        from hybridserve.errors import NotFound
-        from hybridserve.tenancy.auth import store_call
-
         read = self.tenancy.store.tenant_incarnation
         expected = (principal.tenant.created_at if principal.tenant is not None
                     else await asyncio.to_thread(store_call, read, tenant))

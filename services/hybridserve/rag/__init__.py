@@ -1,0 +1,1 @@
+"""The RAG gateway: retrieval, rerank and generation composed into one Ask call."""

@@ -1,1 +1,0 @@
-"""Helpers for tests and benchmarks: tiny random checkpoints, adapters, reference generation."""
