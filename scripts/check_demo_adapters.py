@@ -14,8 +14,8 @@ training time. No --smoke mode: it needs SmolLM2-135M-Instruct and about a minut
 training per adapter.
 
 Usage:
-  python benchmarks/demo_adapters.py --build --adapters /tmp/demo-adapters
-  python benchmarks/demo_adapters.py --adapters ~/.local/share/hybridserve/adapters
+  python scripts/check_demo_adapters.py --build --adapters /tmp/demo-adapters
+  python scripts/check_demo_adapters.py --adapters ~/.local/share/hybridserve/adapters
 """
 
 from __future__ import annotations
