@@ -117,13 +117,13 @@ def make_config(base: Path, name: str, work: Path, args):
         serve={
             "grpc_port": _free_port(),
             "http_port": _free_port(),
-            "cpus_per_replica": 0.5,
             # Only generation: the knowledge apps would start a weaviate-server.
             "apps": ["generation"],
             **({"stream_interval_ms": args.stream_interval_ms}
                if args.stream_interval_ms is not None else {}),
             **args.serve_set,
         },
+        generation={"cpus_per_replica": 0.5},
     )
 
 

@@ -76,7 +76,8 @@ def make_config(base: Path, name: str, work: Path, args, metrics: bool, ports: d
             "max_num_seqs": max(16, args.streams),
             "kv_cache_space_gib": 1,
         },
-        serve={**ports, "cpus_per_replica": 0.5, "apps": ["generation"]},
+        serve={**ports, "apps": ["generation"]},
+        generation={"cpus_per_replica": 0.5},
         observability={"metrics_enabled": metrics, "metrics_export_port": metrics_port},
     )
 

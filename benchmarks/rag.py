@@ -251,7 +251,8 @@ def start_platform(model: str, work: Path):
         weaviate_http = _free_port()
     base = {
         "data_dir": str(data),
-        "serve": {"grpc_port": ports[0], "http_port": ports[1], "cpus_per_replica": 0.5},
+        "serve": {"grpc_port": ports[0], "http_port": ports[1]},
+        "generation": {"cpus_per_replica": 0.5},
         "observability": {"metrics_export_port": ports[2]},
         "weaviate": {"http_port": weaviate_http, "grpc_port": ports[3]},
         "engine": {"max_lora_rank": 8, "max_num_seqs": 16, "kv_cache_space_gib": 1},

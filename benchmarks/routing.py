@@ -78,14 +78,14 @@ def base_config(base: Path, name: str, work: Path, args):
         model={"path": str(base), "name": name, "max_model_len": 1024},
         engine={"max_loras": 2, "max_cpu_loras": 12, "max_lora_rank": 8, "max_num_seqs": 32,
                 "kv_cache_space_gib": 1},
-        serve={"grpc_port": _free_port(), "http_port": _free_port(), "cpus_per_replica": 0.25,
-               "apps": ["generation"]},
+        serve={"grpc_port": _free_port(), "http_port": _free_port(), "apps": ["generation"]},
+        generation={"cpus_per_replica": 0.25},
         observability={"metrics_export_port": _free_port()},
     )
 
 
 def variant(cfg, **serve_and_engine):
-    """A copy of `cfg` with serve.* / engine.* keys changed (validated)."""
+    """A copy of `cfg` with generation.* / serve.* / engine.* keys changed (validated)."""
     data = cfg.model_dump(mode="json")
     for key, value in serve_and_engine.items():
         section, field = key.split("__")
@@ -95,20 +95,20 @@ def variant(cfg, **serve_and_engine):
 
 APPS = {
     # part -> {app: config changes}
-    "base": {"lora": {"serve__generation_replicas": 1},
-             "pool": {"serve__generation_replicas": 2, "serve__base_pool_replicas": 1}},
-    "slots": {"slot": {"serve__generation_replicas": 2},
-              "serve": {"serve__generation_replicas": 2, "serve__request_router": "power_of_two",
+    "base": {"lora": {"generation__replicas": 1},
+             "pool": {"generation__replicas": 2, "generation__base_pool_replicas": 1}},
+    "slots": {"slot": {"generation__replicas": 2},
+              "serve": {"generation__replicas": 2, "generation__request_router": "power_of_two",
                         "max_adapters": "max_cpu_loras"},
-              "p2c": {"serve__generation_replicas": 2, "serve__request_router": "power_of_two"}},
-    "fit": {"slot": {"serve__generation_replicas": 2},
-            "serve": {"serve__generation_replicas": 2, "serve__request_router": "power_of_two",
+              "p2c": {"generation__replicas": 2, "generation__request_router": "power_of_two"}},
+    "fit": {"slot": {"generation__replicas": 2},
+            "serve": {"generation__replicas": 2, "generation__request_router": "power_of_two",
                       "max_adapters": "max_cpu_loras"}},
-    "mixed": {"pool": {"serve__generation_replicas": 2, "serve__base_pool_replicas": 1},
-              "lora2": {"serve__generation_replicas": 2}},
-    "overload": {"ovl": {"serve__generation_replicas": 1, "serve__max_ongoing_requests": 16,
+    "mixed": {"pool": {"generation__replicas": 2, "generation__base_pool_replicas": 1},
+              "lora2": {"generation__replicas": 2}},
+    "overload": {"ovl": {"generation__replicas": 1, "serve__max_ongoing_requests": 16,
                          "serve__max_queued_requests": 16}},
-    "many": {"many": {"serve__generation_replicas": 1, "engine__max_loras": 4,
+    "many": {"many": {"generation__replicas": 1, "engine__max_loras": 4,
                       "engine__max_cpu_loras": 8}},
 }
 

@@ -15,7 +15,7 @@ import json
 import sys
 from pathlib import Path
 
-from hybridserve.config import HybridServeConfig
+from hybridserve.config import MOVED_KEYS, HybridServeConfig
 
 OUT = Path(__file__).resolve().parent.parent / "helm" / "hybridserve" / "values.schema.json"
 
@@ -53,6 +53,12 @@ def config_schema() -> tuple[dict, dict]:
     schema["required"] = ["data_dir", "serve"]
     serve = defs["ServeConfig"]
     serve["required"] = ["grpc_host", "grpc_port", "http_port", "apps"]
+    # Keys that moved stay accepted (the platform maps them and warns), so that a
+    # values file written for an older chart still installs.
+    for old, new in MOVED_KEYS.items():
+        section, key = old.split(".")
+        defs[f"{section.capitalize()}Config"]["properties"][key] = {
+            "deprecated": True, "description": f"Deprecated: use config.{new} (docs/config.md, Migration)."}
     return schema, defs
 
 

@@ -10,7 +10,7 @@ import sys
 import typing
 from pathlib import Path
 
-from hybridserve.config import HybridServeConfig
+from hybridserve.config import MOVED_KEYS, DeploymentConfig, HybridServeConfig
 from pydantic import BaseModel
 
 OUT = Path(__file__).resolve().parent.parent / "docs" / "config.md"
@@ -66,6 +66,23 @@ def render() -> str:
                   f"The value of {', '.join(f'`{k}`' for k in keys)} (unset by default). {doc}",
                   "", "| key | default | description |", "|---|---|---|"]
         walk(model, "", lines)
+    shared = ", ".join(f"`{name}`" for name in DeploymentConfig.model_fields)
+    lines += ["", "## Deployments", "",
+              f"Every service section (`generation`, `retrieval`, `rerank`, `rag`) has the same "
+              f"deployment keys ({shared}): the replicas of its Serve deployment, a fixed number "
+              "or autoscaled, and the Ray resources each one reserves. Only their defaults differ "
+              "(generation reserves 1 CPU, retrieval none, rerank and rag 0.25). The control "
+              "plane (`admin`) always runs one replica without CPUs, placed by "
+              "`serve.admin_resources`; the `serve` section holds what every deployment and "
+              "proxy shares (ports, timeouts, queue bounds, proxy limits).",
+              "", "## Migration", "",
+              "Keys that moved. The old keys still work: the platform moves them to the new place "
+              "and warns once per key (`DeprecatedConfigKey`, on stderr for `hybridserve up` and "
+              "`hybridserve serve-config`); setting both the old and the new key is an error. "
+              "`hybridserve serve-config` prints the new keys, so Serve's replicas never see the "
+              "old ones. The chart's values.schema.json accepts them too (marked deprecated).",
+              "", "| old key | new key |", "|---|---|"]
+    lines += [f"| `{old}` | `{new}` |" for old, new in MOVED_KEYS.items()]
     lines.append("")
     return "\n".join(lines)
 

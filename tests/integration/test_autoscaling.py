@@ -89,8 +89,8 @@ def test_generation_scales_up_under_load_and_back_down(platform, room_for_two_en
     cfg = platform.main.model_copy(deep=True)
     cfg.engine.enforce_eager = True  # a new replica starts in seconds, not minutes
     # The session's replicas hold every logical CPU of this 2-core machine.
-    cfg.serve.cpus_per_replica = 0.01
-    cfg.serve.generation_autoscaling = AutoscalingConfig(
+    cfg.generation.cpus_per_replica = 0.01
+    cfg.generation.autoscaling = AutoscalingConfig(
         min_replicas=1, max_replicas=2, target_ongoing_requests=2, upscale_delay_s=0,
         downscale_delay_s=5, look_back_period_s=12)
     serve.run(build_generation_app(cfg), name=APP, route_prefix=f"/{APP}")

@@ -239,7 +239,7 @@ def test_gpu_group_requests_gpus_and_autoscales(kube):
     assert container["image"].endswith("-gpu")
     serve = yaml.safe_load(spec["serveConfigV2"])
     args = serve["applications"][1]["args"]["config"]
-    assert args["serve"]["generation_autoscaling"]["max_replicas"] == 4
+    assert args["generation"]["autoscaling"]["max_replicas"] == 4
     # Serve builds that into the deployment's autoscaling_config.
     from hybridserve.app import generation_app
 

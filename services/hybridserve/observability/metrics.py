@@ -463,8 +463,10 @@ def _outcome(ok: bool) -> str:
 
 
 def replica_id() -> str:
-    """The Serve replica this code runs in ("local" outside a replica)."""
+    """The Serve replica this code runs in: its unique id, the `replica` label of the
+    metrics ("local" outside a replica: one bounded label for tests and tools)."""
     try:
+        # Lazy: ray is heavy, and importing the metrics must not import it.
         from ray import serve
 
         return serve.get_replica_context().replica_id.unique_id

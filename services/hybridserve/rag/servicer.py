@@ -23,7 +23,7 @@ from hybridserve.generation.engine import Delta
 from hybridserve.grpc_errors import grpc_stream
 from hybridserve.rag.service import AskDone, AskInput, RagService, SourcesEvent, Timings
 from hybridserve.retrieval.proto import filters_from_proto
-from hybridserve.tenancy.auth import Tenancy
+from hybridserve.tenancy.auth import Tenancy, setup_servicer
 from hybridserve.tenancy.domain import Principal, Tenant
 from hybridserve.v1 import common_pb2, generation_pb2, rag_pb2
 
@@ -104,10 +104,8 @@ class RagServicer:
 
     def __init__(self, config: HybridServeConfig | dict, service: RagService,
                  tenancy: Tenancy | None = None, adapter_exists=None):
-        cfg = config if isinstance(config, HybridServeConfig) else HybridServeConfig.model_validate(config)
-        obs.set_enabled(cfg.observability.metrics_enabled)
+        cfg, self.tenancy = setup_servicer(config, tenancy, self.metrics_service)
         self.config = cfg
-        self.tenancy = tenancy or Tenancy.from_config(cfg, metrics_service=self.metrics_service)
         if adapter_exists is None:
             adapter_exists = AdapterRegistry.from_config(cfg).exists
         self.adapter_exists = adapter_exists

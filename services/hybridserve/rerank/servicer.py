@@ -18,7 +18,7 @@ from hybridserve.config import HybridServeConfig
 from hybridserve.grpc_errors import grpc_unary
 from hybridserve.rerank.backends import RerankBackend, build_backend
 from hybridserve.rerank.service import Ranked, RerankInput, RerankService
-from hybridserve.tenancy.auth import Tenancy
+from hybridserve.tenancy.auth import Tenancy, setup_servicer
 from hybridserve.v1 import rerank_pb2
 
 SERVICE_NAME = topology.RERANK.service
@@ -42,11 +42,9 @@ class RerankServicer:
 
     def __init__(self, config: HybridServeConfig | dict, backend: RerankBackend | None = None,
                  tenancy: Tenancy | None = None):
-        cfg = config if isinstance(config, HybridServeConfig) else HybridServeConfig.model_validate(config)
-        obs.set_enabled(cfg.observability.metrics_enabled)
+        cfg, self.tenancy = setup_servicer(config, tenancy, self.metrics_service)
         backend = backend or build_backend(cfg.rerank, cfg.retrieval.embedding_model)
         self.service = RerankService(cfg.rerank, backend)
-        self.tenancy = tenancy or Tenancy.from_config(cfg, metrics_service=self.metrics_service)
 
     async def rerank_batch(self, reqs: list[RerankInput]) -> list[list[Ranked]]:
         """Scores several validated requests together (off the event loop)."""

@@ -25,7 +25,7 @@ from hybridserve.embedding import model_name as name_of
 from hybridserve.retrieval.proto import filters_from_proto, hit_to_proto, upsert_to_proto
 from hybridserve.retrieval.service import EmbedFn, RetrievalService
 from hybridserve.retrieval.store import ChunkStore, WeaviateStore
-from hybridserve.tenancy.auth import Tenancy, store_call
+from hybridserve.tenancy.auth import Tenancy, setup_servicer, store_call
 from hybridserve.v1 import retrieval_pb2
 
 logger = logging.getLogger(__name__)
@@ -63,8 +63,7 @@ class RetrievalServicer:
         model_name: str | None = None,
         tenancy: Tenancy | None = None,
     ):
-        cfg = config if isinstance(config, HybridServeConfig) else HybridServeConfig.model_validate(config)
-        obs.set_enabled(cfg.observability.metrics_enabled)
+        cfg, self.tenancy = setup_servicer(config, tenancy, self.metrics_service)
         if store is None:
             store = WeaviateStore(cfg)
         if tokenizer is None or model_name is None:
@@ -73,7 +72,6 @@ class RetrievalServicer:
             model_name = model_name or name_of(folder)
         self.service = RetrievalService(cfg, store, embed, tokenizer, model_name)
         self.config = cfg
-        self.tenancy = tenancy or Tenancy.from_config(cfg, metrics_service=self.metrics_service)
 
     #: The `service` label of this servicer's request metrics.
     metrics_service = "retrieval"

@@ -28,6 +28,7 @@ from dataclasses import dataclass, replace
 
 from hybridserve import observability as obs
 from hybridserve import topology
+from hybridserve.config import HybridServeConfig
 from hybridserve.errors import NotFound, Unauthenticated
 from hybridserve.tenancy import keys
 from hybridserve.tenancy.domain import ApiKeyInfo, Principal, Quotas, Tenant, validate_tenant_id
@@ -101,6 +102,15 @@ def store_call(fn, *args):
         logger.warning("the tenancy store failed: %s", type(e).__name__)
         raise Unavailable("the tenancy store cannot be reached right now; retry shortly",
                           reason="TENANCY_STORE_UNAVAILABLE", retry_after=1.0) from None
+
+
+def setup_servicer(config: HybridServeConfig | dict, tenancy: Tenancy | None,
+                   metrics_service: str) -> tuple[HybridServeConfig, Tenancy]:
+    """What every servicer does first: the typed config (Serve hands replicas a dict),
+    metrics on or off as it says, and its tenancy (the one given, else the config's)."""
+    cfg = config if isinstance(config, HybridServeConfig) else HybridServeConfig.model_validate(config)
+    obs.set_enabled(cfg.observability.metrics_enabled)
+    return cfg, tenancy or Tenancy.from_config(cfg, metrics_service=metrics_service)
 
 
 class Tenancy:

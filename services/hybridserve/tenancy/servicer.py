@@ -11,7 +11,6 @@ from typing import Any
 
 from grpc_health.v1 import health_pb2
 
-from hybridserve import observability as obs
 from hybridserve import topology
 from hybridserve.adapters import AdapterRegistry
 from hybridserve.adapters.proto import adapter_to_proto
@@ -20,7 +19,7 @@ from hybridserve.grpc_errors import grpc_unary
 from hybridserve.models import model_dir_for
 from hybridserve.tenancy.admin import AdminService, Knowledge
 from hybridserve.tenancy.admin_limits import AdminLimits
-from hybridserve.tenancy.auth import Tenancy
+from hybridserve.tenancy.auth import Tenancy, setup_servicer
 from hybridserve.tenancy.domain import ApiKeyInfo, AuditEntry, Quotas, Tenant, rfc3339
 from hybridserve.tenancy.keys import display_prefix
 from hybridserve.tenancy.registration import AdapterRegistration
@@ -83,10 +82,8 @@ class AdminServicer:
 
     def __init__(self, config: HybridServeConfig | dict, tenancy: Tenancy | None = None,
                  knowledge: Knowledge | None = None, limits: AdminLimits | None = None):
-        cfg = config if isinstance(config, HybridServeConfig) else HybridServeConfig.model_validate(config)
-        obs.set_enabled(cfg.observability.metrics_enabled)
+        cfg, self.tenancy = setup_servicer(config, tenancy, self.metrics_service)
         self.config = cfg
-        self.tenancy = tenancy or Tenancy.from_config(cfg, metrics_service=self.metrics_service)
         quotas = self.tenancy.quotas
         if limits is None and quotas is not None:
             limits = AdminLimits.from_config(cfg)
