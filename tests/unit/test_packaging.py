@@ -226,3 +226,38 @@ def test_client_defaults_are_the_config_defaults(monkeypatch):
     monkeypatch.setattr(constants, "CONFIG_FILE", None)
     ns = argparse.Namespace(config=None)
     assert client_cmds.platform_settings(ns) == client_cmds.DEFAULT_SETTINGS
+
+
+def test_base_ranges_admit_no_runtime_the_generated_code_refuses():
+    """The generated v1/ modules refuse, at import, a protobuf older than the protoc
+    that wrote them and a grpcio older than the grpc-tools that wrote them: the base
+    dependencies' lower bounds must be at least those, or `pip install hybridserve`
+    into an environment with an older grpcio or protobuf gives an SDK that cannot
+    be imported."""
+    import re
+
+    from packaging.version import Version
+
+    v1 = ROOT / "services" / "hybridserve" / "v1"
+    protobuf_needs = max(
+        Version(".".join(m.groups()))
+        for f in v1.glob("*_pb2.py")
+        for m in [re.search(r"ValidateProtobufRuntimeVersion\(\s*_runtime_version\.Domain\.\w+,"
+                            r"\s*(\d+),\s*(\d+),\s*(\d+),", f.read_text())]
+        if m
+    )
+    grpc_needs = max(
+        Version(m.group(1))
+        for f in v1.glob("*_pb2_grpc.py")
+        for m in [re.search(r"GRPC_GENERATED_VERSION = '([\d.]+)'", f.read_text())]
+        if m
+    )
+    lows = {}
+    for text in PYPROJECT["project"]["dependencies"]:
+        req = Requirement(text)
+        lows[canonicalize_name(req.name)] = min(
+            (Version(s.version) for s in req.specifier if s.operator in (">=", "==")),
+            default=Version("0"),
+        )
+    assert lows["protobuf"] >= protobuf_needs, (lows["protobuf"], protobuf_needs)
+    assert lows["grpcio"] >= grpc_needs, (lows["grpcio"], grpc_needs)
