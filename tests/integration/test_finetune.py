@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from hybridserve.adapters import AdapterRegistry
 from hybridserve.config import HybridServeConfig
-from hybridserve.errors import FailedPrecondition
+from hybridserve.errors import FailedPrecondition, InvalidArgument
 from hybridserve.finetune import AdapterNotBetter, FinetuneResult, TrainConfig, finetune
 from hybridserve.finetune.pipeline import TMP_PREFIX
 from testkit.synthetic import FORMAT_REGEX, format_examples, write_jsonl
@@ -351,5 +351,12 @@ def test_output_trains_every_example_into_a_cached_folder(env, tmp_path, capsys)
     assert run("--steps", "3", "--force", "--output", str(tmp_path / "forced")) == 2
     assert "--output skips" in capsys.readouterr().err
     assert not (tmp_path / "forced").exists()
+    # A folder the command did not write is never replaced (a stale one would be).
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep")
+    with pytest.raises(InvalidArgument, match="was not written by"):
+        run("--steps", "3", "--output", str(mine))
+    assert [p.name for p in mine.iterdir()] == ["notes.txt"]
     with pytest.raises(SystemExit):
         run("--layers", "3-1")

@@ -39,21 +39,60 @@ def test_every_layering_contract_is_kept():
     assert "0 broken" in proc.stdout
 
 
-def test_a_planted_import_breaks_the_contracts(tmp_path):
-    # A copy of the package, without the generated code (nothing in the contracts
-    # reads it) and with two imports no layer allows: the SDK importing the server,
-    # and a shared-domain module importing a servicer.
+def test_every_top_level_module_has_a_layer():
+    import configparser
+
+    ini = configparser.ConfigParser()
+    ini.read(ROOT / ".importlinter")
+    layered = {
+        name.strip().removeprefix("hybridserve.")
+        for line in ini["importlinter:contract:layers"]["layers"].splitlines()
+        for name in line.replace(":", "|").split("|")
+        if name.strip()
+    }
+    package = ROOT / "services" / "hybridserve"
+    modules = {p.stem for p in package.glob("*.py") if p.stem != "__init__"}
+    modules |= {p.name for p in package.iterdir()
+                if (p / "__init__.py").is_file() and p.name != "v1"}  # v1/: generated
+    assert modules - layered == set(), "modules in no layer of .importlinter"
+    assert layered - modules == set(), "layers naming no module"
+
+
+def _plant(tmp_path: Path, plants: dict[str, str]) -> subprocess.CompletedProcess:
+    """lint-imports on a copy of the package with `import <module>` appended to
+    each file (a path relative to the package) of `plants`."""
     copy = tmp_path / "hybridserve"
     shutil.copytree(ROOT / "services" / "hybridserve", copy,
                     ignore=shutil.ignore_patterns("__pycache__"))
-    with open(copy / "client.py", "a") as f:
-        f.write("\nimport hybridserve.platform  # planted\n")
-    with open(copy / "adapters" / "ids.py", "a") as f:
-        f.write("\nimport hybridserve.generation.servicer  # planted\n")
-    proc = _lint(tmp_path)
+    for file, module in plants.items():
+        with open(copy / file, "a") as f:
+            f.write(f"\nimport {module}  # planted\n")
+    return _lint(tmp_path)
+
+
+def test_a_planted_import_breaks_the_contracts(tmp_path):
+    # The SDK importing the server, and a shared-domain module importing a servicer.
+    proc = _plant(tmp_path, {"client.py": "hybridserve.platform",
+                             "adapters/ids.py": "hybridserve.generation.servicer"})
     assert proc.returncode != 0, proc.stdout[-4000:]
     out = proc.stdout
     assert "The SDK imports nothing of the server BROKEN" in out, out[-4000:]
     assert "Nothing but app.py imports a servicer BROKEN" in out, out[-4000:]
     assert "hybridserve.client -> hybridserve.platform" in out, out[-4000:]
     assert "hybridserve.adapters.ids -> hybridserve.generation.servicer" in out, out[-4000:]
+
+
+def test_a_planted_upward_import_a_cycle_and_a_server_import_in_a_client_command_break_them(
+        tmp_path):
+    proc = _plant(tmp_path, {
+        "adapters/ids.py": "hybridserve.tenancy.store",    # shared domain -> tenancy
+        "rag/prompt.py": "hybridserve.rag.service",        # service imports prompt: a cycle
+        "cli/client_cmds.py": "hybridserve.tenancy.auth",  # a client command -> the server
+    })
+    assert proc.returncode != 0, proc.stdout[-4000:]
+    out = " ".join(proc.stdout.split())  # the report wraps long contract names
+    assert "hybridserve.adapters is not allowed to import hybridserve.tenancy" in out, out[-4000:]
+    assert "No import circles between sibling packages or modules BROKEN" in out, out[-4000:]
+    assert "client commands import nothing of the server" in out and \
+        "hybridserve.cli.client_cmds -> hybridserve.tenancy.auth" in out, out[-4000:]
+    assert "2 kept, 3 broken" in out, out[-4000:]

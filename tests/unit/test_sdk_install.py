@@ -13,7 +13,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 #: Written by scripts/install.sh into this checkout's venv.
@@ -23,14 +22,18 @@ WHEELHOUSE_NOTE = Path(sys.prefix) / ".client-wheelhouse"
 def _wheelhouse() -> Path:
     wheelhouse = Path(WHEELHOUSE_NOTE.read_text().strip()) if WHEELHOUSE_NOTE.is_file() else None
     if wheelhouse is None or not (wheelhouse / ".complete").is_file():
-        pytest.skip("the SDK's wheelhouse is missing: scripts/install.sh downloads it "
-                    f"(and notes its path in {WHEELHOUSE_NOTE})")
+        # A failure, not a skip: this is the proof that the SDK installs alone, and
+        # the README's test command runs scripts/install.sh first.
+        raise AssertionError("the SDK's wheelhouse is missing: scripts/install.sh downloads "
+                             f"it (and notes its path in {WHEELHOUSE_NOTE})")
     return wheelhouse
 
 
 def _run(*args, env, check=True) -> subprocess.CompletedProcess:
+    # cwd: `python -c` puts the working directory on sys.path; the checkout's must
+    # not be it.
     proc = subprocess.run([str(a) for a in args], capture_output=True, text=True, env=env,
-                          timeout=300)
+                          timeout=300, cwd=env["HYBRIDSERVE_DATA_DIR"])
     if check:
         assert proc.returncode == 0, f"{args}: {proc.stdout}{proc.stderr}"
     return proc
@@ -51,6 +54,7 @@ def test_the_client_installs_alone(tmp_path):
            if not k.startswith(("PYTHON", "PIP_", "VIRTUAL_ENV", "HYBRIDSERVE_"))}
     env.update(PIP_DISABLE_PIP_VERSION_CHECK="1", PIP_NO_INPUT="1",
                HYBRIDSERVE_DATA_DIR=str(tmp_path / "data"))
+    (tmp_path / "data").mkdir()
     venv = tmp_path / "venv"
     # Without pip of its own (ensurepip is the slowest step): this venv's pip installs
     # into it.
@@ -71,3 +75,8 @@ def test_the_client_installs_alone(tmp_path):
     ask = _run(bin_dir / "hybridserve", "ask", "--address", "127.0.0.1:1", "hello",
                env=env | {"HYBRIDSERVE_API_KEY": "hst_x"}, check=False)
     assert ask.returncode == 1 and "error: cannot reach hybridserve" in ask.stderr, ask.stderr
+    # A platform command says which extra it needs instead of a traceback.
+    server = _run(bin_dir / "hybridserve", "serve-config", env=env, check=False)
+    assert server.returncode != 0, server.stdout
+    assert "pip install 'hybridserve[server]'" in server.stderr, server.stderr
+    assert "Traceback" not in server.stderr, server.stderr

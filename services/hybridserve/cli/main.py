@@ -59,6 +59,13 @@ def main(argv: list[str] | None = None) -> int:
         return err(e.message)
     except KeyboardInterrupt:
         return 130
+    except ModuleNotFoundError as e:
+        # `pip install hybridserve` gives the SDK and the client commands; the
+        # platform's commands (up, serve-config, models, finetune) need its extra.
+        if e.name and e.name.split(".")[0] not in ("hybridserve", "grpc", "google"):
+            return err(f"this command needs the platform's dependencies (missing module "
+                       f"{e.name!r}): pip install 'hybridserve[server]'")
+        raise
     except Exception as e:
         if isinstance(e, grpc.RpcError):
             e = from_rpc_error(e)

@@ -251,18 +251,30 @@ def train_to_folder(
         cfg: platform config (base model, engine limits, cache dir).
         data_path: JSONL file, see `hybridserve.finetune.data`.
         name: adapter name, `[a-z0-9][a-z0-9._-]{0,50}` (as `finetune`).
-        out_dir: the adapter folder to write (created, or replaced if stale).
+        out_dir: the adapter folder to write: new, empty, or one this function
+            wrote before (replaced if stale). Any other existing path is refused.
         train_cfg: hyper-parameters; default `TrainConfig()`. Its evaluation
             options (held-out share, task metric) play no part.
         progress: receives one-line status messages.
         progress_bar: show a tqdm bar with the loss while training.
 
     Raises:
-        InvalidArgument: bad name, data (each problem names its line) or config.
+        InvalidArgument: bad name, data (each problem names its line) or config,
+            or an `out_dir` this function did not write.
     """
     train_cfg = train_cfg or TrainConfig()
     _check_request(cfg, name, train_cfg)
     out_dir = Path(out_dir)
+    # A stale folder is replaced whole, so only one this function wrote (it has the
+    # marker) or an empty one may be: never a folder of the user's that --output
+    # happened to name.
+    if out_dir.exists() and not (out_dir / OUTPUT_MARKER).is_file() and (
+        not out_dir.is_dir() or any(out_dir.iterdir())
+    ):
+        raise InvalidArgument(
+            f"output {str(out_dir)!r} exists and was not written by `hybridserve finetune "
+            f"--output` (no {OUTPUT_MARKER}); name a new or empty folder"
+        )
     dataset = data_mod.load_examples(data_path)
     base_dir = _base_model_dir(cfg, progress)
     params = {
