@@ -14,15 +14,16 @@ from typing import Any
 from ray import serve
 from ray.serve.config import RequestRouterConfig
 
+from hybridserve import observability as obs
 from hybridserve import topology
 from hybridserve.config import HybridServeConfig
+from hybridserve.embedding import SentenceTransformerEmbedder
 from hybridserve.generation.servicer import GenerationServicer
-from hybridserve.models import model_dir_for
 from hybridserve.generation.vllm_engine import engine_environment
+from hybridserve.models import model_dir_for
 from hybridserve.rag.handles import ServeGenerator, ServeReranker, ServeRetriever
 from hybridserve.rag.prompt import HFChatTokenizer, PromptBuilder
 from hybridserve.rag.service import RagService
-from hybridserve.embedding import SentenceTransformerEmbedder
 
 
 def on_replica_shutdown(instance: Any, shutdown) -> None:
@@ -170,8 +171,6 @@ def embedder_deployment(config: HybridServeConfig):
 
     class EmbedderDeployment(_BatchStats):
         def __init__(self, config: dict):
-            from hybridserve import observability as obs
-
             cfg = HybridServeConfig.model_validate(config)
             obs.set_enabled(cfg.observability.metrics_enabled)
             self.embedder = SentenceTransformerEmbedder(
@@ -207,6 +206,8 @@ def embedder_deployment(config: HybridServeConfig):
 
 def retrieval_deployment(config: HybridServeConfig):
     """The RetrievalService ingress; embeds through the Embedder deployment."""
+    # Lazily: a servicer's module (and what it pulls in: Weaviate's client, SQLAlchemy,
+    # sentence-transformers) loads only in the process that builds its app.
     from hybridserve.retrieval.servicer import HEALTH_CHECK_TIMEOUT_S, RetrievalServicer
 
     class RetrievalDeployment(RetrievalServicer):
@@ -239,6 +240,8 @@ def build_retrieval_app(config: HybridServeConfig) -> Any:
 
 def rerank_deployment(config: HybridServeConfig):
     """The RerankService; concurrent calls are scored together (`@serve.batch`)."""
+    # Lazily: a servicer's module (and what it pulls in: Weaviate's client, SQLAlchemy,
+    # sentence-transformers) loads only in the process that builds its app.
     from hybridserve.rerank.servicer import RerankServicer
 
     rc = config.rerank
@@ -290,10 +293,13 @@ class _RetrievalKnowledge:
 
 def admin_deployment(config: HybridServeConfig):
     """The AdminService (control plane): tenants, keys, grants, quotas, audit."""
+    # Lazily: a servicer's module (and what it pulls in: Weaviate's client, SQLAlchemy,
+    # sentence-transformers) loads only in the process that builds its app.
     from hybridserve.tenancy.servicer import AdminServicer
 
     class AdminDeployment(AdminServicer):
         def __init__(self, config: dict, with_retrieval: bool):  # type: ignore[override]
+            # Lazily: bootstrap imports SQLAlchemy (only the control plane needs it).
             from hybridserve.tenancy.bootstrap import register_env_admin_key
 
             knowledge = _RetrievalKnowledge(topology.RETRIEVAL.name) if with_retrieval else None
@@ -340,6 +346,8 @@ def rag_pipeline(config: HybridServeConfig) -> RagService:
 def rag_deployment(config: HybridServeConfig):
     """The RAG gateway: authenticates, then retrieve -> rerank -> prompt -> generate
     through handles to the other apps."""
+    # Lazily: a servicer's module (and what it pulls in: Weaviate's client, SQLAlchemy,
+    # sentence-transformers) loads only in the process that builds its app.
     from hybridserve.rag.servicer import RagServicer
 
     class RagDeployment(RagServicer):

@@ -31,7 +31,7 @@ from typing import Any
 import grpc
 
 from hybridserve import observability as obs
-from hybridserve.errors import ERROR_DOMAIN, HybridServeError
+from hybridserve.errors import ERROR_DOMAIN, HybridServeError, Internal
 
 logger = logging.getLogger(__name__)
 
@@ -144,8 +144,6 @@ def _observed(servicer: Any, method: Any, grpc_context: Any, timed: bool):
         if grpc_context is None:
             if isinstance(e, HybridServeError):
                 raise
-            from hybridserve.errors import Internal
-
             raise Internal(status_of(e)[1]) from e
         outcome.failed = e
     finally:

@@ -38,6 +38,9 @@ import os
 from dataclasses import dataclass
 
 from hybridserve import topology
+from hybridserve.errors import ResourceExhausted, Unauthenticated
+from hybridserve.health import watch_health
+from hybridserve.tenancy import keys
 
 logger = logging.getLogger(__name__)
 
@@ -87,9 +90,6 @@ def credential_problem(metadata) -> BaseException | None:
     """Unauthenticated if the call carries no well-formed `authorization: Bearer
     <key>` (the same messages as the replicas' check), else None. Whether the key
     exists is for the replica to say: that needs the tenancy store."""
-    from hybridserve.errors import Unauthenticated
-    from hybridserve.tenancy import keys
-
     values = [v for k, v in (metadata or ())
               if isinstance(k, str) and k.lower() == topology.AUTHORIZATION_HEADER]
     if not values:
@@ -123,8 +123,6 @@ class ProxyGuard:
     def enter(self, context, keyless_ok: bool) -> tuple[BaseException | None, bool, str]:
         """Admits a call: (refusal or None, whether it counts as keyless, its peer).
         `keyless_ok`: a method anyone may call (health); it counts as keyless."""
-        from hybridserve.errors import ResourceExhausted
-
         if keyless_ok:
             # Health and reflection: counted as keyless whatever key they carry, so a
             # made-up key cannot lift the cap.
@@ -163,6 +161,8 @@ class ProxyGuard:
 def _refuse(context, err) -> None:
     import grpc
 
+    # Lazily: grpc_errors pulls in the metrics (prometheus_client) and the config;
+    # only a refusal needs it, and the proxy imports this module at start-up.
     from hybridserve.grpc_errors import STATUS_DETAILS_KEY, rich_status
 
     context.set_code(grpc.StatusCode[err.code])
@@ -295,8 +295,6 @@ def _watch_handler(check, guard: ProxyGuard, health: HealthCache):
     the client watches again. A failed Check ends the stream with its status."""
 
     async def watch(request, context):
-        from hybridserve.health import watch_health
-
         refusal, keyless, peer = guard.enter(context, True)
         if refusal is not None:
             _refuse(context, refusal)

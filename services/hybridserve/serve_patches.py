@@ -29,6 +29,9 @@ from __future__ import annotations
 import dataclasses
 import logging
 
+from hybridserve import proxy_guard
+from hybridserve.errors import ResourceExhausted, Unavailable
+
 logger = logging.getLogger(__name__)
 
 _MARK = "__hybridserve_status_fix__"
@@ -41,8 +44,6 @@ def mapped_error(exc: BaseException):
     """The platform error for a proxy-side failure Serve maps badly, or None."""
     from ray.exceptions import RayActorError
     from ray.serve.exceptions import BackPressureError
-
-    from hybridserve.errors import ResourceExhausted, Unavailable
 
     if isinstance(exc, RayActorError):
         return Unavailable(
@@ -92,6 +93,7 @@ def register() -> bool:
         set_status(context, status)
         err = getattr(status, "error", None)
         if err is not None:
+            # Lazily, as in proxy_guard: grpc_errors pulls in the metrics and the config.
             from hybridserve.grpc_errors import STATUS_DETAILS_KEY, rich_status
 
             context.set_trailing_metadata(
@@ -111,7 +113,5 @@ def add_to_proxy(servicer, server) -> None:
 
     NOTE: keep it the first hybridserve entry of `grpc_servicer_functions`: services
     registered before it are not guarded."""
-    from hybridserve import proxy_guard
-
     register()
     proxy_guard.install(server)

@@ -38,6 +38,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
+from hybridserve.client import HybridServeClient
 from hybridserve.controller import GROUP, PLURAL, VERSION
 from hybridserve.controller.reconcile import Reconciler, is_converged, parse_namespace_tenants
 
@@ -418,8 +419,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from hybridserve.client import HybridServeClient
-
     parser = build_parser()
     ns = parser.parse_args(argv)
     try:

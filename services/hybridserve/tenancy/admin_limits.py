@@ -29,7 +29,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 from hybridserve.errors import ResourceExhausted, Unavailable
-from hybridserve.tenancy.quotas import redact_url
+from hybridserve.tenancy.quotas import connect, redact_url
 
 logger = logging.getLogger(__name__)
 
@@ -103,8 +103,6 @@ class AdminLimits:
     def __init__(self, url: str, *, admin_per_minute: int, tenant_per_minute: int,
                  burst_s: float = 10.0, window_s: float = 60.0, fail_open: bool = True,
                  timeout_s: float = 2.0, clock=time.time):
-        from hybridserve.tenancy.quotas import connect
-
         self.url = url
         self.admin_per_minute = admin_per_minute
         self.tenant_per_minute = tenant_per_minute

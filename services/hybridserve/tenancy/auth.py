@@ -29,7 +29,7 @@ from dataclasses import dataclass, replace
 from hybridserve import observability as obs
 from hybridserve import topology
 from hybridserve.config import HybridServeConfig
-from hybridserve.errors import NotFound, Unauthenticated
+from hybridserve.errors import InvalidArgument, NotFound, Unauthenticated, Unavailable
 from hybridserve.tenancy import keys
 from hybridserve.tenancy.domain import ApiKeyInfo, Principal, Quotas, Tenant, validate_tenant_id
 from hybridserve.tenancy.quotas import Lease, RedisQuotas
@@ -97,8 +97,6 @@ def store_call(fn, *args):
     try:
         return fn(*args)
     except (OperationalError, DBAPIError) as e:
-        from hybridserve.errors import Unavailable
-
         logger.warning("the tenancy store failed: %s", type(e).__name__)
         raise Unavailable("the tenancy store cannot be reached right now; retry shortly",
                           reason="TENANCY_STORE_UNAVAILABLE", retry_after=1.0) from None
@@ -275,8 +273,6 @@ class Tenancy:
         """
         if not principal.is_admin:
             return principal.own_tenant(requested, field)
-        from hybridserve.errors import InvalidArgument
-
         if not requested:
             raise InvalidArgument(
                 f"an admin key must name the tenant: set {field}",

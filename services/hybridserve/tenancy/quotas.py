@@ -38,7 +38,7 @@ import uuid
 from dataclasses import dataclass
 from urllib.parse import urlsplit, urlunsplit
 
-from hybridserve.errors import ResourceExhausted
+from hybridserve.errors import ResourceExhausted, Unavailable
 from hybridserve.tenancy.domain import Quotas
 
 logger = logging.getLogger(__name__)
@@ -266,8 +266,6 @@ class RedisQuotas:
         return redact_url(self.url)
 
     def _unreachable(self, err: Exception, lease: Lease) -> Lease:
-        from hybridserve.errors import Unavailable
-
         if not self.fail_open:
             raise Unavailable(
                 f"the quota store cannot be reached ({type(err).__name__}); retry shortly",
