@@ -51,7 +51,7 @@ def platform_settings(ns) -> PlatformSettings:
         # server extra: the config model needs pydantic. Without it (the SDK and the
         # client CLI alone) the built-in defaults apply and no config file can be read.
         from hybridserve.config import HybridServeConfig
-    except ModuleNotFoundError as e:
+    except ImportError as e:  # missing, or a pydantic too old for the config model
         if (e.name or "").split(".")[0] == "hybridserve":
             raise
         path = getattr(ns, "config", None) or constants.CONFIG_FILE
