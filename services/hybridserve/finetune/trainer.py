@@ -7,8 +7,11 @@ model, software versions and torch thread count, two runs write the same bytes.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -100,7 +103,7 @@ def train(
     # NOTE: order-sensitive for determinism: seed, load, wrap (LoRA A draws from the
     # global generator), then the shuffling generator. The demo adapters rely on it
     # (scripts/demo.sh: same inputs, same bytes).
-    with torch.random.fork_rng(devices=[]):
+    with _ctrl_c_latch() as interrupted, torch.random.fork_rng(devices=[]):
         torch.manual_seed(train_cfg.seed)
         tokenizer, base = load_base(base_dir)
         model = get_peft_model(
@@ -133,6 +136,8 @@ def train(
             dynamic_ncols=True,
         ) as bar:
             for step in range(1, steps + 1):
+                if interrupted():
+                    raise KeyboardInterrupt
                 if len(order) < batch_size:  # a fresh shuffled epoch
                     order += torch.randperm(len(examples), generator=generator).tolist()
                 batch = [examples[i] for i in order[:batch_size]]
@@ -168,6 +173,33 @@ def train(
         seconds=seconds,
         final_loss=sum(recent) / len(recent) if recent else None,
     )
+
+
+@contextlib.contextmanager
+def _ctrl_c_latch():
+    """Yields a callable that says whether Ctrl-C was pressed while training.
+
+    Python drops a KeyboardInterrupt that lands in a finalizer (a `__del__` run by
+    the garbage collector: "Exception ignored in ..."), so one Ctrl-C while the model
+    loads could be lost and the run go on. The handler raises as Python's own does
+    and also latches, and the loop raises again at its next step. Only in the main
+    thread, and only over Python's default handler (an application's own is kept).
+    """
+    if (threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
+        yield lambda: False
+        return
+    pressed: list[int] = []
+
+    def on_sigint(signum, frame):
+        pressed.append(signum)
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, on_sigint)
+    try:
+        yield lambda: bool(pressed)
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def save_adapter(model, out_dir: Path, base_model_name: str) -> None:
