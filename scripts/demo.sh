@@ -38,6 +38,12 @@ say "building the two tenants' adapters (short CPU fine-tunes, cached after the 
 # The recipe (examples/adapters/README.md): rank 8, alpha 16, q/k/v/o on the upper half of
 # SmolLM2-135M's 30 layers, lr 2e-3, batch 4, seed 0.
 train_adapter() {  # NAME STEPS
+  local out="$HYBRIDSERVE_DATA_DIR/adapters/$1"
+  # A folder an older demo built carries its old marker, not finetune's: --output refuses
+  # folders it did not write, so that one is rebuilt.
+  if [ -f "$out/.hybridserve-demo-adapter.json" ] && [ ! -f "$out/.hybridserve-finetune.json" ]; then
+    rm -rf "$out"
+  fi
   $HS finetune --data "examples/adapters/$1/train.jsonl" --name "$1" --steps "$2" \
     --rank 8 --alpha 16 --lr 2e-3 --batch-size 4 --layers 15-29 --seed 0 \
     --output "$HYBRIDSERVE_DATA_DIR/adapters/$1"
