@@ -25,6 +25,8 @@ class Citation:
     vector_score: float | None = None
     rerank_score: float | None = None
     metadata: dict[str, str] = field(default_factory=dict)
+    #: The whole passage as the prompt holds it (asked with include_prompt; else "").
+    text: str = ""
 
 
 @dataclass(frozen=True)
@@ -67,7 +69,7 @@ class Token:
 class Final:
     """The last event."""
 
-    finish_reason: str  # "stop", "length", "abort", "no_context"
+    finish_reason: str  # "stop", "length", "abort", "no_context", "prompt_only"
     usage: Usage
     adapter: str
     replica_id: str
@@ -79,6 +81,8 @@ class Final:
     tenant: str
     passage_token_budget: int
     passage_tokens: int
+    #: The prompt's token ids (asked with include_prompt or prompt_only; else empty).
+    prompt_token_ids: list[int] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -119,7 +123,7 @@ def event_of(msg: rag_pb2.AskResponse) -> Sources | Token | Final | None:
         return Sources([
             Citation(c.number, c.chunk_id, c.doc_id, c.chunk_index, c.title, c.source, c.snippet,
                      c.score, c.retrieval_score, _opt(c, "keyword_score"), _opt(c, "vector_score"),
-                     _opt(c, "rerank_score"), dict(c.metadata))
+                     _opt(c, "rerank_score"), dict(c.metadata), c.text)
             for c in msg.sources.citations
         ])
     if which == "delta":
@@ -133,6 +137,7 @@ def event_of(msg: rag_pb2.AskResponse) -> Sources | Token | Final | None:
             StageTimings(t.auth_ms, t.quota_ms, t.embed_ms, t.retrieve_ms, t.rerank_ms,
                          t.prompt_ms, t.queue_ms, t.first_token_ms, t.total_ms),
             f.request_id, f.client_request_id, f.tenant, f.passage_token_budget, f.passage_tokens,
+            list(f.prompt_token_ids),
         )
     return None
 

@@ -22,7 +22,7 @@ from hybridserve.generation.servicer import GenerationServicer
 from hybridserve.generation.vllm_engine import engine_environment
 from hybridserve.models import model_dir_for
 from hybridserve.rag.handles import ServeGenerator, ServeReranker, ServeRetriever
-from hybridserve.rag.prompt import HFChatTokenizer, PromptBuilder
+from hybridserve.rag.prompt import PromptBuilder
 from hybridserve.rag.service import RagService
 
 
@@ -336,8 +336,7 @@ def rag_pipeline(config: HybridServeConfig) -> RagService:
         async def embed(text: str):
             return (await asyncio.to_thread(embedder.embed, [text]))[0]
 
-    prompts = PromptBuilder(HFChatTokenizer(model_dir_for(config)), config.model.max_model_len,
-                            config.rag.instructions)
+    prompts = PromptBuilder.for_model(model_dir_for(config), config)
     return RagService(config, ServeRetriever(topology.RETRIEVAL.name, embed),
                       ServeReranker(topology.RERANK.name), ServeGenerator(config.rag.generation_app),
                       prompts)

@@ -166,11 +166,18 @@ def ask_request(question: str = "", *, messages: Sequence[tuple[str, str]] | Non
                 min_score: float | None = None, max_tokens: int | None = None,
                 temperature: float | None = None, top_p: float | None = None,
                 stop: Sequence[str] = (), seed: int | None = None, json_schema: str = "",
-                client_request_id: str = "") -> rag_pb2.AskRequest:
-    """The AskRequest for these options (None: the server's default)."""
+                client_request_id: str = "", base_model: bool = False,
+                include_prompt: bool = False, prompt_only: bool = False) -> rag_pb2.AskRequest:
+    """The AskRequest for these options (None: the server's default).
+
+    base_model: answer with the base model even when the tenant has a default
+    adapter. include_prompt: return each source's whole text (Citation.text) and
+    the prompt's token ids (Final.prompt_token_ids). prompt_only: build the
+    prompt and stop (finish reason "prompt_only", no answer)."""
     req = rag_pb2.AskRequest(
         question=question, tenant=tenant, adapter=adapter, json_schema=json_schema,
-        client_request_id=client_request_id,
+        client_request_id=client_request_id, base_model=base_model,
+        include_prompt=include_prompt, prompt_only=prompt_only,
         sampling=sampling_params(max_tokens, temperature, top_p, stop, seed),
         messages=[common_pb2.ChatMessage(role=r, content=c) for r, c in messages or ()],
     )

@@ -274,6 +274,44 @@ def test_an_admin_naming_an_unknown_adapter_gets_not_found_before_anything_strea
         _ask(platform, platform.admin_key, "refunds", tenant=pair.a, adapter="ghost@v1")
 
 
+def test_prompt_only_and_base_model_and_the_prompt_a_generation_got(platform, pair):
+    """prompt_only returns the passages' whole text and the token ids Ask builds, and
+    generates nothing; a generated answer with include_prompt carries the same ids;
+    base_model bypasses the default adapter only for a tenant allowed the base model."""
+    question = "How long do I have to return an opened item?"
+    only = _ask(platform, pair.key_a, question, prompt_only=True, max_tokens=24)
+    assert [type(e).__name__ for e in only] == ["Sources", "Final"]
+    final = only[-1]
+    assert final.finish_reason == "prompt_only" and final.usage.completion_tokens == 0
+    assert final.prompt_token_ids and final.usage.prompt_tokens == len(final.prompt_token_ids)
+    assert all(c.text and c.text.startswith(c.snippet) for c in only[0].citations)
+    answered = _ask(platform, pair.key_a, question, include_prompt=True, max_tokens=4,
+                    temperature=0)
+    assert answered[-1].prompt_token_ids == final.prompt_token_ids
+    assert answered[-1].usage.prompt_tokens == len(final.prompt_token_ids)
+    assert answered[-1].adapter == pair.adapter_a  # the default adapter
+    plain = _ask(platform, pair.key_a, question, max_tokens=2)
+    assert not plain[-1].prompt_token_ids and not any(c.text for c in plain[0].citations)
+    # pair.a has a default adapter and no allow_base: base_model is refused.
+    with pytest.raises(PermissionDeniedError) as e:
+        _ask(platform, pair.key_a, question, base_model=True, max_tokens=2)
+    assert "base model" in e.value.message
+    with pytest.raises(InvalidArgumentError):
+        _ask(platform, pair.key_a, question, base_model=True, adapter=pair.adapter_a)
+    with HybridServeClient(platform.address, api_key=platform.admin_key) as admin:
+        admin.update_tenant(pair.a, allow_base=True)
+    try:
+        time.sleep(1.5)  # past the gateway's auth cache (tenancy.auth_cache_ttl_s, at most 1 s)
+        base = _ask(platform, pair.key_a, question, base_model=True, max_tokens=2)
+        assert base[-1].adapter == "" and base[-1].finish_reason in ("stop", "length")
+        admin_base = _ask(platform, platform.admin_key, question, tenant=pair.a, base_model=True,
+                          max_tokens=2)
+        assert admin_base[-1].adapter == ""
+    finally:
+        with HybridServeClient(platform.address, api_key=platform.admin_key) as admin:
+            admin.update_tenant(pair.a, allow_base=False)
+
+
 # -- cancel, retry ---------------------------------------------------------------------------
 
 

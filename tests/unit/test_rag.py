@@ -346,3 +346,25 @@ def test_a_history_the_chat_template_refuses_is_invalid_argument(tmp_path):
     with pytest.raises(InvalidArgument) as e:
         tok.render([("user", "a"), ("user", "b")])
     assert "roles must alternate" in e.value.message
+
+
+async def test_prompt_only_stops_after_the_prompt_with_its_token_ids():
+    gen = FakeGenerator()
+    svc = _service([_hit(1, "Refunds take 14 days.", 0.9), _hit(2, "Shipping is fast.", 0.5)],
+                   [0.6, 0.3], gen)
+    events = await _run(svc, AskInput(question="How long do refunds take?", prompt_only=True))
+    assert [type(e).__name__ for e in events] == ["SourcesEvent", "AskDone"]
+    done = events[-1]
+    assert done.finish_reason == "prompt_only" and done.completion_tokens == 0
+    # The ids are the prompt that generation would have got, for the same passages.
+    built = svc.prompts.build(question="How long do refunds take?",
+                              passages=[("Doc 1", "Refunds take 14 days."),
+                                        ("Doc 2", "Shipping is fast.")],
+                              max_tokens=HybridServeConfig().generation.max_tokens,
+                              system_prompt="Be brief.")
+    assert list(done.prompt_token_ids) == built.token_ids
+    assert done.prompt_tokens == len(built.token_ids)
+    assert gen.calls == [] and gen.prefetched == []  # no generation, no adapter load
+    # A generated answer carries the same ids.
+    answered = await _run(svc, AskInput(question="How long do refunds take?"))
+    assert answered[-1].prompt_token_ids == done.prompt_token_ids

@@ -89,6 +89,13 @@ class PromptBuilder:
         self.max_model_len = max_model_len
         self.instructions = instructions
 
+    @classmethod
+    def for_model(cls, model_dir, config) -> PromptBuilder:
+        """The builder Ask uses: the model folder's tokenizer and chat template, the
+        config's context window and RAG instructions (the gateway and `finetune --rag`
+        both build theirs here, so their prompts are the same)."""
+        return cls(HFChatTokenizer(model_dir), config.model.max_model_len, config.rag.instructions)
+
     def _messages(self, system_prompt: str, history: Sequence[tuple[str, str]], question: str,
                   passages: Sequence[PromptPassage], no_context: bool) -> list[tuple[str, str]]:
         system = "\n\n".join(p for p in (system_prompt.strip(), self.instructions.strip()) if p)

@@ -63,6 +63,8 @@ class AskInput:
     seed: int | None = None
     json_schema: str = ""
     client_request_id: str = ""
+    #: Stop after the prompt is built: sources, then AskDone("prompt_only") with its ids.
+    prompt_only: bool = False
 
 
 @dataclass(frozen=True)
@@ -127,6 +129,8 @@ class AskDone:
     passage_tokens: int = 0
     #: Prompt tokens the engine served from the tenant's own prefix cache.
     cached_prompt_tokens: int = 0
+    #: The prompt's token ids as the engine got them (or, with prompt_only, would have).
+    prompt_token_ids: tuple[int, ...] = ()
 
 
 class Retriever(Protocol):
@@ -290,7 +294,8 @@ class RagService:
             return left
 
         prefetch = None
-        if adapter and self.cfg.prefetch_adapter and not self._recently_used(adapter):
+        if (adapter and not inp.prompt_only and self.cfg.prefetch_adapter
+                and not self._recently_used(adapter)):
             prefetch = asyncio.ensure_future(self._prefetch(adapter, remaining()))
         try:
             result = await self.retriever.retrieve(
@@ -324,6 +329,12 @@ class RagService:
             sources = [Source(pp.number, kept[pp.number - 1], pp.text) for pp in built.passages]
             yield SourcesEvent(sources)
             usage[0] = len(built.token_ids)
+            if inp.prompt_only:
+                timings.total = self.clock() - started
+                yield AskDone("prompt_only", len(built.token_ids), 0, adapter, "", [], [], timings,
+                              request_id, inp.client_request_id, tenant.id, built.passage_budget,
+                              built.passage_tokens, 0, tuple(built.token_ids))
+                return
             if prefetch is not None:
                 await self._settle(prefetch)
                 prefetch = None
@@ -355,7 +366,7 @@ class RagService:
             yield AskDone(done.finish_reason, done.prompt_tokens, done.completion_tokens,
                           done.adapter, done.replica_id, cited, invalid, timings, request_id,
                           inp.client_request_id, tenant.id, built.passage_budget,
-                          built.passage_tokens, done.cached_prompt_tokens)
+                          built.passage_tokens, done.cached_prompt_tokens, tuple(built.token_ids))
         finally:
             if prefetch is not None and not prefetch.done():
                 prefetch.cancel()

@@ -35,6 +35,7 @@ _FINISH = {
     "length": common_pb2.FINISH_REASON_LENGTH,
     "abort": common_pb2.FINISH_REASON_ABORT,
     "no_context": common_pb2.FINISH_REASON_NO_CONTEXT,
+    "prompt_only": common_pb2.FINISH_REASON_PROMPT_ONLY,
 }
 
 
@@ -52,16 +53,17 @@ def ask_input_from_proto(req: rag_pb2.AskRequest) -> AskInput:
         rerank=opt(r, "rerank"), top_n=opt(r, "top_n"), min_score=opt(r, "min_score"),
         max_tokens=opt(s, "max_tokens"), temperature=opt(s, "temperature"), top_p=opt(s, "top_p"),
         stop=tuple(s.stop), seed=opt(s, "seed"), json_schema=req.json_schema,
-        client_request_id=req.client_request_id,
+        client_request_id=req.client_request_id, prompt_only=req.prompt_only,
     )
 
 
-def _citation(src, snippet_chars: int) -> rag_pb2.Citation:
+def _citation(src, snippet_chars: int, whole_text: bool = False) -> rag_pb2.Citation:
     h = src.passage.hit
     c = rag_pb2.Citation(
         number=src.number, chunk_id=h.chunk_id, doc_id=h.doc_id, chunk_index=h.chunk_index,
         title=h.title, source=h.source, snippet=src.text[:snippet_chars],
         score=src.passage.score, retrieval_score=h.score, metadata=dict(h.metadata),
+        text=src.text if whole_text else "",
     )
     if h.keyword_score is not None:
         c.keyword_score = h.keyword_score
@@ -115,12 +117,18 @@ class RagServicer:
         await self.tenancy.close()
 
     async def _tenant_and_adapter(self, p: Principal, req: rag_pb2.AskRequest) -> tuple[Tenant, str]:
+        if req.base_model and req.adapter:
+            raise InvalidArgument(
+                "base_model asks with the base model: leave adapter empty, or unset base_model",
+                field_violations=[("adapter", "empty with base_model")])
         if not p.is_admin:
             p.own_tenant(req.tenant)
+            if req.base_model:
+                return p.tenant, p.authorize_adapter("")  # refused without allow_base
             return p.tenant, p.choose_adapter(req.adapter)
         tenant_id = await self.tenancy.resolve_tenant(p, req.tenant)
         tenant = await asyncio.to_thread(self.tenancy.store.get_tenant, tenant_id)
-        adapter = req.adapter or tenant.default_adapter
+        adapter = "" if req.base_model else (req.adapter or tenant.default_adapter)
         if adapter and not await asyncio.to_thread(self.adapter_exists, adapter):
             raise NotFound(f"unknown adapter {adapter!r}; see `hybridserve adapters list`",
                            reason="ADAPTER_NOT_FOUND")
@@ -146,21 +154,22 @@ class RagServicer:
             usage = [0, 0]
             answer = self.service.ask(tenant, adapter, inp, timings=timings, started=started,
                                       deadline=deadline, usage=usage, plan=plan)
+            whole = request.include_prompt or request.prompt_only
             # NOTE: aclosing: a client going away closes the pipeline down to the
             # generation replica at once (the engine aborts the request).
             try:
                 async with contextlib.aclosing(answer):
                     async for event in answer:
-                        yield self._to_proto(event)
+                        yield self._to_proto(event, whole)
             finally:
                 # Tokens per minute: the real usage, also of a cancelled answer.
                 lease.tokens = usage[0] + usage[1]
 
-    def _to_proto(self, event) -> rag_pb2.AskResponse:
+    def _to_proto(self, event, include_prompt: bool = False) -> rag_pb2.AskResponse:
         if isinstance(event, SourcesEvent):
             snip = self.config.rag.snippet_chars
             return rag_pb2.AskResponse(sources=rag_pb2.Sources(
-                citations=[_citation(s, snip) for s in event.sources]))
+                citations=[_citation(s, snip, include_prompt) for s in event.sources]))
         if isinstance(event, Delta):
             return rag_pb2.AskResponse(delta=generation_pb2.TokenDelta(
                 text=event.text, token_ids=list(event.token_ids)))
@@ -177,6 +186,7 @@ class RagServicer:
             client_request_id=event.client_request_id, tenant=event.tenant,
             passage_token_budget=event.passage_token_budget,
             passage_tokens=event.passage_tokens,
+            prompt_token_ids=list(event.prompt_token_ids) if include_prompt else [],
         ))
 
     def _observe(self, t: Timings) -> None:

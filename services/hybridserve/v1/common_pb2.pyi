@@ -12,11 +12,13 @@ class FinishReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     FINISH_REASON_LENGTH: _ClassVar[FinishReason]
     FINISH_REASON_ABORT: _ClassVar[FinishReason]
     FINISH_REASON_NO_CONTEXT: _ClassVar[FinishReason]
+    FINISH_REASON_PROMPT_ONLY: _ClassVar[FinishReason]
 FINISH_REASON_UNSPECIFIED: FinishReason
 FINISH_REASON_STOP: FinishReason
 FINISH_REASON_LENGTH: FinishReason
 FINISH_REASON_ABORT: FinishReason
 FINISH_REASON_NO_CONTEXT: FinishReason
+FINISH_REASON_PROMPT_ONLY: FinishReason
 
 class ChatMessage(_message.Message):
     __slots__ = ("role", "content")

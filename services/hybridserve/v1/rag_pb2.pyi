@@ -26,7 +26,7 @@ class RetrievalOptions(_message.Message):
     def __init__(self, top_k: _Optional[int] = ..., alpha: _Optional[float] = ..., filters: _Optional[_Iterable[_Union[_retrieval_pb2.Filter, _Mapping]]] = ..., rerank: bool = ..., top_n: _Optional[int] = ..., min_score: _Optional[float] = ...) -> None: ...
 
 class AskRequest(_message.Message):
-    __slots__ = ("question", "messages", "tenant", "adapter", "retrieval", "sampling", "json_schema", "client_request_id")
+    __slots__ = ("question", "messages", "tenant", "adapter", "retrieval", "sampling", "json_schema", "client_request_id", "base_model", "include_prompt", "prompt_only")
     QUESTION_FIELD_NUMBER: _ClassVar[int]
     MESSAGES_FIELD_NUMBER: _ClassVar[int]
     TENANT_FIELD_NUMBER: _ClassVar[int]
@@ -35,6 +35,9 @@ class AskRequest(_message.Message):
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     JSON_SCHEMA_FIELD_NUMBER: _ClassVar[int]
     CLIENT_REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    BASE_MODEL_FIELD_NUMBER: _ClassVar[int]
+    INCLUDE_PROMPT_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_ONLY_FIELD_NUMBER: _ClassVar[int]
     question: str
     messages: _containers.RepeatedCompositeFieldContainer[_common_pb2.ChatMessage]
     tenant: str
@@ -43,10 +46,13 @@ class AskRequest(_message.Message):
     sampling: _generation_pb2.SamplingParams
     json_schema: str
     client_request_id: str
-    def __init__(self, question: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[_common_pb2.ChatMessage, _Mapping]]] = ..., tenant: _Optional[str] = ..., adapter: _Optional[str] = ..., retrieval: _Optional[_Union[RetrievalOptions, _Mapping]] = ..., sampling: _Optional[_Union[_generation_pb2.SamplingParams, _Mapping]] = ..., json_schema: _Optional[str] = ..., client_request_id: _Optional[str] = ...) -> None: ...
+    base_model: bool
+    include_prompt: bool
+    prompt_only: bool
+    def __init__(self, question: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[_common_pb2.ChatMessage, _Mapping]]] = ..., tenant: _Optional[str] = ..., adapter: _Optional[str] = ..., retrieval: _Optional[_Union[RetrievalOptions, _Mapping]] = ..., sampling: _Optional[_Union[_generation_pb2.SamplingParams, _Mapping]] = ..., json_schema: _Optional[str] = ..., client_request_id: _Optional[str] = ..., base_model: bool = ..., include_prompt: bool = ..., prompt_only: bool = ...) -> None: ...
 
 class Citation(_message.Message):
-    __slots__ = ("number", "chunk_id", "doc_id", "chunk_index", "title", "source", "snippet", "score", "retrieval_score", "keyword_score", "vector_score", "rerank_score", "metadata")
+    __slots__ = ("number", "chunk_id", "doc_id", "chunk_index", "title", "source", "snippet", "score", "retrieval_score", "keyword_score", "vector_score", "rerank_score", "metadata", "text")
     class MetadataEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -67,6 +73,7 @@ class Citation(_message.Message):
     VECTOR_SCORE_FIELD_NUMBER: _ClassVar[int]
     RERANK_SCORE_FIELD_NUMBER: _ClassVar[int]
     METADATA_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
     number: int
     chunk_id: str
     doc_id: str
@@ -80,7 +87,8 @@ class Citation(_message.Message):
     vector_score: float
     rerank_score: float
     metadata: _containers.ScalarMap[str, str]
-    def __init__(self, number: _Optional[int] = ..., chunk_id: _Optional[str] = ..., doc_id: _Optional[str] = ..., chunk_index: _Optional[int] = ..., title: _Optional[str] = ..., source: _Optional[str] = ..., snippet: _Optional[str] = ..., score: _Optional[float] = ..., retrieval_score: _Optional[float] = ..., keyword_score: _Optional[float] = ..., vector_score: _Optional[float] = ..., rerank_score: _Optional[float] = ..., metadata: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    text: str
+    def __init__(self, number: _Optional[int] = ..., chunk_id: _Optional[str] = ..., doc_id: _Optional[str] = ..., chunk_index: _Optional[int] = ..., title: _Optional[str] = ..., source: _Optional[str] = ..., snippet: _Optional[str] = ..., score: _Optional[float] = ..., retrieval_score: _Optional[float] = ..., keyword_score: _Optional[float] = ..., vector_score: _Optional[float] = ..., rerank_score: _Optional[float] = ..., metadata: _Optional[_Mapping[str, str]] = ..., text: _Optional[str] = ...) -> None: ...
 
 class Sources(_message.Message):
     __slots__ = ("citations",)
@@ -111,7 +119,7 @@ class StageTimings(_message.Message):
     def __init__(self, auth_ms: _Optional[float] = ..., quota_ms: _Optional[float] = ..., embed_ms: _Optional[float] = ..., retrieve_ms: _Optional[float] = ..., rerank_ms: _Optional[float] = ..., prompt_ms: _Optional[float] = ..., queue_ms: _Optional[float] = ..., first_token_ms: _Optional[float] = ..., total_ms: _Optional[float] = ...) -> None: ...
 
 class AskFinal(_message.Message):
-    __slots__ = ("finish_reason", "usage", "adapter", "replica_id", "cited", "invalid_citations", "timings", "request_id", "client_request_id", "tenant", "passage_token_budget", "passage_tokens")
+    __slots__ = ("finish_reason", "usage", "adapter", "replica_id", "cited", "invalid_citations", "timings", "request_id", "client_request_id", "tenant", "passage_token_budget", "passage_tokens", "prompt_token_ids")
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
     USAGE_FIELD_NUMBER: _ClassVar[int]
     ADAPTER_FIELD_NUMBER: _ClassVar[int]
@@ -124,6 +132,7 @@ class AskFinal(_message.Message):
     TENANT_FIELD_NUMBER: _ClassVar[int]
     PASSAGE_TOKEN_BUDGET_FIELD_NUMBER: _ClassVar[int]
     PASSAGE_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     finish_reason: _common_pb2.FinishReason
     usage: _common_pb2.Usage
     adapter: str
@@ -136,7 +145,8 @@ class AskFinal(_message.Message):
     tenant: str
     passage_token_budget: int
     passage_tokens: int
-    def __init__(self, finish_reason: _Optional[_Union[_common_pb2.FinishReason, str]] = ..., usage: _Optional[_Union[_common_pb2.Usage, _Mapping]] = ..., adapter: _Optional[str] = ..., replica_id: _Optional[str] = ..., cited: _Optional[_Iterable[int]] = ..., invalid_citations: _Optional[_Iterable[int]] = ..., timings: _Optional[_Union[StageTimings, _Mapping]] = ..., request_id: _Optional[str] = ..., client_request_id: _Optional[str] = ..., tenant: _Optional[str] = ..., passage_token_budget: _Optional[int] = ..., passage_tokens: _Optional[int] = ...) -> None: ...
+    prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, finish_reason: _Optional[_Union[_common_pb2.FinishReason, str]] = ..., usage: _Optional[_Union[_common_pb2.Usage, _Mapping]] = ..., adapter: _Optional[str] = ..., replica_id: _Optional[str] = ..., cited: _Optional[_Iterable[int]] = ..., invalid_citations: _Optional[_Iterable[int]] = ..., timings: _Optional[_Union[StageTimings, _Mapping]] = ..., request_id: _Optional[str] = ..., client_request_id: _Optional[str] = ..., tenant: _Optional[str] = ..., passage_token_budget: _Optional[int] = ..., passage_tokens: _Optional[int] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class AskResponse(_message.Message):
     __slots__ = ("sources", "delta", "final")
