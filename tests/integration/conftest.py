@@ -165,7 +165,8 @@ def platform(assets, weaviate) -> Platform:
     smol = _config(assets, grpc_port, http_port, weaviate, metrics_port)
     smol.model = type(smol.model)(max_model_len=2048)
     smol.cache_dir = HybridServeConfig().cache_dir
-    smol.engine.enable_lora = False
+    # LoRA on: the evaluation tests serve a retrieval-aware SmolLM2 adapter trained in the session.
+    smol.engine.max_loras, smol.engine.max_cpu_loras = 1, 2
     smol.engine.enforce_eager = True  # no torch.compile: minutes of startup on 2 cores
     rag = {}
     for name, gen_app, cfg in ((RAG_APP, MAIN_APP, main), (RAG_AFFINITY_APP, AFFINITY_APP, affinity),

@@ -88,6 +88,7 @@ def test_a_planted_upward_import_a_cycle_and_a_server_import_in_a_client_command
         "adapters/ids.py": "hybridserve.tenancy.store",    # shared domain -> tenancy
         "rag/prompt.py": "hybridserve.rag.service",        # service imports prompt: a cycle
         "cli/client_cmds.py": "hybridserve.tenancy.auth",  # a client command -> the server
+        "evaluation/runner.py": "hybridserve.finetune",    # the eval client -> training
     })
     assert proc.returncode != 0, proc.stdout[-4000:]
     out = " ".join(proc.stdout.split())  # the report wraps long contract names
@@ -95,4 +96,5 @@ def test_a_planted_upward_import_a_cycle_and_a_server_import_in_a_client_command
     assert "No import circles between sibling packages or modules BROKEN" in out, out[-4000:]
     assert "client commands import nothing of the server" in out and \
         "hybridserve.cli.client_cmds -> hybridserve.tenancy.auth" in out, out[-4000:]
+    assert "hybridserve.evaluation.runner -> hybridserve.finetune" in out, out[-4000:]
     assert "2 kept, 3 broken" in out, out[-4000:]

@@ -37,6 +37,10 @@ CLI_FIRST_PARTY = SDK_FIRST_PARTY | set(SDK) | {
     "hybridserve.retrieval", "hybridserve.retrieval.sources", "hybridserve.retrieval.documents",
     "hybridserve.rerank", "hybridserve.rerank.fusion",
     "hybridserve.tenancy", "hybridserve.tenancy.keys", "hybridserve.tenancy.domain",
+    # `hybridserve eval`: the evaluation client and the pure scoring package
+    "hybridserve.evaluation", "hybridserve.evaluation.formats", "hybridserve.evaluation.report",
+    "hybridserve.evaluation.runner", "hybridserve.scoring", "hybridserve.scoring.metrics",
+    "hybridserve.scoring.questions", "hybridserve.scoring.stats",
 }
 #: Modules of the google namespace and the distribution that ships each.
 GOOGLE = {"google.protobuf": "protobuf", "google.rpc": "googleapis-common-protos"}

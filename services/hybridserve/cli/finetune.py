@@ -24,7 +24,7 @@ def add_finetune_parser(subparsers) -> argparse.ArgumentParser:
         "if it beats the base model (lower held-out loss or a higher task metric). With "
         "--output DIR, train on every example into DIR instead: no evaluation, no registering.",
     )
-    p.add_argument("--data", required=True, metavar="PATH", help="JSONL training examples")
+    p.add_argument("--data", metavar="PATH", help="JSONL training examples (not with --rag)")
     p.add_argument("--name", required=True, help="adapter name; the version is the content hash")
     p.add_argument("--steps", type=int, help="optimizer steps (default: 3 epochs)")
     p.add_argument(
@@ -61,8 +61,68 @@ def add_finetune_parser(subparsers) -> argparse.ArgumentParser:
         "prints DIR. DIR is reused without training when it was built from the same data, base "
         "model, name and options (its .hybridserve-finetune.json marker records them)",
     )
+    rag = p.add_argument_group(
+        "retrieval-aware fine-tuning (--rag)",
+        "Train the adapter to answer from the passages the tenant's own retrieval finds, and "
+        "cite them: RAFT chats built with the prompts the platform's Ask builds (the gold "
+        "passage among retrieved distractors, or removed so that it learns to refuse). Needs "
+        "the running platform and a key of the tenant (or an admin key with --tenant); the "
+        "split holds out whole documents, and the adapter is registered only if, on the "
+        "held-out questions and with Ask's prompts, its answers contain the reference more "
+        "often than the base model's (or --force). See docs/evaluation.md.",
+    )
+    rag.add_argument("--rag", action="store_true", help="retrieval-aware fine-tuning")
+    rag.add_argument("--questions", metavar="FILE", help="the question file: JSONL of "
+                     '{"question", "answers", "gold_docs", "id"?} (as `hybridserve eval`)')
+    rag.add_argument("--tenant", default="", help="the tenant (with an admin key)")
+    rag.add_argument("--p-gold", type=float, default=0.8, metavar="P",
+                     help="share of answerable questions trained with their gold passage shown "
+                     "(the rest train the refusal; default 0.8)")
+    rag.add_argument("--answer-tokens", type=int, default=96, metavar="N",
+                     help="max_tokens the prompts are built for, as Ask's (default 96)")
+    rag.add_argument("--held-out-fraction", type=float, metavar="F",
+                     help="share of gold documents held out with their questions (default 0.15)")
+    rag.add_argument("--write-held-out", metavar="FILE",
+                     help="write the held-out questions there, for `hybridserve eval`")
+    rag.add_argument("--address", help="host:port of the platform (default: from config)")
+    rag.add_argument("--api-key-file", help="file holding the API key (default: "
+                     "$HYBRIDSERVE_API_KEY, else <data_dir>/admin.key)")
+    rag.add_argument("--tls", action="store_true", help="connect with TLS (through an ingress)")
+    rag.add_argument("--app", default="", help=argparse.SUPPRESS)  # tests: another rag app
     p.set_defaults(func=cmd_finetune)
     return p
+
+
+class AskPromptSource:
+    """`finetune.raft.PromptSource` over the platform: an Ask with prompt_only per call,
+    as the tenant (`tenant` names it for an admin key)."""
+
+    #: Filters one request may carry (retrieval's limit); further exclusions are
+    #: dropped from the passages by the builder instead.
+    MAX_FILTERS = 16
+
+    def __init__(self, client, *, tenant: str = "", max_tokens: int = 96, app: str = "",
+                 timeout: float = 120):
+        self.client, self.tenant, self.max_tokens = client, tenant, max_tokens
+        self.kwargs = {"app": app} if app else {}
+        self.timeout = timeout
+
+    def prompt(self, question: str, *, only_docs=(), exclude_docs=()):
+        # server extra: the training data types live with training
+        from hybridserve.finetune.raft import AskPrompt, PromptPassage
+
+        filters = []
+        if only_docs:
+            filters.append(("doc_id", "any_of", list(only_docs)))
+        filters += [("doc_id", "not_equal", [d]) for d in exclude_docs]
+        answer = self.client.ask(question, tenant=self.tenant, prompt_only=True,
+                                 max_tokens=self.max_tokens, filters=filters[: self.MAX_FILTERS],
+                                 timeout=self.timeout, **self.kwargs)
+        return AskPrompt(
+            tuple(PromptPassage(c.number, c.doc_id, c.chunk_id, c.title, c.text)
+                  for c in answer.citations),
+            tuple(answer.final.prompt_token_ids),
+        )
 
 
 def cmd_finetune(ns) -> int:
@@ -70,6 +130,12 @@ def cmd_finetune(ns) -> int:
     from hybridserve.config import HybridServeConfig
     from hybridserve.finetune import AdapterNotBetter, TrainConfig, finetune, train_to_folder
 
+    if ns.rag:
+        return _cmd_finetune_rag(ns)
+    if ns.data is None or ns.questions is not None:
+        print("hybridserve finetune: error: give --data (or --rag with --questions)",
+              file=sys.stderr)
+        return 2
     if ns.output is not None and (ns.force or ns.format_regex is not None):
         print(
             "hybridserve finetune: error: --force and --format-regex apply to the held-out "
@@ -118,6 +184,70 @@ def cmd_finetune(ns) -> int:
     if result.forced:
         note += " with --force: it does NOT beat the base model"
     print(f"\n{note}: {result.record.id} from {result.adapter_dir}", file=sys.stderr)
+    return 0
+
+
+def _cmd_finetune_rag(ns) -> int:
+    # server extra: training needs torch, transformers and peft
+    from hybridserve.cli.client_cmds import make_client
+    from hybridserve.config import HybridServeConfig
+    from hybridserve.finetune import AdapterNotBetter, TrainConfig, finetune_rag
+
+    problems = [msg for bad, msg in (
+        (ns.questions is None, "--rag needs --questions FILE"),
+        (ns.data is not None, "--rag trains on --questions, not --data"),
+        (ns.output is not None, "--rag registers the adapter; --output does not apply"),
+        (ns.format_regex is not None, "--rag is accepted on containment; --format-regex does not apply"),
+        (not 0 <= ns.p_gold <= 1, "--p-gold must be between 0 and 1"),
+        (ns.answer_tokens < 1, "--answer-tokens must be at least 1"),
+    ) if bad]
+    if problems:
+        for msg in problems:
+            print(f"hybridserve finetune: error: {msg}", file=sys.stderr)
+        return 2
+    cfg = HybridServeConfig.load(getattr(ns, "config", None))
+    train_cfg = TrainConfig.from_options(
+        steps=ns.steps, epochs=ns.epochs, rank=ns.rank, alpha=ns.alpha, lr=ns.lr,
+        batch_size=ns.batch_size, layers_to_transform=ns.layers, seed=ns.seed,
+        held_out_fraction=ns.held_out_fraction,
+    )
+
+    def progress(message: str) -> None:  # stdout carries only the result
+        print(message, file=sys.stderr, flush=True)
+
+    with make_client(ns) as client:
+        who = client.whoami()
+        if who.kind == "admin":
+            if not ns.tenant:
+                print("hybridserve finetune: error: an admin key must name the tenant whose "
+                      "retrieval to train on (--tenant)", file=sys.stderr)
+                return 2
+            tenant = client.get_tenant(ns.tenant)
+        else:
+            tenant = who.tenant
+        source = AskPromptSource(client, tenant=ns.tenant, max_tokens=ns.answer_tokens, app=ns.app)
+        try:
+            out = finetune_rag(
+                cfg, ns.questions, ns.name, source, train_cfg, system_prompt=tenant.system_prompt,
+                p_gold=ns.p_gold, max_tokens=ns.answer_tokens, force=ns.force,
+                held_out_path=ns.write_held_out, progress=progress, progress_bar=True,
+            )
+        except AdapterNotBetter as exc:
+            print(exc.eval.table())
+            raise
+    result = out.result
+    print(result.record.id)
+    print(result.eval.table())
+    for sample in result.eval.samples:
+        print(f"\n  reference: {_short(sample.reference)}")
+        print(f"  base:      {_short(sample.base)}")
+        print(f"  adapter:   {_short(sample.adapter)}")
+    note = "registered" if result.created else "already registered (same content)"
+    if result.forced:
+        note += " with --force: it does NOT beat the base model"
+    print(f"\n{note}: {result.record.id}; grant it to {tenant.id} "
+          f"(`hybridserve admin grants add {tenant.id} {result.record.id}`), then compare the arms "
+          "with `hybridserve eval`", file=sys.stderr)
     return 0
 
 

@@ -10,6 +10,7 @@
   hybridserve search QUERY [--tenant T]  hybrid search in a tenant's documents
   hybridserve delete [--tenant T] ID...  delete documents
   hybridserve rerank QUERY PASSAGE...    score and order passages
+  hybridserve eval --questions F         a question set through base, adapter, rag, rag+adapter
   hybridserve admin ...                  tenants, keys, grants, quotas, apply, audit
   hybridserve serve-config               print the Serve config (KubeRay serveConfigV2) of a config
   hybridserve-controller                 the LoRAAdapter controller (Kubernetes)
@@ -28,6 +29,7 @@ import grpc
 
 from hybridserve.cli import admin, client_cmds, finetune, server
 from hybridserve.cli.client_cmds import err
+from hybridserve.cli.eval import add_eval_parser
 from hybridserve.errors import HybridServeError
 from hybridserve.exceptions import ApiKeyFileError, from_rpc_error
 
@@ -46,6 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     client_cmds.add_search_parser(sub)
     client_cmds.add_delete_parser(sub)
     client_cmds.add_rerank_parser(sub)
+    add_eval_parser(sub)
     finetune.add_finetune_parser(sub)
     admin.add_admin_parser(sub)
     return p

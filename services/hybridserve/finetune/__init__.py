@@ -6,7 +6,7 @@
 
 Modules: `data` (JSONL validation, split, chat-template tokenising), `config`
 (TrainConfig), `trainer` (PEFT LoRA on CPU), `evaluate` (held-out loss and task
-metric, base vs adapter), `pipeline` (the whole flow, and `train_to_folder`: train
+metric, base vs adapter), `raft` (retrieval-aware chats from the tenant's own retrieval), `pipeline` (the whole flow, and `train_to_folder`: train
 only, into a cached folder), `cli` (the subcommand).
 Importing this package does not import torch.
 """
@@ -16,7 +16,9 @@ from hybridserve.finetune.pipeline import (
     AdapterNotBetter,
     FinetuneResult,
     TrainedFolder,
+    RagFinetuneResult,
     finetune,
+    finetune_rag,
     train_to_folder,
 )
 
@@ -25,6 +27,8 @@ __all__ = [
     "FinetuneResult",
     "TrainConfig",
     "TrainedFolder",
+    "RagFinetuneResult",
     "finetune",
+    "finetune_rag",
     "train_to_folder",
 ]

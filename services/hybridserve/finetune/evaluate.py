@@ -22,6 +22,7 @@ from pathlib import Path
 
 from hybridserve.finetune.config import TrainConfig
 from hybridserve.finetune.data import IGNORE, TokenizedExample
+from hybridserve.scoring import Question, cited_numbers, contains_answer, is_refusal
 
 
 @dataclass(frozen=True)
@@ -49,10 +50,16 @@ class EvalResult:
     base_metric: float
     adapter_metric: float
     samples: tuple[Sample, ...] = field(default=(), repr=False)
+    #: Accept on the task metric alone (retrieval-aware adapters: containment), not loss.
+    require_metric: bool = False
+    #: More metrics per side, shown in the table: name -> (base, adapter).
+    extra: dict[str, tuple[float, float]] = field(default_factory=dict)
 
     @property
     def beats_base(self) -> bool:
-        """Lower held-out loss, or a higher task metric."""
+        """A higher task metric, or (unless require_metric) a lower held-out loss."""
+        if self.require_metric:
+            return self.adapter_metric > self.base_metric
         return self.adapter_loss < self.base_loss or self.adapter_metric > self.base_metric
 
     def to_dict(self) -> dict:
@@ -71,6 +78,7 @@ class EvalResult:
                 f"{self.base_metric:.3f}",
                 f"{self.adapter_metric:.3f}",
             ),
+            *((name.replace("_", " "), f"{b:.3f}", f"{a:.3f}") for name, (b, a) in self.extra.items()),
         ]
         widths = [max(len(row[i]) for row in rows) for i in range(3)]
         lines = [f"{a:<{widths[0]}}  {b:>{widths[1]}}  {c:>{widths[2]}}" for a, b, c in rows]
@@ -125,6 +133,91 @@ def evaluate(
             for ex, b, a in list(zip(examples, base_answers, adapter_answers))[:max_samples]
         ),
     )
+
+
+def evaluate_rag(
+    base_dir: Path,
+    adapter_dir: Path,
+    held_out: Sequence[tuple[Question, list[int]]],
+    examples: list[TokenizedExample],
+    train_cfg: TrainConfig,
+    *,
+    refusal: str,
+    max_new_tokens: int,
+    max_samples: int = 3,
+) -> EvalResult:
+    """Evaluates a retrieval-aware adapter in the arm it serves in: greedy answers to the
+    held-out questions from the prompts Ask builds (`held_out`: each question with Ask's
+    prompt token ids; an empty prompt means Ask refused it without the model).
+
+    The metric is containment (`hybridserve.scoring`) over the answerable questions, and
+    the adapter is accepted on it alone. Also reported per side: correct refusals of
+    unanswerable questions, false refusals, and the share of answerable questions whose
+    answer cites a passage. The held-out loss is on `examples` (the RAFT chats of the
+    held-out questions).
+    """
+    import torch
+    from peft import PeftModel
+
+    from hybridserve.finetune.trainer import load_base
+
+    if not held_out:
+        raise ValueError("no held-out questions")
+    held_out = list(held_out)[: train_cfg.eval_max_examples]
+    tokenizer, base = load_base(base_dir)
+    model = PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=False)
+    model.eval()
+    asked = [(q, ids) for q, ids in held_out if ids]
+    with torch.inference_mode():
+        with model.disable_adapter():
+            base_loss, n_tokens = heldout_loss(model, tokenizer, examples, train_cfg.batch_size) \
+                if examples else (float("nan"), 0)
+            base_texts = greedy_answers(model, tokenizer, [ids for _, ids in asked], max_new_tokens)
+        adapter_loss, _ = heldout_loss(model, tokenizer, examples, train_cfg.batch_size) \
+            if examples else (float("nan"), 0)
+        adapter_texts = greedy_answers(model, tokenizer, [ids for _, ids in asked], max_new_tokens)
+    by_id = {q.id: (b, a) for (q, _), b, a in zip(asked, base_texts, adapter_texts, strict=True)}
+    questions = [q for q, _ in held_out]
+    sides = {}
+    for side in (0, 1):
+        answers = [by_id.get(q.id, (refusal, refusal))[side] for q in questions]
+        sides[side] = rag_rates(questions, answers, refusal)
+    return EvalResult(
+        metric="containment",
+        format_regex=None,
+        examples=len(questions),
+        label_tokens=n_tokens,
+        base_loss=base_loss,
+        adapter_loss=adapter_loss,
+        base_metric=sides[0]["containment"],
+        adapter_metric=sides[1]["containment"],
+        samples=tuple(
+            Sample(0, " | ".join(q.answers) or refusal, *by_id[q.id])
+            for q in questions if q.id in by_id
+        )[:max_samples],
+        require_metric=True,
+        extra={name: (sides[0][name], sides[1][name]) for name in sides[0] if name != "containment"},
+    )
+
+
+def rag_rates(questions: Sequence[Question], answers: Sequence[str], refusal: str) -> dict[str, float]:
+    """containment (answerable), refusal_correct (unanswerable), false_refusals and
+    citing (answerable): each a share, 0.0 when there is nothing to count."""
+    def share(hits: int, n: int) -> float:
+        return hits / n if n else 0.0
+
+    answerable = [(q, a) for q, a in zip(questions, answers, strict=True) if q.answerable]
+    unanswerable = [a for q, a in zip(questions, answers, strict=True) if not q.answerable]
+    refused = [is_refusal(a, refusal_messages=(refusal,)) for _, a in answerable]
+    return {
+        "containment": share(sum(contains_answer(a, q.answers) and not r
+                                 for (q, a), r in zip(answerable, refused, strict=True)),
+                             len(answerable)),
+        "refusal_correct": share(sum(is_refusal(a, refusal_messages=(refusal,))
+                                     for a in unanswerable), len(unanswerable)),
+        "false_refusals": share(sum(refused), len(answerable)),
+        "citing": share(sum(bool(cited_numbers(a)) for _, a in answerable), len(answerable)),
+    }
 
 
 def match_rate(

@@ -27,10 +27,13 @@ import json
 import os
 import re
 import shutil
+import sys
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+
+from tqdm import tqdm
 
 from hybridserve.adapters import AdapterRecord, AdapterRegistry, content_sha256
 from hybridserve.buildcache import building, read_json
@@ -39,11 +42,14 @@ from hybridserve.errors import FailedPrecondition, HybridServeError, InvalidArgu
 from hybridserve.finetune import data as data_mod
 # NOTE: train and evaluate are called through their modules, so a test can replace them.
 from hybridserve.finetune import evaluate as evaluate_mod
+from hybridserve.finetune import raft as raft_mod
 from hybridserve.finetune import trainer as trainer_mod
 from hybridserve.finetune.config import TrainConfig
 from hybridserve.finetune.evaluate import EvalResult
 from hybridserve.finetune.trainer import TrainStats, load_tokenizer
 from hybridserve.models import MARKER_FILENAME, model_dir_for, prepare_default_model
+from hybridserve.rag.prompt import PromptBuilder
+from hybridserve.scoring import Question, QuestionFileError, load_questions
 
 #: Prefix of the temporary training folders inside the adapter store.
 TMP_PREFIX = ".finetune-tmp-"
@@ -144,6 +150,30 @@ def finetune(
         f"{len(held_set)} held out; base model {base_dir}"
     )
 
+    return _train_evaluate_register(
+        cfg, base_dir, name, train_cfg, train_set, steps,
+        evaluate=lambda staged: evaluate_mod.evaluate(base_dir, staged, held_set, train_cfg),
+        metadata={"dataset_sha256": dataset.sha256}, held_out=len(held_set), force=force,
+        progress=progress, progress_bar=progress_bar,
+    )
+
+
+def _train_evaluate_register(
+    cfg: HybridServeConfig,
+    base_dir: Path,
+    name: str,
+    train_cfg: TrainConfig,
+    train_set: list,
+    steps: int,
+    *,
+    evaluate: Callable[[Path], EvalResult],
+    metadata: dict[str, str],
+    held_out: int,
+    force: bool,
+    progress: Callable[[str], object],
+    progress_bar: bool,
+) -> FinetuneResult:
+    """Trains into a temporary folder of the store, evaluates, and registers if accepted."""
     registry = AdapterRegistry.from_config(cfg, base_dir)
     tmp = Path(tempfile.mkdtemp(prefix=TMP_PREFIX, dir=registry.store_dir))
     try:
@@ -160,15 +190,17 @@ def finetune(
         )
         progress(
             f"Trained in {stats.seconds:.1f}s ({stats.tokens_per_second:.0f} tokens/s). "
-            f"Evaluating on {min(len(held_set), train_cfg.eval_max_examples)} held-out examples ..."
+            f"Evaluating on {min(held_out, train_cfg.eval_max_examples)} held-out examples ..."
         )
-        result = evaluate_mod.evaluate(base_dir, staged, held_set, train_cfg)
+        result = evaluate(staged)
         if not result.beats_base and not force:
             raise AdapterNotBetter(
                 f"the adapter does not beat the base model on the held-out split: held-out loss "
                 f"{result.adapter_loss:.4f} (base {result.base_loss:.4f}), "
                 f"{result.metric.replace('_', ' ')} rate {result.adapter_metric:.3f} "
-                f"(base {result.base_metric:.3f}); nothing was registered. Train longer, with "
+                f"(base {result.base_metric:.3f})"
+                + (" (accepted on the rate alone)" if result.require_metric else "")
+                + "; nothing was registered. Train longer, with "
                 "a higher learning rate or more data, or pass --force to register it anyway",
                 result,
                 stats,
@@ -186,12 +218,12 @@ def finetune(
                     **result.to_dict(),
                     "beats_base": result.beats_base,
                     "train_examples": len(train_set),
-                    "held_out_examples": len(held_set),
+                    "held_out_examples": held_out,
                 },
                 sort_keys=True,
             ),
             "training": json.dumps(stats.to_dict(), sort_keys=True),
-            "dataset_sha256": dataset.sha256,
+            **metadata,
             "forced": json.dumps(not result.beats_base),
         }
         reused = _same_adapter(final, files, digest)  # from an earlier identical run
@@ -218,9 +250,132 @@ def finetune(
         eval=result,
         train=stats,
         train_examples=len(train_set),
-        held_out_examples=len(held_set),
+        held_out_examples=held_out,
         forced=not result.beats_base,
     )
+
+
+@dataclass(frozen=True)
+class RagFinetuneResult:
+    """A registered retrieval-aware adapter, how its data was built, and the split."""
+
+    result: FinetuneResult
+    build: raft_mod.BuildReport
+    #: The held-out questions and documents (never trained on, as gold or distractor).
+    held_out: list[Question]
+    held_out_docs: list[str]
+
+
+def finetune_rag(
+    cfg: HybridServeConfig,
+    questions_path: str | Path,
+    name: str,
+    source: raft_mod.PromptSource,
+    train_cfg: TrainConfig | None = None,
+    *,
+    system_prompt: str = "",
+    p_gold: float = 0.8,
+    max_tokens: int = 96,
+    force: bool = False,
+    held_out_path: str | Path | None = None,
+    progress: Callable[[str], object] = print,
+    progress_bar: bool = False,
+) -> RagFinetuneResult:
+    """Retrieval-aware fine-tuning (`hybridserve finetune --rag`): RAFT chats built from the
+    tenant's own retrieval and Ask's own prompts (`hybridserve.finetune.raft`), trained,
+    evaluated on held-out questions in the arm the adapter serves in (answers from the
+    prompts Ask builds; accepted when its containment beats the base model's), and
+    registered as `name@<hash12>`.
+
+    Args:
+        cfg: the served platform's config (model, rag.instructions, rag.no_context_message).
+        questions_path: the question file (`hybridserve.scoring.load_questions`).
+        source: the tenant's served retrieval (Ask with prompt_only).
+        system_prompt: the tenant's system prompt, as Ask puts it in the prompt.
+        p_gold: share of answerable training questions whose gold passage is shown.
+        max_tokens: the answer budget the prompts are built for (Ask's max_tokens).
+        held_out_path: if set, the held-out questions are written there (JSONL, the
+            question file's format) for `hybridserve eval`.
+
+    `train_cfg.held_out_fraction` is the share of gold *documents* held out;
+    `max_seq_len` plays no part (a prompt is bounded by the context window).
+    """
+    train_cfg = train_cfg or TrainConfig()
+    _check_request(cfg, name, train_cfg)
+    if not 0 <= p_gold <= 1:
+        raise InvalidArgument(f"p_gold must be between 0 and 1, got {p_gold}")
+    try:
+        questions = load_questions(questions_path)
+    except QuestionFileError as exc:
+        raise InvalidArgument(str(exc)) from None
+    base_dir = _base_model_dir(cfg, progress)
+    train_q, held_q, held_docs = raft_mod.split_by_document(
+        questions.questions, train_cfg.held_out_fraction, train_cfg.seed)
+    progress(
+        f"{len(questions.questions)} questions in {questions.path}: {len(train_q)} to train on, "
+        f"{len(held_q)} held out with their {len(held_docs)} documents; base model {base_dir}"
+    )
+    if held_out_path is not None:
+        _write_questions(Path(held_out_path), held_q)
+        progress(f"held-out questions written to {held_out_path} (for `hybridserve eval`)")
+    builder = PromptBuilder.for_model(base_dir, cfg)
+    refusal = cfg.rag.no_context_message
+    common = dict(system_prompt=system_prompt, refusal=refusal, max_tokens=max_tokens,
+                  p_gold=p_gold, seed=train_cfg.seed)
+    with tqdm(total=len(train_q) + 2 * len(held_q), desc="passages", unit="question",
+              disable=not progress_bar, file=sys.stderr) as bar:
+        tick = lambda done, total: bar.update(1)  # noqa: E731
+        examples, report = raft_mod.build_examples(
+            train_q, source, builder, exclude_docs=held_docs, progress=tick, **common)
+        held_examples, _ = raft_mod.build_examples(held_q, source, builder, progress=tick, **common)
+        held_prompts = []
+        for q in held_q:  # the arm it serves in: Ask's own prompt, Ask's order
+            asked = source.prompt(q.question)
+            held_prompts.append((q, list(asked.token_ids)))
+            bar.update(1)
+    if not examples:
+        raise FailedPrecondition(
+            "no training example could be built: " + "; ".join(
+                f"{qid}: {why}" for qid, why in list(report.skipped.items())[:5]))
+    progress(
+        f"{report.examples} training chats ({report.gold} with the gold passage, {report.no_gold} "
+        f"with it removed, {report.unanswerable} unanswerable); {len(report.skipped)} questions "
+        "skipped" + "".join(f"\n  {qid}: {why}" for qid, why in list(report.skipped.items())[:10])
+    )
+    tokenizer = trainer_mod.load_tokenizer(base_dir)
+    train_set = [raft_mod.tokenize(ex, tokenizer) for ex in examples]
+    held_set = [raft_mod.tokenize(ex, tokenizer) for ex in held_examples]
+    steps = train_cfg.total_steps(len(train_set))
+    raft_meta = {
+        "p_gold": p_gold, "max_tokens": max_tokens, "held_out_docs": held_docs,
+        "examples": {"gold": report.gold, "no_gold": report.no_gold,
+                     "unanswerable": report.unanswerable, "skipped": len(report.skipped)},
+    }
+    result = _train_evaluate_register(
+        cfg, base_dir, name, train_cfg, train_set, steps,
+        evaluate=lambda staged: evaluate_mod.evaluate_rag(
+            base_dir, staged, held_prompts, held_set, train_cfg, refusal=refusal,
+            max_new_tokens=max_tokens),
+        metadata={"dataset_sha256": questions.sha256,
+                  "raft": json.dumps(raft_meta, sort_keys=True)},
+        held_out=len(held_q), force=force, progress=progress, progress_bar=progress_bar,
+    )
+    return RagFinetuneResult(result, report, held_q, held_docs)
+
+
+def _write_questions(path: Path, questions: list[Question]) -> None:
+    """Writes `questions` as a question file, atomically."""
+    lines = [json.dumps({"id": q.id, "question": q.question, "answers": list(q.answers),
+                         "gold_docs": list(q.gold_docs)}, ensure_ascii=False) for q in questions]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write("\n".join(lines) + "\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def train_to_folder(
