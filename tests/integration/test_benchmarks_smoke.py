@@ -102,3 +102,15 @@ def test_isolation_benchmark_smoke(platform):
     assert result["cache"]["cached_prompt_tokens"]["other_tenant"] == [0]
     assert result["keyless"]["generate_p50_ms"]["attacked"] > 0
     assert result["checks"]["proxy_guard_us"] > 0
+
+
+def test_eval_benchmark_smoke(platform):
+    # The SmolLM2 apps: retrieval-aware training needs the default model and its LoRA.
+    result = _smoke("eval.py", "--address", platform.address,
+                    "--api-key-file", str(platform.main.admin_key_path),
+                    "--data-dir", str(platform.smol.data_dir),
+                    "--max-model-len", str(platform.smol.model.max_model_len),
+                    "--rag-app", "rag-smol", "--generation-app", "smol")
+    assert result["finetune"]["steps"] == 1 and result["finetune"]["adapter"]
+    assert set(result["northwind"]["summaries"]) == {"base", "adapter", "rag", "rag+adapter"}
+    assert set(result["transfer"]["summaries"]) == {"rag", "rag+adapter"}

@@ -354,8 +354,15 @@ def test_an_answer_of_citation_marks_alone_is_a_refusal():
 def test_refusals_have_no_grounding():
     s = score(PARIS, Outcome("q1", "rag", answer="I don't know.", sources=SOURCES, rag=True))
     assert s.refused and s.grounding is None
-    answered = score(PARIS, Outcome("q1", "rag", answer="Paris", sources=SOURCES, rag=True))
+    answered = score(PARIS, Outcome("q1", "rag", answer="Paris [1]", sources=SOURCES, cited=(1,),
+                                    rag=True))
     assert answered.grounding == 1.0
+    # Grounding is in the passages the answer cites: none cited, none measured.
+    uncited = score(PARIS, Outcome("q1", "rag", answer="Paris", sources=SOURCES, rag=True))
+    assert uncited.grounding is None
+    elsewhere = score(PARIS, Outcome("q1", "rag", answer="Paris [2]", sources=SOURCES, cited=(2,),
+                                     rag=True))
+    assert elsewhere.grounding == 0.0  # "paris" is not in passage 2
 
 
 def test_the_format_check_sees_the_answer_as_it_came():
@@ -454,8 +461,8 @@ def test_the_scores_of_the_table():
     assert (by_id["q2"].cited_gold, by_id["q2"].cited_total, by_id["q2"].invalid) == (1, 2, 1)
     # q3 refused with the gold doc in its sources
     assert by_id["q3"].refused and by_id["q3"].gold_in_sources and not by_id["q3"].cites_gold
-    # q6: "jane" is not in the passage
-    assert by_id["q6"].grounding == 0.0 and not by_id["q6"].correct
+    # q6 cites no valid source: no grounding to measure
+    assert by_id["q6"].grounding is None and not by_id["q6"].correct
 
 
 def test_summarize_a_rag_arm():
@@ -474,7 +481,7 @@ def test_summarize_a_rag_arm():
         citation_precision=2 / 3,  # gold citations 1 + 1 of 1 + 2 cited
         citation_recall=2 / 3,  # q1 q2 cite gold, of q1 q2 q3 whose sources hold gold
         invalid_citations=2,  # q2's [7] and q6's [4]: over all questions
-        grounding=(1 + 2 / 3 + 0) / 3,  # q1 q2 q6; refusals and failures have none
+        grounding=(1 + 2 / 3) / 2,  # q1 q2; refusals, failures and uncited answers have none
         refusal_correct=1 / 2,  # q4 of q4 q6
         false_refusals=1 / 4,  # q3
         format_match=3 / 5,  # "[" in q1 q2 q6, not q3 q4; q5 failed, left out

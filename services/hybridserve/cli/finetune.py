@@ -84,6 +84,11 @@ def add_finetune_parser(subparsers) -> argparse.ArgumentParser:
                      help="share of gold documents held out with their questions (default 0.15)")
     rag.add_argument("--write-held-out", metavar="FILE",
                      help="write the held-out questions there, for `hybridserve eval`")
+    rag.add_argument("--reuse", action="store_true",
+                     help="if an adapter of this --name was already registered from the same "
+                     "question file, options, system prompt, RAG instructions and base model, "
+                     "print its id and train nothing (the documents are not compared: after "
+                     "changing them, leave --reuse out)")
     rag.add_argument("--address", help="host:port of the platform (default: from config)")
     rag.add_argument("--api-key-file", help="file holding the API key (default: "
                      "$HYBRIDSERVE_API_KEY, else <data_dir>/admin.key)")
@@ -230,13 +235,16 @@ def _cmd_finetune_rag(ns) -> int:
             out = finetune_rag(
                 cfg, ns.questions, ns.name, source, train_cfg, system_prompt=tenant.system_prompt,
                 p_gold=ns.p_gold, max_tokens=ns.answer_tokens, force=ns.force,
-                held_out_path=ns.write_held_out, progress=progress, progress_bar=True,
+                held_out_path=ns.write_held_out, reuse=ns.reuse, progress=progress,
+                progress_bar=True,
             )
         except AdapterNotBetter as exc:
             print(exc.eval.table())
             raise
     result = out.result
-    print(result.record.id)
+    print(out.record.id)
+    if result is None:  # reused
+        return 0
     print(result.eval.table())
     for sample in result.eval.samples:
         print(f"\n  reference: {_short(sample.reference)}")

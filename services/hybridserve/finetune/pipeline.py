@@ -259,8 +259,11 @@ def _train_evaluate_register(
 class RagFinetuneResult:
     """A registered retrieval-aware adapter, how its data was built, and the split."""
 
-    result: FinetuneResult
-    build: raft_mod.BuildReport
+    #: The adapter as registered (a reused one too).
+    record: AdapterRecord
+    #: How it was trained now; None when an earlier identical recipe was reused.
+    result: FinetuneResult | None
+    build: raft_mod.BuildReport | None
     #: The held-out questions and documents (never trained on, as gold or distractor).
     held_out: list[Question]
     held_out_docs: list[str]
@@ -278,6 +281,7 @@ def finetune_rag(
     max_tokens: int = 96,
     force: bool = False,
     held_out_path: str | Path | None = None,
+    reuse: bool = False,
     progress: Callable[[str], object] = print,
     progress_bar: bool = False,
 ) -> RagFinetuneResult:
@@ -296,6 +300,10 @@ def finetune_rag(
         max_tokens: the answer budget the prompts are built for (Ask's max_tokens).
         held_out_path: if set, the held-out questions are written there (JSONL, the
             question file's format) for `hybridserve eval`.
+        reuse: return the adapter of this name already registered from the same
+            recipe (question file, options, system prompt, RAG instructions and refusal,
+            base model), without asking or training anything. The tenant's documents are
+            not part of the recipe: after changing them, do not reuse.
 
     `train_cfg.held_out_fraction` is the share of gold *documents* held out;
     `max_seq_len` plays no part (a prompt is bounded by the context window).
@@ -318,8 +326,21 @@ def finetune_rag(
     if held_out_path is not None:
         _write_questions(Path(held_out_path), held_q)
         progress(f"held-out questions written to {held_out_path} (for `hybridserve eval`)")
-    builder = PromptBuilder.for_model(base_dir, cfg)
     refusal = cfg.rag.no_context_message
+    recipe = hashlib.sha256(json.dumps({
+        "format": _OUTPUT_FORMAT, "questions": questions.sha256, "p_gold": p_gold,
+        "max_tokens": max_tokens, "system_prompt": system_prompt,
+        "instructions": cfg.rag.instructions, "refusal": refusal,
+        "max_model_len": cfg.model.max_model_len, "base_model": _base_fingerprint(base_dir),
+        "training_config": train_cfg.model_dump(mode="json"),
+    }, sort_keys=True).encode()).hexdigest()
+    if reuse:
+        registry = AdapterRegistry.from_config(cfg, base_dir)
+        same = [r for r in registry.list() if r.name == name and r.metadata.get("recipe") == recipe]
+        if same:
+            progress(f"{same[-1].id} was trained from the same recipe; reusing it (--reuse)")
+            return RagFinetuneResult(same[-1], None, None, held_q, held_docs)
+    builder = PromptBuilder.for_model(base_dir, cfg)
     common = dict(system_prompt=system_prompt, refusal=refusal, max_tokens=max_tokens,
                   p_gold=p_gold, seed=train_cfg.seed)
     with tqdm(total=len(train_q) + 2 * len(held_q), desc="passages", unit="question",
@@ -356,11 +377,11 @@ def finetune_rag(
         evaluate=lambda staged: evaluate_mod.evaluate_rag(
             base_dir, staged, held_prompts, held_set, train_cfg, refusal=refusal,
             max_new_tokens=max_tokens),
-        metadata={"dataset_sha256": questions.sha256,
+        metadata={"dataset_sha256": questions.sha256, "recipe": recipe,
                   "raft": json.dumps(raft_meta, sort_keys=True)},
         held_out=len(held_q), force=force, progress=progress, progress_bar=progress_bar,
     )
-    return RagFinetuneResult(result, report, held_q, held_docs)
+    return RagFinetuneResult(result.record, result, report, held_q, held_docs)
 
 
 def _write_questions(path: Path, questions: list[Question]) -> None:

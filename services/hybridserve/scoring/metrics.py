@@ -35,9 +35,10 @@ The metrics of one answer (`score`, which builds a `QuestionScore`):
 - citations (RAG arms): a citation mark is `[n]`, `[n, m]` or `[n; m]`
   (`CITATION_MARK`); a cited number is valid when a source has that number.
 - grounding (`grounding`): the share of the answer's tokens that occur among
-  the tokens of the passages it was given. Citation marks are removed first, and
-  so is every token that occurs in the question (repeating the question proves
-  nothing). Refusals have no grounding.
+  the tokens of the passages it cites (valid citations only). Citation marks are
+  removed first, and so is every token that occurs in the question (repeating
+  the question proves nothing). Refusals and answers that cite no valid source
+  have no grounding.
 
 Before containment, token F1 and refusal detection, `score` removes citation
 marks from the answer, so that "[1]" neither lowers a RAG answer's F1 nor counts
@@ -368,8 +369,8 @@ def score(
         cites_gold=cited_gold > 0,
         grounding=(
             None
-            if refused or not outcome.rag
-            else grounding(outcome.answer, question.question, [s.text for s in outcome.sources])
+            if refused or not outcome.rag or not valid
+            else grounding(outcome.answer, question.question, [by_number[n].text for n in valid])
         ),
         format_ok=None if format_check is None else bool(format_check(outcome.answer)),
     )
