@@ -285,7 +285,7 @@ def test_prompt_only_and_base_model_and_the_prompt_a_generation_got(platform, pa
     assert final.finish_reason == "prompt_only" and final.usage.completion_tokens == 0
     assert final.prompt_token_ids and final.usage.prompt_tokens == len(final.prompt_token_ids)
     assert all(c.text and c.text.startswith(c.snippet) for c in only[0].citations)
-    answered = _ask(platform, pair.key_a, question, include_prompt=True, max_tokens=4,
+    answered = _ask(platform, pair.key_a, question, include_prompt=True, max_tokens=24,
                     temperature=0)
     assert answered[-1].prompt_token_ids == final.prompt_token_ids
     assert answered[-1].usage.prompt_tokens == len(final.prompt_token_ids)

@@ -20,8 +20,8 @@ class WordTokenizer:
         return [len(w) for w in text.split()]
 
 
-def _builder(instructions="Cite passages like [1]."):
-    return PromptBuilder(WordTokenizer(), 4000, instructions)
+def _builder(instructions="Cite passages like [1].", max_model_len=4000):
+    return PromptBuilder(WordTokenizer(), max_model_len, instructions)
 
 
 DOCS = {
@@ -53,7 +53,7 @@ class FakeSource:
         return raft.AskPrompt(
             tuple(raft.PromptPassage(n, d, f"{d}#{i}", f"T {d}", t)
                   for n, (d, i, t) in enumerate(passages, 1)),
-            tuple(built.token_ids))
+            tuple(built.token_ids), built.passage_budget)
 
 
 def _questions():
@@ -117,9 +117,29 @@ def test_the_prompt_is_asks_prompt_with_the_passages_reordered():
 def test_a_local_config_that_builds_other_prompts_is_refused():
     served = _builder("Cite passages like [1].")
     local = _builder("Other instructions.")
-    with pytest.raises(FailedPrecondition, match="differs from the one the platform's Ask built"):
+    with pytest.raises(FailedPrecondition, match="differ"):
         raft.build_examples(_questions(), FakeSource(served), local, system_prompt="",
                             refusal="No.", max_tokens=50)
+
+
+def test_a_local_context_window_other_than_the_served_one_is_refused():
+    # The same ids rebuild from passages that fit either way; the budget tells them apart.
+    served, local = _builder(max_model_len=4000), _builder(max_model_len=8000)
+    with pytest.raises(FailedPrecondition, match="passages may use"):
+        raft.build_examples(_questions(), FakeSource(served), local, system_prompt="",
+                            refusal="No.", max_tokens=50)
+
+
+def test_a_distractor_that_states_the_answer_is_dropped():
+    q = Question("dup", "What is the fee for item 1?", ("10 pounds",), ("d1.md",), 1)
+    # d0 says "00 pounds", d2 "20 pounds": only d1 holds "10 pounds"; make d3 hold it too.
+    DOCS["d3.md"].append("Item 1 also costs 10 pounds here.")
+    try:
+        examples, _ = _build([q], p_gold=0.0)
+    finally:
+        DOCS["d3.md"].pop()
+    (e,) = examples
+    assert e.kind == "no_gold" and not any("10 pounds" in p.text for p in e.passages)
 
 
 def test_held_out_documents_never_appear_in_training_prompts():
@@ -175,3 +195,27 @@ def test_tokenize_learns_the_target_and_its_end_only():
     assert t.input_ids == [5, 6, 7, 2, 2, 2, 6, 4, 99]
     assert t.labels == [IGNORE] * 3 + [2, 2, 2, 6, 4, 99]
     assert t.prompt_ids == [5, 6, 7]
+
+
+def test_acceptance_needs_more_containment_and_no_fewer_correct_refusals():
+    from hybridserve.finetune.evaluate import EvalResult, rag_rates
+
+    qs = [Question("a", "Fee?", ("10 pounds",), ("d1.md",), 1),
+          Question("b", "Office?", ("1 am",), ("d1.md",), 2),
+          Question("u", "Ferry?", (), (), 3)]
+    base = rag_rates(qs, ["It is free.", "I could not find it.", "I could not find it."], "I could not find it.")
+    assert base == {"containment": 0.0, "refusal_correct": 1.0, "false_refusals": 0.5, "citing": 0.0}
+    never_refuses = rag_rates(qs, ["10 pounds [1].", "At 1 am [1].", "At noon [2]."], "I could not find it.")
+    assert never_refuses == {"containment": 1.0, "refusal_correct": 0.0, "false_refusals": 0.0,
+                             "citing": 1.0}
+
+    def result(b, a):
+        return EvalResult("containment", None, 3, 0, 1.0, 0.5, b["containment"], a["containment"],
+                          require_metric=True, guards=("refusal_correct",),
+                          extra={k: (b[k], a[k]) for k in b if k != "containment"})
+
+    assert not result(base, never_refuses).beats_base  # fewer correct refusals
+    good = rag_rates(qs, ["10 pounds [1].", "I could not find it.", "I could not find it."],
+                     "I could not find it.")
+    assert result(base, good).beats_base
+    assert not result(good, good).beats_base  # not higher

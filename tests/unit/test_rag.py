@@ -368,3 +368,21 @@ async def test_prompt_only_stops_after_the_prompt_with_its_token_ids():
     # A generated answer carries the same ids.
     answered = await _run(svc, AskInput(question="How long do refunds take?"))
     assert answered[-1].prompt_token_ids == done.prompt_token_ids
+
+
+async def test_the_prompt_is_charged_before_the_passages_go_out():
+    svc = _service([_hit(1, "Refunds take 14 days.", 0.9)], [0.6], FakeGenerator())
+    usage = [0, 0]
+    started = svc.clock()
+    stream = svc.ask(Tenant("acme"), "", AskInput(question="Refunds?"), timings=Timings(),
+                     started=started, deadline=started + 60, usage=usage)
+    first = await stream.__anext__()
+    await stream.aclose()  # the client read the passages and hung up
+    assert isinstance(first, SourcesEvent) and usage[0] > 0
+
+
+async def test_prompt_only_with_no_context_sends_no_refusal_text():
+    svc = _service([_hit(1, "Unrelated.", 0.9)], [0.05], FakeGenerator())
+    events = await _run(svc, AskInput(question="Capital of Mongolia?", prompt_only=True))
+    assert [type(e).__name__ for e in events] == ["SourcesEvent", "AskDone"]
+    assert events[-1].finish_reason == "no_context" and not events[-1].prompt_token_ids

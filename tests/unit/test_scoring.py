@@ -71,7 +71,8 @@ def test_the_package_imports_only_the_standard_library():
         ("$5 + 10%", "5 10"),
         ("a cat and an owl and the dog", "cat and owl and dog"),
         ("The Theatre", "theatre"),  # "the" inside a word stays
-        ("A", ""),
+        ("A", "a"),  # a last word is kept ("Stand A" is not "Stand")
+        ("Stand A", "stand a"),
         ("  New\tYork \n City  ", "new york city"),
         ("", ""),
         ("?!...", ""),
@@ -113,9 +114,14 @@ def test_containment_skips_references_empty_once_normalized():
     assert not contains_answer("", ["Paris"])
 
 
-def test_containment_is_a_substring_test():
-    # ALCE's str_em: documented, so users know a short reference can match inside a word
-    assert contains_answer("in 1999", ["99"])
+def test_containment_matches_whole_words():
+    # Not inside a word or a longer number: "£2.10" is not in "until 21:00", "LP-" not in "help"
+    assert not contains_answer("in 1999", ["99"])
+    assert not contains_answer("Coaches run until 21:00.", ["£2.10"])
+    assert not contains_answer("Ask for help.", ["LP-"])
+    assert not contains_answer("Go to Stand K.", ["Stand A"])
+    assert contains_answer("Go to Stand A.", ["Stand A"])
+    assert contains_answer("It costs £2.10 [1].", ["£2.10"])
 
 
 # --------------------------------------------------------------------------- token F1
@@ -186,8 +192,9 @@ def test_refusal_phrases(answer):
 
 
 @pytest.mark.parametrize("answer", ["", "   \n\t", "..."])
-def test_an_answer_without_words_is_a_refusal(answer):
-    assert is_refusal(answer)
+def test_an_answer_without_words_is_no_answer_not_a_refusal(answer):
+    assert not is_refusal(answer)
+    assert is_refusal(answer, finish_reason="no_context")
 
 
 @pytest.mark.parametrize(
@@ -305,8 +312,11 @@ UNANSWERABLE = Question("q2", "Who is the CEO in 2090?", (), (), 2)
 def test_answerable_correct_means_contained_and_not_refused():
     right = score(PARIS, Outcome("q1", "base", answer="It is Paris."))
     assert (right.contained, right.refused, right.correct) == (True, False, True)
-    hedge = score(PARIS, Outcome("q1", "base", answer="I don't know, maybe Paris."))
-    assert (hedge.contained, hedge.refused, hedge.correct) == (True, True, False)
+    # A hedged answer that states the fact answers it.
+    hedge = score(PARIS, Outcome("q1", "base", answer="It does not say more, but it is Paris."))
+    assert (hedge.contained, hedge.refused, hedge.correct) == (True, False, True)
+    refusal = score(PARIS, Outcome("q1", "base", answer="I don't know."))
+    assert (refusal.contained, refusal.refused, refusal.correct) == (False, True, False)
     wrong = score(PARIS, Outcome("q1", "base", answer="Lyon."))
     assert (wrong.contained, wrong.correct, wrong.f1) == (False, False, 0.0)
 
@@ -346,9 +356,9 @@ def test_arms_that_do_not_retrieve_have_no_citation_scores():
     assert (s.gold_in_sources, s.cites_gold, s.recall, s.grounding) == (False, False, None, None)
 
 
-def test_an_answer_of_citation_marks_alone_is_a_refusal():
+def test_an_answer_of_citation_marks_alone_is_no_answer():
     s = score(UNANSWERABLE, Outcome("q2", "rag", answer=" [1] ", sources=SOURCES, rag=True))
-    assert s.refused and s.correct
+    assert not s.refused and not s.correct
 
 
 def test_refusals_have_no_grounding():
@@ -483,7 +493,7 @@ def test_summarize_a_rag_arm():
         invalid_citations=2,  # q2's [7] and q6's [4]: over all questions
         grounding=(1 + 2 / 3) / 2,  # q1 q2; refusals, failures and uncited answers have none
         refusal_correct=1 / 2,  # q4 of q4 q6
-        false_refusals=1 / 4,  # q3
+        false_refusals=1 / 3,  # q3, of the answered q1 q2 q3 (the failed q5 is no answer)
         format_match=3 / 5,  # "[" in q1 q2 q6, not q3 q4; q5 failed, left out
         latency_p50_s=2.0,  # of 0.5 1 2 3 4 (q5's 9 s left out)
         latency_p95_s=3.8,  # position 3.8: 3 + 0.8 * (4 - 3)

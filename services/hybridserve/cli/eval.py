@@ -98,8 +98,23 @@ def _format(ns) -> tuple[FormatCheck | None, str]:
 
 
 def _check_report_path(path: str | None) -> None:
-    if path and not Path(path).expanduser().resolve().parent.is_dir():
+    if not path:
+        return
+    target = Path(path).expanduser().resolve()
+    if target.is_dir():
+        raise EvalInputError(f"--report {path} is a folder; name the HTML file to write")
+    if not target.parent.is_dir():
         raise EvalInputError(f"--report {path}: its folder does not exist")
+
+
+def _check_sampling(ns) -> None:
+    """What the server would refuse on every call, refused before any (as exit 2)."""
+    if not 0 <= ns.temperature <= 2:
+        raise EvalInputError(f"--temperature must be between 0 and 2, not {ns.temperature}")
+    if ns.top_p is not None and not 0 < ns.top_p <= 1:
+        raise EvalInputError(f"--top-p must be in (0, 1], not {ns.top_p}")
+    if not ns.timeout > 0:
+        raise EvalInputError(f"--timeout must be a positive number of seconds, not {ns.timeout}")
 
 
 def plan(ns) -> Plan:
@@ -114,6 +129,7 @@ def plan(ns) -> Plan:
     questions = question_set.questions[: ns.limit] if ns.limit else list(question_set.questions)
     format_check, json_schema = _format(ns)
     _check_report_path(ns.report)
+    _check_sampling(ns)
     sampling = Sampling(max_tokens=ns.max_tokens, temperature=ns.temperature, top_p=ns.top_p,
                         seed=ns.seed)
     options = RunOptions(sampling=sampling, json_schema=json_schema, concurrency=ns.concurrency,

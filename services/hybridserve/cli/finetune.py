@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
+
+from hybridserve.exceptions import RateLimitError, UnavailableError
 
 
 def add_finetune_parser(subparsers) -> argparse.ArgumentParser:
@@ -105,28 +108,43 @@ class AskPromptSource:
     #: Filters one request may carry (retrieval's limit); further exclusions are
     #: dropped from the passages by the builder instead.
     MAX_FILTERS = 16
+    #: Retries of a call refused for quota or overload, after the server's hint (<= 30 s).
+    RETRIES = 5
 
     def __init__(self, client, *, tenant: str = "", max_tokens: int = 96, app: str = "",
-                 timeout: float = 120):
+                 timeout: float = 120, sleep=time.sleep):
         self.client, self.tenant, self.max_tokens = client, tenant, max_tokens
         self.kwargs = {"app": app} if app else {}
         self.timeout = timeout
+        self.sleep = sleep
 
     def prompt(self, question: str, *, only_docs=(), exclude_docs=()):
         # server extra: the training data types live with training
         from hybridserve.finetune.raft import AskPrompt, PromptPassage
 
-        filters = []
+        filters, extra = [], {}
         if only_docs:
+            # The gold documents' chunks, each whatever its score: the one holding the
+            # fact may rank low for a paraphrased question (min_score would drop it).
             filters.append(("doc_id", "any_of", list(only_docs)))
+            extra = {"min_score": -1.0}
         filters += [("doc_id", "not_equal", [d]) for d in exclude_docs]
-        answer = self.client.ask(question, tenant=self.tenant, prompt_only=True,
-                                 max_tokens=self.max_tokens, filters=filters[: self.MAX_FILTERS],
-                                 timeout=self.timeout, **self.kwargs)
+        for attempt in range(self.RETRIES + 1):
+            try:
+                answer = self.client.ask(
+                    question, tenant=self.tenant, prompt_only=True, max_tokens=self.max_tokens,
+                    filters=filters[: self.MAX_FILTERS], timeout=self.timeout, **extra,
+                    **self.kwargs)
+                break
+            except (RateLimitError, UnavailableError) as e:  # the tenant's quota, overload
+                if attempt == self.RETRIES:
+                    raise
+                self.sleep(min(30.0, e.retry_after if e.retry_after is not None else 1.0))
         return AskPrompt(
             tuple(PromptPassage(c.number, c.doc_id, c.chunk_id, c.title, c.text)
                   for c in answer.citations),
             tuple(answer.final.prompt_token_ids),
+            answer.final.passage_token_budget,
         )
 
 
@@ -197,6 +215,7 @@ def _cmd_finetune_rag(ns) -> int:
     from hybridserve.cli.client_cmds import make_client
     from hybridserve.config import HybridServeConfig
     from hybridserve.finetune import AdapterNotBetter, TrainConfig, finetune_rag
+    from hybridserve.scoring import QuestionFileError, load_questions
 
     problems = [msg for bad, msg in (
         (ns.questions is None, "--rag needs --questions FILE"),
@@ -209,6 +228,11 @@ def _cmd_finetune_rag(ns) -> int:
     if problems:
         for msg in problems:
             print(f"hybridserve finetune: error: {msg}", file=sys.stderr)
+        return 2
+    try:  # the whole file checked before the platform is called
+        load_questions(ns.questions)
+    except QuestionFileError as e:
+        print(f"hybridserve finetune: error: {e}", file=sys.stderr)
         return 2
     cfg = HybridServeConfig.load(getattr(ns, "config", None))
     train_cfg = TrainConfig.from_options(
@@ -229,11 +253,17 @@ def _cmd_finetune_rag(ns) -> int:
                 return 2
             tenant = client.get_tenant(ns.tenant)
         else:
+            if ns.tenant and ns.tenant != who.tenant.id:
+                print(f"hybridserve finetune: error: this key belongs to tenant {who.tenant.id!r}, "
+                      f"not {ns.tenant!r}; leave --tenant out, or use an admin key",
+                      file=sys.stderr)
+                return 2
             tenant = who.tenant
         source = AskPromptSource(client, tenant=ns.tenant, max_tokens=ns.answer_tokens, app=ns.app)
         try:
             out = finetune_rag(
-                cfg, ns.questions, ns.name, source, train_cfg, system_prompt=tenant.system_prompt,
+                cfg, ns.questions, ns.name, source, train_cfg, tenant=tenant.id,
+                system_prompt=tenant.system_prompt,
                 p_gold=ns.p_gold, max_tokens=ns.answer_tokens, force=ns.force,
                 held_out_path=ns.write_held_out, reuse=ns.reuse, progress=progress,
                 progress_bar=True,

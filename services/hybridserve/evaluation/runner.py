@@ -350,9 +350,16 @@ class EvalResult:
 
 
 def compare(scores: dict[str, list[QuestionScore]]) -> list[Paired]:
-    """The paired comparisons (PAIRS) whose two arms both ran."""
-    return [paired(a, [s.correct for s in scores[a]], b, [s.correct for s in scores[b]])
-            for a, b in PAIRS if a in scores and b in scores]
+    """The paired comparisons (PAIRS) whose two arms both ran, on the questions both
+    answered (a question that failed in either arm says nothing about which is better;
+    the failures are reported apart)."""
+    out = []
+    for a, b in PAIRS:
+        if a in scores and b in scores:
+            both = [(x, y) for x, y in zip(scores[a], scores[b], strict=True)
+                    if not x.failed and not y.failed]
+            out.append(paired(a, [x.correct for x, _ in both], b, [y.correct for _, y in both]))
+    return out
 
 
 def score_arms(questions: Sequence[Question], outcomes: dict[str, list[Outcome]], *,

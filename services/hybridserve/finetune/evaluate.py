@@ -15,6 +15,7 @@ share weights, prompts and generation settings.
 
 from __future__ import annotations
 
+import random
 import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -22,7 +23,7 @@ from pathlib import Path
 
 from hybridserve.finetune.config import TrainConfig
 from hybridserve.finetune.data import IGNORE, TokenizedExample
-from hybridserve.scoring import Question, cited_numbers, contains_answer, is_refusal
+from hybridserve.scoring import Outcome, Question, cited_numbers, score
 
 
 @dataclass(frozen=True)
@@ -54,10 +55,15 @@ class EvalResult:
     require_metric: bool = False
     #: More metrics per side, shown in the table: name -> (base, adapter).
     extra: dict[str, tuple[float, float]] = field(default_factory=dict)
+    #: Names in `extra` that must not be lower for the adapter than for the base model.
+    guards: tuple[str, ...] = ()
 
     @property
     def beats_base(self) -> bool:
-        """A higher task metric, or (unless require_metric) a lower held-out loss."""
+        """A higher task metric, or (unless require_metric) a lower held-out loss; and
+        no guard metric lower than the base model's."""
+        if any(self.extra[g][1] < self.extra[g][0] for g in self.guards):
+            return False
         if self.require_metric:
             return self.adapter_metric > self.base_metric
         return self.adapter_loss < self.base_loss or self.adapter_metric > self.base_metric
@@ -150,11 +156,14 @@ def evaluate_rag(
     held-out questions from the prompts Ask builds (`held_out`: each question with Ask's
     prompt token ids; an empty prompt means Ask refused it without the model).
 
-    The metric is containment (`hybridserve.scoring`) over the answerable questions, and
-    the adapter is accepted on it alone. Also reported per side: correct refusals of
-    unanswerable questions, false refusals, and the share of answerable questions whose
-    answer cites a passage. The held-out loss is on `examples` (the RAFT chats of the
-    held-out questions).
+    The metric is containment (`hybridserve.scoring.score`, as `hybridserve eval` scores
+    it) over the answerable questions. The adapter is accepted when its containment is
+    higher than the base model's and its correct refusals of unanswerable questions are
+    not lower (an adapter that never refuses cannot pass on containment alone). Also
+    reported per side: false refusals, and the share of answerable questions whose answer
+    cites a passage. At most `train_cfg.eval_max_examples` questions are evaluated, drawn
+    with the seed (not the first ones of the file). The held-out loss is on `examples`
+    (the RAFT chats of the held-out questions).
     """
     import torch
     from peft import PeftModel
@@ -163,7 +172,9 @@ def evaluate_rag(
 
     if not held_out:
         raise ValueError("no held-out questions")
-    held_out = list(held_out)[: train_cfg.eval_max_examples]
+    held_out = list(held_out)
+    if len(held_out) > train_cfg.eval_max_examples:
+        held_out = random.Random(train_cfg.seed).sample(held_out, train_cfg.eval_max_examples)
     tokenizer, base = load_base(base_dir)
     model = PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=False)
     model.eval()
@@ -197,25 +208,26 @@ def evaluate_rag(
         )[:max_samples],
         require_metric=True,
         extra={name: (sides[0][name], sides[1][name]) for name in sides[0] if name != "containment"},
+        guards=("refusal_correct",),
     )
 
 
 def rag_rates(questions: Sequence[Question], answers: Sequence[str], refusal: str) -> dict[str, float]:
     """containment (answerable), refusal_correct (unanswerable), false_refusals and
-    citing (answerable): each a share, 0.0 when there is nothing to count."""
+    citing (answerable), as `hybridserve eval` scores them: each a share, 0.0 when there
+    is nothing to count."""
+
     def share(hits: int, n: int) -> float:
         return hits / n if n else 0.0
 
-    answerable = [(q, a) for q, a in zip(questions, answers, strict=True) if q.answerable]
-    unanswerable = [a for q, a in zip(questions, answers, strict=True) if not q.answerable]
-    refused = [is_refusal(a, refusal_messages=(refusal,)) for _, a in answerable]
+    scores = [score(q, Outcome(q.id, "rag", a, rag=True), refusal_messages=(refusal,))
+              for q, a in zip(questions, answers, strict=True)]
+    answerable = [(s, a) for s, a in zip(scores, answers, strict=True) if s.answerable]
+    unanswerable = [s for s in scores if not s.answerable]
     return {
-        "containment": share(sum(contains_answer(a, q.answers) and not r
-                                 for (q, a), r in zip(answerable, refused, strict=True)),
-                             len(answerable)),
-        "refusal_correct": share(sum(is_refusal(a, refusal_messages=(refusal,))
-                                     for a in unanswerable), len(unanswerable)),
-        "false_refusals": share(sum(refused), len(answerable)),
+        "containment": share(sum(s.contained for s, _ in answerable), len(answerable)),
+        "refusal_correct": share(sum(s.refused for s in unanswerable), len(unanswerable)),
+        "false_refusals": share(sum(s.refused for s, _ in answerable), len(answerable)),
         "citing": share(sum(bool(cited_numbers(a)) for _, a in answerable), len(answerable)),
     }
 

@@ -276,6 +276,7 @@ def finetune_rag(
     source: raft_mod.PromptSource,
     train_cfg: TrainConfig | None = None,
     *,
+    tenant: str = "",
     system_prompt: str = "",
     p_gold: float = 0.8,
     max_tokens: int = 96,
@@ -295,15 +296,17 @@ def finetune_rag(
         cfg: the served platform's config (model, rag.instructions, rag.no_context_message).
         questions_path: the question file (`hybridserve.scoring.load_questions`).
         source: the tenant's served retrieval (Ask with prompt_only).
+        tenant: the tenant's id (part of the recipe `reuse` compares).
         system_prompt: the tenant's system prompt, as Ask puts it in the prompt.
         p_gold: share of answerable training questions whose gold passage is shown.
         max_tokens: the answer budget the prompts are built for (Ask's max_tokens).
         held_out_path: if set, the held-out questions are written there (JSONL, the
             question file's format) for `hybridserve eval`.
         reuse: return the adapter of this name already registered from the same
-            recipe (question file, options, system prompt, RAG instructions and refusal,
-            base model), without asking or training anything. The tenant's documents are
-            not part of the recipe: after changing them, do not reuse.
+            recipe (tenant, question file, options, system prompt, the rag, retrieval
+            and rerank settings of `cfg`, base model), without asking or training
+            anything; one registered with force only when `force` is given. The tenant's
+            documents are not part of the recipe: after changing them, do not reuse.
 
     `train_cfg.held_out_fraction` is the share of gold *documents* held out;
     `max_seq_len` plays no part (a prompt is bounded by the context window).
@@ -323,12 +326,16 @@ def finetune_rag(
         f"{len(questions.questions)} questions in {questions.path}: {len(train_q)} to train on, "
         f"{len(held_q)} held out with their {len(held_docs)} documents; base model {base_dir}"
     )
-    if held_out_path is not None:
-        _write_questions(Path(held_out_path), held_q)
-        progress(f"held-out questions written to {held_out_path} (for `hybridserve eval`)")
+    def write_held_out() -> None:  # last: an interrupted or refused run writes nothing
+        if held_out_path is not None:
+            _write_questions(Path(held_out_path), held_q)
+            progress(f"held-out questions written to {held_out_path} (for `hybridserve eval`)")
+
     refusal = cfg.rag.no_context_message
     recipe = hashlib.sha256(json.dumps({
-        "format": _OUTPUT_FORMAT, "questions": questions.sha256, "p_gold": p_gold,
+        "format": _OUTPUT_FORMAT, "tenant": tenant, "questions": questions.sha256,
+        "p_gold": p_gold, "served": {k: getattr(cfg, k).model_dump(mode="json")
+                                     for k in ("rag", "retrieval", "rerank")},
         "max_tokens": max_tokens, "system_prompt": system_prompt,
         "instructions": cfg.rag.instructions, "refusal": refusal,
         "max_model_len": cfg.model.max_model_len, "base_model": _base_fingerprint(base_dir),
@@ -336,9 +343,11 @@ def finetune_rag(
     }, sort_keys=True).encode()).hexdigest()
     if reuse:
         registry = AdapterRegistry.from_config(cfg, base_dir)
-        same = [r for r in registry.list() if r.name == name and r.metadata.get("recipe") == recipe]
+        same = [r for r in registry.list() if r.name == name and r.metadata.get("recipe") == recipe
+                and (force or r.metadata.get("forced") != "true")]
         if same:
             progress(f"{same[-1].id} was trained from the same recipe; reusing it (--reuse)")
+            write_held_out()
             return RagFinetuneResult(same[-1], None, None, held_q, held_docs)
     builder = PromptBuilder.for_model(base_dir, cfg)
     common = dict(system_prompt=system_prompt, refusal=refusal, max_tokens=max_tokens,
@@ -352,6 +361,7 @@ def finetune_rag(
         held_prompts = []
         for q in held_q:  # the arm it serves in: Ask's own prompt, Ask's order
             asked = source.prompt(q.question)
+            raft_mod.check_same_prompt(q, asked, builder, system_prompt, max_tokens)
             held_prompts.append((q, list(asked.token_ids)))
             bar.update(1)
     if not examples:
@@ -381,6 +391,7 @@ def finetune_rag(
                   "raft": json.dumps(raft_meta, sort_keys=True)},
         held_out=len(held_q), force=force, progress=progress, progress_bar=progress_bar,
     )
+    write_held_out()
     return RagFinetuneResult(result.record, result, report, held_q, held_docs)
 
 

@@ -53,10 +53,12 @@ class PromptPassage:
 
 @dataclass(frozen=True)
 class AskPrompt:
-    """What an Ask with `prompt_only` returned: its passages, in order, and its token ids."""
+    """What an Ask with `prompt_only` returned: its passages, in order, its token ids, and
+    the tokens its passages could use (-1: not reported)."""
 
     passages: tuple[PromptPassage, ...]
     token_ids: tuple[int, ...]
+    passage_budget: int = -1
 
 
 class PromptSource(Protocol):
@@ -212,11 +214,13 @@ def build_examples(
         position = rng.random()  # drawn for every question: one question never shifts another
         hidden = tuple(dict.fromkeys([*q.gold_docs, *exclude_docs]))
         negatives = source.prompt(q.question, exclude_docs=hidden)
-        _check_same_prompt(q, negatives, builder, system_prompt, max_tokens)
-
+        check_same_prompt(q, negatives, builder, system_prompt, max_tokens)
         # A source may send only some exclusions as filters (the filter limit): the
-        # rest are dropped here, and the prompt is rebuilt without them below.
-        distractors = [p for p in negatives.passages if p.doc_id not in hidden]
+        # rest are dropped here, and the prompt is rebuilt without them below. So is a
+        # passage of another document that states the answer too: with it, the refusal
+        # would be the wrong target, and the gold citation ambiguous.
+        distractors = [p for p in negatives.passages
+                       if p.doc_id not in hidden and not contains_answer(p.text, q.answers)]
         kind = "unanswerable"
         gold_number = 0
         target = refusal
@@ -224,7 +228,9 @@ def build_examples(
         if q.answerable:
             kind = "no_gold"
             if q.id in with_gold:
-                found = _gold_passage(q, source.prompt(q.question, only_docs=q.gold_docs).passages)
+                golden = source.prompt(q.question, only_docs=q.gold_docs)
+                check_same_prompt(q, golden, builder, system_prompt, max_tokens)
+                found = _gold_passage(q, golden.passages)
                 if found is None:
                     report.skipped[q.id] = ("no chunk of its gold documents holds a reference "
                                             "phrase (check `answers` against the documents)")
@@ -262,13 +268,24 @@ def _tick(progress, done: int, total: int) -> None:
         progress(done, total)
 
 
-def _check_same_prompt(q: Question, asked: AskPrompt, builder: PromptBuilderLike,
-                       system_prompt: str, max_tokens: int) -> None:
+def check_same_prompt(q: Question, asked: AskPrompt, builder: PromptBuilderLike,
+                      system_prompt: str, max_tokens: int) -> None:
+    """Raises FailedPrecondition unless `builder` builds, for the passages `asked` holds
+    in its order, Ask's very token ids with the same passage budget (a larger local
+    context window would rebuild the same ids from passages Ask had cut, but would not
+    cut a reordered prompt the way Ask does). An Ask without passages (NO_CONTEXT) has
+    no prompt to compare."""
     if not asked.passages:
         return
     rebuilt = builder.build(question=q.question,
                             passages=[(p.title, p.text) for p in asked.passages],
                             max_tokens=max_tokens, system_prompt=system_prompt)
+    if asked.passage_budget >= 0 and rebuilt.passage_budget != asked.passage_budget:
+        raise FailedPrecondition(
+            f"question {q.id!r}: the passages may use {rebuilt.passage_budget} tokens here but "
+            f"{asked.passage_budget} on the platform: the local model.max_model_len, model or "
+            "rag.instructions differ from the served ones; run finetune with the served config "
+            "(--config) and the same --answer-tokens as the Asks it trains for")
     if tuple(rebuilt.token_ids) != tuple(asked.token_ids):
         raise FailedPrecondition(
             f"question {q.id!r}: the prompt built here ({len(rebuilt.token_ids)} tokens) differs "

@@ -306,7 +306,8 @@ class RagService:
             kept = kept[: plan.top_n]
             if not kept and self.cfg.no_context == "refuse":
                 yield SourcesEvent([])
-                yield Delta(text=self.cfg.no_context_message, token_ids=())
+                if not inp.prompt_only:
+                    yield Delta(text=self.cfg.no_context_message, token_ids=())
                 timings.total = self.clock() - started
                 yield AskDone("no_context", 0, 0, "", "", [], [], timings, request_id,
                               inp.client_request_id, tenant.id)
@@ -321,14 +322,17 @@ class RagService:
                 # Passages passed min_score, but none fits the context next to the
                 # question and max_tokens: that is no context too.
                 yield SourcesEvent([])
-                yield Delta(text=self.cfg.no_context_message, token_ids=())
+                if not inp.prompt_only:
+                    yield Delta(text=self.cfg.no_context_message, token_ids=())
                 timings.total = self.clock() - started
                 yield AskDone("no_context", 0, 0, "", "", [], [], timings, request_id,
                               inp.client_request_id, tenant.id, built.passage_budget, 0)
                 return
             sources = [Source(pp.number, kept[pp.number - 1], pp.text) for pp in built.passages]
-            yield SourcesEvent(sources)
+            # Charged before the passages go out: a client that reads them and hangs up
+            # (or asked for prompt_only) still pays the prompt's tokens.
             usage[0] = len(built.token_ids)
+            yield SourcesEvent(sources)
             if inp.prompt_only:
                 timings.total = self.clock() - started
                 yield AskDone("prompt_only", len(built.token_ids), 0, adapter, "", [], [], timings,

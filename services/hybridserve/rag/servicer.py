@@ -123,6 +123,10 @@ class RagServicer:
                 field_violations=[("adapter", "empty with base_model")])
         if not p.is_admin:
             p.own_tenant(req.tenant)
+            if req.prompt_only and not req.adapter:
+                # Nothing is generated: no model to authorize (a named adapter still is,
+                # so that its grant is not probed through here).
+                return p.tenant, ""
             if req.base_model:
                 return p.tenant, p.authorize_adapter("")  # refused without allow_base
             return p.tenant, p.choose_adapter(req.adapter)

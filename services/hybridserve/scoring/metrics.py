@@ -9,14 +9,14 @@ ALCE do, made Unicode-aware):
 3. delete every punctuation and symbol character (Unicode categories P* and S*,
    a superset of SQuAD's ASCII punctuation): "don't" becomes "dont", "U.S."
    becomes "us", "$5" becomes "5";
-4. split on whitespace, drop the tokens "a", "an" and "the", and join the rest
-   with single spaces.
+4. split on whitespace, drop the tokens "a", "an" and "the" (but a last one:
+   "Stand A" reads "stand a"), and join the rest with single spaces.
 
 The metrics of one answer (`score`, which builds a `QuestionScore`):
 
 - containment (`contains_answer`): some reference answer, normalized and not
-  empty, is a substring of the normalized answer. It is a plain substring test
-  (ALCE's str_em), so a short reference can match inside a longer word.
+  empty, occurs in the normalized answer as whole words (ALCE's str_em, on word
+  boundaries: "210" does not match inside "2100").
 - token F1 (`token_f1`): SQuAD's token F1. The common tokens are the multiset
   intersection of the two token lists; precision is common / answer tokens,
   recall is common / reference tokens, and F1 is 2PR / (P + R). It is 0.0 when
@@ -25,9 +25,10 @@ The metrics of one answer (`score`, which builds a `QuestionScore`):
 - refusal (`is_refusal`): the finish reason is "no_context" (the gateway found
   no passage and did not ask the model), or the normalized answer contains, as
   whole words, a normalized refusal message of the tenant or one of
-  `REFUSAL_PHRASES`, or the answer has no words at all.
+  `REFUSAL_PHRASES`; but an answer that contains a reference is not a refusal
+  (`score`), and an answer with no words is no answer, not a refusal.
 - correct: an answerable question (one with gold documents) is answered
-  correctly when the answer contains a reference and is not a refusal; an
+  correctly when the answer contains a reference (and so is not a refusal); an
   unanswerable one when the answer is a refusal.
 - recall@k (`QuestionScore.recall`; RAG arms, answerable questions): the share
   of the question's distinct gold documents that are among the doc ids of the
@@ -83,11 +84,13 @@ _ARTICLES = frozenset({"a", "an", "the"})
 
 def normalize_answer(text: str) -> str:
     """`text` normalized for comparison: NFKC, case-folded, without punctuation or
-    symbols (deleted, not replaced by a space), without the articles a/an/the, with
+    symbols (deleted, not replaced by a space), without the articles a/an/the before
+    another word (a last word is kept: "Stand A" reads "stand a", not "stand"), with
     single spaces between words. See the module docstring."""
     text = unicodedata.normalize("NFKC", text).casefold()
     text = "".join(c for c in text if unicodedata.category(c)[0] not in "PS")
-    return " ".join(t for t in text.split() if t not in _ARTICLES)
+    words = text.split()
+    return " ".join(t for i, t in enumerate(words) if t not in _ARTICLES or i == len(words) - 1)
 
 
 def _tokens(text: str) -> list[str]:
@@ -95,10 +98,11 @@ def _tokens(text: str) -> list[str]:
 
 
 def contains_answer(answer: str, references: Sequence[str]) -> bool:
-    """Whether some reference, normalized and not empty, is a substring of the
-    normalized answer. False without references."""
+    """Whether some reference, normalized and not empty, occurs in the normalized
+    answer as whole words ("210" is not in "2100", "lp" not in "help"). False without
+    references."""
     normalized = normalize_answer(answer)
-    return any(ref and ref in normalized for ref in map(normalize_answer, references))
+    return any(ref and _holds_words(normalized, ref) for ref in map(normalize_answer, references))
 
 
 def token_f1(answer: str, references: Sequence[str]) -> float:
@@ -147,6 +151,11 @@ REFUSAL_PHRASES: tuple[str, ...] = tuple(
         "not mentioned",
         "does not mention",
         "do not mention",
+        "doesn't mention",
+        "don't mention",
+        "does not say",
+        "doesn't say",
+        "no mention",
     )
 )
 
@@ -164,14 +173,14 @@ def is_refusal(
     True when `finish_reason` is "no_context" (the gateway's own refusal), when the
     normalized answer holds, as whole words, a normalized `refusal_messages` entry
     (the tenant's `no_context_message`; entries with no words are ignored) or one
-    of `REFUSAL_PHRASES`, or when the answer has no words (empty, whitespace, or
-    punctuation only).
+    of `REFUSAL_PHRASES`. An answer with no words (empty, whitespace, punctuation or
+    citation marks only) is no answer, not a refusal: it is wrong either way.
     """
     if finish_reason == "no_context":
         return True
     normalized = normalize_answer(answer)
     if not normalized:
-        return True
+        return False
     phrases = [m for m in map(normalize_answer, refusal_messages) if m]
     return any(_holds_words(normalized, p) for p in (*phrases, *REFUSAL_PHRASES))
 
@@ -340,8 +349,9 @@ def score(
         )
 
     text = _without_marks(outcome.answer)
-    refused = is_refusal(text, outcome.finish_reason, refusal_messages)
     contained = contains_answer(text, question.answers)
+    # A hedged answer that states the fact ("it does not say X, but the fare is £2") answers.
+    refused = is_refusal(text, outcome.finish_reason, refusal_messages) and not contained
     by_number = {s.number: s for s in outcome.sources} if outcome.rag else {}
     valid = [n for n in outcome.cited or () if n in by_number]
     cited_gold = sum(by_number[n].doc_id in gold for n in valid)
@@ -484,7 +494,9 @@ def summarize(
         invalid_citations=sum(s.invalid for s in scores),
         grounding=_mean([s.grounding for s in scores if s.grounding is not None]),
         refusal_correct=_share(sum(s.refused for s in unanswerable), len(unanswerable)),
-        false_refusals=_share(sum(s.refused for s in answerable), len(answerable)),
+        # Over the answers: a failed question is no refusal, and must not lower the rate.
+        false_refusals=_share(sum(s.refused for s in answerable),
+                              sum(not s.failed for s in answerable)),
         format_match=_share(sum(checked), len(checked)),
         latency_p50_s=percentile(latencies, 50),
         latency_p95_s=percentile(latencies, 95),
