@@ -535,13 +535,24 @@ def test_cli_writes_the_report(monkeypatch, qfile, tmp_path, capsys):
 
 def test_cli_report_that_cannot_be_written_exits_1_after_printing(monkeypatch, qfile, tmp_path,
                                                                   capsys):
-    folder = tmp_path / "taken.html"
-    folder.mkdir()  # a folder where the report should go: the rename fails
+    def disk_full(result, path):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(eval_cli, "write_html", disk_full)
     assert run_cli(monkeypatch, FakeClient(), "--questions", qfile, "--adapter", ADAPTER,
-                   "--report", folder) == 1
+                   "--report", tmp_path / "r.html") == 1
     out, err = capsys.readouterr()
     assert out.startswith("arm") and "cannot write the report" in err
-    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".taken")] == []
+
+
+def test_cli_report_naming_a_folder_is_bad_input_before_any_call(monkeypatch, qfile, tmp_path,
+                                                                capsys):
+    folder = tmp_path / "taken.html"
+    folder.mkdir()
+    client = FakeClient()
+    assert run_cli(monkeypatch, client, "--questions", qfile, "--adapter", ADAPTER,
+                   "--report", folder) == 2
+    assert "is a folder" in capsys.readouterr().err
 
 
 # -- formats ---------------------------------------------------------------------------------
