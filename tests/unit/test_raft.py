@@ -219,3 +219,36 @@ def test_acceptance_needs_more_containment_and_no_fewer_correct_refusals():
                      "I could not find it.")
     assert result(base, good).beats_base
     assert not result(good, good).beats_base  # not higher
+
+
+def test_the_platform_source_filters_retries_quota_refusals_and_reads_the_budget():
+    import grpc
+    from hybridserve.answers import Answer, Citation, Final, StageTimings, Usage
+    from hybridserve.cli.finetune import AskPromptSource
+    from hybridserve.exceptions import RateLimitError
+
+    calls, slept = [], []
+
+    class Client:
+        def ask(self, question, **kw):
+            calls.append(kw)
+            if len(calls) == 1:
+                raise RateLimitError(grpc.StatusCode.RESOURCE_EXHAUSTED, "over quota",
+                                     retry_after=2.5)
+            c = Citation(1, "c1", "d1.md", 0, "T", "s", "snip", 1.0, 1.0, text="whole text")
+            final = Final("prompt_only", Usage(7, 0), "", "", [], [],
+                          StageTimings(*[0.0] * 9), "r", "", "t", 123, 50, [1, 2, 3])
+            return Answer("", [c], final)
+
+    source = AskPromptSource(Client(), tenant="t", max_tokens=64, app="rag-x", sleep=slept.append)
+    got = source.prompt("q?", only_docs=("d1.md",), exclude_docs=("d2.md",))
+    assert slept == [2.5] and len(calls) == 2
+    kw = calls[-1]
+    assert kw["prompt_only"] and kw["app"] == "rag-x" and kw["max_tokens"] == 64
+    assert kw["filters"] == [("doc_id", "any_of", ["d1.md"]), ("doc_id", "not_equal", ["d2.md"])]
+    assert kw["min_score"] == -1.0  # the gold chunks whatever their score
+    assert got.passages[0].text == "whole text" and got.token_ids == (1, 2, 3)
+    assert got.passage_budget == 123
+    # At most 16 filters go out; the builder drops the other exclusions itself.
+    source.prompt("q?", exclude_docs=tuple(f"x{i}" for i in range(30)))
+    assert len(calls[-1]["filters"]) == 16 and "min_score" not in calls[-1]
