@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import subprocess
 import sys
 import uuid
@@ -94,10 +95,12 @@ def test_a_training_prompt_equals_asks_prompt_token_for_token(platform, northwin
 
 
 def _eval_cli(platform, key_file: Path, *args: str) -> subprocess.CompletedProcess:
+    # The key through the environment, as a tenant's shell would have it (it takes
+    # precedence over --api-key-file, and the session's environment holds the admin key).
+    env = {**os.environ, "HYBRIDSERVE_API_KEY": key_file.read_text().strip()}
     return subprocess.run(
         [sys.executable, "-m", "hybridserve.cli", "eval", "--address", platform.address,
-         "--api-key-file", str(key_file), "--quiet", *args],
-        capture_output=True, text=True, timeout=300)
+         "--quiet", *args], capture_output=True, text=True, timeout=300, env=env)
 
 
 def test_bad_input_is_refused_before_any_question(platform, northwind, tmp_path):
