@@ -148,12 +148,13 @@ def test_finetune_rag_then_eval_over_the_four_arms(platform, northwind, tmp_path
             held_out_path=tmp_path / "held.jsonl", progress=lambda m: None)
     record = out.result.record
     assert out.record == record
-    # The same recipe again, with reuse: the registered adapter, nothing asked or trained.
+    # The same recipe again, with reuse: the registered adapter, nothing asked or trained
+    # (an adapter registered with force is reused only with force).
     again = finetune_rag(
         cfg, northwind.questions, "nw-cite", _NoCalls(),
         TrainConfig(steps=2, batch_size=2, layers_to_transform=(29,), eval_max_examples=3,
                     held_out_fraction=0.3),
-        system_prompt=SYSTEM, max_tokens=64, reuse=True, progress=lambda m: None)
+        system_prompt=SYSTEM, max_tokens=64, reuse=True, force=True, progress=lambda m: None)
     assert again.record.id == record.id and again.result is None
     assert [q.id for q in again.held_out] == [q.id for q in out.held_out]
     assert out.held_out and out.held_out_docs and out.build.examples > 0

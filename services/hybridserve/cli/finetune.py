@@ -49,6 +49,11 @@ def add_finetune_parser(subparsers) -> argparse.ArgumentParser:
         "--seed", type=int, help="seed; same seed and data give the same adapter (default 0)"
     )
     p.add_argument(
+        "--eval-max-examples", type=int, metavar="N",
+        help="held-out examples (with --rag: questions) the acceptance check evaluates at "
+        "most (default 64); fewer is faster, and less certain",
+    )
+    p.add_argument(
         "--format-regex",
         metavar="RE",
         help="task metric: share of held-out answers that fully match RE (default: exact match)",
@@ -178,6 +183,7 @@ def cmd_finetune(ns) -> int:
         layers_to_transform=ns.layers,
         seed=ns.seed,
         format_regex=ns.format_regex,
+        eval_max_examples=ns.eval_max_examples,
     )
 
     def progress(message: str) -> None:  # stdout carries only the result
@@ -238,7 +244,7 @@ def _cmd_finetune_rag(ns) -> int:
     train_cfg = TrainConfig.from_options(
         steps=ns.steps, epochs=ns.epochs, rank=ns.rank, alpha=ns.alpha, lr=ns.lr,
         batch_size=ns.batch_size, layers_to_transform=ns.layers, seed=ns.seed,
-        held_out_fraction=ns.held_out_fraction,
+        held_out_fraction=ns.held_out_fraction, eval_max_examples=ns.eval_max_examples,
     )
 
     def progress(message: str) -> None:  # stdout carries only the result
