@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--smoke", action="store_true", help="12 questions, 1 step, top layer only")
     args = p.parse_args(argv)
     if args.smoke:
-        args.steps, args.layers, args.eval_questions, args.max_tokens = 1, "29", 4, 24
+        args.steps, args.layers, args.eval_questions, args.max_tokens = 1, "29", 2, 24
 
     from hybridserve.cli.finetune import AskPromptSource, _layers
     from hybridserve.client import HybridServeClient
@@ -126,13 +126,12 @@ def main(argv: list[str] | None = None) -> int:
     from hybridserve.finetune import TrainConfig, finetune_rag
 
     key_file = Path(args.api_key_file or args.data_dir / "admin.key")
-    admin_key = key_file.read_text().strip()
     cfg = HybridServeConfig(data_dir=args.data_dir, model={"max_model_len": args.max_model_len})
     run = uuid.uuid4().hex[:6]
     out: dict = {"smoke": args.smoke, "layers": args.layers, "epochs": args.epochs,
                  "steps": args.steps}
     with tempfile.TemporaryDirectory() as tmp_dir, \
-            HybridServeClient(args.address, api_key=admin_key) as admin:
+            HybridServeClient(args.address, api_key_file=key_file) as admin:
         tmp = Path(tmp_dir)
         questions = NORTHWIND_Q
         if args.smoke:  # the questions of three documents, and two unanswerable ones

@@ -165,7 +165,7 @@ def test_finetune_rag_then_eval_over_the_four_arms(platform, northwind, tmp_path
         admin.grant_adapter(northwind.tenant, record.id)
 
     questions = load_questions(tmp_path / "held.jsonl")
-    qs = questions.questions[:6]
+    qs = questions.questions[:3]
 
     async def run():
         async with AsyncHybridServeClient(platform.address, api_key=northwind.key,
