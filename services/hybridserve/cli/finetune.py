@@ -203,17 +203,22 @@ def cmd_finetune(ns) -> int:
         print(exc.eval.table())
         raise
     print(result.record.id)
+    _print_result(result, f" from {result.adapter_dir}")
+    return 0
+
+
+def _print_result(result, after_id: str) -> None:
+    """The acceptance table and samples on stdout; what was registered on stderr."""
     print(result.eval.table())
     for sample in result.eval.samples:
-        print(f"\nheld-out line {sample.line}:")
+        print(f"\nheld-out line {sample.line}:" if sample.line else "")
         print(f"  reference: {_short(sample.reference)}")
         print(f"  base:      {_short(sample.base)}")
         print(f"  adapter:   {_short(sample.adapter)}")
     note = "registered" if result.created else "already registered (same content)"
     if result.forced:
         note += " with --force: it does NOT beat the base model"
-    print(f"\n{note}: {result.record.id} from {result.adapter_dir}", file=sys.stderr)
-    return 0
+    print(f"\n{note}: {result.record.id}{after_id}", file=sys.stderr)
 
 
 def _cmd_finetune_rag(ns) -> int:
@@ -281,17 +286,8 @@ def _cmd_finetune_rag(ns) -> int:
     print(out.record.id)
     if result is None:  # reused
         return 0
-    print(result.eval.table())
-    for sample in result.eval.samples:
-        print(f"\n  reference: {_short(sample.reference)}")
-        print(f"  base:      {_short(sample.base)}")
-        print(f"  adapter:   {_short(sample.adapter)}")
-    note = "registered" if result.created else "already registered (same content)"
-    if result.forced:
-        note += " with --force: it does NOT beat the base model"
-    print(f"\n{note}: {result.record.id}; grant it to {tenant.id} "
-          f"(`hybridserve admin grants add {tenant.id} {result.record.id}`), then compare the arms "
-          "with `hybridserve eval`", file=sys.stderr)
+    _print_result(result, f"; grant it to {tenant.id} (`hybridserve admin grants add {tenant.id} "
+                  f"{result.record.id}`), then compare the arms with `hybridserve eval`")
     return 0
 
 
