@@ -40,6 +40,7 @@ RESOURCES = obj({
     "limits": {"type": "object", "additionalProperties": QUANTITY},
 })
 IMAGE_REF = {"type": "string", "minLength": 1}
+PORT = {"type": "integer", "minimum": 1, "maximum": 65535}
 DNS_NAME = {"type": "string", "pattern": r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?)?$", "maxLength": 63}
 
 
@@ -95,7 +96,21 @@ def build() -> dict:
             }),
             "service": obj({
                 "type": {"enum": ["ClusterIP", "NodePort", "LoadBalancer"]},
-                "port": {"type": "integer", "minimum": 1, "maximum": 65535},
+                "port": PORT,
+                "httpPort": PORT,
+            }),
+            "openai": obj({
+                "ingress": obj({
+                    "enabled": BOOL,
+                    "className": STR,
+                    # An empty host: any host.
+                    "host": {"type": "string", "pattern": r"^((\*\.)?[a-z0-9]([-a-z0-9.]*[a-z0-9])?)?$"},
+                    "annotations": {"type": "object", "additionalProperties": STR},
+                    "tls": {"type": "array", "items": obj({
+                        "secretName": STR,
+                        "hosts": {"type": "array", "items": STR},
+                    })},
+                }),
             }),
             "storage": obj({"size": SIZE, "storageClass": STR, "existingClaim": DNS_NAME}),
             "weaviate": obj({

@@ -373,6 +373,52 @@ def build_rag_app(config: HybridServeConfig) -> Any:
     return rag_deployment(config).bind(config.model_dump(mode="json"))
 
 
+def openai_deployment(config: HybridServeConfig):
+    """The OpenAI-compatible HTTP API: a FastAPI ingress on Serve's HTTP proxy, calling
+    the gateway's domain code (`rag.gateway`) over the same handles as the RAG gateway."""
+    # Lazily: FastAPI and the gateway's pipeline load only where this app is built.
+    from hybridserve.adapters import AdapterRegistry
+    from hybridserve.embedding import model_name, resolve_model_dir
+    from hybridserve.openai.api import build_api
+    from hybridserve.rag.gateway import Gateway
+    from hybridserve.tenancy.auth import setup_servicer
+
+    class OpenAIIngress:
+        def __init__(self, config: dict):
+            import torch
+
+            # One thread: the replica embeds one query at a time (rag.embed_in_gateway).
+            torch.set_num_threads(1)
+            cfg, self.tenancy = setup_servicer(config, None, "openai")
+            registry = AdapterRegistry.from_config(cfg)
+            retriever = ServeRetriever(topology.RETRIEVAL.name)
+            self.gateway = Gateway(cfg, self.tenancy, rag_pipeline(cfg),
+                                   adapter_exists=registry.exists, list_adapters=registry.list,
+                                   embed=retriever.embed_texts)
+            self._api = build_api(self.gateway, cfg, embedding_model=model_name(
+                resolve_model_dir(cfg.retrieval.embedding_model)))
+
+        def __serve_build_asgi_app__(self):
+            # Serve calls it after the constructor: the routes close over this gateway.
+            return self._api
+
+        async def __del__(self):
+            await self.tenancy.close()
+
+    return serve.deployment(
+        serve.ingress()(OpenAIIngress),
+        name=topology.OPENAI.ingress,
+        **config.openai.replica_options(),
+        **queue_options(config),
+        ray_actor_options=config.openai.ray_actor_options(),
+        graceful_shutdown_timeout_s=config.serve.graceful_shutdown_s,
+    )
+
+
+def build_openai_app(config: HybridServeConfig) -> Any:
+    return openai_deployment(config).bind(config.model_dump(mode="json"))
+
+
 #: The builder of each declared app (`hybridserve.topology`), by app name.
 _BUILDERS = {
     topology.ADMIN.name: build_admin_app,
@@ -380,6 +426,7 @@ _BUILDERS = {
     topology.RETRIEVAL.name: build_retrieval_app,
     topology.RERANK.name: build_rerank_app,
     topology.RAG.name: build_rag_app,
+    topology.OPENAI.name: build_openai_app,
 }
 
 
@@ -423,3 +470,7 @@ def rerank_app(args: dict) -> Any:
 
 def rag_app(args: dict) -> Any:
     return build_rag_app(_from_args(args))
+
+
+def openai_app(args: dict) -> Any:
+    return build_openai_app(_from_args(args))

@@ -753,6 +753,24 @@ class RagConfig(DeploymentConfig):
     )
 
 
+class OpenAIConfig(DeploymentConfig):
+    """The OpenAI-compatible HTTP API (the `openai` Serve app, docs/openai.md). It answers
+    with the RAG gateway's settings (`rag`, including `rag.generation_app`)."""
+
+    cpus_per_replica: float = Field(
+        0, ge=0, description="Ray CPUs reserved per replica (it converts JSON and streams; the "
+        "work happens in the generation, retrieval and rerank apps).")
+    max_body_bytes: int = Field(
+        1024 * 1024, ge=1024, le=64 * 1024 * 1024,
+        description="Largest request body accepted, in bytes; a larger one is refused with 413 "
+        "before it is read past this size.")
+    max_embedding_inputs: int = Field(
+        64, ge=1, le=2048, description="Most texts in one /v1/embeddings request.")
+    max_embedding_chars: int = Field(
+        8192, ge=1, description="Longest text in a /v1/embeddings request, in characters (the "
+        "embedding model reads at most its own window of tokens of it).")
+
+
 class GenerationConfig(DeploymentConfig):
     """The generation deployment (vLLM replicas and how requests are routed to them)
     and the defaults of a Generate request."""
@@ -880,6 +898,7 @@ class HybridServeConfig(_Strict):
     observability: ObservabilityConfig = Field(default_factory=ObservabilityConfig)
     tenancy: TenancyConfig = Field(default_factory=TenancyConfig)
     rag: RagConfig = Field(default_factory=RagConfig)
+    openai: OpenAIConfig = Field(default_factory=OpenAIConfig)
 
     @field_validator("data_dir", "cache_dir", mode="after")
     @classmethod

@@ -44,6 +44,14 @@ class LocalPlatform:
         return f"{self.config.serve.grpc_host}:{self.config.serve.grpc_port}"
 
     @property
+    def openai_base_url(self) -> str:
+        """The OpenAI-compatible API's base URL (what `openai.OpenAI(base_url=...)` takes)."""
+        host = self.config.serve.grpc_host
+        if host in ("0.0.0.0", "::"):
+            host = "127.0.0.1"
+        return f"http://{host}:{self.config.serve.http_port}{topology.OPENAI.route_prefix()}"
+
+    @property
     def metrics_url(self) -> str:
         """Ray's metrics endpoint: every metric of the platform, in Prometheus format."""
         return f"http://127.0.0.1:{self.config.observability.metrics_export_port}/metrics"
@@ -170,6 +178,24 @@ def wait_healthy(address: str, service: str, timeout_s: float, application: str 
     )
 
 
+def wait_running(app: str, timeout_s: float) -> None:
+    """Waits until Serve reports the app RUNNING (an app with no gRPC health service:
+    the HTTP API); raises Unavailable after timeout_s."""
+    from ray import serve
+
+    deadline = time.monotonic() + timeout_s
+    last = "no status"
+    while time.monotonic() < deadline:
+        status = serve.status().applications.get(app)
+        if status is not None:
+            last = str(status.status)
+            if last.endswith("RUNNING"):
+                return
+        time.sleep(1.0)
+    raise Unavailable(f"the Serve app {app!r} did not start within {timeout_s:.0f}s (last "
+                      f"status: {last}); see the Ray logs under /tmp/ray/session_latest/logs")
+
+
 @contextlib.contextmanager
 def cluster_environment(env: Mapping[str, str]) -> Iterator[None]:
     """Sets `env` in this process while the local Ray cluster starts, then restores it.
@@ -197,6 +223,7 @@ def start(
     health_timeout_s: float = 600,
     generation_apps: Mapping[str, HybridServeConfig] | None = None,
     rag_apps: Mapping[str, HybridServeConfig] | None = None,
+    openai_apps: Mapping[str, HybridServeConfig] | None = None,
     with_prometheus: bool = False,
     prometheus_port: int | None = None,
 ) -> LocalPlatform:
@@ -210,6 +237,9 @@ def start(
         rag_apps: app name -> config of RAG gateways (each config's
             rag.generation_app names the generation app it answers with).
             Default: one app, `rag`, when serve.apps lists it.
+        openai_apps: app name -> config of OpenAI-compatible HTTP APIs (the one named
+            `openai` at /v1, another one at /<name>/v1). Default: one app, `openai`,
+            when serve.apps lists it.
         with_prometheus: also start a local Prometheus that scrapes the platform
             and evaluates the shipped alert rules (on `prometheus_port`, default
             observability.prometheus_port).
@@ -223,7 +253,8 @@ def start(
     from hybridserve.app import build_app, grpc_options
 
     wanted = config.serve.apps
-    given = {topology.GENERATION.name: generation_apps, topology.RAG.name: rag_apps}
+    given = {topology.GENERATION.name: generation_apps, topology.RAG.name: rag_apps,
+             topology.OPENAI.name: openai_apps}
     # Serve apps to run, per declared app (the control plane first): name -> config.
     instances = {
         app: dict(given.get(app.name) or ({app.name: config} if app.always or app.name in wanted
@@ -266,13 +297,16 @@ def start(
         for app, named in instances.items():
             for name, app_config in named.items():
                 targets.append(RunTarget(build_app(app.name, app_config), name=name,
-                                         route_prefix=f"/{name}"))
+                                         route_prefix=app.route_prefix(name)))
                 services[name] = app.service
         progress(f"deploying {', '.join(services)} (an engine takes ~30-60 s to start) ...")
         serve.run_many(targets)
         platform = LocalPlatform(config, weaviate, redis=redis, admin_key_created=admin_key_created)
         for name, service in services.items():
-            wait_healthy(platform.grpc_address, service, health_timeout_s, name)
+            if service:
+                wait_healthy(platform.grpc_address, service, health_timeout_s, name)
+            else:  # the HTTP API: no grpc.health.v1; Serve knows when it runs
+                wait_running(name, health_timeout_s)
         if with_prometheus:
             platform.prometheus = start_prometheus(config, progress, prometheus_port)
     except BaseException:

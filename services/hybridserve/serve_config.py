@@ -43,7 +43,7 @@ def serve_config(config: HybridServeConfig) -> dict[str, Any]:
             {
                 "name": name,
                 # NOTE: Serve's gRPC proxy routes only to apps with a route prefix.
-                "route_prefix": f"/{name}",
+                "route_prefix": topology.app_named(name).route_prefix(),
                 "import_path": topology.app_named(name).builder,
                 "args": {"config": copy.deepcopy(given)},
             }

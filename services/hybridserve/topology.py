@@ -30,9 +30,10 @@ class App:
     #: The Serve app name: its route prefix (`/<name>`), the `application` metadata
     #: that picks it at Serve's gRPC proxy, and its builder (`builder`).
     name: str
-    #: The gRPC service it serves, short name (in PROTO_PACKAGE).
+    #: The gRPC service it serves, short name (in PROTO_PACKAGE); "" for an HTTP app.
     service_name: str
-    #: The generated module of `hybridserve.v1` with the service (`<proto>_pb2_grpc`).
+    #: The generated module of `hybridserve.v1` with the service (`<proto>_pb2_grpc`);
+    #: "" for an HTTP app.
     proto: str
     #: Its Serve deployments, the ingress (the one serving the gRPC service) first.
     deployments: tuple[str, ...]
@@ -42,9 +43,26 @@ class App:
     always: bool = False
 
     @property
+    def is_http(self) -> bool:
+        """Served on Serve's HTTP proxy (a FastAPI ingress), not its gRPC proxy."""
+        return not self.service_name
+
+    @property
     def service(self) -> str:
         """The full gRPC service name (what grpc.health.v1 and reflection name)."""
-        return f"{PROTO_PACKAGE}.{self.service_name}"
+        return f"{PROTO_PACKAGE}.{self.service_name}" if self.service_name else ""
+
+    def route_prefix(self, instance: str = "") -> str:
+        """The Serve route prefix of the app (or of its instance named `instance`).
+
+        A gRPC app: `/<name>` (Serve's gRPC proxy routes only to apps that have one,
+        though gRPC never uses the path). The HTTP app: `/v1`, where OpenAI's clients
+        look (base URL `http://host:port/v1`); another instance of it `/<instance>/v1`.
+        """
+        instance = instance or self.name
+        if not self.is_http:
+            return f"/{instance}"
+        return "/v1" if instance == self.name else f"/{instance}/v1"
 
     @property
     def ingress(self) -> str:
@@ -87,9 +105,15 @@ ADMIN = _declare(App("admin", "AdminService", "admin", ("AdminService",),
 #: `rag.generation_app`).
 RAG = _declare(App("rag", "RagService", "rag", ("RagService",),
                    calls=("retrieval", "rerank", "generation")))
+#: The OpenAI-compatible HTTP API (FastAPI on Serve's HTTP proxy): chat, completions,
+#: models, embeddings and RAG with citations, through the gateway's own domain code.
+OPENAI = _declare(App("openai", "", "", ("OpenAIIngress",),
+                      calls=("retrieval", "rerank", "generation")))
 
 #: Every app, in declaration order.
 APPS: tuple[App, ...] = tuple(_declared)
+#: The apps that serve a gRPC service (all but the HTTP API).
+GRPC_APPS: tuple[App, ...] = tuple(a for a in APPS if not a.is_http)
 #: The apps that always run (the control plane), deployed first.
 ALWAYS_APPS: tuple[str, ...] = tuple(a.name for a in APPS if a.always)
 #: The apps `serve.apps` may choose (and its default: all of them).
@@ -105,7 +129,7 @@ HEALTH_SERVICER_FUNCTION = "grpc_health.v1.health_pb2_grpc.add_HealthServicer_to
 #: the proxy (gRPCOptions.enable_reflection).
 GRPC_SERVICER_FUNCTIONS: tuple[str, ...] = (
     PROXY_PATCH_FUNCTION,
-    *(a.servicer_function for a in APPS),
+    *(a.servicer_function for a in APPS if not a.is_http),
     HEALTH_SERVICER_FUNCTION,
 )
 

@@ -9,7 +9,9 @@ Apps sharing one Serve gRPC proxy:
   - `rerank`:     RerankService (the default bi-encoder backend);
   - `admin`:      the control plane;
   - `rag`, `rag-affinity`, `rag-smol`: RAG gateways answering with `generation`,
-    `affinity` and `smol`.
+    `affinity` and `smol`;
+  - `openai` (HTTP, /v1) and `openai-smol` (/openai-smol/v1): the OpenAI-compatible API
+    over `generation` and `smol`.
 
 The weaviate-server is the session fixture `weaviate`, passed to the platform as
 an external URL, so tests can stop, kill, pause and restart it. The platform runs
@@ -42,6 +44,9 @@ SMOL_APP = "smol"
 RAG_APP = topology.RAG.name
 RAG_AFFINITY_APP = "rag-affinity"
 RAG_SMOL_APP = "rag-smol"
+#: The OpenAI-compatible API over the main app (at /v1) and over SmolLM2.
+OPENAI_APP = topology.OPENAI.name
+OPENAI_SMOL_APP = "openai-smol"
 ADAPTERS = ("alpha", "beta", "gamma")
 TINY_MODEL_NAME = "tiny-llama"
 
@@ -74,6 +79,11 @@ class Platform:
     ids: dict[str, str]
     #: the admin key `platform.start` created
     admin_key: str = ""
+
+    def openai_url(self, app: str = "openai") -> str:
+        """The base URL of an OpenAI-compatible API app (what `openai.OpenAI` takes)."""
+        return (f"http://127.0.0.1:{self.main.serve.http_port}"
+                f"{topology.OPENAI.route_prefix(app)}")
 
 
 @pytest.fixture(scope="session")
@@ -180,6 +190,7 @@ def platform(assets, weaviate) -> Platform:
         health_timeout_s=900,
         generation_apps={MAIN_APP: main, AFFINITY_APP: affinity, SMOL_APP: smol},
         rag_apps=rag,
+        openai_apps={OPENAI_APP: rag[RAG_APP], OPENAI_SMOL_APP: rag[RAG_SMOL_APP]},
     )
     from hybridserve.tenancy.bootstrap import read_key_file
 

@@ -1,7 +1,9 @@
-"""The chart's static parts, the serve config and the Dockerfile, without a cluster.
+"""The chart's static parts, the serve config and the Dockerfile, without a cluster;
+and what `helm template` (the real binary, no cluster needed) renders for the
+OpenAI-compatible HTTP API.
 
-What the chart renders, and what a real kube-apiserver accepts, is tested in
-tests/integration/test_k8s.py with the real helm binary.
+What a real kube-apiserver accepts, for every ci/ scenario, is tested in
+tests/integration/test_k8s.py.
 """
 
 from __future__ import annotations
@@ -12,8 +14,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
+from hybridserve import topology
 from hybridserve.config import HybridServeConfig
 from hybridserve.serve_config import app_names, serve_config
 
@@ -181,3 +185,120 @@ def test_the_values_schema_takes_the_generation_section_and_still_the_moved_keys
         pass
     else:
         raise AssertionError("an unknown serve key passed the schema")
+
+
+# -- what helm renders for the OpenAI-compatible HTTP API -----------------------------------
+
+#: The Ingress of the `exposed` render.
+INGRESS = ["--set", "openai.ingress.enabled=true", "--set", "openai.ingress.className=nginx",
+           "--set", "openai.ingress.host=api.example.com", "--set-json",
+           'openai.ingress.tls=[{"secretName": "openai-tls", "hosts": ["api.example.com"]}]',
+           "--set-json",
+           'openai.ingress.annotations={"nginx.ingress.kubernetes.io/proxy-buffering": "off"}']
+GRPC_ONLY = ["--set", "config.serve.apps={generation,retrieval,rerank,rag}"]
+
+
+@pytest.fixture(scope="module")
+def helm_template(tmp_path_factory):
+    """`helm template` of the chart with ci/minimal-cpu plus `extra`, NetworkPolicies on:
+    (exit code, the rendered objects, stderr)."""
+    from testkit.kube import missing_tools_hint, tool
+
+    helm = tool("helm")
+    if not helm.is_file():
+        pytest.skip(missing_tools_hint())
+    home = tmp_path_factory.mktemp("helm")
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(home), "HELM_CACHE_HOME": str(home / "cache"),
+           "HELM_CONFIG_HOME": str(home / "config"), "HELM_DATA_HOME": str(home / "data")}
+
+    def render(*extra: str) -> tuple[int, list[dict], str]:
+        out = subprocess.run([str(helm), "template", "hs", str(CHART), "-f",
+                              str(CHART / "ci" / "minimal-cpu-values.yaml"),
+                              "--set", "networkPolicy.enabled=true", *extra],
+                             env=env, capture_output=True, text=True, timeout=60)
+        docs = [d for d in yaml.safe_load_all(out.stdout) if d] if out.returncode == 0 else []
+        return out.returncode, docs, out.stderr
+
+    return render
+
+
+@pytest.fixture(scope="module")
+def renders(helm_template) -> dict[str, list[dict]]:
+    """The renders the tests below share (each costs a helm process)."""
+    out = {}
+    for name, extra in {"exposed": INGRESS, "default": [], "grpc-only": GRPC_ONLY}.items():
+        code, docs, err = helm_template(*extra)
+        assert code == 0, err
+        out[name] = docs
+    return out
+
+
+def _one(docs: list[dict], kind: str, name: str) -> dict:
+    found = [d for d in docs if d["kind"] == kind and d["metadata"]["name"] == name]
+    assert len(found) == 1, (kind, name, [d["metadata"]["name"] for d in docs if d["kind"] == kind])
+    return found[0]
+
+
+def test_the_chart_renders_what_serve_config_prints_with_the_http_api(renders):
+    """The default apps include `openai`: the chart's serveConfigV2 puts it at /v1, as
+    `hybridserve serve-config` does (the whole file is compared for every ci/ scenario in
+    tests/integration/test_k8s.py)."""
+    config = yaml.safe_load((CHART / "values.yaml").read_text())["config"]
+    assert topology.OPENAI.name in config["serve"]["apps"]
+    # What the chart fills in: the in-chart Weaviate, the control plane on the head.
+    config["weaviate"] = {"url": "http://hs-hybridserve-weaviate:8080"}
+    config["serve"]["admin_resources"] = {"hybridserve_admin": 0.01}
+    grpc_only = {**config, "serve": {**config["serve"], "apps": ["generation", "retrieval",
+                                                                  "rerank", "rag"]}}
+    for name, given in (("exposed", config), ("grpc-only", grpc_only)):
+        rendered = yaml.safe_load(_one(renders[name], "RayService", "hs-hybridserve")["spec"][
+            "serveConfigV2"])
+        assert rendered == serve_config(HybridServeConfig.model_validate(given)), name
+    prefixes = {a["name"]: a["route_prefix"] for a in rendered["applications"]}
+    assert prefixes == {"admin": "/admin", "generation": "/generation", "retrieval": "/retrieval",
+                        "rerank": "/rerank", "rag": "/rag"}
+    exposed = yaml.safe_load(_one(renders["exposed"], "RayService", "hs-hybridserve")["spec"][
+        "serveConfigV2"])
+    assert {a["name"]: a["route_prefix"] for a in exposed["applications"]} == {
+        **prefixes, "openai": "/v1"}
+
+
+def _client_ports(docs: list[dict]) -> set[int]:
+    """The Ray pods' ports that any source may reach (the client rule: no `from`)."""
+    policy = _one(docs, "NetworkPolicy", "hs-hybridserve-ray")
+    return {p["port"] for rule in policy["spec"]["ingress"] if "from" not in rule
+            for p in rule["ports"]}
+
+
+def test_the_http_port_is_open_to_clients_only_when_the_http_api_runs(renders):
+    for name in ("exposed", "default"):
+        service = _one(renders[name], "Service", "hs-hybridserve-grpc")
+        ports = {p["name"]: p for p in service["spec"]["ports"]}
+        assert ports["http"] == {"name": "http", "port": 8000, "targetPort": "serve",
+                                 "appProtocol": "http"}, name
+        assert ports["grpc"]["port"] == 9000
+        assert _client_ports(renders[name]) == {9000, 8000}, name
+    # The Service's `http` targets the container port Serve's HTTP proxy listens on.
+    ray = _one(renders["default"], "RayService", "hs-hybridserve")["spec"]["rayClusterConfig"]
+    container = ray["headGroupSpec"]["template"]["spec"]["containers"][0]
+    assert {"containerPort": 8000, "name": "serve"} in container["ports"]
+    service = _one(renders["grpc-only"], "Service", "hs-hybridserve-grpc")
+    assert [p["name"] for p in service["spec"]["ports"]] == ["grpc"]
+    assert _client_ports(renders["grpc-only"]) == {9000}
+
+
+def test_the_openai_ingress_routes_v1_only_when_enabled(renders, helm_template):
+    ingress = _one(renders["exposed"], "Ingress", "hs-hybridserve-openai")
+    spec = ingress["spec"]
+    assert spec["ingressClassName"] == "nginx"
+    assert spec["tls"] == [{"secretName": "openai-tls", "hosts": ["api.example.com"]}]
+    assert ingress["metadata"]["annotations"] == {"nginx.ingress.kubernetes.io/proxy-buffering": "off"}
+    [rule] = spec["rules"]
+    assert rule["host"] == "api.example.com"
+    assert rule["http"]["paths"] == [{
+        "path": topology.OPENAI.route_prefix(), "pathType": "Prefix",
+        "backend": {"service": {"name": "hs-hybridserve-grpc", "port": {"name": "http"}}}}]
+    assert not [d for d in renders["default"] if d["kind"] == "Ingress"]
+    # An Ingress to an app that does not run is a mistake, said as such.
+    code, _, err = helm_template(*GRPC_ONLY, "--set", "openai.ingress.enabled=true")
+    assert code != 0 and "add openai to config.serve.apps" in err, err

@@ -32,6 +32,12 @@ def test_every_declared_service_and_servicer_function_exists():
         module, _, attr = fn.rpartition(".")
         assert callable(getattr(importlib.import_module(module), attr)), fn
     for app in topology.APPS:
+        assert set(app.calls) <= {a.name for a in topology.APPS}, app.name
+    # Every app but the HTTP API serves a gRPC service; the HTTP API is no gRPC app.
+    assert [a for a in topology.APPS if a.is_http] == [topology.OPENAI]
+    assert topology.OPENAI.service == "" and not any("openai" in f for f in
+                                                       topology.GRPC_SERVICER_FUNCTIONS)
+    for app in topology.GRPC_APPS:
         grpc_module = importlib.import_module(f"hybridserve.v1.{app.proto}_pb2")
         assert grpc_module.DESCRIPTOR.services_by_name[app.service_name].full_name == app.service
         assert set(app.calls) <= {a.name for a in topology.APPS}, app.name
@@ -50,7 +56,7 @@ def test_servicers_serve_the_declared_services():
     servicers = {topology.GENERATION: GenerationServicer, topology.RETRIEVAL: RetrievalServicer,
                  topology.RERANK: RerankServicer, topology.ADMIN: AdminServicer,
                  topology.RAG: RagServicer}
-    assert set(servicers) == set(topology.APPS)
+    assert set(servicers) == set(topology.GRPC_APPS)
     for app, servicer in servicers.items():
         assert servicer.grpc_service == app.service, app.name
 
@@ -63,7 +69,8 @@ def test_deployments_and_builders_are_named_by_the_topology():
              topology.RETRIEVAL: app.retrieval_deployment(cfg),
              topology.RERANK: app.rerank_deployment(cfg),
              topology.ADMIN: app.admin_deployment(cfg),
-             topology.RAG: app.rag_deployment(cfg)}
+             topology.RAG: app.rag_deployment(cfg),
+             topology.OPENAI: app.openai_deployment(cfg)}
     assert set(built) == set(topology.APPS)
     for declared, deployment in built.items():
         assert deployment.name == declared.ingress, declared.name
@@ -78,13 +85,18 @@ def test_config_accepts_the_optional_apps_and_deploys_the_control_plane_first():
     from hybridserve.serve_config import app_names, serve_config
 
     assert HybridServeConfig().serve.apps == topology.OPTIONAL_APPS == (
-        "generation", "retrieval", "rerank", "rag")
+        "generation", "retrieval", "rerank", "rag", "openai")
     assert topology.ALWAYS_APPS == ("admin",)
     cfg = HybridServeConfig.model_validate({"serve": {"apps": ["rag", "generation"]}})
     assert app_names(cfg) == ["admin", "rag", "generation"]
     doc = serve_config(cfg)
     assert [a["import_path"] for a in doc["applications"]] == [
         "hybridserve.app:admin_app", "hybridserve.app:rag_app", "hybridserve.app:generation_app"]
+    assert [a["route_prefix"] for a in doc["applications"]] == ["/admin", "/rag", "/generation"]
+    # The HTTP API sits where OpenAI's clients look: base URL http://host:port/v1.
+    both = serve_config(HybridServeConfig.model_validate({"serve": {"apps": ["openai"]}}))
+    assert [a["route_prefix"] for a in both["applications"]] == ["/admin", "/v1"]
+    assert topology.OPENAI.route_prefix("openai-smol") == "/openai-smol/v1"
     assert doc["grpc_options"]["grpc_servicer_functions"] == [
         "hybridserve.serve_patches.add_to_proxy",
         "hybridserve.v1.generation_pb2_grpc.add_GenerationServiceServicer_to_server",

@@ -66,6 +66,19 @@ app.kubernetes.io/component: {{ .component }}
 {{ include "hybridserve.fullname" . }}-grpc:{{ .Values.service.port }}
 {{- end }}
 
+{{/* "true" when the OpenAI-compatible HTTP API runs (`openai` in config.serve.apps), else
+"". Only then does the chart open Serve's HTTP port to clients (the Service's `http` port,
+the NetworkPolicy's client rule, the Ingress). */}}
+{{- define "hybridserve.httpApi" -}}
+{{- if has "openai" (default (list) .Values.config.serve.apps) }}true{{ end }}
+{{- end }}
+
+{{/* The OpenAI-compatible API's Serve route prefix (topology.OPENAI.route_prefix()), where
+OpenAI's clients look: base URL http://host:port/v1. */}}
+{{- define "hybridserve.openaiRoutePrefix" -}}
+/v1
+{{- end }}
+
 {{/* The platform config the Serve apps receive: .Values.config plus what the chart runs.
 NOTE: never a credential: the RayService shows this config to anyone who may read it
 (credentials reach the pods as environment variables from Secrets). */}}
@@ -122,7 +135,10 @@ NOTE: never a credential: the RayService shows this config to anyone who may rea
 -}}
 {{- $list := list -}}
 {{- range $apps -}}
-{{- $list = append $list (dict "name" . "route_prefix" (printf "/%s" .) "import_path" (printf "hybridserve.app:%s_app" .) "args" (dict "config" $cfg)) -}}
+{{- /* NOTE: as topology.App.route_prefix: a gRPC app at /<name> (Serve's gRPC proxy routes
+only to apps with a route prefix), the OpenAI-compatible HTTP app at its own prefix. */ -}}
+{{- $prefix := ternary (include "hybridserve.openaiRoutePrefix" $) (printf "/%s" .) (eq . "openai") -}}
+{{- $list = append $list (dict "name" . "route_prefix" $prefix "import_path" (printf "hybridserve.app:%s_app" .) "args" (dict "config" $cfg)) -}}
 {{- end -}}
 {{- $_ := set $out "applications" $list -}}
 {{- toYaml $out -}}

@@ -11,7 +11,7 @@ import signal
 import sys
 import threading
 
-from hybridserve import constants
+from hybridserve import constants, topology
 
 
 def _config(ns):
@@ -39,6 +39,8 @@ def cmd_up(ns) -> int:
     print(f"  admin key: {cfg.admin_key_path} (the local CLI uses it)"
           if cfg.admin_key_path.is_file() else
           f"  admin key: from ${cfg.tenancy.admin_key_env} or your own records")
+    if topology.OPENAI.name in cfg.serve.apps:
+        print(f"  OpenAI-compatible API: {plat.openai_base_url} (docs/openai.md)")
     print(f"  metrics: {plat.metrics_url}")
     if plat.prometheus is not None:
         print(f"  prometheus: {plat.prometheus.url} (alert rules from deploy/prometheus/rules)")

@@ -331,6 +331,16 @@ def prefix_cache_salt(tenant: str | None, config: HybridServeConfig) -> str | No
     return f"tenant:{tenant}"
 
 
+def estimated_prompt_tokens(inp: GenerateInput) -> int:
+    """A token per 4 characters of the prompt (or its ids), before it is tokenized:
+    what a request is charged until its prompt's real size is known."""
+    if inp.prompt_token_ids is not None:
+        return len(inp.prompt_token_ids)
+    if inp.messages is not None:
+        return sum(-(-len(c) // 4) for _, c in inp.messages)
+    return -(-len(inp.prompt or "") // 4)
+
+
 def validate_sampling(temperature: float | None, top_p: float | None, stop: Sequence[str],
                       json_schema: str, seed: int | None = None) -> dict | None:
     """Checks sampling values (None: the server's default) as strictly as the engine

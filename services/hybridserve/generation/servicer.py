@@ -33,6 +33,7 @@ from hybridserve.generation.service import (
     GenerateInput,
     GenerationDone,
     GenerationService,
+    estimated_prompt_tokens,
     prefix_cache_salt,
 )
 from hybridserve.errors import DeadlineExceeded, Unavailable
@@ -53,15 +54,6 @@ _FINISH = {
 }
 
 
-
-
-def _estimated_tokens(inp: GenerateInput) -> int:
-    """A token per 4 characters of the prompt (or its ids), before it is tokenized."""
-    if inp.prompt_token_ids is not None:
-        return len(inp.prompt_token_ids)
-    if inp.messages is not None:
-        return sum(-(-len(c) // 4) for _, c in inp.messages)
-    return -(-len(inp.prompt or "") // 4)
 
 
 def _input_from_proto(req: generation_pb2.GenerateRequest) -> GenerateInput:
@@ -239,7 +231,7 @@ class GenerationServicer(ReplicaIntrospection):
             # that AsyncLLM's output handler shares.
             if lease is not None:
                 # An estimate until the prompt is tokenized (a cancel meanwhile pays it).
-                lease.tokens = _estimated_tokens(inp)
+                lease.tokens = estimated_prompt_tokens(inp)
 
             def charge(n_prompt: int) -> None:
                 # Tokenizing is paid for, also when the prompt is then refused.

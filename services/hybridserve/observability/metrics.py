@@ -92,7 +92,7 @@ UNKNOWN_TENANT = "unknown"
 BASE_ADAPTER = "base"
 
 #: Values of the ``service`` label: the gRPC services of the platform.
-SERVICES = ("rag", "retrieval", "rerank", "generation", "admin")
+SERVICES = ("rag", "retrieval", "rerank", "generation", "admin", "openai")
 #: Values of the ``stage`` label. ``first_token`` is time to first token (from the
 #: start of the request); ``total`` is the whole request.
 STAGES = (

@@ -90,6 +90,14 @@ class ServeRetriever:
         return result
 
 
+    async def embed_texts(self, texts: list[str], timeout_s: float) -> tuple[list, int]:
+        """The retrieval model's embeddings of `texts` and the tokens it read."""
+        from ray import serve
+
+        handle = serve.get_deployment_handle(topology.RETRIEVAL.ingress, app_name=self.app)
+        return await _call(handle.embed_for_gateway.remote(list(texts), timeout_s), timeout_s)
+
+
 class ServeReranker:
     def __init__(self, app: str):
         self.app = app

@@ -350,7 +350,7 @@ class RagService:
             # NOTE: aclosing at every level: a client going away must close the chain
             # down to the handle stream now (which cancels the engine request), not
             # whenever the garbage collector finalizes it.
-            generation = self._generate(adapter, gen_inp, tenant.id, remaining, timings, started)
+            generation = self.generate(adapter, gen_inp, tenant.id, remaining, timings, started)
             async with contextlib.aclosing(generation):
                 async for item in generation:
                     if isinstance(item, GenerationDone):
@@ -426,10 +426,11 @@ class RagService:
         order = fusion.order([h.score for h in hits], scores, weight)
         return [Passage(hits[i], fused[i], float(scores[i])) for i in order]
 
-    async def _generate(self, adapter: str, inp: GenerateInput, tenant: str, remaining,
-                        timings: Timings, started: float) -> AsyncIterator:
-        """The generation stream; a replica that fails before the first token is
-        retried once (Serve routes the retry away from a dead replica)."""
+    async def generate(self, adapter: str, inp: GenerateInput, tenant: str, remaining,
+                       timings: Timings, started: float) -> AsyncIterator:
+        """The generation stream (Deltas, then one GenerationDone) through the one handle
+        hop; a replica that fails before the first token is retried once (Serve routes
+        the retry away from a dead replica). `remaining()` gives the seconds left."""
         for attempt in (1, 2):
             timings.generation_started = self.clock()
             stream = self.generator.generate(adapter, inp, tenant, remaining())

@@ -6,7 +6,6 @@ A plain class; `hybridserve.app` deploys it as the `rag` Serve app.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import time
@@ -18,13 +17,13 @@ from hybridserve import observability as obs
 from hybridserve import topology
 from hybridserve.adapters import AdapterRegistry
 from hybridserve.config import HybridServeConfig
-from hybridserve.errors import InvalidArgument, NotFound
+from hybridserve.errors import InvalidArgument
 from hybridserve.generation.engine import Delta
 from hybridserve.grpc_errors import grpc_stream
+from hybridserve.rag.gateway import Gateway
 from hybridserve.rag.service import AskDone, AskInput, RagService, SourcesEvent, Timings
 from hybridserve.retrieval.proto import filters_from_proto
 from hybridserve.tenancy.auth import Tenancy, setup_servicer
-from hybridserve.tenancy.domain import Principal, Tenant
 from hybridserve.v1 import common_pb2, generation_pb2, rag_pb2
 
 logger = logging.getLogger(__name__)
@@ -112,62 +111,27 @@ class RagServicer:
             adapter_exists = AdapterRegistry.from_config(cfg).exists
         self.adapter_exists = adapter_exists
         self.service = service
+        self.gateway = Gateway(cfg, self.tenancy, service, adapter_exists=adapter_exists)
 
     async def shutdown(self) -> None:
         await self.tenancy.close()
-
-    async def _tenant_and_adapter(self, p: Principal, req: rag_pb2.AskRequest) -> tuple[Tenant, str]:
-        if req.base_model and req.adapter:
-            raise InvalidArgument(
-                "base_model asks with the base model: leave adapter empty, or unset base_model",
-                field_violations=[("adapter", "empty with base_model")])
-        if not p.is_admin:
-            p.own_tenant(req.tenant)
-            if req.prompt_only and not req.adapter:
-                # Nothing is generated: no model to authorize (a named adapter still is,
-                # so that its grant is not probed through here).
-                return p.tenant, ""
-            if req.base_model:
-                return p.tenant, p.authorize_adapter("")  # refused without allow_base
-            return p.tenant, p.choose_adapter(req.adapter)
-        tenant_id = await self.tenancy.resolve_tenant(p, req.tenant)
-        tenant = await asyncio.to_thread(self.tenancy.store.get_tenant, tenant_id)
-        adapter = "" if req.base_model else (req.adapter or tenant.default_adapter)
-        if adapter and not await asyncio.to_thread(self.adapter_exists, adapter):
-            raise NotFound(f"unknown adapter {adapter!r}; see `hybridserve adapters list`",
-                           reason="ADAPTER_NOT_FOUND")
-        return tenant, adapter
 
     @grpc_stream(timed=True)
     async def Ask(self, request: rag_pb2.AskRequest, grpc_context: Any = None):
         started = time.perf_counter()
         timings = Timings()
-        # NOTE: at most the quota lease's life, so a stream never outlives its slot.
-        deadline = started + min(_deadline_s(grpc_context, self.config.rag.timeout_s),
-                                 self.config.tenancy.stream_lease_s)
+        deadline_s = _deadline_s(grpc_context, self.config.rag.timeout_s)
         principal = await self.tenancy.authenticate(grpc_context)
         timings.auth = time.perf_counter() - started
-        tenant, adapter = await self._tenant_and_adapter(principal, request)
-        inp = ask_input_from_proto(request)
-        t0 = time.perf_counter()
-        # NOTE: admitted first, then validated: checking a request (a JSON schema of up to
-        # 64 KB, the filters) is work, so a refused request costs a request of the quota.
-        async with self.tenancy.admit(principal, stream=True) as lease:
-            timings.quota = time.perf_counter() - t0
-            plan = self.service.plan(inp)
-            usage = [0, 0]
-            answer = self.service.ask(tenant, adapter, inp, timings=timings, started=started,
-                                      deadline=deadline, usage=usage, plan=plan)
-            whole = request.include_prompt or request.prompt_only
-            # NOTE: aclosing: a client going away closes the pipeline down to the
-            # generation replica at once (the engine aborts the request).
-            try:
-                async with contextlib.aclosing(answer):
-                    async for event in answer:
-                        yield self._to_proto(event, whole)
-            finally:
-                # Tokens per minute: the real usage, also of a cancelled answer.
-                lease.tokens = usage[0] + usage[1]
+        answer = self.gateway.ask(principal, ask_input_from_proto(request),
+                                  tenant_field=request.tenant, base_model=request.base_model,
+                                  started=started, deadline_s=deadline_s, timings=timings)
+        whole = request.include_prompt or request.prompt_only
+        # NOTE: aclosing: a client going away closes the pipeline down to the
+        # generation replica at once (the engine aborts the request).
+        async with contextlib.aclosing(answer):
+            async for event in answer:
+                yield self._to_proto(event, whole)
 
     def _to_proto(self, event, include_prompt: bool = False) -> rag_pb2.AskResponse:
         if isinstance(event, SourcesEvent):

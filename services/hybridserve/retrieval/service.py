@@ -354,6 +354,13 @@ class RetrievalService:
         """Tokens the embedder reads for `query` (what a Search is charged)."""
         return len(self.tokenizer(query, add_special_tokens=True, verbose=False)["input_ids"])
 
+    async def embed_texts(self, texts: Sequence[str]) -> tuple[list[list[float]], int]:
+        """Embeds `texts` with the retrieval model, as documents are embedded: the
+        vectors (as lists) and the tokens the model read (what the caller is charged)."""
+        tokens = sum(self.query_tokens(t) for t in texts)
+        vectors = await self._embed(list(texts)) if texts else []
+        return [[float(x) for x in v] for v in vectors], tokens
+
     async def search(self, q: SearchQuery) -> list[Hit]:
         return (await self.search_timed(q))[0]
 

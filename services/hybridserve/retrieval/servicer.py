@@ -124,6 +124,16 @@ class RetrievalServicer:
             raise DeadlineExceeded("the request's deadline passed during retrieval") from None
         return RetrievalResult(hits, embed_s, retrieve_s)
 
+    async def embed_for_gateway(self, texts: list[str], timeout_s: float | None = None
+                                ) -> tuple[list[list[float]], int]:
+        """Serve handle only: embeddings for the OpenAI-compatible API (`/v1/embeddings`),
+        which has authenticated and admitted the caller. Returns the vectors and the
+        tokens the model read."""
+        try:
+            return await asyncio.wait_for(self.service.embed_texts(texts), timeout_s)
+        except TimeoutError:
+            raise DeadlineExceeded("the request's deadline passed while embedding") from None
+
     # -- RetrievalService -------------------------------------------------------------
 
     @grpc_unary
