@@ -106,12 +106,54 @@ def register() -> bool:
     return True
 
 
+_HTTP_MARK = "__hybridserve_http_routes__"
+
+
+def http_routes_only() -> bool:
+    """Makes Serve's HTTP proxy route only to the HTTP apps (the OpenAI-compatible API,
+    `topology.is_http_route`); a request for a gRPC app's prefix (`/admin`,
+    `/generation`, ...) gets the proxy's own 404 instead of reaching its replicas.
+
+    Why: every app needs a route prefix for Serve's gRPC proxy to route to it, and the
+    HTTP proxy then routes the same prefixes to the apps' replicas, which have no HTTP
+    handler: measured on Serve 2.60, such a request held a generation or RAG replica's
+    slot until the request timeout, with no key checked.
+
+    NOTE: `ProxyRouter.match_route` is what only the HTTP proxy calls (the gRPC proxy
+    matches by app name), so the class-level wrapper leaves gRPC routing alone.
+    Idempotent; False (with a warning) if Serve lacks it."""
+    try:
+        from ray.serve._private.proxy_router import ProxyRouter
+    except ImportError:
+        logger.warning("hybridserve: Serve's proxy router moved; the HTTP port routes every app")
+        return False
+    original = getattr(ProxyRouter, "match_route", None)
+    if original is None:
+        logger.warning("hybridserve: Serve's proxy router lacks match_route; the HTTP port "
+                       "routes every app")
+        return False
+    if getattr(original, _HTTP_MARK, False):
+        return True
+    from hybridserve import topology
+
+    def match_route(self, target_route):
+        matched = original(self, target_route)
+        if matched is not None and not topology.is_http_route(matched[0]):
+            return None
+        return matched
+
+    setattr(match_route, _HTTP_MARK, True)
+    ProxyRouter.match_route = match_route
+    return True
+
+
 def add_to_proxy(servicer, server) -> None:
     """A `grpc_servicer_functions` entry: adds no service; in the proxy process that
-    imports it, applies `register()` and puts the proxy guard
+    imports it, applies `register()` and `http_routes_only()`, and puts the proxy guard
     (`hybridserve.proxy_guard`) in front of every service registered after it.
 
     NOTE: keep it the first hybridserve entry of `grpc_servicer_functions`: services
     registered before it are not guarded."""
     register()
+    http_routes_only()
     proxy_guard.install(server)

@@ -134,6 +134,13 @@ GRPC_SERVICER_FUNCTIONS: tuple[str, ...] = (
 )
 
 
+def is_http_route(route_prefix: str) -> bool:
+    """Whether a Serve route prefix is an HTTP app's (`App.route_prefix` of the HTTP API:
+    `/v1` or `/<instance>/v1`): the only prefixes Serve's HTTP proxy routes to."""
+    head, _, tail = route_prefix.rstrip("/").rpartition("/")
+    return tail == "v1" and (head == "" or head.count("/") == 1)
+
+
 def app_named(name: str) -> App:
     """The declared app called `name` (KeyError if none)."""
     for app in APPS:

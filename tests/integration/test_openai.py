@@ -111,13 +111,14 @@ def test_chat_and_completions_equal_grpc_generate_by_id_name_and_default(platfor
 
 
 def test_response_format_json_schema_gives_valid_json(platform, tenants):
-    schema = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"],
-              "additionalProperties": False}
+    schema = {"type": "object", "properties": {"answer": {"type": "string", "maxLength": 12}},
+              "required": ["answer"], "additionalProperties": False}
     out = _oai(platform, tenants.key_a).chat.completions.create(
-        model="default", messages=[{"role": "user", "content": "a number"}], max_tokens=40,
+        model="default", messages=[{"role": "user", "content": "a word"}], max_tokens=64,
         temperature=0, response_format={"type": "json_schema",
-                                        "json_schema": {"name": "n", "schema": schema}})
-    assert isinstance(json.loads(out.choices[0].message.content)["n"], int)
+                                        "json_schema": {"name": "a", "schema": schema}})
+    assert out.choices[0].finish_reason == "stop", out.choices[0].message.content
+    assert set(json.loads(out.choices[0].message.content)) == {"answer"}
 
 
 def test_rag_answers_with_citation_spans_from_the_tenants_own_sources(platform, tenants):
@@ -126,7 +127,7 @@ def test_rag_answers_with_citation_spans_from_the_tenants_own_sources(platform, 
     a = _oai(platform, tenants.key_a)
     out = a.chat.completions.create(
         model="default", messages=[{"role": "user", "content": "How fast are refunds paid?"}],
-        max_tokens=20, temperature=0,
+        max_tokens=48, temperature=0,
         response_format={"type": "json_schema", "json_schema": {"name": "c", "schema": cite}},
         extra_body={"rag": {"top_k": 4, "min_score": -1}})
     text = out.choices[0].message.content
@@ -142,7 +143,7 @@ def test_rag_answers_with_citation_spans_from_the_tenants_own_sources(platform, 
     # Streamed: the sources in the first chunk, the citations in the last with a choice.
     chunks = list(a.chat.completions.create(
         model="default", messages=[{"role": "user", "content": "How fast are refunds paid?"}],
-        max_tokens=20, temperature=0, stream=True,
+        max_tokens=48, temperature=0, stream=True,
         response_format={"type": "json_schema", "json_schema": {"name": "c", "schema": cite}},
         extra_body={"rag": {"top_k": 4, "min_score": -1}}))
     assert {s["doc_id"] for s in chunks[0].model_extra["sources"]} == sources
@@ -285,3 +286,14 @@ def test_smollm2_rag_through_http_equals_ask_through_grpc(platform):
     assert [s["doc_id"] for s in out.model_extra["sources"]] == [
         s.doc_id for s in answer.citations]
     assert out.usage.completion_tokens == answer.final.usage.completion_tokens
+
+
+def test_the_http_port_routes_only_the_http_api(platform):
+    """The gRPC apps' route prefixes get the proxy's own 404 on the HTTP port, at once:
+    without the guard such a request held a generation replica's slot, keyless."""
+    port = platform.main.serve.http_port
+    for path, status in (("/generation", "404"), ("/rag", "404"), ("/admin", "404"),
+                         ("/v1/models", "401")):
+        r = subprocess.run(["curl", "-s", "-m", "20", "-o", "/dev/null", "-w", "%{http_code}",
+                            f"http://127.0.0.1:{port}{path}"], capture_output=True, text=True)
+        assert r.stdout == status, (path, r.stdout)
