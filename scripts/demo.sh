@@ -119,6 +119,24 @@ sys.exit(1 if leaked else 0)'
 echo "  and asking acme's question gets globex's own (irrelevant) documents or a refusal:"
 as_b $HS ask --address "$ADDR" --temperature 0 --max-tokens 48 "$QUESTION_A"
 
+OPENAI_URL=$(sed -n 's/^  OpenAI-compatible API: \([^ ]*\).*/\1/p' "$LOG" | head -1)
+say "the same question through the OpenAI-compatible API ($OPENAI_URL, the official openai client, acme's key)"
+OPENAI_API_KEY=$KEY_A $PY - "$OPENAI_URL" "$QUESTION_A" <<'PYEOF'
+import sys
+import openai
+
+client = openai.OpenAI(base_url=sys.argv[1], max_retries=2)
+print("  models acme may use:", ", ".join(m.id for m in client.models.list()))
+out = client.chat.completions.create(
+    model="default", messages=[{"role": "user", "content": sys.argv[2]}], max_tokens=96,
+    temperature=0, extra_body={"rag": {}})
+print("  answer:", out.choices[0].message.content.strip())
+for c in out.model_extra["citations"]:
+    print(f"  cites {c['numbers']} at {c['start']}-{c['end']}:",
+          ", ".join(s["title"] for s in c["sources"]))
+print(f"  {out.usage.total_tokens} tokens; retrieve {out.model_extra['rag']['timings']['retrieve_ms']:.0f} ms")
+PYEOF
+
 METRICS=$(sed -n 's/^  metrics: //p' "$LOG" | head -1)
 say "what the platform measured ($METRICS, what Prometheus scrapes; Ray reports every 10 s)"
 $PY - "$METRICS" "$PIRATE" "$JSONA" <<'PYEOF'

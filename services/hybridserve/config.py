@@ -213,7 +213,8 @@ AppName = Literal[topology.OPTIONAL_APPS]  # type: ignore[valid-type]
 
 
 class ServeConfig(_Strict):
-    grpc_host: str = Field("127.0.0.1", description="Address Serve's gRPC proxy binds.")
+    grpc_host: str = Field("127.0.0.1", description="Address Serve's gRPC and HTTP proxies "
+                           "bind.")
     grpc_port: int = Field(constants.DEFAULT_GRPC_PORT, ge=1, le=65535, description="gRPC port.")
     http_port: int = Field(
         constants.DEFAULT_HTTP_PORT, ge=1, le=65535, description="Serve's HTTP proxy port."
@@ -764,6 +765,9 @@ class OpenAIConfig(DeploymentConfig):
         1024 * 1024, ge=1024, le=64 * 1024 * 1024,
         description="Largest request body accepted, in bytes; a larger one is refused with 413 "
         "before it is read past this size.")
+    body_timeout_s: float = Field(
+        10.0, gt=0, le=300, description="Longest a client may take to send a request body "
+        "(a slow sender holds an admitted request's slot); past it, 400.")
     max_embedding_inputs: int = Field(
         64, ge=1, le=2048, description="Most texts in one /v1/embeddings request.")
     max_embedding_chars: int = Field(

@@ -111,6 +111,47 @@ def credential_problem(metadata) -> BaseException | None:
     return None
 
 
+# -- Serve's HTTP proxy (the OpenAI-compatible API) -------------------------------------
+
+#: Paths Serve's HTTP proxy answers itself (`/-/healthz`, `/-/routes`), without a key.
+HTTP_PROXY_PATHS = "/-/"
+
+
+def http_max_body(env=os.environ) -> int:
+    """The most request-body bytes the HTTP proxy takes per request: serve.max_message_bytes
+    (RAY_SERVE_GRPC_MAX_MESSAGE_SIZE, the gRPC proxy's own bound per call)."""
+    try:
+        return max(64 * 1024, int(env.get("RAY_SERVE_GRPC_MAX_MESSAGE_SIZE", "")))
+    except ValueError:
+        return 4 * 1024 * 1024
+
+
+def http_refusal(scope: dict, max_body: int) -> tuple[int, dict] | None:
+    """What Serve's HTTP proxy answers itself, before routing (None: route it). A request
+    with no well-formed `Authorization: Bearer <key>` gets a 401, one whose
+    Content-Length is over `max_body` a 413, both as OpenAI's error object, without
+    reaching a replica or buffering the body."""
+    if scope.get("type") != "http" or scope.get("path", "").startswith(HTTP_PROXY_PATHS):
+        return None
+    headers = scope.get("headers") or ()
+    auth = [(topology.AUTHORIZATION_HEADER, v.decode("latin-1")) for k, v in headers
+            if k.lower() == b"authorization"]
+    err = credential_problem(auth)
+    if err is not None:
+        message = err.message.replace("the metadata", "the header").replace(
+            "metadata", "header").replace(" (the SDK takes api_key= or $HYBRIDSERVE_API_KEY)",
+                                          " (OpenAI's clients: api_key=...)")
+        return 401, {"error": {"message": message, "type": "authentication_error",
+                               "param": None, "code": err.reason.lower()}}
+    for k, v in headers:
+        if k.lower() == b"content-length":
+            if not v.isdigit() or int(v) > max_body:
+                return 413, {"error": {
+                    "message": f"the request body is larger than {max_body} bytes; send less",
+                    "type": "invalid_request_error", "param": None, "code": "body_too_large"}}
+    return None
+
+
 class ProxyGuard:
     """Counts the calls in flight (keyless ones, and per connection) and refuses
     past the limits. One per proxy process; every handler runs on its event loop."""

@@ -110,8 +110,8 @@ _HTTP_MARK = "__hybridserve_http_routes__"
 
 
 def http_routes_only() -> bool:
-    """Makes Serve's HTTP proxy route only to the HTTP apps (the OpenAI-compatible API,
-    `topology.is_http_route`); a request for a gRPC app's prefix (`/admin`,
+    """Makes Serve's HTTP proxy route only to the HTTP apps' ingresses (the
+    OpenAI-compatible API, `topology.HTTP_INGRESSES`); a request for a gRPC app's prefix (`/admin`,
     `/generation`, ...) gets the proxy's own 404 instead of reaching its replicas.
 
     Why: every app needs a route prefix for Serve's gRPC proxy to route to it, and the
@@ -138,7 +138,12 @@ def http_routes_only() -> bool:
 
     def match_route(self, target_route):
         matched = original(self, target_route)
-        if matched is not None and not topology.is_http_route(matched[0]):
+        if matched is None:
+            return None
+        # By the deployment the route leads to (an HTTP app's ingress), never by the
+        # prefix's shape; anything unexpected routes nowhere.
+        endpoint = getattr(self, "route_info", {}).get(matched[0])
+        if getattr(endpoint, "name", None) not in topology.HTTP_INGRESSES:
             return None
         return matched
 
@@ -147,13 +152,116 @@ def http_routes_only() -> bool:
     return True
 
 
+def no_client_overrides() -> bool:
+    """Serve's HTTP proxy honours two client headers that are the operator's to decide:
+    `x-request-timeout-seconds` (0 or less turns the proxy's timeout off) and
+    `x-request-disconnect-disabled: ?1` (a client that hangs up no longer cancels its
+    request, so the engine keeps generating for nobody). Here a client may shorten its
+    timeout, never lengthen or disable it, and a hang-up always cancels.
+
+    NOTE: wraps the two parsers `ray.serve._private.proxy` calls per request (module
+    globals, so the proxy's next call uses these). Idempotent; False if Serve lacks them."""
+    try:
+        from ray.serve._private import proxy
+    except ImportError:
+        return False
+    parse_timeout = getattr(proxy, "parse_request_timeout_header", None)
+    if parse_timeout is None or not hasattr(proxy, "parse_disconnect_disabled_header"):
+        logger.warning("hybridserve: Serve's proxy lacks the header parsers; its client "
+                       "timeout and disconnect hints stay on")
+        return False
+    if getattr(parse_timeout, _HTTP_MARK, False):
+        return True
+
+    def parse_request_timeout_header(headers, default_timeout_s):
+        asked = parse_timeout(headers, default_timeout_s)
+        if asked is None or (default_timeout_s is not None and asked > default_timeout_s):
+            return default_timeout_s
+        return asked
+
+    def parse_disconnect_disabled_header(headers) -> bool:
+        return False
+
+    for fn in (parse_request_timeout_header, parse_disconnect_disabled_header):
+        setattr(fn, _HTTP_MARK, True)
+    proxy.parse_request_timeout_header = parse_request_timeout_header
+    proxy.parse_disconnect_disabled_header = parse_disconnect_disabled_header
+    return True
+
+
+def guard_http() -> bool:
+    """Puts `proxy_guard.http_refusal` in front of Serve's HTTP proxy, and bounds the body
+    it buffers per request.
+
+    Why: Serve's HTTP proxy copies a request's body into an unbounded queue before any
+    replica looks at it, so a keyless client could make the proxy (which also serves
+    gRPC) hold any amount of memory, and every keyless request took a replica slot to
+    learn it is a 401. Now a request without a well-formed key, or with a declared body
+    over the bound, is answered by the proxy itself; a body that streams in past the
+    bound (no Content-Length) is cut off and the request ends as a client disconnect.
+
+    NOTE: wraps `HTTPProxy.__call__` (the ASGI entry uvicorn calls per request) and
+    `HTTPProxy.proxy_asgi_receive` (what fills the queue). Idempotent; False if Serve
+    lacks them."""
+    try:
+        from ray.serve._private.proxy import HTTPProxy
+    except ImportError:
+        logger.warning("hybridserve: Serve's HTTP proxy moved; its requests are not guarded")
+        return False
+    call = getattr(HTTPProxy, "__call__", None)
+    receive_into = getattr(HTTPProxy, "proxy_asgi_receive", None)
+    if call is None or receive_into is None:
+        logger.warning("hybridserve: Serve's HTTP proxy lacks its ASGI entry; its requests "
+                       "are not guarded")
+        return False
+    if getattr(call, _HTTP_MARK, False):
+        return True
+    import json
+
+    max_body = proxy_guard.http_max_body()
+
+    async def __call__(self, scope, receive, send):
+        refusal = proxy_guard.http_refusal(scope, max_body)
+        if refusal is None:
+            return await call(self, scope, receive, send)
+        status, body = refusal
+        payload = json.dumps(body).encode()
+        await send({"type": "http.response.start", "status": status,
+                    "headers": [(b"content-type", b"application/json"),
+                                (b"content-length", str(len(payload)).encode())]})
+        await send({"type": "http.response.body", "body": payload})
+
+    async def proxy_asgi_receive(self, receive, queue):
+        taken = 0
+
+        async def bounded():
+            nonlocal taken
+            message = await receive()
+            if message.get("type") == "http.request":
+                taken += len(message.get("body") or b"")
+                if taken > max_body:
+                    return {"type": "http.disconnect"}
+            return message
+
+        return await receive_into(self, bounded, queue)
+
+    for fn in (__call__, proxy_asgi_receive):
+        setattr(fn, _HTTP_MARK, True)
+    HTTPProxy.__call__ = __call__
+    HTTPProxy.proxy_asgi_receive = proxy_asgi_receive
+    return True
+
+
 def add_to_proxy(servicer, server) -> None:
     """A `grpc_servicer_functions` entry: adds no service; in the proxy process that
-    imports it, applies `register()` and `http_routes_only()`, and puts the proxy guard
+    imports it, applies `register()` and the HTTP proxy's guards (`http_routes_only()`,
+    `no_client_overrides()`, `guard_http()`), and puts the proxy guard
     (`hybridserve.proxy_guard`) in front of every service registered after it.
 
     NOTE: keep it the first hybridserve entry of `grpc_servicer_functions`: services
     registered before it are not guarded."""
     register()
     http_routes_only()
+    no_client_overrides()
+    guard_http()
     proxy_guard.install(server)

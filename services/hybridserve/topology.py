@@ -114,6 +114,8 @@ OPENAI = _declare(App("openai", "", "", ("OpenAIIngress",),
 APPS: tuple[App, ...] = tuple(_declared)
 #: The apps that serve a gRPC service (all but the HTTP API).
 GRPC_APPS: tuple[App, ...] = tuple(a for a in APPS if not a.is_http)
+#: The deployments Serve's HTTP proxy may route to (`serve_patches.http_routes_only`).
+HTTP_INGRESSES: tuple[str, ...] = tuple(a.ingress for a in APPS if a.is_http)
 #: The apps that always run (the control plane), deployed first.
 ALWAYS_APPS: tuple[str, ...] = tuple(a.name for a in APPS if a.always)
 #: The apps `serve.apps` may choose (and its default: all of them).
@@ -132,13 +134,6 @@ GRPC_SERVICER_FUNCTIONS: tuple[str, ...] = (
     *(a.servicer_function for a in APPS if not a.is_http),
     HEALTH_SERVICER_FUNCTION,
 )
-
-
-def is_http_route(route_prefix: str) -> bool:
-    """Whether a Serve route prefix is an HTTP app's (`App.route_prefix` of the HTTP API:
-    `/v1` or `/<instance>/v1`): the only prefixes Serve's HTTP proxy routes to."""
-    head, _, tail = route_prefix.rstrip("/").rpartition("/")
-    return tail == "v1" and (head == "" or head.count("/") == 1)
 
 
 def app_named(name: str) -> App:

@@ -114,3 +114,13 @@ def test_eval_benchmark_smoke(platform):
     assert result["finetune"]["steps"] == 1 and result["finetune"]["adapter"]
     assert set(result["northwind"]["summaries"]) == {"base", "adapter", "rag", "rag+adapter"}
     assert set(result["transfer"]["summaries"]) == {"rag", "rag+adapter"}
+
+
+def test_openai_api_benchmark_smoke(platform):
+    result = _smoke("openai_api.py", "--address", platform.address,
+                    "--api-key-file", str(platform.main.admin_key_path),
+                    "--openai-url", platform.openai_url(), "--adapter", platform.ids["alpha"])
+    assert result["adapter"] == platform.ids["alpha"]
+    assert result["stream"]["http"]["tokens_per_round"][0] > 0
+    assert result["stream"]["grpc"]["tokens_per_round"][0] > 0
+    assert result["ttft"]["requests_per_arm"] == 2 and result["rag"]["questions_per_arm"] == 2

@@ -166,6 +166,10 @@ async def test_bad_bodies_are_400_and_big_ones_413_before_they_are_read(env):
     assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_json"
     r = await client.post("/chat/completions", content=b'{"temperature": NaN}', headers=h)
     assert r.status_code == 400
+    # A lone surrogate: valid JSON, but no text a tokenizer takes.
+    r = await client.post("/chat/completions", headers=h, content=(
+        b'{"model": "default", "messages": [{"role": "user", "content": "\\ud800"}]}'))
+    assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_json"
     r = await client.post("/chat/completions", content=b"x" * 5000, headers=h)
     assert r.status_code == 413 and r.json()["error"]["code"] == "body_too_large"
     # Without a key nothing is read: the same body is a 401.
@@ -184,6 +188,9 @@ async def test_a_quota_refusal_is_429_with_retry_after(env):
     assert r.status_code == 429
     assert r.headers["retry-after"] == "3" and r.headers["retry-after-ms"] == "2500"
     assert r.json()["error"]["type"] == "rate_limit_error"
+    # Admitted before the body is read: an over-quota caller's body is never parsed.
+    r = await client.post("/chat/completions", headers=_auth(secrets["acme"]), content=b"{bad")
+    assert r.status_code == 429
 
 
 async def _limit(tenancy, tid):

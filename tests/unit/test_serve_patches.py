@@ -72,3 +72,58 @@ def test_other_statuses_stay_serves(proxy, exc, code):
     ctx = FakeContext()
     proxy.set_grpc_code_and_details(ctx, status)
     assert ctx.code() == code and not ctx.trailing_metadata()
+
+
+def test_http_clients_may_shorten_but_never_lift_the_timeout_or_keep_running_after_hanging_up():
+    from ray.serve._private import proxy
+
+    from hybridserve.serve_patches import no_client_overrides
+
+    assert no_client_overrides() and no_client_overrides()  # idempotent
+    timeout = proxy.parse_request_timeout_header
+    header = b"x-request-timeout-seconds"
+    assert timeout({}, 300.0) == 300.0
+    assert timeout({header: b"5"}, 300.0) == 5.0
+    assert timeout({header: b"0"}, 300.0) == 300.0  # Serve: "disable the timeout"
+    assert timeout({header: b"9999"}, 300.0) == 300.0
+    assert proxy.parse_disconnect_disabled_header({b"x-request-disconnect-disabled": b"?1"}) is False
+
+
+def test_the_http_proxy_routes_only_to_the_http_apis_ingress():
+    from types import SimpleNamespace
+
+    from ray.serve._private.common import DeploymentID
+    from ray.serve._private.proxy_router import ProxyRouter
+
+    from hybridserve.serve_patches import http_routes_only
+
+    assert http_routes_only() and http_routes_only()
+    ids = {"/v1": DeploymentID(name="OpenAIIngress", app_name="openai"),
+           "/generation": DeploymentID(name="GenerationService", app_name="generation"),
+           "/x/v1": DeploymentID(name="RagService", app_name="x")}  # shaped like the API's
+    router = SimpleNamespace(sorted_routes=sorted(ids, key=len, reverse=True), route_info=ids,
+                             handles={d: f"handle:{d.name}" for d in ids.values()},
+                             app_to_is_cross_language={d.app_name: False for d in ids.values()})
+    assert ProxyRouter.match_route(router, "/v1/models")[1] == "handle:OpenAIIngress"
+    assert ProxyRouter.match_route(router, "/generation") is None
+    assert ProxyRouter.match_route(router, "/x/v1/models") is None
+    assert ProxyRouter.match_route(router, "/nowhere") is None
+
+
+def test_the_http_proxy_refuses_keyless_and_oversized_requests_itself():
+    from hybridserve.proxy_guard import http_refusal
+
+    def scope(path="/v1/models", **headers):
+        return {"type": "http", "path": path,
+                "headers": [(k.replace("_", "-").encode(), v.encode()) for k, v in headers.items()]}
+
+    from hybridserve.tenancy import keys
+
+    key = "Bearer " + keys.generate("tenant").key
+    status, body = http_refusal(scope(), 1024)
+    assert status == 401 and body["error"]["code"] == "api_key_missing"
+    assert http_refusal(scope(authorization="Bearer nope"), 1024)[0] == 401
+    assert http_refusal(scope("/-/healthz"), 1024) is None  # the proxy's own routes
+    assert http_refusal(scope(authorization=key, content_length="2048"), 1024)[0] == 413
+    assert http_refusal(scope(authorization=key, content_length="-1"), 1024)[0] == 413
+    assert http_refusal(scope(authorization=key, content_length="100"), 1024) is None

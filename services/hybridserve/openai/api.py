@@ -11,11 +11,12 @@ Serve mounts them under the app's route prefix (`/v1`). Every route needs
 under the key's tenant quotas, as the gRPC methods are: a route authenticates (no body
 is read before), reads at most `openai.max_body_bytes`, converts, and calls the
 gateway. Errors are OpenAI's error object (`errors.py`); a stream that fails after
-its first byte ends with an `error` event.
+its first byte ends with one `data: {"error": {...}}` event.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
 import json
@@ -28,10 +29,17 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.requests import ClientDisconnect
 
 from hybridserve import observability as obs
 from hybridserve.config import HybridServeConfig
-from hybridserve.errors import HybridServeError, InvalidArgument, NotFound, Unauthenticated
+from hybridserve.errors import (
+    Cancelled,
+    HybridServeError,
+    InvalidArgument,
+    NotFound,
+    Unauthenticated,
+)
 from hybridserve.generation.engine import Delta
 from hybridserve.generation.service import GenerationDone
 from hybridserve.openai import convert, schemas
@@ -82,6 +90,19 @@ def _no_constants(name: str):
     raise ValueError(f"{name} is not JSON")
 
 
+def _parse(body: bytes, cls):
+    """JSON `body` as `cls` (InvalidArgument for anything else): strict JSON (no NaN),
+    and text that is valid Unicode (JSON's escapes can spell lone surrogates, which no
+    tokenizer takes)."""
+    try:
+        data = json.loads(body, parse_constant=_no_constants)
+        json.dumps(data, ensure_ascii=False).encode()
+    except (ValueError, RecursionError) as e:
+        raise InvalidArgument(f"the request body is not valid JSON ({str(e)[:200]})",
+                              reason="INVALID_JSON") from None
+    return schemas.parse(cls, data)
+
+
 def build_api(gateway: Gateway, config: HybridServeConfig, *, embedding_model: str = "") -> FastAPI:
     """The FastAPI app of the OpenAI-compatible API over `gateway`.
 
@@ -108,7 +129,9 @@ def build_api(gateway: Gateway, config: HybridServeConfig, *, embedding_model: s
         finally:
             obs.observe_stage("auth", time.perf_counter() - t0, service=METRICS_SERVICE)
 
-    async def read_json(request: Request) -> Any:
+    async def read_body(request: Request, cls):
+        """The body as `cls`: at most `openai.max_body_bytes`, within
+        `openai.body_timeout_s`, parsed off the event loop."""
         limit = config.openai.max_body_bytes
         too_big = PayloadTooLarge(
             f"the request body is larger than {limit} bytes (openai.max_body_bytes); send "
@@ -117,15 +140,19 @@ def build_api(gateway: Gateway, config: HybridServeConfig, *, embedding_model: s
         if length.isdigit() and int(length) > limit:
             raise too_big
         body = bytearray()
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > limit:
-                raise too_big
         try:
-            return json.loads(bytes(body), parse_constant=_no_constants)
-        except (ValueError, RecursionError) as e:
-            raise InvalidArgument(f"the request body is not valid JSON ({str(e)[:200]})",
-                                  reason="INVALID_JSON") from None
+            async with asyncio.timeout(config.openai.body_timeout_s):
+                async for chunk in request.stream():
+                    body += chunk
+                    if len(body) > limit:
+                        raise too_big
+        except TimeoutError:
+            raise InvalidArgument(
+                f"the request body did not arrive within {config.openai.body_timeout_s:g} s "
+                "(openai.body_timeout_s)", reason="BODY_TIMEOUT") from None
+        except ClientDisconnect:
+            raise Cancelled("the client went away while sending the body") from None
+        return await asyncio.to_thread(_parse, bytes(body), cls)
 
     def model_json(p: Principal, m: ModelEntry) -> dict:
         base = config.model.name
@@ -144,6 +171,9 @@ def build_api(gateway: Gateway, config: HybridServeConfig, *, embedding_model: s
         except Exception as e:  # noqa: BLE001 - every error becomes OpenAI's error object
             seen.fail(e)
             return _error_response(e)
+        except BaseException:
+            seen.code = "CANCELLED"
+            raise
         finally:
             seen.finish()
 
@@ -164,6 +194,9 @@ def build_api(gateway: Gateway, config: HybridServeConfig, *, embedding_model: s
         except Exception as e:  # noqa: BLE001
             seen.fail(e)
             return _error_response(e)
+        except BaseException:
+            seen.code = "CANCELLED"
+            raise
         finally:
             seen.finish()
 
@@ -180,14 +213,22 @@ def build_api(gateway: Gateway, config: HybridServeConfig, *, embedding_model: s
         started = time.perf_counter()
         timings = Timings()
         events = None
+        # The admission (a stream slot, a request) lasts as long as the answer does.
+        stack = contextlib.AsyncExitStack()
         try:
             p = await authenticate(request)
             timings.auth = time.perf_counter() - started
-            req = schemas.parse(cls, await read_json(request))
+            # Admitted before the body is read: reading, parsing and resolving the model
+            # are work, and an over-quota caller gets its 429 without any of it.
+            t0 = time.perf_counter()
+            lease = await stack.enter_async_context(tenancy.admit(p, stream=True))
+            timings.quota = time.perf_counter() - t0
+            req = await read_body(request, cls)
             request_id = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
             rag = req.rag is not None
-            if rag and req.model == DEFAULT_MODEL:
-                # The Ask pipeline applies the tenant's default adapter (an admin's too).
+            if rag and req.model == DEFAULT_MODEL and p.is_admin:
+                # The tenant an admin names is known to the pipeline only: it applies
+                # that tenant's default adapter.
                 adapter, resolved = "", False
             else:
                 adapter, resolved = await gateway.resolve_model(p, req.model), True
@@ -196,10 +237,10 @@ def build_api(gateway: Gateway, config: HybridServeConfig, *, embedding_model: s
                 events = gateway.ask(p, convert.ask_input(req, adapter, request_id),
                                      tenant_field=req.rag.tenant, started=started,
                                      deadline_s=config.rag.timeout_s, timings=timings,
-                                     adapter_resolved=resolved)
+                                     adapter_resolved=resolved, lease=lease)
             else:
                 events = gateway.generate(p, convert.generate_input(req, adapter, request_id),
-                                          started=started,
+                                          started=started, lease=lease,
                                           deadline_s=config.serve.request_timeout_s)
             # The first event before any byte goes out: an error until then (quota,
             # validation, a failed replica) is a proper HTTP status.
@@ -207,19 +248,21 @@ def build_api(gateway: Gateway, config: HybridServeConfig, *, embedding_model: s
         except Exception as e:  # noqa: BLE001
             if events is not None:
                 await events.aclose()
+            await stack.aclose()
             seen.fail(e)
             seen.finish()
             return _error_response(e)
         except BaseException:
             if events is not None:
                 await events.aclose()
+            await stack.aclose()
             seen.code = "CANCELLED"
             seen.finish()
             raise
         answer = _Answer(kind, request_id, int(time.time()), model, config, req)
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return StreamingResponse(answer.stream(first, events, seen, include_usage),
+            return StreamingResponse(answer.stream(first, events, seen, include_usage, stack),
                                      media_type="text/event-stream", headers=_SSE_HEADERS)
         try:
             async with contextlib.aclosing(events):
@@ -234,20 +277,27 @@ def build_api(gateway: Gateway, config: HybridServeConfig, *, embedding_model: s
             seen.code = "CANCELLED"
             raise
         finally:
+            await stack.aclose()
             seen.finish()
 
     @api.post("/embeddings")
     async def embeddings(request: Request):
         seen = _Observed("Embeddings")
+        stack = contextlib.AsyncExitStack()
         try:
             p = await authenticate(request)
-            req = schemas.parse(schemas.EmbeddingRequest, await read_json(request))
+            lease = await stack.enter_async_context(tenancy.admit(p))
+            req = await read_body(request, schemas.EmbeddingRequest)
+            if not req.model:
+                raise InvalidArgument(f"model is required: {embedding_model!r} or "
+                                      f"{DEFAULT_MODEL!r}", field_violations=[("model", "required")])
             if req.model not in (embedding_model, DEFAULT_MODEL):
                 raise NotFound(f"unknown embedding model {req.model[:200]!r}; this platform "
                                f"embeds with {embedding_model!r} (or say {DEFAULT_MODEL!r})",
                                reason="MODEL_NOT_FOUND")
             texts = _embedding_texts(req.input, config)
-            vectors, tokens = await gateway.embed(p, texts, deadline_s=config.serve.request_timeout_s)
+            vectors, tokens = await gateway.embed(p, texts, lease=lease,
+                                                  deadline_s=config.serve.request_timeout_s)
             if req.dimensions is not None and vectors and req.dimensions != len(vectors[0]):
                 raise InvalidArgument(
                     f"dimensions must be {len(vectors[0])} (the model's), got {req.dimensions}",
@@ -259,7 +309,11 @@ def build_api(gateway: Gateway, config: HybridServeConfig, *, embedding_model: s
         except Exception as e:  # noqa: BLE001
             seen.fail(e)
             return _error_response(e)
+        except BaseException:
+            seen.code = "CANCELLED"
+            raise
         finally:
+            await stack.aclose()
             seen.finish()
 
     @api.exception_handler(404)
@@ -326,8 +380,12 @@ class _Answer:
             self.text.append(item.text)
             return item.text
         self.done = item
-        if isinstance(item, AskDone) and item.adapter:
-            self.model = item.adapter
+        if isinstance(item, AskDone):
+            if item.adapter:
+                self.model = item.adapter
+            for stage in ("embed", "retrieve", "rerank", "prompt", "first_token"):
+                if value := getattr(item.timings, stage):
+                    obs.observe_stage(stage, value, service=METRICS_SERVICE)
         return None
 
     def _usage(self) -> dict:
@@ -354,7 +412,8 @@ class _Answer:
         return out
 
     async def stream(self, first, events: AsyncIterator, seen: _Observed,
-                     include_usage: bool) -> AsyncIterator[bytes]:
+                     include_usage: bool, admission: contextlib.AsyncExitStack,
+                     ) -> AsyncIterator[bytes]:
         chunk = convert.chunk_object
         sent_first = False
         try:
@@ -399,4 +458,6 @@ class _Answer:
             seen.code = "CANCELLED"
             raise
         finally:
+            # The quota slot and the token debit end with the stream, however it ends.
+            await admission.aclose()
             seen.finish()

@@ -71,6 +71,9 @@ def error_body(err: BaseException) -> tuple[int, dict, dict[str, str]]:
         message = message[: _MAX_MESSAGE_CHARS - 15] + "... [truncated]"
     param = _param(err.field_violations[0][0]) if err.field_violations else None
     headers: dict[str, str] = {}
+    if status in (501, 504):
+        # OpenAI's clients retry every 5xx; these would only fail (and cost) again.
+        headers["x-should-retry"] = "false"
     if err.retry_after is not None:
         # Whole seconds (RFC 9110); the exact delay too, which openai-python prefers.
         headers["retry-after"] = str(max(1, math.ceil(err.retry_after)))

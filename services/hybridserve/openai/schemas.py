@@ -9,7 +9,7 @@ is ignored, as OpenAI does.
 from __future__ import annotations
 
 import json
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -63,7 +63,7 @@ class TextPart(_Body):
 
 class Message(_Body):
     role: str
-    content: str | list[TextPart] | None = None
+    content: str | Annotated[list[TextPart], Field(max_length=1024)] | None = None
 
     def text(self, index: int) -> str:
         if isinstance(self.content, str):
@@ -86,7 +86,7 @@ class _Sampling(_Body):
     temperature: float | None = None
     top_p: float | None = None
     seed: int | None = None
-    stop: str | list[str] | None = None
+    stop: str | Annotated[list[str], Field(max_length=64)] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = Field(None, max_length=256)
@@ -103,7 +103,7 @@ class _Sampling(_Body):
 
 
 class ChatRequest(_Sampling):
-    messages: list[Message] = Field(min_length=1)
+    messages: list[Message] = Field(min_length=1, max_length=1024)
     max_completion_tokens: int | None = None
     response_format: ResponseFormat | None = None
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from hybridserve.adapters import AdapterRecord
 from hybridserve.adapters.ids import ID_RE, NAME_RE
 from hybridserve.config import HybridServeConfig
-from hybridserve.errors import DeadlineExceeded, InvalidArgument, NotFound
+from hybridserve.errors import DeadlineExceeded, InvalidArgument, NotFound, Unavailable
 from hybridserve.generation.engine import Delta
 from hybridserve.generation.service import (
     GenerateInput,
@@ -31,9 +31,10 @@ from hybridserve.generation.service import (
     estimated_prompt_tokens,
     validate_sampling,
 )
-from hybridserve.rag.service import AskInput, RagService, Timings
+from hybridserve.rag.service import AskInput, RagService, ReplicaFailed, Timings
 from hybridserve.tenancy.auth import Tenancy
 from hybridserve.tenancy.domain import Principal, Tenant
+from hybridserve.tenancy.quotas import Lease
 
 #: The `model` value that means the tenant's default (its default adapter, else the base).
 DEFAULT_MODEL = "default"
@@ -144,13 +145,39 @@ class Gateway:
 
     # -- the data paths --------------------------------------------------------------
 
+    @contextlib.asynccontextmanager
+    async def _admitted(self, p: Principal, lease: Lease | None, *, stream: bool):
+        """`lease` when the transport admitted the request already (before reading its
+        body), else a new admission under the tenant's quotas."""
+        if lease is not None:
+            yield lease
+            return
+        async with self.tenancy.admit(p, stream=stream) as admitted:
+            yield admitted
+
+    async def prompt_tokens(self, inp: GenerateInput) -> int:
+        """The prompt's tokens by the served model's tokenizer (its contents, without the
+        chat template), what a generation is charged until the replica reports the real
+        count: a client hanging up early still pays its prompt."""
+        if inp.prompt_token_ids is not None:
+            return len(inp.prompt_token_ids)
+        if inp.messages is None:
+            text = inp.prompt or ""
+        else:
+            text = "\n".join(c for _, c in inp.messages)
+        try:
+            return await asyncio.to_thread(lambda: len(self.rag.prompts.tok.encode(text)))
+        except Exception:  # noqa: BLE001 - the replica refuses what cannot be tokenized
+            return estimated_prompt_tokens(inp)
+
     async def ask(self, p: Principal, inp: AskInput, *, tenant_field: str = "",
                   base_model: bool = False, started: float, deadline_s: float,
                   timings: Timings, adapter_resolved: bool = False,
-                  ) -> AsyncIterator:
+                  lease: Lease | None = None) -> AsyncIterator:
         """Answers `inp` from the tenant's documents: SourcesEvent, Deltas, AskDone.
         Admitted under the tenant's quotas and debited with the tokens used, also when
-        the consumer closes the stream early (which cancels the engine request).
+        the consumer closes the stream early (which cancels the engine request);
+        `lease`: the transport's own admission (a stream), if it admitted first.
 
         `adapter_resolved`: `inp.adapter` is already resolved and authorized (the HTTP
         API resolves `model` first); the tenant's default is then not applied again.
@@ -172,8 +199,9 @@ class Gateway:
         t0 = self.clock()
         # NOTE: admitted first, then validated: checking a request (a JSON schema of up to
         # 64 KB, the filters) is work, so a refused request costs a request of the quota.
-        async with self.tenancy.admit(p, stream=True) as lease:
-            timings.quota = self.clock() - t0
+        async with self._admitted(p, lease, stream=True) as lease:
+            if not timings.quota:
+                timings.quota = self.clock() - t0
             plan = self.rag.plan(inp)
             usage = [0, 0]
             answer = self.rag.ask(tenant, adapter, inp, timings=timings, started=started,
@@ -189,16 +217,18 @@ class Gateway:
                 lease.tokens = usage[0] + usage[1]
 
     async def generate(self, p: Principal, inp: GenerateInput, *, started: float,
-                       deadline_s: float) -> AsyncIterator[Delta | GenerationDone]:
+                       deadline_s: float, lease: Lease | None = None,
+                       ) -> AsyncIterator[Delta | GenerationDone]:
         """A generation without retrieval through the same handle hop as Ask's: Deltas,
         then one GenerationDone. `inp.adapter` must be resolved (`resolve_model`).
         Admitted and debited as `ask` is; a replica that fails before the first token is
         retried once."""
         deadline = started + min(deadline_s, self.config.tenancy.stream_lease_s)
         p.authorize_adapter(inp.adapter)
-        async with self.tenancy.admit(p, stream=True) as lease:
+        async with self._admitted(p, lease, stream=True) as lease:
             # An estimate until the replica reports the prompt's size (a cancel pays it).
             lease.tokens = estimated_prompt_tokens(inp)
+            lease.tokens = await self.prompt_tokens(inp)
             validate_sampling(inp.temperature, inp.top_p, tuple(inp.stop), inp.json_schema,
                               inp.seed)
 
@@ -219,7 +249,7 @@ class Gateway:
                     yield item
 
     async def embed(self, p: Principal, texts: list[str], *, deadline_s: float,
-                    tenant_field: str = "") -> tuple[list, int]:
+                    tenant_field: str = "", lease: Lease | None = None) -> tuple[list, int]:
         """Embeds `texts` with the retrieval model, charged to the caller's tenant as
         Search and Upsert are: a request, and the tokens the model read."""
         if self.embedder is None:
@@ -227,9 +257,13 @@ class Gateway:
                            reason="EMBEDDINGS_UNAVAILABLE")
         if not p.is_admin:
             p.own_tenant(tenant_field)
-        async with self.tenancy.admit(p) as lease:
+        async with self._admitted(p, lease, stream=False) as lease:
             lease.tokens = sum(-(-len(t) // 4) for t in texts)
-            vectors, tokens = await self.embedder(texts, deadline_s)
+            try:
+                vectors, tokens = await self.embedder(texts, deadline_s)
+            except ReplicaFailed as e:
+                raise Unavailable(f"the retrieval replica failed ({e}); retry the request",
+                                  reason="RETRIEVAL_REPLICA_FAILED", retry_after=1.0) from None
             lease.tokens = tokens
             return vectors, tokens
 

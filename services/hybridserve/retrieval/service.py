@@ -357,7 +357,15 @@ class RetrievalService:
     async def embed_texts(self, texts: Sequence[str]) -> tuple[list[list[float]], int]:
         """Embeds `texts` with the retrieval model, as documents are embedded: the
         vectors (as lists) and the tokens the model read (what the caller is charged)."""
-        tokens = sum(self.query_tokens(t) for t in texts)
+        window = getattr(self.tokenizer, "model_max_length", 0)
+        window = window if 0 < window < 1_000_000 else None  # "no limit" is a huge number
+
+        def count() -> int:
+            # The model reads at most its window of each text: what it costs.
+            n = [self.query_tokens(t) for t in texts]
+            return sum(min(x, window) if window else x for x in n)
+
+        tokens = await asyncio.to_thread(count)  # a long batch: off the event loop
         vectors = await self._embed(list(texts)) if texts else []
         return [[float(x) for x in v] for v in vectors], tokens
 
