@@ -288,12 +288,25 @@ def test_smollm2_rag_through_http_equals_ask_through_grpc(platform):
     assert out.usage.completion_tokens == answer.final.usage.completion_tokens
 
 
-def test_the_http_port_routes_only_the_http_api(platform):
-    """The gRPC apps' route prefixes get the proxy's own 404 on the HTTP port, at once:
-    without the guard such a request held a generation replica's slot, keyless."""
+def test_the_http_port_routes_only_the_http_api_and_refuses_keyless_calls_itself(platform):
+    """Serve's HTTP proxy answers keyless and oversized requests itself, and routes only
+    to the API: the gRPC apps' prefixes get its 404 (without the guard such a request
+    held a generation replica's slot, keyless)."""
+    from hybridserve.tenancy import keys
+
     port = platform.main.serve.http_port
-    for path, status in (("/generation", "404"), ("/rag", "404"), ("/admin", "404"),
-                         ("/v1/models", "401")):
+    forged = keys.generate("tenant").key  # well-formed, unknown
+
+    def status(path, *headers):
+        args = [a for h in headers for a in ("-H", h)]
         r = subprocess.run(["curl", "-s", "-m", "20", "-o", "/dev/null", "-w", "%{http_code}",
-                            f"http://127.0.0.1:{port}{path}"], capture_output=True, text=True)
-        assert r.stdout == status, (path, r.stdout)
+                            *args, f"http://127.0.0.1:{port}{path}"], capture_output=True,
+                           text=True)
+        return r.stdout
+
+    auth = f"Authorization: Bearer {forged}"
+    assert status("/generation") == status("/admin") == status("/v1/models") == "401"
+    assert status("/generation", auth) == status("/rag", auth) == "404"
+    assert status("/v1/models", auth) == "401"  # a key of the right form: the API checks it
+    assert status("/v1/chat/completions", auth, "Content-Length: 999999999") == "413"
+    assert status("/-/healthz") == "200"
