@@ -12,11 +12,10 @@ from typing import Any
 from hybridserve.errors import InvalidArgument
 from hybridserve.generation.service import GenerateInput
 from hybridserve.openai.schemas import ChatRequest, CompletionRequest, RagOptions
+from hybridserve.rag import citations
 from hybridserve.rag.service import AskDone, AskInput, Source, Timings
 from hybridserve.retrieval.documents import FieldFilter
 
-#: A citation marker as the Ask pipeline counts them: `[2]`, `[1, 3]`, `[1; 3]`.
-_MARKER = re.compile(r"\[(\s*\d{1,4}\s*(?:[,;]\s*\d{1,4}\s*)*)\]")
 #: OpenAI's finish reasons; the pipeline's others (no_context) are reported in `rag`.
 _FINISH = {"stop": "stop", "length": "length", "abort": "stop", "no_context": "stop"}
 #: Roles OpenAI clients send; `developer` is OpenAI's newer name for `system`.
@@ -114,7 +113,8 @@ def citation_spans(text: str, sources: list[dict]) -> list[dict]:
     `rag.invalid_citations` field lists those numbers)."""
     by_number = {s["number"]: s for s in sources}
     out = []
-    for m in _MARKER.finditer(text):
+    # The markers the Ask pipeline counts (`[2]`, `[1, 3]`, `[1; 3]`), by its own pattern.
+    for m in citations.MARKER.finditer(text):
         numbers = [int(x) for x in re.split(r"[,;]", m.group(1))]
         known = [n for n in dict.fromkeys(numbers) if n in by_number]
         if known:

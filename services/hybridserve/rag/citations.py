@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import re
 
-_CITE = re.compile(r"\[(\s*\d{1,4}\s*(?:[,;]\s*\d{1,4}\s*)*)\]")
+#: A citation marker; group 1 holds its numbers.
+MARKER = re.compile(r"\[(\s*\d{1,4}\s*(?:[,;]\s*\d{1,4}\s*)*)\]")
 
 
 def cited_numbers(text: str) -> list[int]:
     """Every number cited in `text`, in the order first cited, without repeats."""
     seen: dict[int, None] = {}
-    for group in _CITE.findall(text):
+    for group in MARKER.findall(text):
         for part in re.split(r"[,;]", group):
             seen.setdefault(int(part), None)
     return list(seen)
