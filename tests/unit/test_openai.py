@@ -288,3 +288,29 @@ def test_citation_spans_point_at_markers_of_known_sources():
     assert [text[s["start"]:s["end"]] for s in spans] == ["[1]", "[2, 9]", "[1;2]"]
     assert [s["numbers"] for s in spans] == [[1], [2], [1, 2]]
     assert spans[1]["sources"][0]["doc_id"] == "d2"
+
+
+async def test_a_stream_whose_client_left_before_its_first_chunk_still_ends_the_generation(env):
+    _, client, secrets, _, gen, _ = env
+    api = client._transport.app
+    body = json.dumps({"model": "default", "stream": True,
+                       "messages": [{"role": "user", "content": "x"}]}).encode()
+    scope = {"type": "http", "method": "POST", "path": "/v1/chat/completions",
+             "root_path": "/v1", "query_string": b"", "http_version": "1.1", "scheme": "http",
+             "server": ("t", 80), "client": ("c", 1),
+             "headers": [(b"authorization", f"Bearer {secrets['acme']}".encode()),
+                         (b"content-type", b"application/json")]}
+    messages = [{"type": "http.request", "body": body, "more_body": False},
+                {"type": "http.disconnect"}]
+
+    async def receive():
+        return messages.pop(0) if messages else {"type": "http.disconnect"}
+
+    async def send(message):
+        raise OSError("the client is gone")
+
+    with pytest.raises(BaseException):  # noqa: B017 - whatever the server makes of it
+        await api(scope, receive, send)
+    # The first token was generated before the response started: the generation that
+    # produced it is closed (which aborts the engine request under Serve).
+    assert gen.closed_early == 1

@@ -58,6 +58,22 @@ _NO_KEY = ("no API key: send the header `Authorization: Bearer <key>` (OpenAI's 
            "api_key=... or $OPENAI_API_KEY)")
 
 
+class _Stream(StreamingResponse):
+    """A streamed answer whose `cleanup` runs however the response ends, also if the
+    server never iterated its body (an async generator that never started runs no
+    `finally` of its own)."""
+
+    def __init__(self, content, cleanup, **kwargs):
+        super().__init__(content, **kwargs)
+        self._cleanup = cleanup
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self._cleanup()
+
+
 class _Observed:
     """Counts a request by the code it ended with and times it (stage `total`)."""
 
@@ -66,6 +82,10 @@ class _Observed:
         self.start = time.perf_counter()
         self.code = "OK"
         self._done = False
+
+    @property
+    def finished(self) -> bool:
+        return self._done
 
     def fail(self, err: BaseException) -> None:
         self.code = err.code if isinstance(err, HybridServeError) else "INTERNAL"
@@ -262,8 +282,20 @@ def build_api(gateway: Gateway, config: HybridServeConfig, *, embedding_model: s
         answer = _Answer(kind, request_id, int(time.time()), model, config, req)
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return StreamingResponse(answer.stream(first, events, seen, include_usage, stack),
-                                     media_type="text/event-stream", headers=_SSE_HEADERS)
+
+            async def cleanup() -> None:
+                # Also when the body never started (the client left before the first
+                # chunk): the engine request ends and the quota slot is paid and freed.
+                if not seen.finished:
+                    seen.code = "CANCELLED"
+                try:
+                    await events.aclose()
+                finally:
+                    await stack.aclose()
+                    seen.finish()
+
+            return _Stream(answer.stream(first, events, seen, include_usage, stack), cleanup,
+                           media_type="text/event-stream", headers=_SSE_HEADERS)
         try:
             async with contextlib.aclosing(events):
                 answer.take(first)
